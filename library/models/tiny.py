@@ -1,0 +1,118 @@
+"""Tiny Stable Diffusion components with fixed random weights, for tests and the demo.
+
+The networks have the real SD 1.x / 2.x *structure* (same block types, same key layout,
+8x VAE downsampling, 77-token CLIP text encoder with the full 49,408-token vocabulary) but
+tiny widths, so a whole model builds in about a second on a CPU and goes through exactly the
+same loading code as a 2 GB checkpoint.
+
+Widths follow the rules that `library.models.detect` uses for what weights cannot tell
+(attention head counts): SD1 U-Nets have 8 heads per attention layer, SD2 U-Nets and all
+text encoders have 64-wide heads (at least one head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Kind = Literal["sd1", "sd2", "sd2-v"]
+KINDS: tuple[Kind, ...] = ("sd1", "sd2", "sd2-v")
+
+
+@dataclass(frozen=True)
+class TinyComponents:
+    """The three networks of a tiny model; `kind` says which family it imitates."""
+
+    kind: Kind
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+
+
+def text_encoder_config(kind: Kind) -> dict:
+    """CLIPTextConfig kwargs: SD1 imitates CLIP ViT-L (quick_gelu), SD2 OpenCLIP ViT-H (gelu)."""
+    sd2 = kind != "sd1"
+    return dict(
+        vocab_size=49408,
+        hidden_size=64 if sd2 else 32,
+        intermediate_size=128 if sd2 else 64,
+        num_hidden_layers=3,
+        num_attention_heads=1,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=64 if sd2 else 32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+
+
+def unet_config(kind: Kind) -> dict:
+    """UNet2DConditionModel kwargs in SD layout: attention in all but the deepest block."""
+    sd2 = kind != "sd1"
+    channels = (64, 128) if sd2 else (32, 64)
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=channels,
+        layers_per_block=1,
+        cross_attention_dim=text_encoder_config(kind)["hidden_size"],
+        # SD2: 64-wide heads ("attention_head_dim" holds head *counts* in diffusers' SD configs);
+        # SD1: 8 heads everywhere.
+        attention_head_dim=tuple(max(1, c // 64) for c in channels) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=32,
+    )
+
+
+def vae_config() -> dict:
+    """AutoencoderKL kwargs: four blocks (8x downsampling) of 32 channels, SD's scaling."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def build_tiny_components(kind: Kind, seed: int = 0) -> TinyComponents:
+    """Build the tiny networks of `kind` with weights drawn from `seed` (fp32, eval mode)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(kind)))
+        unet = UNet2DConditionModel(**unet_config(kind))
+        vae = AutoencoderKL(**vae_config())
+        # Default inits leave some layers (zero-initialised outputs) inert; give every
+        # parameter a small random value so every weight matters in equality tests.
+        for module in (text_encoder, unet, vae):
+            with torch.no_grad():
+                for name, param in module.named_parameters():
+                    if name.endswith("weight") and param.ndim == 1:  # norms: near 1
+                        param.copy_(1.0 + 0.1 * torch.randn_like(param))
+                    elif param.ndim == 1:
+                        param.copy_(0.02 * torch.randn_like(param))
+                    else:
+                        fan_in = param[0].numel()
+                        param.copy_(torch.randn_like(param) / fan_in**0.5)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for module in (text_encoder, unet, vae):
+        module.eval().requires_grad_(False)
+    return TinyComponents(kind, text_encoder, unet, vae)
