@@ -1,0 +1,133 @@
+"""Finding a model on disk and reading tensors from it safely.
+
+`resolve_model_path` turns what the user typed for `--ckpt` / `--vae` (a file, a folder, a
+glob matching one file, a symlink, or a Hugging Face model ID already in the local cache)
+into a path. `read_state_dict` reads `.safetensors` with `safetensors` and `.ckpt`/`.pt`/
+`.bin` with `torch.load(weights_only=True)`, so a pickle that wants to run code is refused,
+never executed. Every failure is a `UserError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(spec: str, option: str = "--ckpt") -> Path:
+    """Return the file or folder that `spec` names; HF IDs come from the local cache only."""
+    if any(ch in spec for ch in "*?["):
+        matches = sorted(glob.glob(os.path.expanduser(spec)))
+        if len(matches) != 1:
+            found = ", ".join(matches[:5]) or "nothing"
+            raise UserError(f"{option} {spec}: the pattern must match exactly one file, it matched {found}")
+        spec = matches[0]
+    path = Path(os.path.expanduser(spec))
+    if path.exists():
+        return path.absolute()  # keep a symlink's own name: a .yaml may sit beside the link
+    if path.is_symlink():
+        raise UserError(f"{option} {spec}: the symlink points to {os.readlink(path)}, which does not exist")
+    if _HF_ID.match(spec):
+        return _from_hf_cache(spec, option)
+    raise UserError(f"{option} {spec}: no such file or folder")
+
+
+def _from_hf_cache(repo_id: str, option: str) -> Path:
+    """The snapshot folder of `repo_id` in the local Hugging Face cache (never the network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError and friends; message varies by version
+        logger.debug("HF cache lookup failed: %r", exc)
+        raise UserError(
+            f"{option} {repo_id}: not a file, and not in the local Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}); "
+            "download it once with network access, or pass a checkpoint file or folder"
+        ) from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file checkpoint, on the CPU, in their stored dtypes."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return _read_pickle(path)
+    raise UserError(f"{path}: unknown model file type {suffix!r}; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (empty when absent)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({_short(exc)}); the file may be truncated") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise UserError(
+            f"{path}: not a readable safetensors file ({_short(exc)}); the file may be truncated or damaged, "
+            "download it again"
+        ) from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"{path}: refused to load: this pickle file wants to run code or build objects other than "
+            "tensors, which could be unsafe ("
+            + _short(exc).split("\n")[0][:120]
+            + "); convert it to .safetensors with a trusted tool, or get a .safetensors version"
+        ) from None
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({_short(exc)}); the file may be damaged") from None
+    return _flatten(data, path)
+
+
+def _flatten(data: object, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded pickle: unwrap `state_dict`/`model`, keep tensor values only."""
+    while isinstance(data, dict):
+        inner = data.get("state_dict", data.get("model")) if len(data) < 20 else None
+        if isinstance(inner, dict):
+            data = inner
+            continue
+        break
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a {type(data).__name__}, not a dictionary of tensors")
+    tensors = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{path}: contains no tensors")
+    return tensors
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

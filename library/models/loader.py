@@ -1,0 +1,300 @@
+"""One entry point that loads any SD 1.x / 2.x model: `load_model`.
+
+Single files in the original (LDM) layout are detected from their shapes
+(`library.models.detect`), converted to Diffusers names with diffusers' own single-file
+helpers, and assigned into networks built on the `meta` device, so no memory is spent on
+random initialisation and tensors already in the wanted dtype are used without a copy.
+Diffusers folders (and HF IDs from the local cache) load with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from library.errors import UserError
+from library.models import checkpoint
+from library.models.detect import (
+    SD2_TE_PREFIX,
+    DetectionError,
+    ModelSpec,
+    detect_model,
+    infer_vae_config,
+    normalize_keys,
+)
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sd1", "sd2"]
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a model is: its family and whether it predicts v (else epsilon)."""
+
+    family: Family
+    v_prediction: bool
+
+    @property
+    def name(self) -> str:
+        return {"sd1": "SD 1.x", "sd2": "SD 2.x"}[self.family] + (" v-prediction" if self.v_prediction else "")
+
+    @property
+    def default_clip_skip(self) -> int:
+        """1 for SD1, 2 for SD2, as the original tool."""
+        return 2 if self.family == "sd2" else 1
+
+
+@dataclass
+class LoadedModel:
+    """The networks of a checkpoint, ready to run, and what is known about it."""
+
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    kind: ModelKind
+    path: Path
+    name: str
+
+
+def load_model(
+    ckpt: str,
+    *,
+    vae: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    v1: bool = False,
+    v2: bool = False,
+    v_parameterization: bool = False,
+    tokenizer_cache_dir: str | Path | None = None,
+) -> LoadedModel:
+    """Load text encoder, tokenizer, U-Net and VAE of `ckpt`, plus its detected kind.
+
+    `v1`/`v2` must agree with what the weights are (a mismatch is a `UserError`);
+    `v_parameterization` forces v-prediction, otherwise it comes from the checkpoint.
+    """
+    from library.models.tokenizer import load_tokenizer
+
+    if v1 and v2:
+        raise UserError("--v1 and --v2 contradict each other; give at most one")
+    path = checkpoint.resolve_model_path(ckpt)
+    if path.is_dir():
+        te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype)
+        diffusers_dir: Path | None = path
+    else:
+        te, unet, vae_model, family, v_pred_source = _load_single_file(path, dtype)
+        diffusers_dir = None
+    _check_family_flags(path, family, v1, v2)
+    v_pred = _decide_v_prediction(v_parameterization, v_pred_source)
+    if vae is not None:
+        vae_model = load_vae(vae, dtype)
+    if vae_model.dtype != (vae_dtype or dtype):
+        vae_model = vae_model.to(dtype=vae_dtype or dtype)
+    kind = ModelKind(family, v_pred)
+    logger.info("model %s: %s", path.name, kind.name)
+    tokenizer = load_tokenizer(family, diffusers_dir=diffusers_dir, cache_dir=tokenizer_cache_dir)
+    for module in (te, unet, vae_model):
+        module.to(device).eval().requires_grad_(False)
+    return LoadedModel(te, tokenizer, unet, vae_model, kind, path, path.stem if path.is_file() else path.name)
+
+
+# --- single files -------------------------------------------------------------------------
+
+
+def _load_single_file(path: Path, dtype: torch.dtype):
+    raw = checkpoint.read_state_dict(path)
+    v_flag = raw.get("v_pred")
+    rename = normalize_keys(list(raw))
+    sd = {new: raw[old] for old, new in rename.items()}
+    try:
+        spec = detect_model({k: tuple(v.shape) for k, v in sd.items()})
+    except DetectionError as exc:
+        raise UserError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint ({exc})") from None
+    logger.debug("detected %s", spec)
+    unet, vae, te = build_from_ldm(sd, spec, dtype, path)
+    source = _v_pred_from_file(path, v_flag)
+    return te, unet, vae, spec.family, source
+
+
+def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, path: Path):
+    """U-Net, VAE and text encoder from a canonical LDM state dict and its detected spec."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec.unet)
+        vae = AutoencoderKL(**spec.vae)
+        te = CLIPTextModel(CLIPTextConfig(**spec.text_encoder, attn_implementation="sdpa"))
+    unet_sd = convert_ldm_unet_checkpoint(sd, dict(unet.config))
+    vae_sd = convert_ldm_vae_checkpoint(sd, dict(vae.config))
+    if spec.family == "sd1":
+        te_sd = convert_ldm_clip_checkpoint(sd)
+    else:
+        te_sd = convert_open_clip_checkpoint(te, _without_last_block(sd, spec))
+        te_sd = {k: v for k, v in te_sd.items() if not k.startswith("text_projection")}
+    te_sd = _match_text_model_prefix(te_sd, te)
+    for name, module, state in (("U-Net", unet, unet_sd), ("VAE", vae, vae_sd), ("text encoder", te, te_sd)):
+        _assign(module, state, dtype, f"{path}: {name}")
+    max_positions = te.config.max_position_embeddings
+    text_model(te).embeddings.register_buffer(
+        "position_ids", torch.arange(max_positions).unsqueeze(0), persistent=False
+    )
+    return unet, vae, te
+
+
+def text_model(te: torch.nn.Module) -> torch.nn.Module:
+    """The CLIP text transformer (transformers 4 nests it as `.text_model`, 5 does not)."""
+    return getattr(te, "text_model", te)
+
+
+def _match_text_model_prefix(state: dict[str, torch.Tensor], te: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Add or strip the `text_model.` key prefix to match the installed transformers."""
+    nested = hasattr(te, "text_model")
+    out = {}
+    for k, v in state.items():
+        bare = k.removeprefix("text_model.")
+        out["text_model." + bare if nested else bare] = v
+    return out
+
+
+def _without_last_block(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """SD2 text-encoder tensors minus the last resblock, which SD2 does not use."""
+    last = f"{SD2_TE_PREFIX}transformer.resblocks.{spec.text_encoder['num_hidden_layers']}."
+    return {k: v for k, v in sd.items() if k.startswith(SD2_TE_PREFIX) and not k.startswith(last)}
+
+
+def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> None:
+    """Load `state` into a meta-device module without copies where dtypes already match."""
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    expected = set(module.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing:
+        raise UserError(f"{what} is incomplete: {len(missing)} tensors missing (e.g. {sorted(missing)[0]})")
+    if unexpected:
+        logger.debug("%s: ignoring %d unexpected tensors", what, len(unexpected))
+        state = {k: v for k, v in state.items() if k in expected}
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise UserError(f"{what}: tensor shapes do not fit together ({str(exc).splitlines()[1][:160]})") from None
+
+
+def _v_pred_from_file(path: Path, v_flag: torch.Tensor | None) -> tuple[bool, str] | None:
+    """v-prediction evidence stored with a single file: a `v_pred` key or a `.yaml` beside it."""
+    if v_flag is not None:  # a 0-dim 1/0 here and in kohya's tools; an empty tensor in ComfyUI's
+        on = v_flag.numel() == 0 or bool(v_flag.flatten()[0])
+        return on, "the checkpoint's v_pred key"
+    for yaml_path in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+        if yaml_path.is_file():
+            text = yaml_path.read_text(encoding="utf-8", errors="replace")
+            match = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", text, re.MULTILINE)
+            return (match is not None and match.group(1) == "v"), f"{yaml_path.name} beside the checkpoint"
+    return None
+
+
+# --- Diffusers folders --------------------------------------------------------------------
+
+
+def _load_diffusers_folder(path: Path, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    parts = ("unet", "vae", "text_encoder")
+    absent = [p for p in parts if not (path / p / "config.json").is_file()]
+    if absent:
+        raise UserError(
+            f"--ckpt {path}: not a Diffusers model folder (no {', '.join(p + '/config.json' for p in absent)}); "
+            "pass a checkpoint file or a folder with unet/, vae/, text_encoder/"
+        )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+        te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"--ckpt {path}: cannot load the Diffusers model ({_first_line(exc)})") from None
+    family: Family = "sd2" if te.config.hidden_act == "gelu" else "sd1"
+    source = None
+    scheduler_config = path / "scheduler" / "scheduler_config.json"
+    if scheduler_config.is_file():
+        prediction = json.loads(scheduler_config.read_text()).get("prediction_type")
+        if prediction:
+            source = (prediction == "v_prediction", f"scheduler/scheduler_config.json (prediction_type={prediction})")
+    return te, unet, vae, family, source
+
+
+# --- VAE ----------------------------------------------------------------------------------
+
+
+def load_vae(spec: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A separate VAE: single file (with or without `first_stage_model.`) or Diffusers folder."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    path = checkpoint.resolve_model_path(spec, "--vae")
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--vae {path}: folder has no config.json (nor vae/config.json); not a Diffusers VAE")
+        try:
+            return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"--vae {path}: cannot load the Diffusers VAE ({_first_line(exc)})") from None
+    raw = checkpoint.read_state_dict(path)
+    rename = normalize_keys(list(raw))
+    sd = {new: raw[old] for old, new in rename.items() if new.startswith("first_stage_model.")}
+    if not sd:
+        raise UserError(f"--vae {path}: no VAE weights found (expected encoder.*/decoder.* tensors)")
+    try:
+        config = infer_vae_config({k[len("first_stage_model."):]: tuple(v.shape) for k, v in sd.items()})
+    except (DetectionError, KeyError) as exc:
+        raise UserError(f"--vae {path}: not a Stable Diffusion VAE ({exc})") from None
+    with torch.device("meta"):
+        vae = AutoencoderKL(**config)
+    _assign(vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)), dtype, f"--vae {path}")
+    logger.info("VAE from %s", path.name)
+    return vae
+
+
+# --- decisions ----------------------------------------------------------------------------
+
+
+def _check_family_flags(path: Path, family: Family, v1: bool, v2: bool) -> None:
+    if v2 and family == "sd1":
+        raise UserError(
+            f"--v2 was given but {path.name} is an SD 1.x model (CLIP ViT-L text encoder); remove --v2"
+        )
+    if v1 and family == "sd2":
+        raise UserError(
+            f"--v1 was given but {path.name} is an SD 2.x model (OpenCLIP ViT-H text encoder); remove --v1"
+        )
+
+
+def _decide_v_prediction(flag: bool, source: tuple[bool, str] | None) -> bool:
+    """Flags win; then what the checkpoint carries; else epsilon-prediction. Logged."""
+    if flag:
+        logger.info("v-prediction: on (--v_parameterization)")
+        return True
+    if source is not None:
+        logger.info("v-prediction: %s (from %s)", "on" if source[0] else "off", source[1])
+        return source[0]
+    logger.info("v-prediction: off (the checkpoint says nothing; use --v_parameterization for v models)")
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]

@@ -1,0 +1,33 @@
+"""Shared fixtures: the tiny models, built once per test session in a temporary folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests (full-size models) run only with RUN_SLOW=1."""
+    if os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="full-size model test; set RUN_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Paths of the tiny models: 'sd1', 'sd1-diffusers', 'sd2', ..., 'vae'."""
+    from tools.make_tiny_model import make_tiny_models
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
