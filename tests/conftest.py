@@ -31,3 +31,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+# Tiny models run fastest on one thread, and parallel test sessions must not oversubscribe
+# the cores (OpenMP spin-waits make a 5 ms U-Net call take a second under contention).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

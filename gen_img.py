@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Generate images with Stable Diffusion 1.x / 2.x: `python gen_img.py --ckpt MODEL --prompt "..."`.
+
+The whole flow of a run; every step lives in `library/` (see docs/ for the options).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from library import build, prompts  # noqa: E402
+from library.cli import parse_args  # noqa: E402
+from library.errors import UserError  # noqa: E402
+from library.seeds import SeedSource  # noqa: E402
+
+logger = logging.getLogger("gen_img")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    try:
+        runtime = build.Runtime.from_args(args)
+        model = build.load(args, runtime)
+        build.optimize(args, model)
+        networks = build.networks(args, model)
+        generator = build.generator(args, model, runtime)
+        runner = build.runner(args, model, generator, networks.before_batch)
+
+        if args.interactive:
+            seeds = SeedSource(args.seed, single_image=False)
+            for line in prompts.interactive_lines():
+                runner.run(runner.jobs([line], seeds, None))
+        else:
+            lines = prompt_lines(args, generator, networks.loaded)
+            single = len(lines) == 1 and args.images_per_prompt == 1
+            seeds = SeedSource(args.seed, single_image=single)
+            total = len(lines) * args.images_per_prompt if lines else None
+            for round_index in range(args.n_iter):
+                iter_seed = seeds.draw() if args.iter_same_seed else None
+                runner.run(runner.jobs(prompts.shuffled(lines, args.shuffle_prompts), seeds, iter_seed), total)
+    except UserError as exc:
+        print(f"gen_img.py: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(runner.summary.line())
+    return 0
+
+
+def prompt_lines(args, generator, networks) -> list[prompts.Line]:
+    """The prompt lines of `--prompt`, `--from_file` or `--from_module`."""
+    if args.prompt is not None:
+        return [prompts.Line(args.prompt, "--prompt")]
+    if args.from_file is not None:
+        return prompts.read_prompt_file(args.from_file)
+    prompter = prompts.load_prompter(args.from_module, args, generator, networks)
+    return list(prompts.module_lines(prompter, args, generator, SeedSource(args.seed, False), None))
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "huggingface_hub", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

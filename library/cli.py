@@ -1,0 +1,155 @@
+"""The command line: options grouped like the manual, same names and defaults.
+
+`parse_args` returns the argparse namespace after validation; mistakes end with one line
+and exit status 2 (argparse's usage block is not printed, `--help` shows everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn, Sequence
+
+from library.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser; every group corresponds to a section of the manual."""
+    from library.samplers import sampler_names
+
+    p = _Parser(
+        prog="gen_img.py",
+        description="Generate images with Stable Diffusion 1.x / 2.x checkpoints.",
+        epilog="Prompt options (inside a prompt, with spaces around them): --n negative prompt, --w width, "
+        "--h height, --s steps, --d seeds, --l scale, --nl negative scale, --am network multipliers, "
+        "--c CLIP prompt, --f file name, ... (docs/options.md lists them all).",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", help="checkpoint file, Diffusers folder, glob or Hugging Face ID in the local cache "
+                   "(default: the tiny demo model, created on first use; it makes noise, not pictures)")
+    g.add_argument("--vae", help="separate VAE: single file or Diffusers folder")
+    g.add_argument("--v1", action="store_true", help="assert an SD 1.x model (detected automatically)")
+    g.add_argument("--v2", action="store_true", help="assert an SD 2.x model (detected automatically)")
+    g.add_argument("--v_parameterization", action="store_true",
+                   help="force v-prediction (otherwise read from the checkpoint)")
+    g.add_argument("--tokenizer_cache_dir", help="folder to keep the tokenizer in (created on first use)")
+
+    g = p.add_argument_group("image generation and output")
+    g.add_argument("--outdir", default="outputs", help="output folder (default: outputs)")
+    g.add_argument("--prompt", help="the prompt (prompt options like --n may be included)")
+    g.add_argument("--from_file", help="file with one prompt per line (# comments and blank lines skipped)")
+    g.add_argument("--from_module", help="Python file with get_prompter(args, pipe, networks)")
+    g.add_argument("--interactive", action="store_true", help="read prompts from the terminal")
+    g.add_argument("--no_preview", action="store_true", help="interactive mode: do not show images")
+    g.add_argument("--W", type=int, default=512, help="image width (default 512)")
+    g.add_argument("--H", type=int, default=512, help="image height (default 512)")
+    g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    g.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
+    g.add_argument("--sampler", default="ddim", metavar="NAME",
+                   help="sampler (default ddim): " + ", ".join(sampler_names()))
+    g.add_argument("--ddim_eta", type=float, default=0.0, help="eta for ddim (default 0)")
+    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--n_iter", type=int, default=1, help="times to repeat all prompts (default 1)")
+    g.add_argument("--seed", type=int, help="seed of a single image, or of the per-image seed sequence")
+    g.add_argument("--iter_same_seed", action="store_true", help="same seed for every --n_iter round")
+    g.add_argument("--shuffle_prompts", action="store_true", help="shuffle the prompts in each round")
+    g.add_argument("--sequential_file_name", action="store_true", help="name files im_000001.png, ...")
+    g.add_argument("--clip_skip", type=int, help="use the text encoder's N-th layer from the end "
+                   "(default 1 for SD1, 2 for SD2)")
+    g.add_argument("--max_embeddings_multiples", type=int, default=None,
+                   help="prompt length in multiples of 75 tokens (default 1: 75 tokens)")
+    g.add_argument("--negative_scale", type=float, help="separate guidance scale for the negative prompt")
+    g.add_argument("--emb_normalize_mode", choices=["original", "abs", "none"], default="original",
+                   help="restore the embedding mean after weighting (default original)")
+
+    g = p.add_argument_group("memory and speed")
+    g.add_argument("--batch_size", type=int, default=1, help="images per U-Net batch (default 1)")
+    g.add_argument("--vae_batch_size", type=float, default=None,
+                   help="images per VAE decode: a count, or a fraction of the batch below 1 (default: batch size)")
+    g.add_argument("--no_half_vae", action="store_true", help="run the VAE in fp32")
+    g.add_argument("--fp16", action="store_true", help="compute in float16")
+    g.add_argument("--bf16", action="store_true", help="compute in bfloat16 (also fast on CPUs with AMX)")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    g.add_argument("--xformers", action="store_true", help="xformers attention (must be installed)")
+    g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
+    g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory layout for the U-Net")
+    g.add_argument("--device", default=None, help="cuda, cpu, mps, ... (default: cuda if available)")
+    g.add_argument("--noise_device", choices=["cpu", "device"], default="device",
+                   help="where seeds' noise is drawn: 'cpu' gives the same noise on every machine "
+                   "(default: the compute device, as the original)")
+
+    g = p.add_argument_group("additional networks (LoRA)")
+    g.add_argument("--network_module", nargs="*", default=[], help="module per network, e.g. networks.lora")
+    g.add_argument("--network_weights", nargs="*", default=[], help="weight file per network")
+    g.add_argument("--network_mul", type=float, nargs="*", default=[], help="multiplier per network (default 1)")
+    g.add_argument("--network_args", nargs="*", default=[], help='"key=value,..." per network')
+    g.add_argument("--network_show_meta", action="store_true", help="print each network file's metadata")
+    g.add_argument("--network_merge", action="store_true", help="merge the networks into the weights")
+    g.add_argument("--network_merge_n_models", type=int, help="merge only the first N networks")
+    g.add_argument("--network_pre_calc", action="store_true",
+                   help="pre-compute network weights for each prompt (merged speed, --am still works)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; a bad combination exits with one line and status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate(args)
+    except UserError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check what argparse cannot: ranges, exclusive options, sampler names."""
+    from library.samplers import resolve
+
+    resolve(args.sampler)
+    sources = [o for o in ("prompt", "from_file", "from_module", "interactive") if getattr(args, o)]
+    if len(sources) > 1:
+        raise UserError(f"give one prompt source, not {' and '.join('--' + s for s in sources)}")
+    if not sources:
+        raise UserError("no prompt: give --prompt, --from_file, --from_module or --interactive")
+    if args.fp16 and args.bf16:
+        raise UserError("--fp16 and --bf16 exclude each other")
+    if args.v1 and args.v2:
+        raise UserError("--v1 and --v2 exclude each other")
+    for name in ("W", "H"):
+        value = getattr(args, name)
+        if value < 8 or value % 8:
+            raise UserError(f"--{name} {value}: must be a positive multiple of 8")
+    for name in ("steps", "images_per_prompt", "n_iter", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.vae_batch_size is not None and args.vae_batch_size <= 0:
+        raise UserError(f"--vae_batch_size {args.vae_batch_size}: must be positive")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        raise UserError(f"--clip_skip {args.clip_skip}: must be at least 1")
+    if args.max_embeddings_multiples is not None and args.max_embeddings_multiples < 1:
+        raise UserError(f"--max_embeddings_multiples {args.max_embeddings_multiples}: must be at least 1")
+    n = len(args.network_module)
+    if len(args.network_weights) != n:
+        raise UserError(f"--network_weights has {len(args.network_weights)} values but --network_module has {n}")
+    if args.network_mul and len(args.network_mul) != n:
+        raise UserError(f"--network_mul has {len(args.network_mul)} values but --network_module has {n}")
+    if args.network_args and len(args.network_args) != n:
+        raise UserError(f"--network_args has {len(args.network_args)} values but --network_module has {n}")
+    if args.network_merge and args.network_pre_calc:
+        raise UserError("--network_merge and --network_pre_calc exclude each other")
+
+
+def vae_batch_size(value: float | None, batch_size: int) -> int:
+    """`--vae_batch_size` as a count: a value below 1 is a fraction of the batch size."""
+    if value is None:
+        return batch_size
+    if value < 1:
+        return max(1, int(batch_size * value))
+    return int(value)

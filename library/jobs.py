@@ -1,0 +1,56 @@
+"""A `Job` is everything that decides one image; batching is grouping Jobs.
+
+Jobs are plain frozen records made up front (seeds included), so a batch can never change
+what an image looks like: images whose `batch_key` is equal may share a U-Net call, and
+each image keeps its own noise stream (`library.seeds`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    scale: float
+    negative_scale: float | None = None
+    chunks: int = 1  # 75-token chunks of the text embeddings (shared within a batch)
+    raw_prompt: str | None = None
+    clip_prompt: str | None = None
+    file_name: str | None = None
+    network_multipliers: tuple[float, ...] | None = None
+    extra: tuple[tuple[str, object], ...] = field(default=())
+
+    def batch_key(self) -> tuple:
+        """Images with equal keys can be generated in one batch."""
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.scale,
+            self.negative_scale,
+            self.chunks,
+            self.network_multipliers,
+            self.extra,
+        )
+
+
+def batches(jobs: Iterable[Job], batch_size: int) -> Iterator[list[Job]]:
+    """Consecutive jobs with equal `batch_key`, at most `batch_size` at a time."""
+    batch: list[Job] = []
+    for job in jobs:
+        if batch and (len(batch) == batch_size or job.batch_key() != batch[0].batch_key()):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch

@@ -1,0 +1,166 @@
+"""Prompt sources and prompt lines -> Jobs.
+
+Sources: `--prompt`, `--from_file` (one prompt per line; blank lines and `#` lines skipped),
+`--from_module` (a Python file with `get_prompter(args, pipe, networks)`), `--interactive`
+(`Type prompt:`; end of input ends the run). Each line's options (`--n --w --h --s --d --l
+--nl ...`) are parsed by `library.prompt_options`; a malformed line is reported with its
+number and skipped. Dynamic variants (`{a|b}`) are picked per image from its seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pick_variants
+from library.errors import UserError
+from library.jobs import Job
+from library.prompt_options import parse_prompt_line
+from library.seeds import SeedSource, seeds_for_line
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-image settings from the command line, which prompt options override."""
+
+    width: int
+    height: int
+    steps: int
+    scale: float
+    negative_scale: float | None
+    images_per_prompt: int
+    network_multipliers: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Defaults":
+        muls = tuple(args.network_mul or [1.0] * len(args.network_module)) or None
+        return cls(args.W, args.H, args.steps, args.scale, args.negative_scale, args.images_per_prompt, muls)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One prompt line and where it came from (for error messages)."""
+
+    text: str
+    where: str
+
+
+# --- sources --------------------------------------------------------------------------------
+
+
+def read_prompt_file(path: str) -> list[Line]:
+    """Non-blank, non-comment lines of a prompt file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise UserError(f"--from_file {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--from_file {path}: not UTF-8 text; save it as UTF-8") from None
+    return [
+        Line(line.strip(), f"{path}:{number}")
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def interactive_lines(read: Callable[[str], str] = input) -> Iterator[Line]:
+    """Prompts typed at `Type prompt:` until end of input (Ctrl+D / Ctrl+Z Enter)."""
+    number = 0
+    while True:
+        try:
+            text = read("Type prompt: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        number += 1
+        if text.strip():
+            yield Line(text.strip(), f"interactive prompt {number}")
+
+
+def load_prompter(path: str, args: argparse.Namespace, pipe: object, networks: list) -> Callable:
+    """Import `--from_module` (the user's own file) and return its prompter."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--from_module {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"user_prompter_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_prompter"):
+        raise UserError(f"--from_module {path}: the module has no get_prompter(args, pipe, networks) function")
+    return module.get_prompter(args, pipe, networks)
+
+
+def module_lines(prompter, args, pipe, seeds: SeedSource, iter_seed: int | None) -> Iterator[Line]:
+    """Lines from a prompter: an iterable of strings, or a callable returning None to stop."""
+    if not callable(prompter):
+        for index, text in enumerate(prompter):
+            yield Line(str(text), f"--from_module prompt {index + 1}")
+        return
+    index = 0
+    while True:
+        text = prompter(args, pipe, seeds, iter_seed, index, index)
+        if text is None:
+            return
+        index += 1
+        yield Line(str(text), f"--from_module prompt {index}")
+
+
+# --- lines -> jobs ----------------------------------------------------------------------------
+
+
+def jobs_for_line(
+    line: Line,
+    defaults: Defaults,
+    seeds: SeedSource,
+    iter_seed: int | None,
+    chunk_count: Callable[..., int],
+) -> list[Job]:
+    """The Jobs of one prompt line; a malformed line raises `UserError` (caller skips it)."""
+    parsed = parse_prompt_line(line.text)
+    o = parsed.overrides
+    width, height = o.width or defaults.width, o.height or defaults.height
+    for name, value in (("--w", width), ("--h", height)):
+        if value % 8:
+            raise UserError(f"{name} {value}: must be a multiple of 8")
+    dynamic = has_dynamic_syntax(parsed.prompt) or has_dynamic_syntax(o.negative_prompt or "")
+    jobs = []
+    for prompt in expand_enumerations(parsed.prompt):
+        for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
+            text = pick_variants(prompt, seed)
+            negative = pick_variants(o.negative_prompt or "", seed)
+            jobs.append(
+                Job(
+                    prompt=text,
+                    negative_prompt=negative,
+                    seed=seed,
+                    width=width,
+                    height=height,
+                    steps=o.steps or defaults.steps,
+                    scale=o.scale if o.scale is not None else defaults.scale,
+                    negative_scale=o.negative_scale if o.negative_scale is not None else defaults.negative_scale,
+                    chunks=chunk_count(text, negative),
+                    raw_prompt=line.text if dynamic else None,
+                    clip_prompt=o.clip_prompt,
+                    file_name=o.file_name,
+                    network_multipliers=o.network_multipliers or defaults.network_multipliers,
+                )
+            )
+    return jobs
+
+
+def shuffled(lines: list[Line], enabled: bool) -> list[Line]:
+    """`--shuffle_prompts`: a new random order each round."""
+    if not enabled:
+        return lines
+    copy = list(lines)
+    random.shuffle(copy)
+    return copy

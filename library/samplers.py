@@ -1,0 +1,107 @@
+"""Sampler names -> configured `diffusers` schedulers.
+
+Configuration follows the original tool so that a seed gives the same image: each sampler's
+diffusers class with its own defaults, plus SD's training schedule (`scaled_linear` betas
+from 0.00085 to 0.012 over 1000 steps), `steps_offset=1` and `clip_sample=False` where the
+class has them, and `prediction_type` from the model kind. The checkpoint's own scheduler
+file is not used.
+
+Besides the manual's names, `<name>_karras` selects Karras sigmas for every sampler whose
+class supports them (e.g. `dpmsolver++_karras` is "DPM++ 2M Karras"), and `unipc`, `lcm`
+are offered.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from library.errors import UserError
+
+TRAINING_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler: its diffusers class, extra arguments and ancestral noises drawn per step."""
+
+    class_name: str
+    extra: tuple[tuple[str, object], ...] = ()
+    noises_per_step: int = 1
+
+
+_BASE: dict[str, SamplerSpec] = {
+    "ddim": SamplerSpec("DDIMScheduler"),
+    "pndm": SamplerSpec("PNDMScheduler"),
+    "lms": SamplerSpec("LMSDiscreteScheduler"),
+    "euler": SamplerSpec("EulerDiscreteScheduler"),
+    "euler_a": SamplerSpec("EulerAncestralDiscreteScheduler"),
+    "heun": SamplerSpec("HeunDiscreteScheduler"),
+    "dpm_2": SamplerSpec("KDPM2DiscreteScheduler"),
+    "dpm_2_a": SamplerSpec("KDPM2AncestralDiscreteScheduler", noises_per_step=2),
+    "dpmsolver": SamplerSpec("DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver"),)),
+    "dpmsolver++": SamplerSpec("DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"),)),
+    "dpmsingle": SamplerSpec("DPMSolverSinglestepScheduler"),
+    "unipc": SamplerSpec("UniPCMultistepScheduler"),
+    "lcm": SamplerSpec("LCMScheduler"),
+}
+ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
+
+
+def _karras_capable(spec: SamplerSpec) -> bool:
+    import diffusers
+
+    cls = getattr(diffusers, spec.class_name, None)
+    return cls is not None and "use_karras_sigmas" in inspect.signature(cls.__init__).parameters
+
+
+def sampler_names() -> list[str]:
+    """Every accepted `--sampler` value, in the manual's order, aliases and Karras variants too."""
+    import diffusers
+
+    names = [n for n, s in _BASE.items() if hasattr(diffusers, s.class_name)]
+    names += list(ALIASES)
+    names += [f"{n}_karras" for n, s in _BASE.items() if _karras_capable(s)]
+    return names
+
+
+def resolve(name: str) -> tuple[SamplerSpec, bool]:
+    """(spec, karras) for a sampler name; unknown names are a `UserError` listing the valid ones."""
+    key = name.lower()
+    karras = key.endswith("_karras")
+    base = ALIASES.get(key.removesuffix("_karras"), key.removesuffix("_karras"))
+    spec = _BASE.get(base)
+    if spec is None or (karras and not _karras_capable(spec)):
+        raise UserError(f"--sampler {name}: unknown sampler; choose one of {', '.join(sampler_names())}")
+    return spec, karras
+
+
+def noises_per_step(name: str) -> int:
+    """Latent-shaped noises the original draws per step up front (2 for dpm_2_a, else 1)."""
+    return resolve(name)[0].noises_per_step
+
+
+def make_scheduler(name: str, v_prediction: bool):
+    """A fresh scheduler for `name`, configured as the original tool configures it."""
+    import diffusers
+
+    spec, karras = resolve(name)
+    cls = getattr(diffusers, spec.class_name)
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, object] = dict(TRAINING_SCHEDULE)
+    kwargs.update(spec.extra)
+    kwargs["prediction_type"] = "v_prediction" if v_prediction else "epsilon"
+    if "steps_offset" in accepted:
+        kwargs["steps_offset"] = 1
+    if "clip_sample" in accepted:
+        kwargs["clip_sample"] = False
+    if karras:
+        kwargs["use_karras_sigmas"] = True
+    if spec.class_name == "LMSDiscreteScheduler":
+        try:
+            import scipy  # noqa: F401  (LMS integrates its coefficients with scipy)
+        except ImportError:
+            raise UserError("--sampler lms needs scipy: pip install scipy") from None
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
