@@ -41,7 +41,10 @@ _BASE: dict[str, SamplerSpec] = {
     "heun": SamplerSpec("HeunDiscreteScheduler"),
     "dpm_2": SamplerSpec("KDPM2DiscreteScheduler"),
     "dpm_2_a": SamplerSpec("KDPM2AncestralDiscreteScheduler", noises_per_step=2),
-    "dpmsolver": SamplerSpec("DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver"),)),
+    # Newer diffusers refuse the default zero final sigma for first-order "dpmsolver".
+    "dpmsolver": SamplerSpec(
+        "DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver"), ("final_sigmas_type", "sigma_min"))
+    ),
     "dpmsolver++": SamplerSpec("DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"),)),
     "dpmsingle": SamplerSpec("DPMSolverSinglestepScheduler"),
     "unipc": SamplerSpec("UniPCMultistepScheduler"),

@@ -1,0 +1,221 @@
+"""txt2img through the real command: seeds, batching, prompt sources, output files, errors."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gen_img
+from library.images import parse_a1111_parameters, read_generation_text
+from library.jobs import Job
+from library.models import load_model
+from tests.test_samplers import make_generator
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--steps", "3", "--W", "64", "--H", "64"]
+
+
+def run(tiny_models, outdir: Path, *extra: str, kind: str = "sd1") -> int:
+    return gen_img.main(["--ckpt", str(tiny_models[kind]), "--outdir", str(outdir), *FAST, *extra])
+
+
+def pngs(outdir: Path) -> list[Path]:
+    return sorted(outdir.glob("*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def meta(path: Path) -> dict[str, str]:
+    return read_generation_text(path)
+
+
+# --- batch invariance and seeds ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler,tolerance", [("ddim", 1e-5), ("euler_a", 1e-5), ("dpm_2_a", 3e-5)])
+def test_batches_do_not_change_images(tiny_models, sampler, tolerance):
+    """Noise and text embeddings are bitwise equal; oneDNN picks batch-size-dependent conv
+    kernels, whose last-ulp differences are all that remains (< 1e-5 in the image)."""
+    model = load_model(str(tiny_models["sd1"]))
+    gen = make_generator(model, sampler)
+    jobs = [Job(f"a cat number {i}", "dog", seed=100 + i, width=64, height=64, steps=4, scale=6.0) for i in range(4)]
+    together = gen.latents(jobs)
+    alone = torch.cat([gen.latents([job]) for job in jobs])
+    assert ((together - alone).abs().max() / together.abs().max()).item() < 1e-5
+    # (dpm_2_a makes latents of magnitude ~35 on the random tiny model, hence more ulps)
+    assert (gen.decode(together, 4) - gen.decode(alone, 1)).abs().max().item() < tolerance
+
+
+def test_batch_size_1_and_4_write_the_same_images(tiny_models, tmp_path):
+    for sampler in ("ddim", "euler_a"):
+        a, b, c = tmp_path / f"{sampler}1", tmp_path / f"{sampler}4", tmp_path / f"{sampler}d"
+        common = ("--prompt", "a red house --n blur", "--images_per_prompt", "4", "--seed", "7", "--sampler", sampler)
+        assert run(tiny_models, a, *common, "--batch_size", "1") == 0
+        assert run(tiny_models, b, *common, "--batch_size", "4") == 0
+        first, second = pngs(a), pngs(b)
+        assert [meta(p)["seed"] for p in first] == [meta(p)["seed"] for p in second]
+        for p, q in zip(first, second):
+            assert np.abs(pixels(p) - pixels(q)).max() <= 1
+        seed3 = meta(first[2])["seed"]
+        assert run(tiny_models, c, "--prompt", f"a red house --n blur --d {seed3}", "--sampler", sampler) == 0
+        (alone,) = pngs(c)
+        assert meta(alone)["seed"] == seed3
+        assert np.abs(pixels(alone) - pixels(first[2])).max() <= 1
+
+
+def test_seed_semantics_follow_the_original(tiny_models, tmp_path):
+    assert run(tiny_models, tmp_path / "one", "--prompt", "x", "--seed", "1234") == 0
+    assert [meta(p)["seed"] for p in pngs(tmp_path / "one")] == ["1234"]
+
+    assert run(tiny_models, tmp_path / "three", "--prompt", "x", "--seed", "42", "--images_per_prompt", "3") == 0
+    rng = random.Random(42)
+    expected = [str(rng.randint(0, 2**32 - 1)) for _ in range(3)]
+    assert sorted(meta(p)["seed"] for p in pngs(tmp_path / "three")) == sorted(expected)
+    names = [p.name for p in pngs(tmp_path / "three")]
+    assert [n.split("_")[-1].removesuffix(".png") for n in names] == expected  # im_<ts>_<i>_<seed>.png, in order
+
+    # --d seeds run out: the last one repeats (as the original)
+    assert run(tiny_models, tmp_path / "d", "--prompt", "x --d 5,6", "--images_per_prompt", "3") == 0
+    assert [meta(p)["seed"] for p in pngs(tmp_path / "d")] == ["5", "6", "6"]
+
+    # --iter_same_seed: one seed per --n_iter round, shared by all prompts
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    assert run(tiny_models, tmp_path / "iter", "--from_file", str(prompts), "--n_iter", "2", "--iter_same_seed",
+               "--seed", "9", "--sequential_file_name") == 0
+    rng = random.Random(9)
+    r1, r2 = rng.randint(0, 2**32 - 1), rng.randint(0, 2**32 - 1)
+    assert [meta(p)["seed"] for p in pngs(tmp_path / "iter")] == [str(r1), str(r1), str(r2), str(r2)]
+
+
+def test_noise_device_cpu_matches_default_on_cpu(tiny_models, tmp_path):
+    assert run(tiny_models, tmp_path / "a", "--prompt", "x", "--seed", "3") == 0
+    assert run(tiny_models, tmp_path / "b", "--prompt", "x", "--seed", "3", "--noise_device", "cpu") == 0
+    assert np.array_equal(pixels(pngs(tmp_path / "a")[0]), pixels(pngs(tmp_path / "b")[0]))
+
+
+# --- prompt sources and metadata ----------------------------------------------------------------
+
+
+def test_metadata_round_trips_and_parses_as_a1111(tiny_models, tmp_path):
+    prompt = "a (cat:1.2), sitting: on a mat --n ugly, blurry --l 6.5 --d 77"
+    assert run(tiny_models, tmp_path, "--prompt", prompt, "--sampler", "k_euler_a") == 0
+    (path,) = pngs(tmp_path)
+    text = meta(path)
+    assert {k: text[k] for k in ("prompt", "negative-prompt", "seed", "sampler", "steps", "scale")} == {
+        "prompt": "a (cat:1.2), sitting: on a mat", "negative-prompt": "ugly, blurry", "seed": "77",
+        "sampler": "k_euler_a", "steps": "3", "scale": "6.5",
+    }
+    a1111 = parse_a1111_parameters(text["parameters"])
+    assert a1111["Prompt"] == "a (cat:1.2), sitting: on a mat"
+    assert a1111["Negative prompt"] == "ugly, blurry"
+    assert (a1111["Steps"], a1111["Sampler"], a1111["CFG scale"], a1111["Seed"]) == ("3", "Euler a", "6.5", "77")
+    assert (a1111["Size-1"], a1111["Size-2"], a1111["Model"]) == ("64", "64", "tiny-sd1")
+    assert len(a1111["Model hash"]) == 10
+    assert Image.open(path).size == (64, 64)
+
+
+def test_from_file_lines_with_options_and_a_malformed_line(tiny_models, tmp_path, caplog):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "# a comment\n"
+        "first --w 96 --h 64 --s 2 --d 11\n"
+        "\n"
+        "second --n nothing --l 3 --d 12\n"
+        "broken --w abc\n"
+        "third --h 128 --s 4 --d 13 --nl 1.5\n"
+    )
+    out = tmp_path / "out"
+    assert run(tiny_models, out, "--from_file", str(prompts), "--sequential_file_name") == 0
+    files = pngs(out)
+    assert [p.name for p in files] == ["im_000001.png", "im_000002.png", "im_000003.png"]
+    got = [(meta(p)["prompt"], Image.open(p).size, meta(p)["steps"], meta(p)["seed"], meta(p)["scale"]) for p in files]
+    assert got == [
+        ("first", (96, 64), "2", "11", "7.5"),
+        ("second", (64, 64), "3", "12", "3.0"),
+        ("third", (64, 128), "4", "13", "7.5"),
+    ]
+    assert meta(files[2])["negative-scale"] == "1.5"
+    assert "prompts.txt:5: skipped" in caplog.text and "--w" in caplog.text
+
+
+def test_from_module_prompter(tiny_models, tmp_path):
+    module = tmp_path / "my_prompts.py"
+    module.write_text(
+        "def get_prompter(args, pipe, networks):\n"
+        "    return iter(['from module one --d 1', 'from module two --d 2'])\n"
+    )
+    assert run(tiny_models, tmp_path / "out", "--from_module", str(module)) == 0
+    assert sorted(meta(p)["prompt"] for p in pngs(tmp_path / "out")) == ["from module one", "from module two"]
+
+
+def test_interactive_mode_reads_a_pipe_until_eof(tiny_models, tmp_path):
+    cmd = [sys.executable, str(ROOT / "gen_img.py"), "--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path),
+           *FAST, "--interactive", "--no_preview"]
+    done = subprocess.run(cmd, input="a cat --d 1\n\na dog --d 2\n", capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("Type prompt:") == 4  # three lines (one blank), then end of input
+    assert sorted(meta(p)["prompt"] for p in pngs(tmp_path)) == ["a cat", "a dog"]
+
+
+def test_killed_run_leaves_only_complete_pngs(tiny_models, tmp_path):
+    cmd = [sys.executable, str(ROOT / "gen_img.py"), "--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path),
+           "--steps", "3", "--W", "256", "--H", "256", "--prompt", "x", "--images_per_prompt", "200"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while len(pngs(tmp_path)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = pngs(tmp_path)
+    assert 2 <= len(written) < 200
+    for path in written:
+        with Image.open(path) as image:
+            image.load()  # raises on a truncated file
+            assert image.size == (256, 256)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--prompt", "x", "--W", "100"], "--W 100: must be a positive multiple of 8"),
+        (["--prompt", "x", "--sampler", "nope"], "--sampler nope: unknown sampler"),
+        (["--prompt", "x", "--bogus"], "unrecognized arguments: --bogus"),
+        ([], "no prompt: give --prompt, --from_file, --from_module or --interactive"),
+        (["--prompt", "x", "--v2"], "--v2 was given but tiny-sd1.safetensors is an SD 1.x model"),
+        (["--from_file", "/nonexistent/p.txt"], "--from_file /nonexistent/p.txt: cannot read it"),
+        (["--prompt", "x", "--xformers"], "--xformers: xformers is not installed"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(tiny_models, tmp_path, capsys, extra, message):
+    try:
+        code = run(tiny_models, tmp_path / "out", *extra)
+    except SystemExit as exc:  # argparse-level errors
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert message in err[-1] and len([line for line in err if "error" in line]) == 1
+    assert not pngs(tmp_path / "out") if (tmp_path / "out").exists() else True
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, capsys):
+    code = gen_img.main(["--ckpt", str(tmp_path / "nope.safetensors"), "--prompt", "x", "--outdir", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"gen_img.py: error: --ckpt {tmp_path / 'nope.safetensors'}: no such file or folder"
