@@ -189,3 +189,27 @@ def test_sd2_text_encoder_drops_the_unused_last_block(tiny_models):
         blocks = {k.split(".")[4] for k in f.keys() if ".resblocks." in k}
     model = load_model(str(tiny_models["sd2"]))
     assert len(text_model(model.text_encoder).encoder.layers) == len(blocks) - 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_convert_model_round_trips_both_ways(tiny_models, tmp_path, kind):
+    from tools.convert_model import main
+
+    assert main([str(tiny_models[kind]), str(tmp_path / "folder")]) == 0
+    assert main([str(tmp_path / "folder"), str(tmp_path / "back.safetensors")]) == 0
+    reference = load_model(str(tiny_models[kind]))
+    for path in (tmp_path / "folder", tmp_path / "back.safetensors"):
+        converted = load_model(str(path))
+        assert converted.kind == reference.kind
+        assert _max_diff(_outputs(converted), _outputs(reference)) < 1e-5
+    assert main([str(tiny_models[kind]), str(tmp_path / "half.safetensors"), "--fp16"]) == 0
+    assert {v.dtype for v in load_file(str(tmp_path / "half.safetensors")).values() if v.is_floating_point()} == {
+        torch.float16
+    }
+
+
+def test_convert_model_bad_source_is_exit_2(tmp_path, capsys):
+    from tools.convert_model import main
+
+    assert main([str(tmp_path / "nope.ckpt"), str(tmp_path / "x")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
