@@ -219,3 +219,28 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     code = gen_img.main(["--ckpt", str(tmp_path / "nope.safetensors"), "--prompt", "x", "--outdir", str(tmp_path)])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"gen_img.py: error: --ckpt {tmp_path / 'nope.safetensors'}: no such file or folder"
+
+
+@pytest.mark.parametrize("flags", [["--bf16"], ["--bf16", "--opt_channels_last"], ["--fp16", "--no_half_vae"]])
+def test_half_precision_runs_on_cpu_and_stays_close_to_fp32(tiny_models, tmp_path, flags):
+    assert run(tiny_models, tmp_path / "fp32", "--prompt", "x --d 5") == 0
+    assert run(tiny_models, tmp_path / "half", "--prompt", "x --d 5", *flags) == 0
+    a, b = pixels(pngs(tmp_path / "fp32")[0]), pixels(pngs(tmp_path / "half")[0])
+    assert np.abs(a - b).mean() < 8  # same picture, half-precision rounding only
+
+
+def test_half_vae_nan_falls_back_to_fp32(tiny_models, caplog):
+    model = load_model(str(tiny_models["sd1"]), dtype=torch.bfloat16)
+    gen = make_generator(model, "ddim")
+    real_decode = model.vae.decode
+
+    def nan_in_half(z, *a, **k):
+        out = real_decode(z, *a, **k)
+        if z.dtype != torch.float32:
+            out.sample.fill_(float("nan"))
+        return out
+
+    model.vae.decode = nan_in_half
+    images = gen.decode(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), 1)
+    assert torch.isfinite(images).all() and model.vae.dtype == torch.float32
+    assert "switching the VAE to fp32" in caplog.text

@@ -158,7 +158,8 @@ def test_bad_inputs_are_one_line_user_errors(tiny_models, tmp_path):
         str(truncated): r"cut\.safetensors: not a readable safetensors file",
         str(tmp_path / "empty_dir"): r"not a Diffusers model folder",
         str(tmp_path / "missing.safetensors"): r"missing\.safetensors: no such file or folder",
-        "nobody/no-such-model": r"nobody/no-such-model: not a file, and not in the local Hugging Face cache",
+        "nobody/no-such-model": r"nobody/no-such-model: no such file or folder, and not in the local Hugging Face cache",
+        "nobody/model.safetensors": r"nobody/model\.safetensors: no such file or folder$",
         str(not_sd): r"other\.safetensors: not a Stable Diffusion 1\.x/2\.x checkpoint",
     }
     for ckpt, pattern in cases.items():

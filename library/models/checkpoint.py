@@ -39,7 +39,7 @@ def resolve_model_path(spec: str, option: str = "--ckpt") -> Path:
         return path.absolute()  # keep a symlink's own name: a .yaml may sit beside the link
     if path.is_symlink():
         raise UserError(f"{option} {spec}: the symlink points to {os.readlink(path)}, which does not exist")
-    if _HF_ID.match(spec):
+    if _HF_ID.match(spec) and not spec.lower().endswith(SINGLE_FILE_SUFFIXES):
         return _from_hf_cache(spec, option)
     raise UserError(f"{option} {spec}: no such file or folder")
 
@@ -53,7 +53,7 @@ def _from_hf_cache(repo_id: str, option: str) -> Path:
     except Exception as exc:  # LocalEntryNotFoundError and friends; message varies by version
         logger.debug("HF cache lookup failed: %r", exc)
         raise UserError(
-            f"{option} {repo_id}: not a file, and not in the local Hugging Face cache "
+            f"{option} {repo_id}: no such file or folder, and not in the local Hugging Face cache "
             f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}); "
             "download it once with network access, or pass a checkpoint file or folder"
         ) from None
