@@ -99,6 +99,7 @@ def generator(args: argparse.Namespace, model: LoadedModel, runtime: Runtime) ->
         clip_skip=args.clip_skip or model.kind.default_clip_skip,
         max_embeddings_multiples=args.max_embeddings_multiples or 1,
         normalize_mode=args.emb_normalize_mode,
+        embeddings=prompt_embeddings(args, model),
     )
     return Generator(
         unet=model.unet,
@@ -111,6 +112,22 @@ def generator(args: argparse.Namespace, model: LoadedModel, runtime: Runtime) ->
         noise_device=runtime.noise_device,
         ddim_eta=args.ddim_eta,
     )
+
+
+def prompt_embeddings(args: argparse.Namespace, model: LoadedModel):
+    """`--textual_inversion_embeddings` / `--XTI_embeddings` as an EmbeddingSet (None without them).
+
+    With XTI files the U-Net is hooked to take one text encoding per cross-attention layer.
+    """
+    from library.embeddings import load_embeddings
+    from library.xti import PerLayerConditioning
+
+    ti_files = getattr(args, "textual_inversion_embeddings", None) or []
+    xti_files = getattr(args, "XTI_embeddings", None) or []
+    embeddings = load_embeddings(ti_files, xti_files, model.text_encoder, model.unet)
+    if embeddings is not None and embeddings.has_xti:
+        PerLayerConditioning(model.unet, embeddings.layer_names)
+    return embeddings
 
 
 def runner(args: argparse.Namespace, model: LoadedModel, gen: Generator, before_batch=None) -> Runner:

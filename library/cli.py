@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--emb_normalize_mode", choices=["original", "abs", "none"], default="original",
                    help="restore the embedding mean after weighting (default original)")
 
+    g = p.add_argument_group("prompt language")
+    g.add_argument("--textual_inversion_embeddings", nargs="*", default=[], metavar="FILE",
+                   help="Textual Inversion files (.pt/.safetensors/.bin); the file name without extension "
+                   "is the prompt word")
+    g.add_argument("--XTI_embeddings", nargs="*", default=[], metavar="FILE",
+                   help="Extended Textual Inversion files (one embedding per U-Net layer); used like "
+                   "--textual_inversion_embeddings")
+
     g = p.add_argument_group("memory and speed")
     g.add_argument("--batch_size", type=int, default=1, help="images per U-Net batch (default 1)")
     g.add_argument("--vae_batch_size", type=float, default=None,
