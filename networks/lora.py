@@ -1,0 +1,319 @@
+"""LoRA-family networks for `--network_module networks.lora`, written for this project.
+
+Semantics follow kohya's LoRA: a target layer's output becomes
+
+    y = layer(x) + multiplier * (alpha / rank) * up(down(x))
+
+(rank = ``down``'s output size, missing alpha = rank), and LyCORIS LoHa / LoKr / full-diff
+and DoRA files work the same way through their weight deltas (`networks.lora_adapters`).
+File layouts (kohya, LDM names, diffusers, PEFT) are read by `networks.lora_formats`.
+
+A `LoRANetwork` can be used in three ways, which can be switched between at any time:
+
+* ``apply_to()``: un-merged. A forward hook on each target layer adds the adapter's output;
+  weights are untouched and ``remove()`` detaches everything. This is the mode in which a
+  per-module output modulation (a spatial mask for regional LoRA / attention couple) can be
+  plugged in: see `LoRAModule.output_modulator`.
+* ``merge_to()``: the deltas are written into the weights (``--network_merge``), so
+  generation runs at the speed of the bare model; ``restore()`` brings the exact original
+  weights back.
+* ``pre_calculation()``: like a merge, but meant to follow multiplier changes
+  (``--network_pre_calc`` with ``--am``): ``set_multiplier`` rewrites the weights at once and
+  ``restore()`` returns to the un-merged hooks if ``apply_to`` was called.
+
+Several networks compose: hooks add up independently, weight patches are stacked per layer
+by `networks.lora_patch` and can be taken back in any order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from library.errors import UserError
+from networks import lora_patch
+from networks.lora_adapters import Adapter
+from networks.lora_formats import LayerMismatch, parse_state_dict
+from networks.lora_io import read_lora_file
+from networks.lora_names import Target, TargetTable
+
+logger = logging.getLogger(__name__)
+
+#: ``modulator(module, x, lora_output) -> tensor``: the regional-LoRA extension point.
+OutputModulator = Callable[["LoRAModule", Tensor, Tensor], Tensor]
+
+
+class LoRAModule:
+    """One network's adapter on one target layer: hook, weight patch and multiplier."""
+
+    def __init__(self, network: "LoRANetwork", target: Target, adapter: Adapter) -> None:
+        self.network = network
+        self.target = target
+        self.adapter = adapter
+        self.enabled = True
+        #: Optional hook for regional LoRA: called with (this, input, lora_out) in un-merged
+        #: mode; returns the LoRA output to add (e.g. ``lora_out * mask``). Left None here;
+        #: the multiplier is applied after it.
+        self.output_modulator: OutputModulator | None = None
+        self._handle: RemovableHandle | None = None
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def module(self) -> nn.Module:
+        return self.target.module
+
+    # -- un-merged ---------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._forward_hook, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        multiplier = self.network.multiplier
+        if not self.enabled or multiplier == 0:
+            return output
+        x = args[0] if args else kwargs["input"]
+        extra = self.adapter.bypass(module, x)
+        if self.output_modulator is not None:
+            extra = self.output_modulator(self, x, extra)
+        return output + extra * multiplier
+
+    # -- merged ------------------------------------------------------------------------------
+    def _patch(self, weight: Tensor) -> Tensor:
+        return self.adapter.merged(weight, self.network.multiplier)
+
+    def patch_weight(self) -> None:
+        lora_patch.set_patch(self.module, self, self._patch)
+
+    def unpatch_weight(self) -> None:
+        lora_patch.drop_patch(self.module, self)
+
+    def delta_weight(self, multiplier: float | None = None) -> Tensor:
+        """``merged(W, m) - W`` in fp32: what this module adds to its layer's weight."""
+        m = self.network.multiplier if multiplier is None else multiplier
+        weight = self.module.weight.detach().float()
+        return self.adapter.merged(weight, m) - weight
+
+
+Mode = Literal["off", "hooks", "merged", "precalc"]
+
+
+class LoRANetwork:
+    """All adapters of one LoRA file, bound to one text encoder + U-Net pair."""
+
+    def __init__(
+        self,
+        modules: dict[Target, Adapter],
+        multiplier: float = 1.0,
+        metadata: dict[str, str] | None = None,
+        source: str = "",
+    ) -> None:
+        self.multiplier = float(multiplier)
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.source = source
+        self.modules: list[LoRAModule] = [LoRAModule(self, t, a) for t, a in modules.items()]
+        self.text_encoder_loras = [m for m in self.modules if m.target.component == "text_encoder"]
+        self.unet_loras = [m for m in self.modules if m.target.component == "unet"]
+        self._applied = False  # apply_to() called and not removed
+        self._patched: Literal[None, "merged", "precalc"] = None
+        self._apply_te = True
+        self._apply_unet = True
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def mode(self) -> Mode:
+        if self._patched is not None:
+            return self._patched
+        return "hooks" if self._applied else "off"
+
+    def _active(self) -> list[LoRAModule]:
+        return [
+            m
+            for m in self.modules
+            if (m.target.component == "unet" and self._apply_unet)
+            or (m.target.component == "text_encoder" and self._apply_te)
+        ]
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    # -- API ---------------------------------------------------------------------------------
+    def apply_to(
+        self, text_encoder: Any = None, unet: Any = None, apply_text_encoder: bool = True, apply_unet: bool = True
+    ) -> None:
+        """Attach un-merged: each target layer's output gets ``+ m * adapter(x)``.
+
+        The models were given at creation; `text_encoder` / `unet` are accepted (and ignored)
+        for call compatibility with kohya's signature.
+        """
+        del text_encoder, unet
+        self._apply_te, self._apply_unet = apply_text_encoder, apply_unet
+        self._applied = True
+        if self._patched is None:
+            for module in self._active():
+                module.attach()
+        logger.info("LoRA %s applied un-merged to %d layers", self.source, len(self._active()))
+
+    def remove(self) -> None:
+        """Detach hooks and take back any merge: the models are exactly as before."""
+        for module in self.modules:
+            module.detach()
+        self._unpatch()
+        self._applied = False
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """Change the strength; merged / pre-calculated weights are rewritten at once."""
+        multiplier = float(multiplier)
+        if multiplier == self.multiplier:
+            return
+        self.multiplier = multiplier
+        if self._patched is not None:
+            with torch.no_grad():
+                for module in self.modules:
+                    lora_patch.refresh(module.module)
+
+    def merge_to(self, *args: Any, **kwargs: Any) -> None:
+        """Write ``multiplier * delta`` into the weights (backup kept; see `restore`).
+
+        Positional/keyword arguments of kohya's signature (models, state dict, dtype,
+        device) are accepted and ignored: this network already holds its weights and models.
+        """
+        del args, kwargs
+        self._patch("merged")
+
+    def pre_calculation(self) -> None:
+        """Merge for the current multiplier so generation runs at merged speed.
+
+        Hooks are detached while pre-calculated; `set_multiplier` recomputes the weights;
+        `restore` goes back to un-merged hooks (if applied).
+        """
+        self._patch("precalc")
+
+    def restore(self) -> None:
+        """Undo `merge_to` / `pre_calculation` exactly; re-attach hooks if applied."""
+        self._unpatch()
+        if self._applied:
+            for module in self._active():
+                module.attach()
+
+    #: kohya's name for undoing a pre-calculation.
+    restore_weights = restore
+
+    # -- internals ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _patch(self, mode: Literal["merged", "precalc"]) -> None:
+        active = self._active() if self._applied else self.modules
+        for module in self.modules:
+            module.detach()
+        for module in active:
+            module.patch_weight()
+        self._patched = mode
+        logger.info("LoRA %s %s into %d layers (multiplier %g)", self.source, mode, len(active), self.multiplier)
+
+    @torch.no_grad()
+    def _unpatch(self) -> None:
+        if self._patched is None:
+            return
+        for module in self.modules:
+            module.unpatch_weight()
+        self._patched = None
+
+    # -- conveniences ------------------------------------------------------------------------
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the un-merged hooks on or off without detaching them."""
+        for module in self.modules:
+            module.enabled = enabled
+
+    def summary(self) -> dict[str, int]:
+        """Counts of adapters per family and per component (for logs and tests)."""
+        counts = Counter(m.adapter.kind for m in self.modules)
+        counts.update(m.target.component for m in self.modules)
+        return dict(counts)
+
+    def __repr__(self) -> str:
+        return f"LoRANetwork({self.source!r}, multiplier={self.multiplier}, layers={len(self.modules)}, mode={self.mode})"
+
+
+def _single(model: Any) -> nn.Module | None:
+    """kohya passes text encoders as a list for SDXL; SD1/2 have exactly one."""
+    if isinstance(model, (list, tuple)):
+        if len(model) > 1:
+            logger.warning("only the first of %d text encoders is used", len(model))
+        return model[0] if model else None
+    return model
+
+
+def create_network_from_weights(
+    multiplier: float,
+    file: str | Path | None,
+    vae: Any,
+    text_encoder: Any,
+    unet: nn.Module,
+    for_inference: bool = True,
+    weights_sd: dict[str, Tensor] | None = None,
+    **network_args: Any,
+) -> LoRANetwork:
+    """Load a LoRA / LyCORIS file (or `weights_sd`) for `text_encoder` + `unet`.
+
+    `vae` and `for_inference` exist for kohya's call signature (this network is always an
+    inference network; the VAE is never patched). Unknown `network_args` are ignored.
+    Raises `UserError` for a missing / unreadable file, a file without LoRA weights, or one
+    made for a different base model.
+    """
+    del vae, for_inference
+    if network_args:
+        logger.debug("ignoring network args %s", sorted(network_args))
+    label = str(file) if file is not None else "<state dict>"
+    metadata: dict[str, str] = {}
+    if weights_sd is None:
+        if file is None:
+            raise UserError("no LoRA file given; pass one with --network_weights")
+        weights_sd, metadata = read_lora_file(file)
+    table = TargetTable(_single(text_encoder), unet)
+    try:
+        parsed = parse_state_dict(weights_sd, table)
+    except LayerMismatch as exc:
+        raise UserError(
+            f"LoRA file {label} is for a different base model: layer {exc.target.name} has weight "
+            f"{list(exc.target.weight_shape)} but the file's {exc.detail} does not fit it; "
+            "use a LoRA trained for this model (SD1.x and SD2.x LoRAs are not interchangeable)"
+        ) from exc
+    if not parsed.adapters:
+        if parsed.lora_like_keys:
+            raise UserError(
+                f"LoRA file {label} is for a different base model: none of its "
+                f"{parsed.lora_like_keys} LoRA keys names a layer of this model (SDXL or another "
+                "architecture?); use a LoRA trained for this model"
+            )
+        raise UserError(
+            f"LoRA file {label} contains no LoRA weights (no lora_down/lora_up, lora_A/lora_B, "
+            "LoHa or LoKr keys); pass a LoRA file to --network_weights"
+        )
+    if parsed.unknown_keys:
+        logger.warning(
+            "LoRA file %s: ignored %d keys that match no layer of this model (e.g. %s)",
+            label,
+            len(parsed.unknown_keys),
+            parsed.unknown_keys[0],
+        )
+    network = LoRANetwork(parsed.adapters, multiplier, metadata, label)
+    logger.info("loaded LoRA %s: %s", label, network.summary())
+    return network

@@ -1,0 +1,233 @@
+"""Names of the layers a LoRA file can patch, in every spelling the loader accepts.
+
+A LoRA file names each layer it changes. Depending on the tool that wrote it, the same
+U-Net layer is spelled
+
+* kohya, diffusers module path:  ``lora_unet_down_blocks_0_attentions_0_proj_in``
+* kohya, original LDM layout:     ``lora_unet_input_blocks_1_1_proj_in``
+* diffusers / PEFT, dotted:       ``unet.down_blocks.0.attentions.0.proj_in``
+
+and a text-encoder layer ``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` or
+``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``.
+
+Instead of translating strings, this module walks the models' ``named_modules`` once and
+builds a table from every accepted spelling to the real layer, so any model size works and a
+name either resolves to an existing layer or is unknown. The LDM block numbering is derived
+from the U-Net's actual block structure (resnets per block, which blocks have attention,
+down/up-samplers), written here from the layout of the original SD ``openaimodel`` U-Net:
+``input_blocks`` 0 is ``conv_in``, then per down block one entry per resnet (resnet at ``.0``,
+its attention at ``.1``) and one for the downsampler (``.0.op``); ``middle_block`` is resnet,
+attention, resnet; ``output_blocks`` hold one entry per up-block resnet, the last of each block
+also carrying the upsampler after the attention.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Component = Literal["unet", "text_encoder"]
+
+#: Kohya's default U-Net targets: every Linear / 1x1 conv inside these blocks.
+UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
+#: Added by kohya's LoCon (``conv_dim``): every Linear / Conv2d inside these blocks.
+UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+#: Kohya's default text-encoder targets.
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
+
+# diffusers resnet child -> LDM ResBlock child
+_RESNET_INNER = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One patchable layer: its canonical kohya name, path in its model, and the module."""
+
+    name: str
+    path: str
+    component: Component
+    module: nn.Module
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.module.weight.shape)
+
+
+def is_patchable(module: nn.Module) -> bool:
+    """Linear and Conv2d layers (subclasses included) are what LoRA formats patch."""
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+def kohya_name(component: Component, path: str) -> str:
+    """Kohya's name for a layer: prefix plus the module path with dots as underscores.
+
+    Text-encoder paths are written as ``text_model.<...>`` whether or not the loaded
+    ``CLIPTextModel`` has the ``text_model`` wrapper (transformers 5 dropped it).
+    """
+    if component == "unet":
+        return "lora_unet_" + path.replace(".", "_")
+    return "lora_te_" + canonical_te_path(path).replace(".", "_")
+
+
+def canonical_te_path(path: str) -> str:
+    """``encoder.layers.0...`` and ``text_model.encoder.layers.0...`` -> the latter."""
+    return path if path.startswith("text_model.") else "text_model." + path
+
+
+def _block_map(unet: nn.Module) -> dict[str, str]:
+    """diffusers block prefix -> LDM block prefix, derived from the U-Net's structure."""
+    mapping = {
+        "conv_in": "input_blocks.0.0",
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    index = 1
+    for i, block in enumerate(getattr(unet, "down_blocks", [])):
+        has_attention = hasattr(block, "attentions") and block.attentions is not None
+        for j in range(len(block.resnets)):
+            mapping[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{index}.0"
+            if has_attention and j < len(block.attentions):
+                mapping[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{index}.1"
+            index += 1
+        if getattr(block, "downsamplers", None):
+            mapping[f"down_blocks.{i}.downsamplers.0"] = f"input_blocks.{index}.0"
+            index += 1
+    mid = getattr(unet, "mid_block", None)
+    if mid is not None:
+        mapping["mid_block.resnets.0"] = "middle_block.0"
+        if getattr(mid, "attentions", None):
+            mapping["mid_block.attentions.0"] = "middle_block.1"
+            for j in range(1, len(mid.resnets)):
+                mapping[f"mid_block.resnets.{j}"] = f"middle_block.{2 * j}"
+        else:
+            for j in range(1, len(mid.resnets)):
+                mapping[f"mid_block.resnets.{j}"] = f"middle_block.{j}"
+    index = 0
+    for i, block in enumerate(getattr(unet, "up_blocks", [])):
+        has_attention = hasattr(block, "attentions") and block.attentions is not None
+        count = len(block.resnets)
+        for j in range(count):
+            mapping[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{index}.0"
+            slot = 1
+            if has_attention and j < len(block.attentions):
+                mapping[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{index}.1"
+                slot = 2
+            if j == count - 1 and getattr(block, "upsamplers", None):
+                mapping[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{index}.{slot}"
+            index += 1
+    return mapping
+
+
+def ldm_unet_path(path: str, block_map: dict[str, str]) -> str | None:
+    """The LDM (original SD) module path of a diffusers U-Net module path, if it has one."""
+    for prefix, ldm_prefix in block_map.items():
+        if path == prefix:
+            return ldm_prefix
+        if not path.startswith(prefix + "."):
+            continue
+        rest = path[len(prefix) + 1 :]
+        if ".resnets." in prefix or prefix.startswith("mid_block.resnets"):
+            rest = _RESNET_INNER.get(rest, rest)
+        elif ".downsamplers." in prefix and rest == "conv":
+            rest = "op"
+        return f"{ldm_prefix}.{rest}"
+    return None
+
+
+class TargetTable:
+    """Every accepted spelling of every patchable layer of one text encoder + U-Net pair."""
+
+    def __init__(self, text_encoder: nn.Module | None, unet: nn.Module | None) -> None:
+        self.targets: list[Target] = []
+        self._by_kohya: dict[str, Target] = {}
+        self._by_path: dict[Component, dict[str, Target]] = {"unet": {}, "text_encoder": {}}
+        if unet is not None:
+            block_map = _block_map(unet)
+            for path, module in unet.named_modules():
+                if not is_patchable(module):
+                    continue
+                target = self._add("unet", path, module)
+                ldm = ldm_unet_path(path, block_map)
+                if ldm is not None:
+                    self._by_kohya.setdefault(kohya_name("unet", ldm), target)
+        if text_encoder is not None:
+            for path, module in text_encoder.named_modules():
+                if is_patchable(module):
+                    self._add("text_encoder", path, module)
+        logger.debug("target table: %d layers, %d names", len(self.targets), len(self._by_kohya))
+
+    def _add(self, component: Component, path: str, module: nn.Module) -> Target:
+        target = Target(kohya_name(component, path), path, component, module)
+        self.targets.append(target)
+        self._by_kohya[target.name] = target
+        key = canonical_te_path(path) if component == "text_encoder" else path
+        self._by_path[component][key] = target
+        return target
+
+    def by_kohya_name(self, name: str) -> Target | None:
+        """Resolve ``lora_unet_...`` / ``lora_te_...`` (diffusers or LDM spelling)."""
+        return self._by_kohya.get(name)
+
+    def by_path(self, path: str, component: Component | None) -> Target | None:
+        """Resolve a dotted module path; without a component try the U-Net, then the TE."""
+        components: Iterable[Component] = (component,) if component else ("unet", "text_encoder")
+        for comp in components:
+            key = canonical_te_path(path) if comp == "text_encoder" else path
+            found = self._by_path[comp].get(key)
+            if found is not None:
+                return found
+        return None
+
+
+def default_targets(
+    text_encoder: nn.Module | None, unet: nn.Module | None, conv: bool = False
+) -> list[Target]:
+    """The layers kohya's LoRA trains by default (plus the LoCon conv blocks if `conv`).
+
+    U-Net: every Linear / Conv2d inside a ``Transformer2DModel`` (attention q/k/v/out,
+    feed-forward, proj_in/out); with `conv` also every Linear / Conv2d inside
+    ``ResnetBlock2D`` / ``Downsample2D`` / ``Upsample2D``. Text encoder: the Linear layers of
+    ``CLIPAttention`` and ``CLIPMLP``. Found by class name so any model size works.
+    """
+    found: list[Target] = []
+    seen: set[int] = set()
+
+    def collect(root: nn.Module | None, component: Component, blocks: tuple[str, ...]) -> None:
+        if root is None:
+            return
+        for path, module in root.named_modules():
+            if type(module).__name__ not in blocks:
+                continue
+            for child_path, child in module.named_modules():
+                if is_patchable(child) and id(child) not in seen:
+                    seen.add(id(child))
+                    full = f"{path}.{child_path}" if path else child_path
+                    found.append(Target(kohya_name(component, full), full, component, child))
+
+    collect(text_encoder, "text_encoder", TEXT_ENCODER_BLOCKS)
+    collect(unet, "unet", UNET_ATTENTION_BLOCKS + (UNET_CONV_BLOCKS if conv else ()))
+    return found
+
+
+def weight_of(target: Target) -> torch.Tensor:
+    """The layer's weight parameter (what merges patch)."""
+    return target.module.weight
