@@ -192,21 +192,18 @@ class Networks:
 
     loaded: list
     defaults: tuple[float, ...]
-    pre_calc: bool = False
     switchable: int = 0  # networks from this index on are not merged and follow --am
     _current: tuple[float, ...] | None = None
 
     def before_batch(self, batch) -> None:
-        """Set multipliers for the batch's `--am` values (recomputing pre-calc weights on change)."""
+        """Set multipliers for the batch's `--am` values; merged networks keep theirs."""
         wanted = batch[0].network_multipliers or self.defaults
         if not self.loaded or wanted == self._current:
             return
         if len(wanted) != len(self.loaded):
             raise UserError(f"--am has {len(wanted)} values but {len(self.loaded)} networks are loaded")
         for network, value in list(zip(self.loaded, wanted))[self.switchable:]:
-            network.set_multiplier(value)
-            if self.pre_calc:
-                network.pre_calculation()
+            network.set_multiplier(value)  # pre-calculated weights are recomputed by the network
         self._current = tuple(wanted)
 
 
@@ -237,7 +234,7 @@ def networks(args: argparse.Namespace, model: LoadedModel) -> Networks:
         network.apply_to()
         if args.network_pre_calc:
             network.pre_calculation()
-    result = Networks(loaded, muls, pre_calc=args.network_pre_calc, switchable=merged)
+    result = Networks(loaded, muls, switchable=merged)
     result._current = muls
     return result
 
