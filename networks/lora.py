@@ -176,6 +176,7 @@ class LoRANetwork:
         """Detach hooks and take back any merge: the models are exactly as before."""
         for module in self.modules:
             module.detach()
+            module.adapter.clear_cache()
         self._unpatch()
         self._applied = False
 
@@ -223,6 +224,7 @@ class LoRANetwork:
         active = self._active() if self._applied else self.modules
         for module in self.modules:
             module.detach()
+            module.adapter.clear_cache()  # un-merged caches are not needed while patched
         for module in active:
             module.patch_weight()
         self._patched = mode
@@ -315,5 +317,6 @@ def create_network_from_weights(
             parsed.unknown_keys[0],
         )
     network = LoRANetwork(parsed.adapters, multiplier, metadata, label)
-    logger.info("loaded LoRA %s: %s", label, network.summary())
+    params = sum(t.numel() for a in parsed.adapters.values() for t in a.tensors())
+    logger.info("loaded LoRA %s: %s, %.2fM parameters", label, network.summary(), params / 1e6)
     return network

@@ -127,10 +127,16 @@ class Adapter:
     def _bypass_weight(self, module: nn.Module, x: Tensor) -> Tensor:
         """``merged(W, 1) - W`` in x's dtype/device, cached (DoRA: per weight version)."""
         weight = module.weight
-        version = weight._version if self.dora_scale is not None else None
+        version: int | None = None
+        if self.dora_scale is not None:  # DoRA depends on W itself: follow in-place changes
+            try:
+                version = weight._version
+            except RuntimeError:  # inference tensors keep no version: never cache
+                self._cache.pop("bypass", None)
+                version = -1
         key = (x.device, x.dtype, version, id(weight) if version is not None else None)
         cached = self._cache.get("bypass")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or version == -1:
             w32 = weight.detach().to(torch.float32)
             diff = self.merged(w32, 1.0) - w32
             cached = (key, diff.to(x.device, x.dtype))
@@ -138,6 +144,7 @@ class Adapter:
         return cached[1]
 
     def clear_cache(self) -> None:
+        """Drop cached converted factors / delta weights (they can be as big as the layer)."""
         self._cache.clear()
 
     def check_dora(self) -> None:

@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "s_per_step": {m: round(statistics.median(t), 4) for m, t in times.items()},
         "ratio_to_none": {m: round(statistics.median(t) / base, 4) for m, t in times.items()},
+        # per round mode / none, median over rounds: drift that lasts a round cancels out
+        "paired_ratio_to_none": {
+            m: round(statistics.median(x / n for x, n in zip(t, times["none"])), 4) for m, t in times.items()
+        },
         # the fastest step is the least disturbed by other processes on a shared machine
         "min_s_per_step": {m: round(min(t), 4) for m, t in times.items()},
         "min_ratio_to_none": {m: round(min(t) / min(times["none"]), 4) for m, t in times.items()},
