@@ -38,3 +38,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger_levels():
+    """Commands run in-process (gen_img, tools) quiet some loggers; undo that after each test."""
+    names = ["", "library", "diffusers", "transformers", "networks", "gen_img", "tools"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
