@@ -97,8 +97,8 @@ class LoRAModule:
         return output + extra * multiplier
 
     # -- merged ------------------------------------------------------------------------------
-    def _patch(self, weight: Tensor) -> Tensor:
-        return self.adapter.merged(weight, self.network.multiplier)
+    def _patch(self, source: Tensor, out: Tensor) -> Tensor:
+        return self.adapter.apply_(source, out, self.network.multiplier)
 
     def patch_weight(self) -> None:
         lora_patch.set_patch(self.module, self, self._patch)

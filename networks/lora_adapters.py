@@ -106,6 +106,22 @@ class Adapter:
             return weight + multiplier * delta
         return weight + multiplier * (self._dora_weight(weight, delta) - weight)
 
+    def apply_(self, source: Tensor, out: Tensor, multiplier: float) -> Tensor:
+        """`merged(source, multiplier)`, written into `out` (fp32) where the family allows.
+
+        Returns the result (`out`, or a new tensor for DoRA). `out` may be `source`. Additive
+        families need no layer-sized temporaries for plain LoRA (one ``addmm`` pass), which
+        keeps pre-calculation of a full-size U-Net cheap.
+        """
+        if self.dora_scale is not None:
+            return self.merged(source, multiplier)
+        self.add_delta_(source, out, multiplier * self.scale)
+        return out
+
+    def add_delta_(self, source: Tensor, out: Tensor, alpha: float) -> None:
+        """``out = source + alpha * raw ΔW``."""
+        torch.add(source, self.raw_delta(out.device), alpha=alpha, out=out)
+
     def _dora_weight(self, weight: Tensor, delta: Tensor) -> Tensor:
         direction = weight + delta
         scale = self.dora_scale.to(direction.device, torch.float32)
@@ -230,6 +246,14 @@ class LoRA(Adapter):
             # ΔW[o,i,h,w] = Σ up[o,r] mid[r,s,h,w] down[s,i]
             return torch.einsum("or,rshw,si->oihw", up, mid, down.flatten(1))
         return (up @ down.flatten(1)).reshape(self.shape)
+
+    def add_delta_(self, source: Tensor, out: Tensor, alpha: float) -> None:
+        if self.mid is not None or not (out.is_contiguous() and source.is_contiguous()):
+            return super().add_delta_(source, out, alpha)
+        up = self.up.to(out.device, torch.float32).flatten(1)
+        down = self.down.to(out.device, torch.float32).flatten(1)
+        rows = out.shape[0]
+        torch.addmm(source.view(rows, -1), up, down, alpha=alpha, out=out.view(rows, -1))
 
     def _factors(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         key = (x.device, x.dtype)

@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-Patch = Callable[[Tensor], Tensor]
+#: ``patch(source, out) -> result``: the fp32 weight `source` with the patch applied, written
+#: into `out` (which may be `source`) where possible; returns `out` or a new tensor.
+Patch = Callable[[Tensor, Tensor], Tensor]
 
 
 class WeightPatches:
@@ -43,10 +45,15 @@ class WeightPatches:
         if not self.patches:
             weight.copy_(self.backup)
             return
+        if weight.dtype == torch.float32:  # write straight into the weight: no temporaries
+            out = weight
+        else:  # half-precision weights: sum in fp32, round once
+            out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         value = self.backup.to(weight.device, torch.float32)
         for patch in self.patches.values():
-            value = patch(value)
-        weight.copy_(value.to(weight.dtype))
+            value = patch(value, out)
+        if value is not weight:
+            weight.copy_(value)
 
 
 _REGISTRY: "weakref.WeakKeyDictionary[nn.Module, WeightPatches]" = weakref.WeakKeyDictionary()
