@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library import build, prompts  # noqa: E402
+from library import build, img2img, prompts  # noqa: E402
 from library.cli import parse_args  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.seeds import SeedSource  # noqa: E402
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         build.optimize(args, model)
         networks = build.networks(args, model)
         generator = build.generator(args, model, runtime)
+        build.vae_memory(args, model, generator)
         runner = build.runner(args, model, generator, networks.before_batch)
 
         if args.interactive:
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prompt_lines(args, generator, networks) -> list[prompts.Line]:
-    """The prompt lines of `--prompt`, `--from_file` or `--from_module`."""
+    """The prompt lines of `--prompt`, `--from_file` or `--from_module` (or, with none of them,
+    of the `--image_path` sources' metadata)."""
+    if args.prompt is None and args.from_file is None and args.from_module is None:
+        return img2img.metadata_lines(args.image_path)
     if args.prompt is not None:
         return [prompts.Line(args.prompt, "--prompt")]
     if args.from_file is not None:

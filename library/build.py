@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from library import images
+from library import highres_fix, images
 from library.cli import vae_batch_size
 from library.errors import UserError
+from library.img2img import SourceImages
 from library.models import LoadedModel, load_model
 from library.pipeline import Generator
 from library.prompts import Defaults
@@ -147,7 +148,17 @@ def runner(args: argparse.Namespace, model: LoadedModel, gen: Generator, before_
         vae_batch_size=vae_batch_size(args.vae_batch_size, args.batch_size),
         preview=preview_window() if args.interactive and not args.no_preview else None,
     )
-    return Runner(gen, Defaults.from_args(args), output, args.batch_size, before_batch)
+    output.use_original_name = args.use_original_file_name
+    sources = SourceImages(args.image_path, args.mask_path) if args.image_path is not None else None
+    return Runner(gen, Defaults.from_args(args), output, args.batch_size, before_batch,
+                  sources=sources, highres=highres_fix.from_args(args))
+
+
+def vae_memory(args: argparse.Namespace, model: LoadedModel, gen: Generator) -> None:
+    """`--vae_slices` (exact, in the Generator) or `--vae_tiling` (diffusers' blended tiles)."""
+    gen.vae_slices = args.vae_slices
+    if args.vae_tiling:
+        model.vae.enable_tiling()
 
 
 class ModelHash:

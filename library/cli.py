@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where seeds' noise is drawn: 'cpu' gives the same noise on every machine "
                    "(default: the compute device, as the original)")
 
+    _add_img2img_group(p)
+
     g = p.add_argument_group("additional networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=[], help="module per network, e.g. networks.lora")
     g.add_argument("--network_weights", nargs="*", default=[], help="weight file per network")
@@ -103,6 +105,90 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_pre_calc", action="store_true",
                    help="pre-compute network weights for each prompt (merged speed, --am still works)")
     return p
+
+
+class DefaultValue(int):
+    """An option's default value, told apart from the same number typed by the user.
+
+    img2img keeps the source's size unless `--W/--H` are given, so it must know whether
+    they were; the parser's `--W/--H` defaults are wrapped in this type (`size_given`).
+    """
+
+
+def size_given(args: argparse.Namespace, name: str) -> bool:
+    """Whether `--W` / `--H` (name "W" / "H") was given on the command line."""
+    return not isinstance(getattr(args, name), DefaultValue)
+
+
+def _add_img2img_group(p: argparse.ArgumentParser) -> None:
+    """img2img, inpainting, Highres fix and the VAE memory options (docs/img2img.md)."""
+    for action in p._actions:
+        if action.dest in ("W", "H"):
+            action.default = DefaultValue(action.default)
+    g = p.add_argument_group("img2img, inpainting and Highres fix")
+    g.add_argument("--image_path", help="img2img source image, or a folder of them (used in file-name order, in turn); "
+                   "without --W/--H the source's size (rounded down to multiples of 8) is kept")
+    g.add_argument("--strength", type=float, default=0.8,
+                   help="img2img strength 0..1 (default 0.8): int(steps*strength) steps are run; --t per prompt")
+    g.add_argument("--mask_path", "--mask_image", dest="mask_path",
+                   help="inpainting mask (white = repaint), or a folder of masks (the k-th for the k-th source)")
+    g.add_argument("--use_original_file_name", action="store_true",
+                   help="img2img: name each output after its source image")
+    g.add_argument("--highres_fix_scale", type=float, default=None,
+                   help="Highres fix: make a 1st image at this fraction of --W/--H (e.g. 0.5), then upscale it "
+                   "with img2img")
+    g.add_argument("--highres_fix_steps", type=int, default=28, help="Highres fix: steps of the 1st stage (default 28)")
+    g.add_argument("--highres_fix_strength", type=float, default=None,
+                   help="Highres fix: strength of the 2nd stage (default: --strength)")
+    g.add_argument("--highres_fix_save_1st", action="store_true", help="Highres fix: also save the 1st-stage image")
+    g.add_argument("--highres_fix_latents_upscaling", nargs="?", const="bilinear", choices=["bilinear", "bicubic"],
+                   help="Highres fix: upscale the 1st stage's latents (bilinear when given alone, or bicubic) "
+                   "instead of its image (Lanczos)")
+    g.add_argument("--highres_fix_upscaler", metavar="MODULE",
+                   help="Highres fix: upscaler module with create_upscaler(**kwargs), e.g. tools.latent_upscaler")
+    g.add_argument("--highres_fix_upscaler_args", metavar='"k=v,..."',
+                   help='arguments of --highres_fix_upscaler, e.g. "weights=upscaler.safetensors"')
+    g.add_argument("--highres_fix_disable_control_net", action="store_true",
+                   help="Highres fix: no ControlNet in the 2nd stage (accepted; ControlNet is not implemented yet)")
+    g.add_argument("--vae_slices", type=int, default=None,
+                   help="decode/encode in N horizontal slices: same image, much less memory, about 2x slower VAE")
+    g.add_argument("--vae_tiling", action="store_true",
+                   help="decode/encode in overlapping tiles (diffusers): for images too large even for "
+                   "--vae_slices; tiles are blended, so the image differs slightly")
+
+
+def validate_img2img(args: argparse.Namespace) -> None:
+    """The img2img / Highres fix / VAE memory options: ranges and combinations."""
+    for name in ("strength", "highres_fix_strength"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"--{name} {value}: must be between 0 and 1")
+    if args.image_path is None:
+        for name in ("mask_path", "use_original_file_name"):
+            if getattr(args, name):
+                raise UserError(f"--{name} needs --image_path (the images to work on)")
+    if args.highres_fix_scale is not None:
+        if not 0 < args.highres_fix_scale <= 1:
+            raise UserError(f"--highres_fix_scale {args.highres_fix_scale}: must be above 0 and at most 1 "
+                            "(the 1st stage's size as a fraction of --W/--H)")
+        if args.image_path is not None:
+            raise UserError("--highres_fix_scale and --image_path exclude each other (as in the original); for the "
+                            "2nd stage alone, run img2img on the 1st-stage images with --W/--H")
+        if args.highres_fix_steps < 1:
+            raise UserError(f"--highres_fix_steps {args.highres_fix_steps}: must be at least 1")
+        if args.highres_fix_latents_upscaling and args.highres_fix_upscaler:
+            raise UserError("--highres_fix_latents_upscaling and --highres_fix_upscaler exclude each other")
+    else:
+        for name in ("highres_fix_strength", "highres_fix_save_1st", "highres_fix_latents_upscaling",
+                     "highres_fix_upscaler"):
+            if getattr(args, name):
+                raise UserError(f"--{name} needs --highres_fix_scale")
+    if args.highres_fix_upscaler_args and not args.highres_fix_upscaler:
+        raise UserError("--highres_fix_upscaler_args needs --highres_fix_upscaler")
+    if args.vae_slices is not None and args.vae_slices < 1:
+        raise UserError(f"--vae_slices {args.vae_slices}: must be at least 1")
+    if args.vae_slices and args.vae_tiling:
+        raise UserError("--vae_slices and --vae_tiling exclude each other; --vae_slices keeps the image exact")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -124,12 +210,14 @@ def validate(args: argparse.Namespace) -> None:
     sources = [o for o in ("prompt", "from_file", "from_module", "interactive") if getattr(args, o)]
     if len(sources) > 1:
         raise UserError(f"give one prompt source, not {' and '.join('--' + s for s in sources)}")
-    if not sources:
-        raise UserError("no prompt: give --prompt, --from_file, --from_module or --interactive")
+    if not sources and args.image_path is None:
+        raise UserError("no prompt: give --prompt, --from_file, --from_module or --interactive "
+                        "(or --image_path with images that have prompts in their metadata)")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
     if args.v1 and args.v2:
         raise UserError("--v1 and --v2 exclude each other")
+    validate_img2img(args)
     for name in ("W", "H"):
         value = getattr(args, name)
         if value < 8 or value % 8:

@@ -3,6 +3,10 @@
 Jobs are plain frozen records made up front (seeds included), so a batch can never change
 what an image looks like: images whose `batch_key` is equal may share a U-Net call, and
 each image keeps its own noise stream (`library.seeds`).
+
+img2img images carry their source (and mask) file and strength: different sources of one
+size share a batch, different strengths or masked/unmasked images do not (one schedule
+and one loop per batch).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ class Job:
     file_name: str | None = None
     network_multipliers: tuple[float, ...] | None = None
     extra: tuple[tuple[str, object], ...] = field(default=())
+    # img2img strength, or the Highres fix 2nd stage's; None for txt2img
+    strength: float | None = None
+    init_image: str | None = None  # img2img source file
+    mask_image: str | None = None  # inpainting mask file (white = repaint)
 
     def batch_key(self) -> tuple:
         """Images with equal keys can be generated in one batch."""
@@ -41,6 +49,9 @@ class Job:
             self.chunks,
             self.network_multipliers,
             self.extra,
+            self.strength,
+            self.init_image is not None,
+            self.mask_image is not None,
         )
 
 

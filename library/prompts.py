@@ -5,6 +5,10 @@ Sources: `--prompt`, `--from_file` (one prompt per line; blank lines and `#` lin
 (`Type prompt:`; end of input ends the run). Each line's options (`--n --w --h --s --d --l
 --nl ...`) are parsed by `library.prompt_options`; a malformed line is reported with its
 number and skipped. Dynamic variants (`{a|b}`) are picked per image from its seed.
+
+img2img: `Defaults.width/height` are None when the size comes from each source image
+(no `--W/--H`), and `strength` is the img2img (or Highres fix 2nd stage) strength that a
+line's `--t` overrides; the source itself is attached by `library.img2img.SourceImages`.
 """
 
 from __future__ import annotations
@@ -31,18 +35,34 @@ logger = logging.getLogger(__name__)
 class Defaults:
     """Per-image settings from the command line, which prompt options override."""
 
-    width: int
-    height: int
+    width: int | None  # None: the img2img source's width
+    height: int | None
     steps: int
     scale: float
     negative_scale: float | None
     images_per_prompt: int
     network_multipliers: tuple[float, ...] | None = None
+    strength: float | None = None  # None: txt2img, where `--t` means nothing
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Defaults":
+        from library.cli import size_given
+
         muls = tuple(args.network_mul or [1.0] * len(args.network_module)) or None
-        return cls(args.W, args.H, args.steps, args.scale, args.negative_scale, args.images_per_prompt, muls)
+        img2img = getattr(args, "image_path", None) is not None
+        width = args.W if size_given(args, "W") or not img2img else None
+        height = args.H if size_given(args, "H") or not img2img else None
+        return cls(width, height, args.steps, args.scale, args.negative_scale, args.images_per_prompt, muls,
+                   _strength(args))
+
+
+def _strength(args: argparse.Namespace) -> float | None:
+    """`--strength` for img2img; for Highres fix `--highres_fix_strength` (else `--strength`)."""
+    if getattr(args, "image_path", None) is not None:
+        return args.strength
+    if getattr(args, "highres_fix_scale", None):
+        return args.highres_fix_strength if args.highres_fix_strength is not None else args.strength
+    return None
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,7 @@ class Line:
 
     text: str
     where: str
+    image: str | None = None  # the img2img source this line's prompt was read from
 
 
 # --- sources --------------------------------------------------------------------------------
@@ -129,8 +150,9 @@ def jobs_for_line(
     o = parsed.overrides
     width, height = o.width or defaults.width, o.height or defaults.height
     for name, value in (("--w", width), ("--h", height)):
-        if value % 8:
+        if value is not None and value % 8:
             raise UserError(f"{name} {value}: must be a multiple of 8")
+    strength = _line_strength(o.strength, defaults.strength, line)
     dynamic = has_dynamic_syntax(parsed.prompt) or has_dynamic_syntax(o.negative_prompt or "")
     jobs = []
     for prompt in expand_enumerations(parsed.prompt):
@@ -152,9 +174,21 @@ def jobs_for_line(
                     clip_prompt=o.clip_prompt,
                     file_name=o.file_name,
                     network_multipliers=o.network_multipliers or defaults.network_multipliers,
+                    strength=strength,
                 )
             )
     return jobs
+
+
+def _line_strength(given: float | None, default: float | None, line: Line) -> float | None:
+    """The line's `--t`, where there is a strength to override (img2img, Highres fix)."""
+    if given is None:
+        return default
+    if default is None:
+        logger.warning("%s: --t ignored: it is the img2img strength (give --image_path or --highres_fix_scale)",
+                       line.where)
+        return None
+    return given
 
 
 def shuffled(lines: list[Line], enabled: bool) -> list[Line]:

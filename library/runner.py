@@ -3,6 +3,11 @@
 Consecutive images with equal settings share a batch up to `--batch_size`, across prompt
 lines (in interactive mode each prompt is finished before the next is read). Each image is
 saved as soon as its batch is decoded, atomically and with its metadata.
+
+img2img (`SourceImages`) attaches each image's source while Jobs are made; a batch with
+sources is encoded and denoised from them, and inpainted images are composited with the
+source's VAE round-trip outside the mask. Highres fix (`HighresFix`) makes each batch in
+two stages, saving the 1st-stage images too with `--highres_fix_save_1st`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from tqdm.auto import tqdm
 
 from library import images
 from library.errors import UserError
+from library.highres_fix import HighresFix
+from library.img2img import SourceImages, composite
 from library.jobs import Job, batches
 from library.pipeline import Generator
 from library.prompts import Defaults, Line, jobs_for_line
@@ -37,6 +44,7 @@ class OutputSettings:
     clip_skip: int | None = None
     vae_batch_size: int = 1
     preview: Callable[[list], None] | None = None
+    use_original_name: bool = False  # `--use_original_file_name`: name after the img2img source
 
 
 @dataclass
@@ -57,12 +65,15 @@ class Runner:
     """Turns prompt lines into saved images with one Generator."""
 
     def __init__(self, generator: Generator, defaults: Defaults, output: OutputSettings,
-                 batch_size: int, before_batch: Callable[[list[Job]], None] | None = None) -> None:
+                 batch_size: int, before_batch: Callable[[list[Job]], None] | None = None,
+                 sources: SourceImages | None = None, highres: HighresFix | None = None) -> None:
         self.generator = generator
         self.defaults = defaults
         self.output = output
         self.batch_size = batch_size
         self.before_batch = before_batch
+        self.sources = sources
+        self.highres = highres
         self.summary = Summary()
         self._timestamp = images.timestamp_now()
         self._sequence = 0
@@ -71,10 +82,16 @@ class Runner:
         """Jobs of every line; a malformed line is reported (file and line) and skipped."""
         for line in lines:
             try:
-                yield from jobs_for_line(line, self.defaults, seeds, iter_seed, self.generator.encoder.chunk_count)
+                made = jobs_for_line(line, self.defaults, seeds, iter_seed, self.generator.encoder.chunk_count)
+                if self.highres is not None:
+                    for job in made:
+                        self.highres.stages(job)  # a size too small for the 1st stage skips the line
             except UserError as exc:
                 logger.error("%s: skipped: %s", line.where, exc)
                 self.summary.skipped_lines += 1
+                continue
+            for job in made:
+                yield self.sources.assign(job, line.image) if self.sources is not None else job
 
     def run(self, jobs: Iterable[Job], total: int | None = None) -> None:
         """Generate and save all `jobs`, batching consecutive compatible ones."""
@@ -83,26 +100,47 @@ class Runner:
             for batch in batches(jobs, self.batch_size):
                 if self.before_batch is not None:
                     self.before_batch(batch)
-                latents = self.generator.latents(batch)
-                pixels = self.generator.decode(latents, self.output.vae_batch_size)
-                pictures = images.tensor_to_pil(pixels)
-                for job, picture in zip(batch, pictures):
-                    self.summary.written.append(self._save(job, picture))
+                indices = list(range(self._sequence + 1, self._sequence + 1 + len(batch)))
+                self._sequence += len(batch)
+                pictures = images.tensor_to_pil(self._pixels(batch, indices))
+                stage = "1" if self.highres is not None else ""
+                for job, picture, index in zip(batch, pictures, indices):
+                    self.summary.written.append(self._save(job, picture, index, stage))
                 self.summary.steps += batch[0].steps
                 bar.update(len(batch))
                 if self.output.preview is not None:
                     self.output.preview(pictures)
         self.summary.seconds += time.perf_counter() - start
 
-    def _save(self, job: Job, picture) -> Path:
-        self._sequence += 1
+    def _pixels(self, batch: list[Job], indices: list[int]):
+        """The batch's final images as a [-1, 1] tensor."""
+        gen, vae_batch_size = self.generator, self.output.vae_batch_size
+        if self.highres is not None:
+            def save_first(jobs: list[Job], pictures: list) -> None:
+                for job, picture, index in zip(jobs, pictures, indices):
+                    self.summary.written.append(self._save(job, picture, index, "0"))
+
+            return gen.decode(self.highres.generate(gen, batch, vae_batch_size, save_first), vae_batch_size)
+        if batch[0].init_image is None:
+            return gen.decode(gen.latents(batch), vae_batch_size)
+        init = self.sources.load(batch, vae_batch_size)
+        pixels = gen.decode(gen.latents(batch, init), vae_batch_size)
+        if init.pixel_masks is None or init.source_latents is None:
+            return pixels
+        return composite(pixels, gen.decode(init.source_latents, vae_batch_size), init.pixel_masks)
+
+    def _save(self, job: Job, picture, index: int, stage: str = "") -> Path:
+        original = Path(job.init_image).name if self.output.use_original_name and job.init_image else None
         name = images.output_file_name(
             timestamp=self._timestamp,
-            index=self._sequence,
+            index=index,
             seed=job.seed,
-            sequential=self._sequence if self.output.sequential else None,
+            highres_stage=stage,
+            sequential=index if self.output.sequential else None,
+            original_name=original,
             prompt_file_name=job.file_name,
         )
+        extra = self.highres.metadata(job) if stage == "1" else ()
         record = images.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,
@@ -118,7 +156,9 @@ class Runner:
             model_name=self.output.model_name,
             model_hash=self.output.model_hash,
             clip_skip=self.output.clip_skip,
+            strength=job.strength,
             karras=self.output.sampler.endswith("_karras"),
+            extra=extra,
         )
         return images.save_image(picture, self.output.outdir, name, images.generation_text(record))
 

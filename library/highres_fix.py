@@ -1,0 +1,198 @@
+"""Highres fix: a small 1st image, upscaled, then img2img at full size. Two pipeline calls.
+
+Sizes: the 1st stage is `int(size * scale + 0.5)` rounded down to a multiple of 32 in each
+direction (1024 x 0.5 -> 512, as the manual's example); the 2nd stage has the final
+`--W/--H` size. Steps: the 1st stage runs `--highres_fix_steps`; the 2nd is img2img with
+`--steps` and `--highres_fix_strength` (default `--strength`, `--t` per prompt), running
+int(steps * strength) steps. Seeds: the 1st stage uses the image's seed, the 2nd seed + 1
+(as the original); files and metadata show the image's seed. File names carry the stage,
+"0" for the 1st and "1" for the final image.
+
+Upscaling the 1st stage (one of):
+* default: decode, resize the image with Lanczos, encode again (posterior sample from the
+  2nd stage's generator);
+* `--highres_fix_latents_upscaling [bilinear|bicubic]`: interpolate the latents;
+* `--highres_fix_upscaler MODULE --highres_fix_upscaler_args "k=v,..."`: a module with
+  `create_upscaler(**kwargs)` returning an object with
+
+      support_latents() -> bool
+      upscale(vae, images, latents, dtype, width, height, batch_size, vae_batch_size)
+
+  `images` are the 1st-stage PIL images, `latents` the 1st-stage latents (B, 4, h, w) in the
+  U-Net's latent space (scaled by the VAE's scaling factor) or None when it does not
+  support latents. It returns latents (B, 4, height/8, width/8) in that space when it
+  supports latents, else a list of `width` x `height` PIL images, which are encoded.
+  `tools/latent_upscaler.py` is the one shipped.
+
+Highres fix with img2img (`--image_path`) is refused, as in the original: the 2nd stage
+alone is img2img with `--W/--H` on the 1st-stage images.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from library import images as image_io
+from library.errors import UserError
+from library.img2img import Img2ImgInput
+from library.jobs import Job
+
+logger = logging.getLogger(__name__)
+
+SIZE_STEP = 32
+
+
+def first_stage_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The 1st stage's size: int(size * scale + 0.5), rounded down to a multiple of 32."""
+    sizes = []
+    for value in (width, height):
+        scaled = int(value * scale + 0.5)
+        sizes.append(scaled - scaled % SIZE_STEP)
+    if min(sizes) < SIZE_STEP:
+        raise UserError(f"--highres_fix_scale {scale}: the 1st stage of {width}x{height} would be under 32 pixels; "
+                        "use a larger scale or size")
+    return sizes[0], sizes[1]
+
+
+@dataclass(frozen=True)
+class HighresSettings:
+    """The Highres fix options of a run."""
+
+    scale: float
+    steps: int = 28
+    save_1st: bool = False
+    latents_upscaling: str | None = None  # "bilinear" / "bicubic"
+    upscaler: object | None = None
+    upscaler_name: str | None = None
+
+    @property
+    def upscaler_label(self) -> str:
+        if self.upscaler_name:
+            return self.upscaler_name
+        return f"Latent ({self.latents_upscaling})" if self.latents_upscaling else "Lanczos"
+
+
+class HighresFix:
+    """Runs both stages of a batch with one Generator."""
+
+    def __init__(self, settings: HighresSettings) -> None:
+        self.settings = settings
+
+    def stages(self, job: Job) -> tuple[Job, Job]:
+        """The 1st-stage job (small, txt2img) and the 2nd-stage job (img2img, seed + 1)."""
+        width, height = first_stage_size(job.width, job.height, self.settings.scale)
+        first = replace(job, width=width, height=height, steps=self.settings.steps, strength=None)
+        return first, replace(job, seed=job.seed + 1)
+
+    def metadata(self, job: Job) -> tuple[tuple[str, object], ...]:
+        """Extra A1111-style parameters of a final image."""
+        width, height = first_stage_size(job.width, job.height, self.settings.scale)
+        return (("Hires 1st pass size", f"{width}x{height}"), ("Hires 1st pass steps", self.settings.steps),
+                ("Hires upscaler", self.settings.upscaler_label))
+
+    def generate(self, gen, batch: list[Job], vae_batch_size: int,
+                 on_first: Callable[[list[Job], list[Image.Image]], None] | None = None) -> torch.Tensor:
+        """Final latents of `batch`; `on_first` receives the 1st-stage jobs and images."""
+        firsts, seconds = zip(*(self.stages(job) for job in batch))
+        latents = gen.latents(list(firsts))
+        pictures = None
+        if self.settings.save_1st or not self.settings.latents_upscaling:
+            pictures = image_io.tensor_to_pil(gen.decode(latents, vae_batch_size))
+        if self.settings.save_1st and on_first is not None:
+            on_first(list(firsts), pictures)
+        final = batch[0]
+        init = self._upscaled(gen, latents, pictures, final.width, final.height, vae_batch_size)
+        init.strength = final.strength
+        return gen.latents(list(seconds), init)
+
+    def _upscaled(self, gen, latents: torch.Tensor, pictures: list[Image.Image] | None, width: int, height: int,
+                  vae_batch_size: int) -> Img2ImgInput:
+        """The 2nd stage's start: upscaled latents or upscaled images to encode."""
+        s = self.settings
+        if s.latents_upscaling:
+            size = (height // gen.vae_scale, width // gen.vae_scale)
+            upscaled = F.interpolate(latents.float(), size=size, mode=s.latents_upscaling, align_corners=False)
+            return Img2ImgInput(1.0, latents=upscaled)
+        if s.upscaler is not None:
+            return self._module_upscaled(gen, latents, pictures, width, height, vae_batch_size)
+        resized = [p.resize((width, height), Image.Resampling.LANCZOS) for p in pictures]
+        return Img2ImgInput(1.0, images=image_io.pil_to_tensor(resized), vae_batch_size=vae_batch_size)
+
+    def _module_upscaled(self, gen, latents, pictures, width, height, vae_batch_size) -> Img2ImgInput:
+        upscaler = self.settings.upscaler
+        if upscaler.support_latents():
+            out = upscaler.upscale(gen.vae, pictures, latents, gen.dtype, width, height,
+                                   batch_size=len(pictures), vae_batch_size=vae_batch_size)
+            expected = (latents.shape[0], latents.shape[1], height // gen.vae_scale, width // gen.vae_scale)
+            if tuple(out.shape) != expected:
+                raise UserError(f"--highres_fix_upscaler {self.settings.upscaler_name}: returned latents of shape "
+                                f"{tuple(out.shape)}, expected {expected}")
+            return Img2ImgInput(1.0, latents=out)
+        out = upscaler.upscale(gen.vae, pictures, None, gen.dtype, width, height,
+                               batch_size=len(pictures), vae_batch_size=vae_batch_size)
+        return Img2ImgInput(1.0, images=image_io.pil_to_tensor(list(out), (width, height)),
+                            vae_batch_size=vae_batch_size)
+
+
+# ----------------------------------------------------------------------------- upscaler modules
+
+
+def parse_upscaler_args(text: str | None) -> dict[str, str]:
+    """`"k=v,k2=v2"` as a dict (values are strings; the module converts them)."""
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f'--highres_fix_upscaler_args "{text}": expected key=value items separated by commas')
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def load_upscaler(name: str, args_text: str | None) -> object:
+    """Import `name` (a module name like tools.latent_upscaler, or a .py file) and create
+    its upscaler with the parsed `--highres_fix_upscaler_args`."""
+    module = _import(name)
+    if not hasattr(module, "create_upscaler"):
+        raise UserError(f"--highres_fix_upscaler {name}: the module has no create_upscaler(**kwargs) function")
+    upscaler = module.create_upscaler(**parse_upscaler_args(args_text))
+    for method in ("upscale", "support_latents"):
+        if not callable(getattr(upscaler, method, None)):
+            raise UserError(f"--highres_fix_upscaler {name}: its upscaler has no {method}() method")
+    return upscaler
+
+
+def _import(name: str):
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"--highres_fix_upscaler {name}: no such file")
+        spec = importlib.util.spec_from_file_location(f"user_upscaler_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise UserError(f"--highres_fix_upscaler {name}: cannot import it ({exc})") from None
+
+
+def from_args(args) -> HighresFix | None:
+    """The run's HighresFix, or None without `--highres_fix_scale`."""
+    if not args.highres_fix_scale:
+        return None
+    upscaler = load_upscaler(args.highres_fix_upscaler, args.highres_fix_upscaler_args) \
+        if args.highres_fix_upscaler else None
+    settings = HighresSettings(args.highres_fix_scale, args.highres_fix_steps, args.highres_fix_save_1st,
+                               args.highres_fix_latents_upscaling, upscaler, args.highres_fix_upscaler)
+    return HighresFix(settings)

@@ -1,0 +1,290 @@
+"""img2img and inpainting through the real command and the Generator, on the tiny model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gen_img
+from library.images import pil_to_tensor, read_generation_text
+from library.img2img import Img2ImgInput, first_step, steps_to_run
+from library.jobs import Job
+from library.models import load_model
+from library.pipeline import Generator
+from library.samplers import make_scheduler
+from tests.test_samplers import make_generator
+
+COMMON = ["--steps", "6", "--scale", "5", "--sampler", "ddim"]
+
+
+def run(tiny_models, outdir: Path, *extra: str) -> int:
+    return gen_img.main(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(outdir), *COMMON, *extra])
+
+
+def pngs(outdir: Path) -> list[Path]:
+    return sorted(outdir.glob("*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def make_source(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> Path:
+    """A smooth random picture (a VAE round-trip of noise would be meaningless)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), "RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small.resize(size, Image.Resampling.BICUBIC).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return load_model(str(tiny_models["sd1"]))
+
+
+@pytest.fixture
+def call_log(monkeypatch):
+    """Every `Generator.latents` call of a run: size, steps, seeds, strength, steps actually run."""
+    log: list[dict] = []
+    real = Generator.latents
+
+    def latents(self, jobs, init=None):
+        entry = {"size": (jobs[0].width, jobs[0].height), "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
+                 "strength": None if init is None else init.strength, "ran": 0}
+        count = lambda i, t: entry.__setitem__("ran", entry["ran"] + 1)  # noqa: E731
+        self.step_callbacks.append(count)
+        try:
+            return real(self, jobs, init)
+        finally:
+            self.step_callbacks.remove(count)
+            log.append(entry)
+
+    monkeypatch.setattr(Generator, "latents", latents)
+    return log
+
+
+def round_trip(gen: Generator, source: torch.Tensor, seed: int, steps: int, per_step: int = 1) -> torch.Tensor:
+    """decode(encode(source).sample(g)) with g advanced past draws (1)-(3) of `library.seeds`."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (4, source.shape[2] // 8, source.shape[3] // 8)
+    for _ in range(1 + steps * per_step + 1):
+        torch.randn(shape, generator=g)
+    with torch.no_grad():
+        latents = gen.vae.encode(source).latent_dist.sample(generator=g) * gen.vae.config.scaling_factor
+    return gen.decode(latents, 1)
+
+
+# --- strength ------------------------------------------------------------------------------------
+
+
+def test_strength_0_returns_the_vae_round_trip(model, tiny_models, tmp_path):
+    gen = make_generator(model, "ddim")
+    src = make_source(tmp_path / "src.png", (64, 48))
+    expected = round_trip(gen, pil_to_tensor(Image.open(src)), seed=11, steps=6)
+    assert run(tiny_models, tmp_path / "out", "--image_path", str(src), "--strength", "0", "--prompt", "x --d 11") == 0
+    (out,) = pngs(tmp_path / "out")
+    want = np.asarray(((expected[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().numpy(), dtype=np.int16)
+    assert np.abs(pixels(out) - want).max() <= 1
+    assert read_generation_text(out)["parameters"].endswith("Denoising strength: 0")
+
+
+def test_strength_1_ignores_the_source(tiny_models, tmp_path):
+    a, b = make_source(tmp_path / "a.png", seed=1), make_source(tmp_path / "b.png", seed=2)
+    prompt = ["--prompt", "a house --d 5", "--sampler", "euler_a"]
+    assert run(tiny_models, tmp_path / "txt", *prompt, "--W", "64", "--H", "64") == 0
+    for name, src in (("a", a), ("b", b)):
+        assert run(tiny_models, tmp_path / name, *prompt, "--image_path", str(src), "--strength", "1") == 0
+    txt = pixels(pngs(tmp_path / "txt")[0])
+    assert np.array_equal(pixels(pngs(tmp_path / "a")[0]), txt)
+    assert np.array_equal(pixels(pngs(tmp_path / "b")[0]), txt)
+
+
+@pytest.mark.parametrize("sampler,order", [("ddim", 1), ("euler", 1), ("dpmsolver++", 1), ("heun", 2)])
+def test_steps_run_are_the_tail_that_strength_selects(model, sampler, order):
+    gen = make_generator(model, sampler)
+    calls: list[int] = []
+    gen.step_callbacks.append(lambda i, t: calls.append(t))
+    source = torch.zeros(1, 3, 32, 32)
+    for steps, strength in ((10, 0.55), (10, 0.3), (7, 1.0), (12, 0.999), (5, 0.1)):
+        calls.clear()
+        job = Job("x", "", seed=1, width=32, height=32, steps=steps, scale=4.0, strength=strength)
+        gen.latents([job], Img2ImgInput(strength, images=source))
+        n = steps_to_run(steps, strength)
+        assert n == int(steps * strength)
+        assert len(calls) == (2 * n - 1 if order == 2 and n else n), (steps, strength)
+        schedule = make_scheduler(sampler, False)
+        schedule.set_timesteps(steps)
+        assert calls == [int(t) for t in schedule.timesteps[first_step(steps, strength) * order:]]
+
+
+def test_every_sampler_runs_img2img_and_inpainting(model, tmp_path):
+    from library.samplers import sampler_names
+
+    source = pil_to_tensor(Image.open(make_source(tmp_path / "s.png", (32, 32))))
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[..., 1:3, 1:3] = 1
+    for sampler in [n for n in sampler_names() if not n.startswith("k_") and not n.endswith("_karras")]:
+        gen = make_generator(model, sampler)
+        job = Job("x", "", seed=2, width=32, height=32, steps=4, scale=4.0, strength=0.5)
+        for init in (Img2ImgInput(0.5, images=source), Img2ImgInput(0.5, images=source, masks=masks)):
+            latents = gen.latents([job], init)
+            assert latents.shape == (1, 4, 4, 4) and torch.isfinite(latents).all(), sampler
+        # outside the mask the latents end as the source's exactly
+        assert torch.allclose(latents[..., 0, :], init.source_latents[..., 0, :]), sampler
+
+
+def test_cli_strength_and_the_t_prompt_option(tiny_models, tmp_path, call_log):
+    src = make_source(tmp_path / "s.png")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first --d 1\nsecond --t 0.3 --d 2\n")
+    assert run(tiny_models, tmp_path / "o", "--image_path", str(src), "--from_file", str(prompts),
+               "--steps", "10", "--strength", "0.55") == 0
+    assert [(e["steps"], e["strength"], e["ran"]) for e in call_log] == [(10, 0.55, 5), (10, 0.3, 3)]
+
+
+# --- sources: order, sizes, names, metadata ---------------------------------------------------------
+
+
+def test_folder_sources_are_used_in_turn_across_prompts(tiny_models, tmp_path):
+    folder = tmp_path / "src"
+    for i, width in enumerate((64, 72, 80)):  # the size tells which source an image used
+        make_source(folder / f"{i:02d}.png", (width, 64), seed=i)
+    (folder / "notes.txt").write_text("not an image")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("alpha\nbeta\n")
+    out = tmp_path / "out"
+    assert run(tiny_models, out, "--image_path", str(folder), "--from_file", str(prompts), "--images_per_prompt", "2",
+               "--sequential_file_name", "--batch_size", "2") == 0
+    files = pngs(out)
+    assert [p.name for p in files] == [f"im_{i:06d}.png" for i in range(1, 5)]
+    assert [Image.open(p).size[0] for p in files] == [64, 72, 80, 64]
+    assert [read_generation_text(p)["prompt"] for p in files] == ["alpha", "alpha", "beta", "beta"]
+
+
+def test_batches_do_not_change_img2img_images(tiny_models, tmp_path):
+    folder = tmp_path / "src"
+    for i in range(3):
+        make_source(folder / f"{i}.png", seed=i)
+    common = ["--image_path", str(folder), "--prompt", "x", "--images_per_prompt", "3", "--seed", "4",
+              "--sampler", "euler_a", "--strength", "0.7", "--use_original_file_name"]
+    assert run(tiny_models, tmp_path / "b1", *common, "--batch_size", "1") == 0
+    assert run(tiny_models, tmp_path / "b3", *common, "--batch_size", "3") == 0
+    one, three = pngs(tmp_path / "b1"), pngs(tmp_path / "b3")
+    assert [p.name for p in one] == [p.name for p in three] == ["0.png", "1.png", "2.png"]
+    for p, q in zip(one, three):
+        assert np.abs(pixels(p) - pixels(q)).max() <= 1
+
+
+def test_prompts_come_from_the_sources_metadata(tiny_models, tmp_path):
+    made = tmp_path / "made"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube --n blurry --w 64 --d 1\na blue ball --w 72 --d 2\n")
+    assert run(tiny_models, made, "--from_file", str(prompts), "--H", "64", "--sequential_file_name") == 0
+    out = tmp_path / "out"
+    assert run(tiny_models, out, "--image_path", str(made), "--images_per_prompt", "2", "--strength", "0.5",
+               "--sequential_file_name") == 0
+    got = [(read_generation_text(p)["prompt"], read_generation_text(p).get("negative-prompt"), Image.open(p).size[0])
+           for p in pngs(out)]
+    # each source's prompt, twice, each time with its own source (the widths tell)
+    assert got == [("a red cube", "blurry", 64)] * 2 + [("a blue ball", "", 72)] * 2
+
+
+def test_size_is_rounded_down_or_resized(tiny_models, tmp_path, caplog):
+    src = make_source(tmp_path / "odd.png", (70, 61), mode="RGBA")
+    with caplog.at_level(logging.INFO, logger="library.img2img"):
+        assert run(tiny_models, tmp_path / "a", "--image_path", str(src), "--prompt", "x") == 0
+    assert Image.open(pngs(tmp_path / "a")[0]).size == (64, 56)
+    assert "70x61 rounded down to 64x56" in caplog.text
+    assert run(tiny_models, tmp_path / "b", "--image_path", str(src), "--prompt", "x", "--W", "96", "--H", "64") == 0
+    assert Image.open(pngs(tmp_path / "b")[0]).size == (96, 64)
+    assert run(tiny_models, tmp_path / "c", "--image_path", str(src), "--prompt", "x --w 32") == 0
+    assert Image.open(pngs(tmp_path / "c")[0]).size == (32, 56)
+
+
+# --- inpainting -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strength", ["0.6", "1"])
+def test_inpainting_keeps_the_area_outside_the_mask(tiny_models, tmp_path, strength):
+    src = make_source(tmp_path / "src.png", (64, 64), seed=3)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:40, 24:48] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    common = ["--image_path", str(src), "--prompt", "x --d 9"]
+    assert run(tiny_models, tmp_path / "rt", *common, "--strength", "0") == 0
+    assert run(tiny_models, tmp_path / "in", *common, "--strength", strength, "--mask_image",
+               str(tmp_path / "mask.png")) == 0
+    diff = np.abs(pixels(pngs(tmp_path / "in")[0]) - pixels(pngs(tmp_path / "rt")[0])).max(axis=2)
+    assert diff[mask == 0].max() <= 2
+    assert diff[mask == 255].mean() > 10  # the square was repainted
+
+
+def test_mask_folder_masks_belong_to_sources_in_order(tiny_models, tmp_path):
+    for i in range(2):
+        make_source(tmp_path / "src" / f"{i}.png", seed=i)
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (64, 64), 0).save(tmp_path / "masks" / "0.png")  # keep everything
+    Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "1.png")  # repaint everything
+    assert run(tiny_models, tmp_path / "rt", "--image_path", str(tmp_path / "src"), "--prompt", "x --d 3,3",
+               "--images_per_prompt", "2", "--strength", "0", "--sequential_file_name") == 0
+    assert run(tiny_models, tmp_path / "in", "--image_path", str(tmp_path / "src"), "--prompt", "x --d 3,3",
+               "--images_per_prompt", "2", "--mask_path", str(tmp_path / "masks"), "--sequential_file_name") == 0
+    (kept, painted), (rt0, rt1) = pngs(tmp_path / "in"), pngs(tmp_path / "rt")
+    assert np.abs(pixels(kept) - pixels(rt0)).max() <= 2
+    assert np.abs(pixels(painted) - pixels(rt1)).mean() > 10
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def _error(tiny_models, tmp_path, capsys, *extra) -> str:
+    try:
+        code = run(tiny_models, tmp_path / "out", *extra)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len([line for line in err if "error" in line]) == 1
+    assert not pngs(tmp_path / "out") if (tmp_path / "out").exists() else True
+    return err[-1]
+
+
+def test_unreadable_source_stops_before_any_output(tiny_models, tmp_path, capsys):
+    make_source(tmp_path / "src" / "0.png")
+    (tmp_path / "src" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    err = _error(tiny_models, tmp_path, capsys, "--image_path", str(tmp_path / "src"), "--prompt", "x")
+    assert "1.png: not an image or damaged" in err
+
+
+def test_mask_of_another_size_names_both_sizes(tiny_models, tmp_path, capsys):
+    src = make_source(tmp_path / "s.png", (64, 64))
+    Image.new("L", (64, 32), 255).save(tmp_path / "m.png")
+    err = _error(tiny_models, tmp_path, capsys, "--image_path", str(src), "--mask_path", str(tmp_path / "m.png"),
+                 "--prompt", "x")
+    assert f"--mask_path {tmp_path / 'm.png'} is 64x32 but its image {src} is 64x64" in err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--image_path", "{empty}", "--prompt", "x"], "the folder has no .png/.jpg/.jpeg/.webp images"),
+        (["--image_path", "{tmp}/nope.png", "--prompt", "x"], "nope.png: no such file or folder"),
+        (["--image_path", "{src}"], "the image has no prompt in its metadata; give --prompt"),
+        (["--mask_path", "{src}", "--prompt", "x"], "--mask_path needs --image_path"),
+        (["--image_path", "{src}", "--prompt", "x", "--strength", "1.5"], "--strength 1.5: must be between 0 and 1"),
+        (["--image_path", "{src}", "--prompt", "x", "--highres_fix_scale", "0.5"],
+         "--highres_fix_scale and --image_path exclude each other"),
+    ],
+)
+def test_img2img_mistakes_are_one_line(tiny_models, tmp_path, capsys, extra, message):
+    (tmp_path / "empty").mkdir()
+    src = make_source(tmp_path / "plain.png")
+    values = {"empty": str(tmp_path / "empty"), "tmp": str(tmp_path), "src": str(src)}
+    err = _error(tiny_models, tmp_path, capsys, *[e.format(**values) for e in extra])
+    assert message in err
