@@ -246,3 +246,19 @@ def test_half_vae_nan_falls_back_to_fp32(tiny_models, caplog):
         images = gen.decode(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), 1)
     assert torch.isfinite(images).all() and model.vae.dtype == torch.float32
     assert "switching the VAE to fp32" in caplog.text
+
+
+def test_dynamic_prompts_expand_per_image_and_record_the_raw_line(tiny_models, tmp_path):
+    from library.dynamic_prompts import pick_variants
+
+    line = "a {red|green|blue} house at {e$$day|night} --d 5,6"
+    assert run(tiny_models, tmp_path / "a", "--prompt", line, "--images_per_prompt", "2",
+               "--sequential_file_name") == 0
+    got = [(meta(p)["prompt"], meta(p)["seed"], meta(p)["raw-prompt"]) for p in pngs(tmp_path / "a")]
+    expected = [(pick_variants(f"a {{red|green|blue}} house at {when}", seed), str(seed), line)
+                for when in ("day", "night") for seed in (5, 6)]
+    assert got == expected
+    assert all(p.startswith("a ") and p.split()[1] in ("red", "green", "blue") for p, _, _ in got)
+    # the same seed re-creates the same pick
+    assert run(tiny_models, tmp_path / "b", "--prompt", "a {red|green|blue} house at night --d 6") == 0
+    assert meta(pngs(tmp_path / "b")[0])["prompt"] == expected[3][0]
