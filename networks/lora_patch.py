@@ -46,10 +46,9 @@ class WeightPatches:
             weight.copy_(self.backup)
             return
         if weight.dtype == torch.float32:  # write straight into the weight: no temporaries
-            out = weight
-        else:  # half-precision weights: sum in fp32, round once
-            out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-        value = self.backup.to(weight.device, torch.float32)
+            value, out = self.backup.to(weight.device), weight
+        else:  # half-precision weights: one fp32 copy, patched in place, rounded once
+            value = out = self.backup.to(weight.device, torch.float32, copy=True)
         for patch in self.patches.values():
             value = patch(value, out)
         if value is not weight:
