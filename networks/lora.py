@@ -168,6 +168,8 @@ class LoRANetwork:
         self._apply_te, self._apply_unet = apply_text_encoder, apply_unet
         self._applied = True
         if self._patched is None:
+            for module in self.modules:
+                module.detach()
             for module in self._active():
                 module.attach()
         logger.info("LoRA %s applied un-merged to %d layers", self.source, len(self._active()))

@@ -266,3 +266,20 @@ def test_bf16_model_unmerged_matches_merged():
     assert c.unet.conv_in.weight.dtype == torch.bfloat16
     assert (hooked - base).abs().max() > 0.1
     assert (hooked - merged).abs().max() < 0.05  # bf16 rounding of the merged weights
+
+
+def test_apply_to_unet_only_leaves_the_text_encoder_alone():
+    c = fresh("sd1")
+    base_unet, base_te = outputs(c)
+    sd = random_kohya_state_dict(c.text_encoder, c.unet, rank=4, seed=5)
+    net = create_network_from_weights(1.0, None, None, c.text_encoder, c.unet, weights_sd=sd)
+    net.apply_to()
+    net.apply_to(apply_text_encoder=False)
+    unet_out, te_out = outputs(c)
+    assert torch.equal(te_out, base_te) and no_hooks(c.text_encoder)
+    assert (unet_out - base_unet).abs().max() > 0.05
+    net.pre_calculation()
+    before = weights(c.text_encoder)
+    assert torch.equal(outputs(c)[1], base_te)
+    net.remove()
+    assert_same_weights(before, c.text_encoder)
