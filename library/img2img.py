@@ -152,10 +152,15 @@ class SourceImages:
 
     def __init__(self, image_path: str, mask_path: str | None = None) -> None:
         self.images = _checked(source_paths(image_path), image_io.load_rgb)
-        self.masks = _checked(image_io.list_images(Path(mask_path), "--mask_path"), image_io.load_mask) if mask_path else []
+        masks = image_io.list_images(Path(mask_path), "--mask_path") if mask_path else []
+        self.masks = _checked(masks, image_io.load_mask)
         self._by_path = {str(f.path): i for i, f in enumerate(self.images)}
         self._next = 0
         self._logged: set[Path] = set()
+        for source in self.images:
+            if min(source.size) < SIZE_STEP:
+                raise UserError(f"--image_path {source.path}: {source.size[0]}x{source.size[1]} is too small; "
+                                "images need at least 8x8 pixels")
         self._check_mask_sizes()
 
     def _check_mask_sizes(self) -> None:
@@ -189,8 +194,6 @@ class SourceImages:
         """Given sizes win; otherwise the source's, rounded down to multiples of 8 (logged once)."""
         w, h = source.size
         rounded = (w - w % SIZE_STEP, h - h % SIZE_STEP)
-        if min(rounded) < SIZE_STEP:
-            raise UserError(f"--image_path {source.path}: {w}x{h} is too small; images need at least 8x8 pixels")
         if (width is None or height is None) and rounded != (w, h) and source.path not in self._logged:
             self._logged.add(source.path)
             logger.info("%s: %dx%d rounded down to %dx%d (multiples of 8)", source.path.name, w, h, *rounded)

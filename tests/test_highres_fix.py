@@ -108,7 +108,8 @@ def test_latent_upscaler_module(tiny_models, tmp_path):
     (final,) = pngs(tmp_path / "trained")
     assert Image.open(final).size == (128, 96)
     assert np.abs(pixels(final) - pixels(pngs(tmp_path / "bilinear")[0])).max() > 1
-    assert parse_a1111_parameters(read_generation_text(final)["parameters"])["Hires upscaler"] == "tools.latent_upscaler"
+    a1111 = parse_a1111_parameters(read_generation_text(final)["parameters"])
+    assert a1111["Hires upscaler"] == "tools.latent_upscaler"
 
 
 def test_upscaler_module_from_a_file_returning_images(tiny_models, tmp_path, call_log):
@@ -173,7 +174,8 @@ def test_disable_control_net_is_accepted(tiny_models, tmp_path):
 def test_upscaler_weights_of_another_network_are_refused(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"conv_in.weight": torch.zeros(8, 4, 3, 3), "other.weight": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    foreign = {"conv_in.weight": torch.zeros(8, 4, 3, 3), "other.weight": torch.zeros(2)}
+    save_file(foreign, str(tmp_path / "w.safetensors"))
     with pytest.raises(UserError, match="does not fit the network"):
         latent_upscaler.create_upscaler(weights=str(tmp_path / "w.safetensors"))
     save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))

@@ -277,6 +277,7 @@ def test_mask_of_another_size_names_both_sizes(tiny_models, tmp_path, capsys):
         (["--image_path", "{tmp}/nope.png", "--prompt", "x"], "nope.png: no such file or folder"),
         (["--image_path", "{src}"], "the image has no prompt in its metadata; give --prompt"),
         (["--mask_path", "{src}", "--prompt", "x"], "--mask_path needs --image_path"),
+        (["--image_path", "{tiny}", "--prompt", "x"], "4x12 is too small; images need at least 8x8 pixels"),
         (["--image_path", "{src}", "--prompt", "x", "--strength", "1.5"], "--strength 1.5: must be between 0 and 1"),
         (["--image_path", "{src}", "--prompt", "x", "--highres_fix_scale", "0.5"],
          "--highres_fix_scale and --image_path exclude each other"),
@@ -285,6 +286,7 @@ def test_mask_of_another_size_names_both_sizes(tiny_models, tmp_path, capsys):
 def test_img2img_mistakes_are_one_line(tiny_models, tmp_path, capsys, extra, message):
     (tmp_path / "empty").mkdir()
     src = make_source(tmp_path / "plain.png")
-    values = {"empty": str(tmp_path / "empty"), "tmp": str(tmp_path), "src": str(src)}
+    tiny = make_source(tmp_path / "tiny.png", (4, 12))
+    values = {"empty": str(tmp_path / "empty"), "tmp": str(tmp_path), "src": str(src), "tiny": str(tiny)}
     err = _error(tiny_models, tmp_path, capsys, *[e.format(**values) for e in extra])
     assert message in err

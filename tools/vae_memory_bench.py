@@ -62,8 +62,10 @@ def child(variant: str, size: int, slices: int, encode: bool, out: Path | None) 
     before = _status_mib("VmRSS")
     start = time.perf_counter()
     with torch.no_grad():
-        if encode:
-            result = sliced_encode_moments(vae, x, slices) if variant == "slices" else vae.encode(x).latent_dist.parameters
+        if encode and variant == "slices":
+            result = sliced_encode_moments(vae, x, slices)
+        elif encode:
+            result = vae.encode(x).latent_dist.parameters
         else:
             result = sliced_decode(vae, x, slices) if variant == "slices" else vae.decode(x).sample
     seconds = time.perf_counter() - start
