@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from library import build, img2img, prompts  # noqa: E402
 from library.cli import parse_args  # noqa: E402
 from library.errors import UserError  # noqa: E402
+from library.runner import run_rounds  # noqa: E402
 from library.seeds import SeedSource  # noqa: E402
 
 logger = logging.getLogger("gen_img")
@@ -39,12 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                 runner.run(runner.jobs([line], seeds, None))
         else:
             lines = prompt_lines(args, generator, networks.loaded)
-            single = len(lines) == 1 and args.images_per_prompt == 1
-            seeds = SeedSource(args.seed, single_image=single)
+            seeds = SeedSource(args.seed, single_image=len(lines) == 1 and args.images_per_prompt == 1)
             total = len(lines) * args.images_per_prompt if lines else None
-            for round_index in range(args.n_iter):
-                iter_seed = seeds.draw() if args.iter_same_seed else None
-                runner.run(runner.jobs(prompts.shuffled(lines, args.shuffle_prompts), seeds, iter_seed), total)
+            run_rounds(runner, args, lambda: prompts.shuffled(lines, args.shuffle_prompts), seeds, total)
     except UserError as exc:
         print(f"gen_img.py: error: {exc}", file=sys.stderr)
         return 2
