@@ -75,6 +75,8 @@ class LoRAModule:
     # -- un-merged ---------------------------------------------------------------------------
     def attach(self) -> None:
         if self._handle is None:
+            with torch.no_grad():
+                self.adapter.prepare(self.module)
             self._handle = self.module.register_forward_hook(self._forward_hook, with_kwargs=True)
 
     def detach(self) -> None:

@@ -138,10 +138,14 @@ class Adapter:
 
     def bypass(self, module: nn.Module, x: Tensor) -> Tensor:
         """Extra output of the layer for input `x` at multiplier 1, weights untouched."""
-        return apply_layer(module, x, self._bypass_weight(module, x))
+        return apply_layer(module, x, self._bypass_weight(module, x.device, x.dtype))
 
-    def _bypass_weight(self, module: nn.Module, x: Tensor) -> Tensor:
-        """``merged(W, 1) - W`` in x's dtype/device, cached (DoRA: per weight version)."""
+    def prepare(self, module: nn.Module) -> None:
+        """Build the un-merged caches for the layer's own device and dtype ahead of use."""
+        self._bypass_weight(module, module.weight.device, module.weight.dtype)
+
+    def _bypass_weight(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``merged(W, 1) - W`` in `dtype` on `device`, cached (DoRA: per weight version)."""
         weight = module.weight
         version: int | None = None
         if self.dora_scale is not None:  # DoRA depends on W itself: follow in-place changes
@@ -150,12 +154,12 @@ class Adapter:
             except RuntimeError:  # inference tensors keep no version: never cache
                 self._cache.pop("bypass", None)
                 version = -1
-        key = (x.device, x.dtype, version, id(weight) if version is not None else None)
+        key = (device, dtype, version, id(weight) if version is not None else None)
         cached = self._cache.get("bypass")
         if cached is None or cached[0] != key or version == -1:
             w32 = weight.detach().to(torch.float32)
             diff = self.merged(w32, 1.0) - w32
-            cached = (key, diff.to(x.device, x.dtype))
+            cached = (key, diff.to(device, dtype))
             self._cache["bypass"] = cached
         return cached[1]
 
@@ -255,11 +259,17 @@ class LoRA(Adapter):
         rows = out.shape[0]
         torch.addmm(source.view(rows, -1), up, down, alpha=alpha, out=out.view(rows, -1))
 
-    def _factors(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        key = (x.device, x.dtype)
+    def prepare(self, module: nn.Module) -> None:
+        if self.dora_scale is not None:
+            return super().prepare(module)
+        self._factors(module.weight.device, module.weight.dtype)
+
+    def _factors(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(down, up * scale, mid) in `dtype` on `device`, cached."""
+        key = (device, dtype)
         cached = self._cache.get("factors")
         if cached is None or cached[0] != key:
-            convert = lambda t: None if t is None else t.to(x.device, x.dtype)  # noqa: E731
+            convert = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
             cached = (key, (convert(self.down), convert(self.up) * self.scale, convert(self.mid)))
             self._cache["factors"] = cached
         return cached[1]
@@ -267,7 +277,7 @@ class LoRA(Adapter):
     def bypass(self, module: nn.Module, x: Tensor) -> Tensor:
         if self.dora_scale is not None:  # DoRA rescales the whole weight: use the delta path
             return super().bypass(module, x)
-        down, up, mid = self._factors(x)
+        down, up, mid = self._factors(x.device, x.dtype)
         if isinstance(module, nn.Conv2d):
             if mid is not None:
                 return F.conv2d(module._conv_forward(F.conv2d(x, down), mid, None), up)
