@@ -5,7 +5,8 @@
 For each kind it writes `tiny-<kind>.safetensors` (one file, original LDM key layout, as
 downloaded from model sites) and `tiny-<kind>/` (a Diffusers folder with unet/, vae/,
 text_encoder/, tokenizer/, scheduler/) holding the same weights; plus `tiny-vae.safetensors`,
-a separate VAE with other weights (for `--vae`). The v-prediction file carries a `v_pred`
+a separate VAE with other weights (for `--vae`), and for SD1 a Textual Inversion embedding
+`goodembed.safetensors` and a kohya LoRA `tiny-lora-sd1.safetensors`. The v-prediction file carries a `v_pred`
 key and its folder a scheduler config with `prediction_type: v_prediction`, as real ones
 can. Existing outputs are kept, so calling it again is free. Takes a few seconds on a CPU.
 """
@@ -42,7 +43,26 @@ def make_tiny_models(outdir: Path, kinds=KINDS) -> dict[str, Path]:
     if not vae_path.is_file():
         save_tensors(vae_to_ldm(build_tiny_components("sd1", seed=1).vae.state_dict()), vae_path)
     paths["vae"] = vae_path
+    if "sd1" in kinds:
+        paths.update(_extras(outdir))
     return paths
+
+
+def _extras(outdir: Path) -> dict[str, Path]:
+    """Files that go with the tiny SD1 model: a 2-vector embedding and a kohya LoRA."""
+    import torch
+
+    from library.embeddings import write_embedding
+    from networks.lora_files import write_kohya_lora
+
+    embedding, lora = outdir / "goodembed.safetensors", outdir / "tiny-lora-sd1.safetensors"
+    if not (embedding.is_file() and lora.is_file()):
+        c = build_tiny_components("sd1", seed=0)
+        width = c.text_encoder.config.hidden_size
+        vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(5)) * 0.5
+        write_embedding(embedding, vectors)
+        write_kohya_lora(lora, c.text_encoder, c.unet, rank=4, seed=0)
+    return {"embedding": embedding, "lora": lora}
 
 
 def main(argv: list[str] | None = None) -> int:
