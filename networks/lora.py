@@ -93,10 +93,10 @@ class LoRAModule:
         if not self.enabled or multiplier == 0:
             return output
         x = args[0] if args else kwargs["input"]
-        extra = self.adapter.bypass(module, x)
-        if self.output_modulator is not None:
-            extra = self.output_modulator(self, x, extra)
-        return output + extra * multiplier
+        if self.output_modulator is None:
+            return self.adapter.add_bypass(module, x, output, multiplier)
+        extra = self.output_modulator(self, x, self.adapter.bypass(module, x))
+        return torch.add(output, extra, alpha=multiplier)
 
     # -- merged ------------------------------------------------------------------------------
     def _patch(self, source: Tensor, out: Tensor) -> Tensor:

@@ -140,6 +140,10 @@ class Adapter:
         """Extra output of the layer for input `x` at multiplier 1, weights untouched."""
         return apply_layer(module, x, self._bypass_weight(module, x.device, x.dtype))
 
+    def add_bypass(self, module: nn.Module, x: Tensor, output: Tensor, multiplier: float) -> Tensor:
+        """``output + multiplier * bypass(module, x)`` as a new tensor, in as few passes as possible."""
+        return torch.add(output, self.bypass(module, x), alpha=multiplier)
+
     def prepare(self, module: nn.Module) -> None:
         """Build the un-merged caches for the layer's own device and dtype ahead of use."""
         self._bypass_weight(module, module.weight.device, module.weight.dtype)
@@ -283,6 +287,25 @@ class LoRA(Adapter):
                 return F.conv2d(module._conv_forward(F.conv2d(x, down), mid, None), up)
             return F.conv2d(module._conv_forward(x, down, None), up)
         return F.linear(F.linear(x, down), up)
+
+    def add_bypass(self, module: nn.Module, x: Tensor, output: Tensor, multiplier: float) -> Tensor:
+        """The up projection, the multiplier and the sum fused in one ``addmm`` / ``baddbmm``.
+
+        Un-merged LoRA's cost beyond its two small matmuls is passes over the layer output
+        (scale, add); fusing them keeps the un-merged overhead close to the matmul FLOPs.
+        """
+        if self.dora_scale is not None or self.mid is not None or not output.is_contiguous():
+            return super().add_bypass(module, x, output, multiplier)
+        down, up, _ = self._factors(x.device, x.dtype)
+        if isinstance(module, nn.Conv2d):
+            h = module._conv_forward(x, down, None)  # (N, rank, H, W)
+            n = h.shape[0]
+            up2d = up.flatten(1).expand(n, -1, -1)
+            fused = torch.baddbmm(output.flatten(2), up2d, h.flatten(2), alpha=multiplier)
+            return fused.view(output.shape)
+        h = F.linear(x, down)
+        fused = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(), alpha=multiplier)
+        return fused.view(output.shape)
 
 
 @dataclass(eq=False)
