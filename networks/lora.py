@@ -103,7 +103,7 @@ class LoRAModule:
         return self.adapter.apply_(source, out, self.network.multiplier)
 
     def patch_weight(self) -> None:
-        lora_patch.set_patch(self.module, self, self._patch)
+        lora_patch.set_patch(self.module, self, self._patch, additive=self.adapter.dora_scale is None)
 
     def unpatch_weight(self) -> None:
         lora_patch.drop_patch(self.module, self)

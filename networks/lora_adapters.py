@@ -107,7 +107,10 @@ class Adapter:
         return weight + multiplier * (self._dora_weight(weight, delta) - weight)
 
     def apply_(self, source: Tensor, out: Tensor, multiplier: float) -> Tensor:
-        """`merged(source, multiplier)`, written into `out` (fp32) where the family allows.
+        """`merged(source, multiplier)`, written into `out` where the family allows.
+
+        Additive families accept `source` / `out` in the layer's dtype (the sum is formed in
+        fp32 and rounded once); DoRA needs fp32.
 
         Returns the result (`out`, or a new tensor for DoRA). `out` may be `source`. Additive
         families need no layer-sized temporaries for plain LoRA (one ``addmm`` pass), which
@@ -258,8 +261,9 @@ class LoRA(Adapter):
     def add_delta_(self, source: Tensor, out: Tensor, alpha: float) -> None:
         if self.mid is not None or not (out.is_contiguous() and source.is_contiguous()):
             return super().add_delta_(source, out, alpha)
-        up = self.up.to(out.device, torch.float32).flatten(1)
-        down = self.down.to(out.device, torch.float32).flatten(1)
+        # factors in the weight's dtype: the GEMM accumulates in fp32 and rounds once
+        up = self.up.to(out.device, out.dtype).flatten(1)
+        down = self.down.to(out.device, out.dtype).flatten(1)
         rows = out.shape[0]
         torch.addmm(source.view(rows, -1), up, down, alpha=alpha, out=out.view(rows, -1))
 

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-#: ``patch(source, out) -> result``: the fp32 weight `source` with the patch applied, written
-#: into `out` (which may be `source`) where possible; returns `out` or a new tensor.
+#: ``patch(source, out) -> result``: weight `source` with the patch applied, written into `out`
+#: (which may be `source`) where possible; returns `out` or a new tensor. fp32 unless additive.
 Patch = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -35,6 +35,7 @@ class WeightPatches:
         self.module = weakref.ref(module)
         self.backup: Tensor = module.weight.detach().clone()
         self.patches: dict[Hashable, Patch] = {}
+        self.additive: dict[Hashable, bool] = {}
 
     @torch.no_grad()
     def recompute(self) -> None:
@@ -45,9 +46,11 @@ class WeightPatches:
         if not self.patches:
             weight.copy_(self.backup)
             return
-        if weight.dtype == torch.float32:  # write straight into the weight: no temporaries
+        if weight.dtype == torch.float32 or all(self.additive.values()):
+            # straight into the weight, no layer-sized temporaries: additive patches on
+            # half-precision weights add in fp32 inside the GEMM / add and round once
             value, out = self.backup.to(weight.device), weight
-        else:  # half-precision weights: one fp32 copy, patched in place, rounded once
+        else:  # DoRA on half-precision weights: one fp32 copy, patched, rounded once
             value = out = self.backup.to(weight.device, torch.float32, copy=True)
         for patch in self.patches.values():
             value = patch(value, out)
@@ -58,14 +61,18 @@ class WeightPatches:
 _REGISTRY: "weakref.WeakKeyDictionary[nn.Module, WeightPatches]" = weakref.WeakKeyDictionary()
 
 
-def set_patch(module: nn.Module, owner: Hashable, patch: Patch, recompute: bool = True) -> None:
-    """Add or replace `owner`'s patch on `module` and rewrite the weight."""
+def set_patch(module: nn.Module, owner: Hashable, patch: Patch, additive: bool = False) -> None:
+    """Add or replace `owner`'s patch on `module` and rewrite the weight.
+
+    `additive` patches (``W + something``) may receive and write weights of the layer's own
+    dtype; others always get fp32.
+    """
     state = _REGISTRY.get(module)
     if state is None:
         state = _REGISTRY[module] = WeightPatches(module)
     state.patches[owner] = patch
-    if recompute:
-        state.recompute()
+    state.additive[owner] = additive
+    state.recompute()
 
 
 def drop_patch(module: nn.Module, owner: Hashable) -> None:
@@ -74,6 +81,7 @@ def drop_patch(module: nn.Module, owner: Hashable) -> None:
     if state is None or owner not in state.patches:
         return
     del state.patches[owner]
+    del state.additive[owner]
     state.recompute()
     if not state.patches:
         del _REGISTRY[module]

@@ -283,3 +283,23 @@ def test_apply_to_unet_only_leaves_the_text_encoder_alone():
     assert torch.equal(outputs(c)[1], base_te)
     net.remove()
     assert_same_weights(before, c.text_encoder)
+
+
+def test_half_precision_merge_is_within_bf16_rounding():
+    """Half-precision weights are patched in their own dtype (GEMM accumulates in fp32):
+    the factors are rounded to bf16 too, so allow two bf16 steps of the summands' size."""
+    toy = Toy().to(torch.bfloat16)
+    w = toy.lin.weight.detach().float()
+    sd = _toy_lora(rank=3, alpha=1.5)
+    net = create_network_from_weights(0.9, None, None, None, toy, weights_sd=sd)
+    net.pre_calculation()
+    up, down = sd["lora_unet_lin.lora_up.weight"], sd["lora_unet_lin.lora_down.weight"]
+    delta = 0.9 * 0.5 * up @ down
+    got = toy.lin.weight.float()
+    # bf16 keeps 8 significant bits of W and of each factor product term
+    step = (w.abs() + 0.9 * 0.5 * up.abs() @ down.abs()) * 2**-8
+    assert toy.lin.weight.dtype == torch.bfloat16
+    assert bool(((got - (w + delta)).abs() <= 2 * step).all())
+    assert (got - w).abs().max() > 0.1  # the delta is there
+    net.restore()
+    assert torch.equal(toy.lin.weight.float(), w)
