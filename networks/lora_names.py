@@ -30,6 +30,8 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
+from library.models.ldm_export import UNET_RESNET_RENAMES
+
 logger = logging.getLogger(__name__)
 
 Component = Literal["unet", "text_encoder"]
@@ -40,16 +42,6 @@ UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 #: Kohya's default text-encoder targets.
 TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
-
-# diffusers resnet child -> LDM ResBlock child
-_RESNET_INNER = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +138,7 @@ def ldm_unet_path(path: str, block_map: dict[str, str]) -> str | None:
             continue
         rest = path[len(prefix) + 1 :]
         if ".resnets." in prefix or prefix.startswith("mid_block.resnets"):
-            rest = _RESNET_INNER.get(rest, rest)
+            rest = UNET_RESNET_RENAMES.get(rest, rest)
         elif ".downsamplers." in prefix and rest == "conv":
             rest = "op"
         return f"{ldm_prefix}.{rest}"

@@ -53,7 +53,8 @@ CHECKPOINT_KINDS: tuple[str, ...] = ("sd1", "sd2", "sd2-v")
 # OpenCLIP's learned temperature saturates at its clamp of 100; real SD2 files store ln(100).
 _OPEN_CLIP_LOGIT_SCALE = math.log(100.0)
 
-_UNET_RESNET_RENAMES = {
+#: diffusers ResnetBlock2D child -> LDM ResBlock child (also used for LoRA layer names).
+UNET_RESNET_RENAMES = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
@@ -162,7 +163,7 @@ def _unet_table(config: Mapping[str, Any]) -> dict[str, _Target]:
     table["class_embedding."] = _Target("label_emb.")  # nn.Embedding: label_emb.weight
 
     def add_layer(diffusers: str, ldm: str) -> None:
-        table[f"{diffusers}.resnets.{layer}."] = _Target(f"{ldm}.0.", _UNET_RESNET_RENAMES)
+        table[f"{diffusers}.resnets.{layer}."] = _Target(f"{ldm}.0.", UNET_RESNET_RENAMES)
         table[f"{diffusers}.attentions.{layer}."] = _Target(f"{ldm}.1.")
 
     index = 1  # input_blocks.0 is conv_in
@@ -176,7 +177,7 @@ def _unet_table(config: Mapping[str, Any]) -> dict[str, _Target]:
 
     # Mid block: resnet, attention, resnet -> middle_block.0, .1, .2.
     for layer in range(2):
-        table[f"mid_block.resnets.{layer}."] = _Target(f"middle_block.{2 * layer}.", _UNET_RESNET_RENAMES)
+        table[f"mid_block.resnets.{layer}."] = _Target(f"middle_block.{2 * layer}.", UNET_RESNET_RENAMES)
     table["mid_block.attentions.0."] = _Target("middle_block.1.")
 
     index = 0
