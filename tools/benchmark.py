@@ -1,0 +1,601 @@
+#!/usr/bin/env python
+"""Benchmark our txt2img path against diffusers' `StableDiffusionPipeline` on the same weights.
+
+    python tools/benchmark.py [--device cpu] [--dtype fp32|fp16|bf16] [--channels_last]
+        [--size 256] [--steps 10] [--batch_size 1] [--sampler ddim] [--runs 2]
+        [--cache_dir ~/.cache/sdgen-bench | --ckpt FILE | --tiny] [--json PATH] [--load_only]
+
+Without `--ckpt`/`--tiny` it first writes (once, into `--cache_dir`) a full-size SD 1.5-shaped
+checkpoint with fixed random weights: same shapes, FLOPs and memory as a real one, fp16 on
+disk (~2 GB), in the LDM single-file layout via `library.models.ldm_export`. Then it measures:
+
+* load: `load_model` (file to ready-to-run) vs `safetensors.torch.load_file` alone, each in a
+  fresh child process with the file in the page cache, interleaved; timed when the call
+  returns and once every weight is resident in the run's dtype; peak memory of each
+  (`--load_only` measures just this);
+* generation, ours (`Generator.latents` + `decode`) and diffusers' pipeline built from our
+  loaded networks and the same scheduler, interleaved run for run after a short warm-up:
+  text encoding, U-Net s/step (median call), step interval, VAE decode, whole batch, images
+  per minute, time outside the three networks, peak memory (RSS on CPU via /proc VmHWM,
+  reset per run; `max_memory_allocated` on CUDA);
+* the U-Net called directly in a loop (same module, dtype and memory format);
+* U-Net FLOPs per step (`FlopCounterMode`, CPU SDPA counted too) and achieved FLOP/s.
+
+Times come from forward hooks on the shared networks, so both pipelines are timed the same
+way. Results: a table on stdout, all figures in `--json PATH`. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from library.jobs import Job  # noqa: E402
+from library.models.ldm_export import to_ldm_checkpoint  # noqa: E402
+from library.samplers import make_scheduler  # noqa: E402
+
+logger = logging.getLogger("benchmark")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_CACHE = Path("~/.cache/sdgen-bench")
+CHECKPOINT_NAME = "sd15-shaped-random-v1-fp16.safetensors"
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+SEED = 1234
+GUIDANCE = 7.5
+PROBE_TAG = "BENCH_PROBE "
+# Figures measured for each pipeline, with table labels. All are positive.
+FIGURES = {
+    "text_encode_s": "text encoding (s)",
+    "unet_s_per_step": "U-Net s/step (median call)",
+    "step_s": "step interval (s, median)",
+    "vae_decode_s": "VAE decode (s)",
+    "whole_s": "whole batch (s)",
+    "images_per_min": "images / minute",
+    "outside_networks_s": "outside TE/U-Net/VAE (s)",
+    "peak_memory_gb": "peak memory (GB)",
+    "achieved_tflops": "U-Net achieved TFLOP/s",
+}
+LOAD_FIGURES = ("ours_s", "ours_resident_s", "safetensors_s", "safetensors_resident_s", "ours_peak_gb",
+                "safetensors_peak_gb")
+
+# SD 1.5 shapes: U-Net 320/640/1280/1280, VAE 128/256/512/512, CLIP ViT-L/14 text encoder.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+
+
+# --- the full-size checkpoint ---------------------------------------------------------------
+
+
+def full_size_checkpoint(cache_dir: Path) -> Path:
+    """The SD 1.5-shaped random checkpoint in `cache_dir`, written on first use (~2 GB fp16)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = cache_dir.expanduser() / CHECKPOINT_NAME
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("writing the full-size random checkpoint %s (once)", path)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+    generator = torch.Generator().manual_seed(0)
+    tensors = to_ldm_checkpoint(
+        _random_weights(unet, generator), _random_weights(vae, generator),
+        _random_weights(text_encoder, generator), dict(unet.config), "sd1",
+    )
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _random_weights(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """fp16 weights for a meta-device module: norm scales near 1, small biases, matrices and
+    convolutions scaled by 1/sqrt(fan-in) so activations stay finite through the network."""
+    out = {}
+    for name, meta in module.state_dict().items():
+        if not meta.is_floating_point():
+            continue  # position-id buffers: the loader makes its own
+        value = torch.randn(meta.shape, generator=generator)
+        if meta.ndim == 1:
+            value = 1.0 + 0.1 * value if name.endswith("weight") else 0.02 * value
+        else:
+            value /= math.sqrt(meta[0].numel())
+        out[name] = value.to(torch.float16)
+    return out
+
+
+# --- devices and memory ---------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so host timestamps mean finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA allocator peak, or the process's RSS high-water mark)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass  # the peak then covers the whole process so far
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak since `reset_peak_memory`: CUDA allocated bytes, or process RSS (VmHWM / ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+# --- model load (each measurement in a fresh process) ---------------------------------------
+
+
+def probe_load(kind: str, path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
+    """Time one load in this process: `ours` (load_model) or `safetensors` (load_file alone).
+
+    safetensors >= 0.6 returns tensors backed by a memory map of the file, read on first use
+    (our loader keeps them when no cast is needed), so each side is timed twice: when the call
+    returns, and once every weight is resident in the run's dtype (safetensors: cast where the
+    dtype differs; both: one read per memory page). Imports happen before the clock starts.
+    """
+    import diffusers.loaders.single_file_utils  # noqa: F401
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  (lazy modules: import now)
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: F401
+
+    import library.models.tokenizer  # noqa: F401
+    from library.models import load_model
+
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    if kind == "ours":
+        model = load_model(str(path), dtype=dtype, device=device)
+        synchronize(device)
+        returned = time.perf_counter()
+        tensors = [t for m in (model.text_encoder, model.unet, model.vae) for t in m.state_dict().values()]
+    else:
+        loaded = load_file(str(path), device=str(device))
+        synchronize(device)
+        returned = time.perf_counter()
+        tensors = [v.to(dtype) if v.is_floating_point() else v for v in loaded.values()]
+    touch_pages(tensors)
+    synchronize(device)
+    resident = time.perf_counter()
+    return {"seconds": returned - start, "resident_seconds": resident - start, "peak_gb": peak_memory_gb(device)}
+
+
+def touch_pages(tensors: list[torch.Tensor]) -> None:
+    """Read one element per 4 KiB page of every tensor, so memory-mapped weights are resident."""
+    with torch.no_grad():
+        for tensor in tensors:
+            if tensor.numel():
+                flat = tensor.detach().reshape(-1)
+                flat[:: max(1, 4096 // tensor.element_size())].float().sum()
+
+
+def measure_load(path: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Median load figures over `--load_runs` interleaved child processes (safetensors, ours, ...)."""
+    with open(path, "rb") as f:  # page cache: both readers start from memory, not the disk
+        while f.read(64 << 20):
+            pass
+    runs: dict[str, list[dict[str, float]]] = {"safetensors": [], "ours": []}
+    for _ in range(args.load_runs):
+        for kind in runs:
+            command = [sys.executable, str(Path(__file__).resolve()), "--probe", kind, "--ckpt", str(path),
+                       "--dtype", args.dtype, "--device", args.device]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            lines = [l for l in done.stdout.splitlines() if l.startswith(PROBE_TAG)]
+            if done.returncode != 0 or not lines:
+                raise RuntimeError(f"load probe {kind} failed:\n{done.stderr[-2000:]}")
+            runs[kind].append(json.loads(lines[-1][len(PROBE_TAG):]))
+    med = lambda kind, key: statistics.median(r[key] for r in runs[kind])  # noqa: E731
+    return {
+        "ours_s": med("ours", "seconds"),
+        "ours_resident_s": med("ours", "resident_seconds"),
+        "safetensors_s": med("safetensors", "seconds"),
+        "safetensors_resident_s": med("safetensors", "resident_seconds"),
+        "ours_peak_gb": med("ours", "peak_gb"),
+        "safetensors_peak_gb": med("safetensors", "peak_gb"),
+        "file_gb": path.stat().st_size / 1e9,
+        "dtype": args.dtype,
+    }
+
+
+# --- timing generation ----------------------------------------------------------------------
+
+
+class Recorder:
+    """Wall-clock intervals of calls into the shared networks (text encoder, U-Net, VAE decode).
+
+    Both pipelines run the same module objects, so hooks on them time both the same way.
+    """
+
+    PARTS = ("text_encoder", "unet", "vae_decode")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.intervals: dict[str, list[tuple[float, float]]] = {p: [] for p in self.PARTS}
+        self._open: dict[str, float] = {}
+
+    def now(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def clear(self) -> None:
+        self.intervals = {p: [] for p in self.PARTS}
+
+    def start(self, part: str) -> None:
+        self._open[part] = self.now()
+
+    def stop(self, part: str) -> None:
+        self.intervals[part].append((self._open.pop(part), self.now()))
+
+    def attach(self, text_encoder: torch.nn.Module, unet: torch.nn.Module, vae: torch.nn.Module) -> None:
+        """Hook the forwards of text encoder and U-Net, and wrap `vae.decode` on the instance."""
+        for part, module in (("text_encoder", text_encoder), ("unet", unet)):
+            module.register_forward_pre_hook(lambda _m, _a, part=part: self.start(part))
+            module.register_forward_hook(lambda _m, _a, _o, part=part: self.stop(part))
+        original = vae.decode
+
+        def timed_decode(*args, **kwargs):
+            self.start("vae_decode")
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.stop("vae_decode")
+
+        vae.decode = timed_decode
+
+    def figures(self, start: float, end: float, images: int, device: torch.device) -> dict[str, Any]:
+        """This run's figures (see `FIGURES`; every U-Net call too) from the recorded intervals;
+        TFLOP/s is added by `median_figures`."""
+        unet = self.intervals["unet"]
+        calls = [e - s for s, e in unet]
+        starts = [s for s, _ in unet]
+        total = lambda part: sum(e - s for s, e in self.intervals[part])  # noqa: E731
+        whole = end - start
+        return {
+            "text_encode_s": total("text_encoder"),
+            "unet_s_per_step": statistics.median(calls),
+            "unet_calls_s": calls,
+            "unet_total_s": sum(calls),
+            "steps": len(calls),
+            "step_s": statistics.median(b - a for a, b in zip(starts, starts[1:])) if len(starts) > 1 else calls[0],
+            "vae_decode_s": total("vae_decode"),
+            "whole_s": whole,
+            "images_per_min": 60.0 * images / whole,
+            "outside_networks_s": whole - total("text_encoder") - sum(calls) - total("vae_decode"),
+            "peak_memory_gb": peak_memory_gb(device),
+        }
+
+
+def make_jobs(args: argparse.Namespace, steps: int) -> list[Job]:
+    """The benchmark's batch: one prompt, empty negative prompt, consecutive seeds."""
+    return [Job(PROMPT, "", SEED + i, args.size, args.size, steps, GUIDANCE) for i in range(args.batch_size)]
+
+
+def run_ours(gen, rec: Recorder, args: argparse.Namespace, steps: int) -> tuple[dict, torch.Tensor]:
+    """One batch through `Generator.latents` + `decode`; images in [0, 1]."""
+    rec.clear()
+    reset_peak_memory(gen.device)
+    start = rec.now()
+    images = gen.decode(gen.latents(make_jobs(args, steps)), args.batch_size)
+    end = rec.now()
+    return rec.figures(start, end, args.batch_size, gen.device), (images / 2 + 0.5).clamp(0, 1)
+
+
+def run_diffusers(pipe, rec: Recorder, args: argparse.Namespace, steps: int, v_pred: bool):
+    """The same batch through diffusers' pipeline (fresh scheduler, same seeds and guidance)."""
+    device = torch.device(args.device)
+    pipe.scheduler = make_scheduler(args.sampler, v_pred)
+    generators = [torch.Generator(device).manual_seed(SEED + i) for i in range(args.batch_size)]
+    rec.clear()
+    reset_peak_memory(device)
+    start = rec.now()
+    images = pipe(
+        prompt=[PROMPT] * args.batch_size, negative_prompt=[""] * args.batch_size, height=args.size,
+        width=args.size, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=generators,
+        output_type="pt",
+    ).images
+    end = rec.now()
+    return rec.figures(start, end, args.batch_size, device), images.float().cpu()
+
+
+def run_direct(unet, rec: Recorder, inputs: dict[str, torch.Tensor], timesteps: torch.Tensor) -> list[float]:
+    """Seconds of each plain `unet(latent, t, encoder_hidden_states=...)` call, one per step."""
+    rec.clear()
+    with torch.no_grad():
+        for t in timesteps:
+            unet(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"])
+    return [e - s for s, e in rec.intervals["unet"]]
+
+
+def unet_inputs(unet, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random U-Net inputs shaped like one guided step of the batch (2 x batch rows)."""
+    device = torch.device(args.device)
+    rows, side = 2 * args.batch_size, args.size // 8
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(rows, unet.config.in_channels, side, side, generator=g).to(device, dtype)
+    context = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    return {"sample": sample, "encoder_hidden_states": context}
+
+
+def count_unet_flops(unet, inputs: dict[str, torch.Tensor], t: torch.Tensor) -> int:
+    """FLOPs of one U-Net call, counting PyTorch's CPU SDPA kernel too (not in the stock table)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def sdpa_flops(q, k, v, *_args, out_shape=None, **_kwargs) -> int:
+        batch, heads, q_len, dim = q
+        return 2 * batch * heads * q_len * k[-2] * (dim + v[-1])  # Q K^T and P V
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        unet(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"])
+    return counter.get_total_flops()
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every measurement; return the JSON-ready result."""
+    from diffusers import StableDiffusionPipeline
+
+    from library.models import load_model
+    from library.pipeline import Generator
+    from library.text_encoding import PromptEncoder
+
+    path = checkpoint_for(args)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    load = measure_load(path, args)
+    model = load_model(str(path), dtype=dtype, device=device)
+    if args.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    v_pred = model.kind.v_prediction
+    encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
+    gen = Generator(unet=model.unet, vae=model.vae, encoder=encoder, sampler=args.sampler, v_prediction=v_pred,
+                    device=device, dtype=dtype, noise_device=device, progress=False)
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=make_scheduler(args.sampler, v_pred),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rec = Recorder(device)
+    rec.attach(model.text_encoder, model.unet, model.vae)
+    scheduler = make_scheduler(args.sampler, v_pred)
+    scheduler.set_timesteps(args.steps, device=device)
+    inputs = unet_inputs(model.unet, args, dtype)
+
+    warm = min(2, args.steps)
+    logger.info("warm-up (%d steps each)", warm)
+    run_ours(gen, rec, args, warm)
+    run_diffusers(pipe, rec, args, warm, v_pred)
+    run_direct(model.unet, rec, inputs, scheduler.timesteps[:warm])
+    flops = count_unet_flops(model.unet, inputs, scheduler.timesteps[0])
+
+    # Interleaved, and which pipeline goes first alternates (ours, diffusers | diffusers, ours | ...)
+    # so a drift in machine speed weighs on both alike; the direct loop closes each round.
+    ours_runs, theirs_runs, direct = [], [], []
+    for run in range(args.runs):
+        for side in ("ours", "diffusers")[:: 1 if run % 2 == 0 else -1]:
+            logger.info("run %d/%d: %s", run + 1, args.runs, side)
+            if side == "ours":
+                figures, ours_images = run_ours(gen, rec, args, args.steps)
+                ours_runs.append(figures)
+            else:
+                figures, theirs_images = run_diffusers(pipe, rec, args, args.steps, v_pred)
+                theirs_runs.append(figures)
+        logger.info("run %d/%d: U-Net called directly", run + 1, args.runs)
+        direct.append(run_direct(model.unet, rec, inputs, scheduler.timesteps))
+
+    ours, theirs = median_figures(ours_runs, flops), median_figures(theirs_runs, flops)
+    direct_s = statistics.median(statistics.median(calls) for calls in direct)
+    ratios = {key: ours[key] / theirs[key] for key in FIGURES}
+    ratios.update(load_ratios(load))
+    ratios["unet_vs_direct"] = ours["unet_s_per_step"] / direct_s
+    ratios["whole_vs_unet_x_steps"] = ours["whole_s"] / (ours["unet_s_per_step"] * args.steps)
+    finite = bool(torch.isfinite(ours_images).all() and torch.isfinite(theirs_images).all())
+    checks = {
+        "images_finite": finite,
+        "max_abs_diff_vs_diffusers": float((ours_images - theirs_images).abs().max()),
+        "outside_unet_fraction": (ours["whole_s"] - ours["unet_total_s"]) / ours["unet_total_s"],
+        "outside_networks_fraction": ours["outside_networks_s"] / ours["unet_total_s"],
+        "unet_ratio_ok": ratios["unet_s_per_step"] <= 1.02,
+        "unet_vs_direct_ok": ratios["unet_vs_direct"] <= 1.05,
+        "load_ratio_ok": ratios["load_vs_safetensors"] <= 1.5,
+    }
+    return {
+        "config": {k: v for k, v in vars(args).items() if k not in ("probe", "json", "load_only")}
+        | {"checkpoint": str(path)},
+        "machine": machine_info(),
+        "load": load,
+        "ours": ours,
+        "diffusers": theirs,
+        "unet_direct": {"unet_s_per_step": direct_s, "achieved_tflops": flops / direct_s / 1e12},
+        "flops": {"unet_per_step": flops, "unet_per_image_step": flops / args.batch_size},
+        "ratios": ratios,
+        "checks": checks,
+        "runs": {"ours": ours_runs, "diffusers": theirs_runs, "unet_direct_calls_s": direct},
+    }
+
+
+def load_ratios(load: dict[str, float]) -> dict[str, float]:
+    """ours / safetensors: weights resident in the run's dtype (the criterion), and as returned."""
+    return {
+        "load_vs_safetensors": load["ours_resident_s"] / load["safetensors_resident_s"],
+        "load_returned_vs_safetensors": load["ours_s"] / load["safetensors_s"],
+    }
+
+
+def median_figures(runs: list[dict[str, Any]], flops: int) -> dict[str, float]:
+    """Per-figure medians over runs, plus achieved U-Net FLOP/s from the median step."""
+    out = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "unet_calls_s"}
+    out["achieved_tflops"] = flops / out["unet_s_per_step"] / 1e12
+    return out
+
+
+def checkpoint_for(args: argparse.Namespace) -> Path:
+    """`--ckpt`, the tiny model (`--tiny`) or the cached full-size random checkpoint."""
+    if args.ckpt:
+        return Path(args.ckpt).expanduser()
+    cache = Path(args.cache_dir).expanduser()
+    if args.tiny:
+        from tools.make_tiny_model import make_tiny_models
+
+        return make_tiny_models(cache / "tiny", ("sd1",))["sd1"]
+    return full_size_checkpoint(cache)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model (lscpu), versions, threads and the date, for the record."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        cpu = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("Model name")), cpu)
+    except OSError:
+        pass
+    import diffusers
+
+    return {
+        "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "diffusers": diffusers.__version__, "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The human-readable report."""
+    cfg, ours, theirs, ratios = result["config"], result["ours"], result["diffusers"], result["ratios"]
+    lines = [
+        f"{cfg['device']} {cfg['dtype']}{' channels-last' if cfg['channels_last'] else ''},"
+        f" {cfg['size']}x{cfg['size']}, {cfg['steps']} steps {cfg['sampler']}, batch {cfg['batch_size']},"
+        f" {cfg['runs']} runs;"
+        f" {result['machine']['cpu']}, {result['machine']['torch_threads']} threads",
+        f"{'figure':32} {'ours':>10} {'diffusers':>10} {'ours/diff':>10}",
+    ]
+    for key, label in FIGURES.items():
+        lines.append(f"{label:32} {ours[key]:10.4g} {theirs[key]:10.4g} {ratios[key]:10.3f}")
+    direct = result["unet_direct"]["unet_s_per_step"]
+    lines.append(f"{'U-Net called directly s/step':32} {direct:10.4g} {'':10} {ratios['unet_vs_direct']:10.3f}"
+                 "  (ours/direct)")
+    lines += [
+        f"U-Net GFLOPs per step: {result['flops']['unet_per_step'] / 1e9:.1f}",
+        format_load(result["load"], ratios),
+        f"whole / (U-Net s/step x steps): {ratios['whole_vs_unet_x_steps']:.3f}; time outside the U-Net "
+        f"{100 * result['checks']['outside_unet_fraction']:.1f}% of U-Net time, outside all three networks "
+        f"{100 * result['checks']['outside_networks_fraction']:.2f}%",
+        f"images finite: {result['checks']['images_finite']}; max |ours - diffusers| (0..1 pixels): "
+        f"{result['checks']['max_abs_diff_vs_diffusers']:.3g}",
+    ]
+    return "\n".join(lines)
+
+
+def format_load(load: dict[str, Any], ratios: dict[str, float]) -> str:
+    """One line about the model load."""
+    return (
+        f"load ({load['file_gb']:.2f} GB file, {load['dtype']}): weights resident: ours "
+        f"{load['ours_resident_s']:.2f} s, safetensors load_file + cast {load['safetensors_resident_s']:.2f} s, ratio "
+        f"{ratios['load_vs_safetensors']:.2f}; call returned: ours {load['ours_s']:.2f} s, load_file "
+        f"{load['safetensors_s']:.3f} s; peak memory ours {load['ours_peak_gb']:.2f} GB, safetensors "
+        f"{load['safetensors_peak_gb']:.2f} GB"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's options (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--channels_last", action="store_true", help="U-Net in channels-last memory format")
+    parser.add_argument("--size", type=int, default=256, help="image width and height (default 256)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs of each pipeline (default 2)")
+    parser.add_argument("--load_runs", type=int, default=2, help="load measurements of each kind (default 2)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", help="benchmark this single-file checkpoint instead")
+    source.add_argument("--tiny", action="store_true", help="use the tiny test model (smoke runs)")
+    parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE),
+                        help=f"where the full-size random checkpoint is kept (default {DEFAULT_CACHE})")
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--load_only", action="store_true", help="measure the model load only")
+    parser.add_argument("--probe", choices=["ours", "safetensors"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.size % 8 or args.size < 8 or args.steps < 1 or args.batch_size < 1 or args.runs < 1 or args.load_runs < 1:
+        parser.error("--size must be a positive multiple of 8; --steps, --batch_size, --runs, --load_runs >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with the hidden `--probe`, one load measurement); print the table."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "library"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.probe:  # child process of `measure_load`
+        figures = probe_load(args.probe, Path(args.ckpt), DTYPES[args.dtype], torch.device(args.device))
+        print(PROBE_TAG + json.dumps(figures), flush=True)
+        return 0
+    if args.load_only:
+        load = measure_load(checkpoint_for(args), args)
+        result: dict[str, Any] = {"load": load, "ratios": load_ratios(load), "machine": machine_info()}
+        print(format_load(load, result["ratios"]))
+    else:
+        result = benchmark(args)
+        print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
