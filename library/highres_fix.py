@@ -31,11 +31,8 @@ alone is img2img with `--W/--H` on the 1st-stage images.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -44,6 +41,7 @@ from PIL import Image
 
 from library import images as image_io
 from library.errors import UserError
+from library.user_code import import_file
 from library.img2img import Img2ImgInput
 from library.jobs import Job
 
@@ -173,14 +171,7 @@ def load_upscaler(name: str, args_text: str | None) -> object:
 
 def _import(name: str):
     if name.endswith(".py"):
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"--highres_fix_upscaler {name}: no such file")
-        spec = importlib.util.spec_from_file_location(f"user_upscaler_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
+        return import_file(name, "--highres_fix_upscaler")
     try:
         return importlib.import_module(name)
     except ImportError as exc:

@@ -14,10 +14,8 @@ line's `--t` overrides; the source itself is attached by `library.img2img.Source
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +24,7 @@ from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pic
 from library.errors import UserError
 from library.jobs import Job
 from library.prompt_options import parse_prompt_line
+from library.user_code import import_file
 from library.seeds import SeedSource, seeds_for_line
 
 logger = logging.getLogger(__name__)
@@ -108,13 +107,7 @@ def interactive_lines(read: Callable[[str], str] = input) -> Iterator[Line]:
 
 def load_prompter(path: str, args: argparse.Namespace, pipe: object, networks: list) -> Callable:
     """Import `--from_module` (the user's own file) and return its prompter."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--from_module {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"user_prompter_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = import_file(path, "--from_module")
     if not hasattr(module, "get_prompter"):
         raise UserError(f"--from_module {path}: the module has no get_prompter(args, pipe, networks) function")
     return module.get_prompter(args, pipe, networks)
