@@ -9,9 +9,13 @@ Diffusers folders (and HF IDs from the local cache) load with `from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import itertools
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -86,34 +90,62 @@ def load_model(
     if v1 and v2:
         raise UserError("--v1 and --v2 contradict each other; give at most one")
     path = checkpoint.resolve_model_path(ckpt)
-    if path.is_dir():
-        te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype)
-        diffusers_dir: Path | None = path
-    else:
-        te, unet, vae_model, family, v_pred_source = _load_single_file(path, dtype)
-        diffusers_dir = None
-    _check_family_flags(path, family, v1, v2)
-    v_pred = _decide_v_prediction(v_parameterization, v_pred_source)
-    if vae is not None:
-        vae_model = load_vae(vae, dtype)
-    if vae_model.dtype != (vae_dtype or dtype):
-        vae_model = vae_model.to(dtype=vae_dtype or dtype)
-    kind = ModelKind(family, v_pred)
-    logger.info("model %s: %s", path.name, kind.name)
-    tokenizer = load_tokenizer(family, diffusers_dir=diffusers_dir, cache_dir=tokenizer_cache_dir)
-    for module in (te, unet, vae_model):
-        module.to(device).eval().requires_grad_(False)
+    with _collector_paused(), contextlib.ExitStack() as background:  # exit: background page-in done
+        if path.is_dir():
+            te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype)
+            diffusers_dir: Path | None = path
+        else:
+            te, unet, vae_model, family, v_pred_source = _load_single_file(path, dtype, background)
+            diffusers_dir = None
+        _check_family_flags(path, family, v1, v2)
+        v_pred = _decide_v_prediction(v_parameterization, v_pred_source)
+        if vae is not None:
+            vae_model = load_vae(vae, dtype)
+        if vae_model.dtype != (vae_dtype or dtype):
+            vae_model = vae_model.to(dtype=vae_dtype or dtype)
+        kind = ModelKind(family, v_pred)
+        logger.info("model %s: %s", path.name, kind.name)
+        tokenizer = load_tokenizer(family, diffusers_dir=diffusers_dir, cache_dir=tokenizer_cache_dir)
+        for module in (te, unet, vae_model):
+            _move(module, torch.device(device)).eval().requires_grad_(False)
     return LoadedModel(te, tokenizer, unet, vae_model, kind, path, path.stem if path.is_file() else path.name)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a model loads.
+
+    Loading makes tens of thousands of objects (modules, tensors, tokenizer entries) and no
+    garbage cycles; each automatic collection then walks every object of the process (torch,
+    transformers, diffusers), which cost up to 0.1 s per load of an SD-sized model.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _move(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module.to(device)`, skipped when every tensor is already there (a no-op `.to` walks it all)."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    if all(t.device == device for t in tensors):
+        return module
+    return module.to(device)
 
 
 # --- single files -------------------------------------------------------------------------
 
 
-def _load_single_file(path: Path, dtype: torch.dtype):
+def _load_single_file(path: Path, dtype: torch.dtype, background: contextlib.ExitStack):
+    """Networks from one LDM-layout file; pages of weights used as stored map in `background`."""
     raw = checkpoint.read_state_dict(path)
     v_flag = raw.get("v_pred")
     rename = normalize_keys(list(raw))
     sd = {new: raw[old] for old, new in rename.items()}
+    background.enter_context(checkpoint.paging_in(t for t in sd.values() if t.dtype == dtype))
     try:
         spec = detect_model({k: tuple(v.shape) for k, v in sd.items()})
     except DetectionError as exc:
@@ -135,7 +167,7 @@ def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dt
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    with torch.device("meta"):
+    with _empty_modules():
         unet = UNet2DConditionModel(**spec.unet)
         vae = AutoencoderKL(**spec.vae)
         te = CLIPTextModel(CLIPTextConfig(**spec.text_encoder, attn_implementation="sdpa"))
@@ -154,6 +186,22 @@ def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dt
         "position_ids", torch.arange(max_positions).unsqueeze(0), persistent=False
     )
     return unet, vae, te
+
+
+@contextlib.contextmanager
+def _empty_modules() -> Iterator[None]:
+    """Build modules on the `meta` device with torch's weight initialisers switched off.
+
+    The weights are assigned from the checkpoint right after, so neither memory nor random
+    initialisation is wasted on them; skipping the initialisers also saves ~40% of the
+    construction time of an SD-sized U-Net (their calls dispatch through the meta device).
+    diffusers and transformers each provide the switch for their own models.
+    """
+    from diffusers.models.modeling_utils import no_init_weights as diffusers_no_init
+    from transformers.initialization import no_init_weights as transformers_no_init
+
+    with torch.device("meta"), diffusers_no_init(), transformers_no_init():
+        yield
 
 
 def text_model(te: torch.nn.Module) -> torch.nn.Module:
@@ -262,7 +310,7 @@ def load_vae(spec: str, dtype: torch.dtype) -> torch.nn.Module:
         config = infer_vae_config({k[len("first_stage_model."):]: tuple(v.shape) for k, v in sd.items()})
     except (DetectionError, KeyError) as exc:
         raise UserError(f"--vae {path}: not a Stable Diffusion VAE ({exc})") from None
-    with torch.device("meta"):
+    with _empty_modules():
         vae = AutoencoderKL(**config)
     _assign(vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)), dtype, f"--vae {path}")
     logger.info("VAE from %s", path.name)

@@ -32,14 +32,12 @@ Decisions, each tested in `tests/test_tokenizer.py`:
   tokenizer additionally unescapes those (``"<b>&amp;</b>"``), this one does not.
 * ``<|startoftext|>`` / ``<|endoftext|>`` typed in a prompt map to 49406 / 49407, as in the
   original tool (open-clip 3.x's tokenizer spells its specials differently and splits them).
-* `load_tokenizer` returns a new tokenizer on each call (about 20 ms; the parsed vocabulary is
-  cached per process), so one caller adding textual-inversion tokens does not change
-  another's tokenizer.
+* `load_tokenizer` returns a new tokenizer on each call (about 30 ms), so one caller adding
+  textual-inversion tokens does not change another's tokenizer.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -138,30 +136,26 @@ def _family(kind: str) -> str:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(_FAMILIES)}") from None
 
 
-@functools.lru_cache(maxsize=1)
-def _shipped_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    """The shipped vocabulary and merges, parsed once per process (treat as read-only)."""
-    vocab = json.loads((VOCAB_DIR / "vocab.json").read_text(encoding="utf-8"))
-    lines = (VOCAB_DIR / "merges.txt").read_text(encoding="utf-8").split("\n")
-    merges = tuple(tuple(line.split(" ")) for line in lines[1:] if line)
-    if len(vocab) != VOCAB_SIZE or len(merges) != VOCAB_SIZE - 512 - 2:
-        raise RuntimeError(f"{VOCAB_DIR}: damaged vocabulary files; rebuild them with tools/build_clip_vocab.py")
-    return vocab, merges
-
-
 def build_tokenizer(kind: str) -> SDCLIPTokenizer:
-    """A new tokenizer for ``kind`` ("sd1", "sd2", "sd2-v") from the shipped vocabulary."""
+    """A new tokenizer for ``kind`` ("sd1", "sd2", "sd2-v") from the shipped vocabulary.
+
+    The file paths go straight to the `tokenizers` backend, which reads them in Rust: about
+    30 ms, against 45 ms (up to 0.15 s when Python's garbage collector runs meanwhile) for
+    parsing 49k vocabulary entries and merges into Python objects first.
+    """
     family = _family(kind)
-    vocab, merges = _shipped_vocab()
-    return SDCLIPTokenizer(
-        vocab=dict(vocab),
-        merges=list(merges),
+    tokenizer = SDCLIPTokenizer(
+        vocab=str(VOCAB_DIR / "vocab.json"),
+        merges=str(VOCAB_DIR / "merges.txt"),
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
         pad_token=PAD_TOKENS[family],
         model_max_length=MAX_LENGTH,
     )
+    if tokenizer.vocab_size != VOCAB_SIZE:
+        raise RuntimeError(f"{VOCAB_DIR}: damaged vocabulary files; rebuild them with tools/build_clip_vocab.py")
+    return tokenizer
 
 
 def _check_clip_vocab(tokenizer: CLIPTokenizer, folder: Path, fix: str) -> None:
