@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pick_variants
 from library.errors import UserError
 from library.jobs import Job
-from library.prompt_options import parse_prompt_line
+from library.prompt_options import PromptOverrides, parse_prompt_line
 from library.user_code import import_file
 from library.seeds import SeedSource, seeds_for_line
 
@@ -141,6 +141,7 @@ def jobs_for_line(
     """The Jobs of one prompt line; a malformed line raises `UserError` (caller skips it)."""
     parsed = parse_prompt_line(line.text)
     o = parsed.overrides
+    _warn_not_implemented(o, line)
     width, height = o.width or defaults.width, o.height or defaults.height
     for name, value in (("--w", width), ("--h", height)):
         if value is not None and value % 8:
@@ -171,6 +172,31 @@ def jobs_for_line(
                 )
             )
     return jobs
+
+
+#: Prompt options parsed (so prompt files written for the original run) whose feature this
+#: tool does not have yet, and what that feature is.
+_NOT_IMPLEMENTED = {
+    "ds_depth_1": ("--dsd1", "Deep Shrink"),
+    "ds_timesteps_1": ("--dst1", "Deep Shrink"),
+    "ds_depth_2": ("--dsd2", "Deep Shrink"),
+    "ds_timesteps_2": ("--dst2", "Deep Shrink"),
+    "ds_ratio": ("--dsr", "Deep Shrink"),
+    "gradual_latent_timesteps": ("--glt", "Gradual Latent"),
+    "gradual_latent_ratio": ("--glr", "Gradual Latent"),
+    "gradual_latent_ratio_step": ("--gls", "Gradual Latent"),
+    "gradual_latent_every_n_steps": ("--gle", "Gradual Latent"),
+    "clip_prompt": ("--c", "CLIP guidance (the text is only written to the image metadata)"),
+}
+
+
+def _warn_not_implemented(overrides: PromptOverrides, line: Line) -> None:
+    """Say which options of the line have no effect yet, instead of dropping them silently."""
+    given = [option for field, option in _NOT_IMPLEMENTED.items() if getattr(overrides, field) is not None]
+    if given:
+        names = ", ".join(name for name, _ in given)
+        features = ", ".join(dict.fromkeys(feature for _, feature in given))
+        logger.warning("%s: %s ignored: %s not implemented yet", line.where, names, features)
 
 
 def _line_strength(given: float | None, default: float | None, line: Line) -> float | None:

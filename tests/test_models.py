@@ -45,6 +45,15 @@ def test_single_file_and_diffusers_folder_give_the_same_networks(tiny_models, ki
     assert _max_diff(_outputs(single), _outputs(folder)) < 1e-5
 
 
+def test_folder_load_prints_no_progress_bar(tiny_models, capsys):
+    from transformers.utils import logging as hf_logging
+
+    load_model(str(tiny_models["sd1-diffusers"]))
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert hf_logging.is_progress_bar_enabled()  # switched off only while loading
+
+
 @pytest.mark.parametrize("kind,family,v", [("sd1", "sd1", False), ("sd2", "sd2", False), ("sd2-v", "sd2", True)])
 def test_kind_is_detected_without_flags(tiny_models, kind, family, v):
     for path in (tiny_models[kind], tiny_models[f"{kind}-diffusers"]):

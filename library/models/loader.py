@@ -271,7 +271,8 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype):
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
-        te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, attn_implementation="sdpa")
+        with _quiet_transformers_progress():
+            te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"--ckpt {path}: cannot load the Diffusers model ({_first_line(exc)})") from None
     family: Family = "sd2" if te.config.hidden_act == "gelu" else "sd1"
@@ -282,6 +283,20 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype):
         if prediction:
             source = (prediction == "v_prediction", f"scheduler/scheduler_config.json (prediction_type={prediction})")
     return te, unet, vae, family, source
+
+
+@contextlib.contextmanager
+def _quiet_transformers_progress() -> Iterator[None]:
+    """No "Loading weights" progress bar from transformers (it lands in the user's output)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 # --- VAE ----------------------------------------------------------------------------------
