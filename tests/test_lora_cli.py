@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from library.models import load_model
 from networks.lora_files import write_kohya_lora
-from tests.test_generate import meta, pixels, pngs, run
+from tests.test_generate import pixels, pngs, run
 
 
 @pytest.fixture(scope="module")
