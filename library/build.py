@@ -17,6 +17,7 @@ import torch
 
 from library import highres_fix, images
 from library.cli import vae_batch_size
+from library.controlnet import GuideImages
 from library.errors import UserError
 from library.img2img import SourceImages
 from library.models import LoadedModel, load_model
@@ -112,7 +113,28 @@ def generator(args: argparse.Namespace, model: LoadedModel, runtime: Runtime) ->
         dtype=runtime.dtype,
         noise_device=runtime.noise_device,
         ddim_eta=args.ddim_eta,
+        controlnets=controlnets(args, model, runtime),
     )
+
+
+def controlnets(args: argparse.Namespace, model: LoadedModel, runtime: Runtime):
+    """`--control_net_models` loaded for this model, with their preps, weights and ratios (or None)."""
+    from library.controlnet import ControlNets, ControlUnit, parse_prep, per_model
+    from library.models.controlnet import load_controlnet
+
+    names = args.control_net_models or []
+    if not names:
+        return None
+    count = len(names)
+    preps = [parse_prep(p) for p in per_model(args.control_net_preps, count, "--control_net_preps", "none")]
+    weights = per_model(args.control_net_weights, count, "--control_net_weights", 1.0)
+    ratios = per_model(args.control_net_ratios, count, "--control_net_ratios", 1.0)
+    units = []
+    for name, prep, weight, ratio in zip(names, preps, weights, ratios):
+        net = load_controlnet(name, model.unet, runtime.dtype, runtime.device)
+        units.append(ControlUnit(net, Path(name).name, prep, weight, ratio))
+        logger.info("ControlNet %s: preprocessing %s, weight %g, ratio %g", Path(name).name, prep.label, weight, ratio)
+    return ControlNets(units)
 
 
 def prompt_embeddings(args: argparse.Namespace, model: LoadedModel):
@@ -150,8 +172,9 @@ def runner(args: argparse.Namespace, model: LoadedModel, gen: Generator, before_
     )
     output.use_original_name = args.use_original_file_name
     sources = SourceImages(args.image_path, args.mask_path) if args.image_path is not None else None
+    guides = GuideImages(args.guide_image_path) if args.guide_image_path is not None else None
     return Runner(gen, Defaults.from_args(args), output, args.batch_size, before_batch,
-                  sources=sources, highres=highres_fix.from_args(args))
+                  sources=sources, highres=highres_fix.from_args(args), guides=guides)
 
 
 def vae_memory(args: argparse.Namespace, model: LoadedModel, gen: Generator) -> None:

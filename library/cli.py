@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the compute device, as the original)")
 
     _add_img2img_group(p)
+    _add_controlnet_group(p)
 
     g = p.add_argument_group("additional networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=[], help="module per network, e.g. networks.lora")
@@ -149,12 +150,48 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--highres_fix_upscaler_args", metavar='"k=v,..."',
                    help='arguments of --highres_fix_upscaler, e.g. "weights=upscaler.safetensors"')
     g.add_argument("--highres_fix_disable_control_net", action="store_true",
-                   help="Highres fix: no ControlNet in the 2nd stage (accepted; ControlNet is not implemented yet)")
+                   help="Highres fix: no ControlNet in the 2nd stage")
     g.add_argument("--vae_slices", type=int, default=None,
                    help="decode/encode in N horizontal slices: same image, much less memory, about 2x slower VAE")
     g.add_argument("--vae_tiling", action="store_true",
                    help="decode/encode in overlapping tiles (diffusers): for images too large even for "
                    "--vae_slices; tiles are blended, so the image differs slightly")
+
+
+def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
+    """ControlNet options (docs/controlnet.md); one value for all models or one per model."""
+    g = p.add_argument_group("ControlNet")
+    g.add_argument("--control_net_models", nargs="+", metavar="MODEL",
+                   help="ControlNet 1.0 files (normal or diff) or Diffusers ControlNet folders; with several, "
+                   "they take turns, one per step")
+    g.add_argument("--guide_image_path", metavar="PATH",
+                   help="hint image for ControlNet, or a folder of them (used in file-name order, in turn)")
+    g.add_argument("--control_net_preps", nargs="+", metavar="PREP",
+                   help="preprocessing per model: none (default), canny, or canny_LOW_HIGH (e.g. canny_63_191)")
+    g.add_argument("--control_net_weights", type=float, nargs="+", metavar="W",
+                   help="weight per model (default 1.0; 0.5 = half the influence)")
+    g.add_argument("--control_net_ratios", type=float, nargs="+", metavar="R",
+                   help="fraction of the steps, from the first, each model is used in (default 1.0)")
+
+
+def validate_controlnet(args: argparse.Namespace) -> None:
+    """ControlNet options: a guide for the models, models for the guide, counts and ranges."""
+    models = args.control_net_models or []
+    if models and args.guide_image_path is None:
+        raise UserError("--control_net_models needs --guide_image_path (the hint image or folder)")
+    if not models:
+        for name in ("guide_image_path", "control_net_preps", "control_net_weights", "control_net_ratios"):
+            if getattr(args, name) is not None:
+                raise UserError(f"--{name} needs --control_net_models")
+        return  # --highres_fix_disable_control_net alone is harmless: accepted, as in the original
+    for name in ("control_net_preps", "control_net_weights", "control_net_ratios"):
+        values = getattr(args, name) or []
+        if len(values) not in (0, 1, len(models)):
+            raise UserError(f"--{name} has {len(values)} values but --control_net_models has {len(models)}; "
+                            "give one value for all or one per model")
+    for ratio in args.control_net_ratios or []:
+        if not 0 <= ratio <= 1:
+            raise UserError(f"--control_net_ratios {ratio}: must be between 0 and 1")
 
 
 def validate_img2img(args: argparse.Namespace) -> None:
@@ -218,6 +255,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.v1 and args.v2:
         raise UserError("--v1 and --v2 exclude each other")
     validate_img2img(args)
+    validate_controlnet(args)
     for name in ("W", "H"):
         value = getattr(args, name)
         if value < 8 or value % 8:

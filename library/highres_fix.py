@@ -24,6 +24,9 @@ Upscaling the 1st stage (one of):
   supports latents, else a list of `width` x `height` PIL images, which are encoded.
   `tools/latent_upscaler.py` is the one shipped.
 
+ControlNet guides both stages (its hint made at each stage's size) unless
+`--highres_fix_disable_control_net` is given, which leaves the 2nd stage without it.
+
 Highres fix with img2img (`--image_path`) is refused, as in the original: the 2nd stage
 alone is img2img with `--W/--H` on the 1st-stage images.
 """
@@ -72,6 +75,7 @@ class HighresSettings:
     latents_upscaling: str | None = None  # "bilinear" / "bicubic"
     upscaler: object | None = None
     upscaler_name: str | None = None
+    control_net_2nd: bool = True  # False: `--highres_fix_disable_control_net`
 
     @property
     def upscaler_label(self) -> str:
@@ -90,7 +94,10 @@ class HighresFix:
         """The 1st-stage job (small, txt2img) and the 2nd-stage job (img2img, seed + 1)."""
         width, height = first_stage_size(job.width, job.height, self.settings.scale)
         first = replace(job, width=width, height=height, steps=self.settings.steps, strength=None)
-        return first, replace(job, seed=job.seed + 1)
+        second = replace(job, seed=job.seed + 1)
+        if not self.settings.control_net_2nd:
+            second = replace(second, guide_image=None)
+        return first, second
 
     def metadata(self, job: Job) -> tuple[tuple[str, object], ...]:
         """Extra A1111-style parameters of a final image."""
@@ -185,5 +192,6 @@ def from_args(args) -> HighresFix | None:
     upscaler = load_upscaler(args.highres_fix_upscaler, args.highres_fix_upscaler_args) \
         if args.highres_fix_upscaler else None
     settings = HighresSettings(args.highres_fix_scale, args.highres_fix_steps, args.highres_fix_save_1st,
-                               args.highres_fix_latents_upscaling, upscaler, args.highres_fix_upscaler)
+                               args.highres_fix_latents_upscaling, upscaler, args.highres_fix_upscaler,
+                               control_net_2nd=not args.highres_fix_disable_control_net)
     return HighresFix(settings)

@@ -9,8 +9,8 @@ Otherwise the negative prompt is the unconditional input, as usual:
 eps vs v-prediction is the scheduler's business (its `prediction_type`), not the loop's.
 
 img2img and inpainting (`library.img2img`) change only where the loop starts and what is
-re-imposed after each step; the VAE memory options (`library.vae_memory`) only how the
-VAE runs.
+re-imposed after each step; ControlNet (`library.controlnet`) only adds residuals to U-Net
+calls; the VAE memory options (`library.vae_memory`) only how the VAE runs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from library import img2img
+from library.controlnet import BatchControl, ControlNets
 from library.img2img import Img2ImgInput
 from library.jobs import Job
 from library.samplers import make_scheduler, noises_per_step
@@ -54,6 +55,7 @@ class Generator:
     # Called once per denoising step with (step index, timestep); tests record calls here.
     step_callbacks: list[Callable[[int, int], None]] = field(default_factory=list)
     vae_slices: int | None = None  # `--vae_slices`: VAE in N horizontal bands (same result)
+    controlnets: ControlNets | None = None  # used for jobs that have a guide image
 
     @property
     def vae_scale(self) -> int:
@@ -103,15 +105,25 @@ class Generator:
             return latents
         embeddings, guidance = self._conditioning(jobs)
         step_kwargs = self._step_kwargs(scheduler, generators)
+        control = self._control(jobs, guidance.copies)
         for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not self.progress)):
             for callback in self.step_callbacks:
                 callback(i, int(t))
             model_input = scheduler.scale_model_input(torch.cat([latents] * guidance.copies), t)
-            out = self.unet(model_input, t, encoder_hidden_states=embeddings).sample
+            extra = control.unet_kwargs(i, len(timesteps), model_input, t, embeddings) if control else {}
+            out = self.unet(model_input, t, encoder_hidden_states=embeddings, **extra).sample
             latents = scheduler.step(guidance.combine(out), t, latents, **step_kwargs).prev_sample
             if keep is not None:
                 latents = keep.after(scheduler, latents, timesteps, i)
         return latents
+
+    def _control(self, jobs: list[Job], copies: int) -> BatchControl | None:
+        """The batch's ControlNet guidance, when the run has ControlNets and the jobs guide images."""
+        if self.controlnets is None or jobs[0].guide_image is None:
+            return None
+        first = jobs[0]
+        return self.controlnets.for_batch([j.guide_image for j in jobs], first.width, first.height, copies,
+                                          self.device, self.dtype)
 
     def _source_latents(self, init: Img2ImgInput, generators: list[torch.Generator]) -> torch.Tensor:
         """The source in latent space: given latents, or the images encoded (draw 4)."""

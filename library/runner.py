@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
 from library import images
+from library.controlnet import GuideImages
 from library.errors import UserError
 from library.highres_fix import HighresFix
 from library.img2img import SourceImages, composite
@@ -66,7 +67,8 @@ class Runner:
 
     def __init__(self, generator: Generator, defaults: Defaults, output: OutputSettings,
                  batch_size: int, before_batch: Callable[[list[Job]], None] | None = None,
-                 sources: SourceImages | None = None, highres: HighresFix | None = None) -> None:
+                 sources: SourceImages | None = None, highres: HighresFix | None = None,
+                 guides: GuideImages | None = None) -> None:
         self.generator = generator
         self.defaults = defaults
         self.output = output
@@ -74,6 +76,7 @@ class Runner:
         self.before_batch = before_batch
         self.sources = sources
         self.highres = highres
+        self.guides = guides
         self.summary = Summary()
         self._timestamp = images.timestamp_now()
         self._sequence = 0
@@ -91,7 +94,11 @@ class Runner:
                 self.summary.skipped_lines += 1
                 continue
             for job in made:
-                yield self.sources.assign(job, line.image) if self.sources is not None else job
+                if self.sources is not None:
+                    job = self.sources.assign(job, line.image)
+                if self.guides is not None:
+                    job = replace(job, guide_image=self.guides.next_path())
+                yield job
 
     def run(self, jobs: Iterable[Job], total: int | None = None) -> None:
         """Generate and save all `jobs`, batching consecutive compatible ones."""
