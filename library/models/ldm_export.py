@@ -23,6 +23,9 @@ Layout summary (LDM names on the right):
 * VAE, prefix ``first_stage_model.``: ``down_blocks.i.resnets.j`` -> ``down.i.block.j``,
   decoder up blocks in *reversed* order (``up_blocks.0`` -> ``up.{n-1}``), mid resnets ->
   ``mid.block_1/2``, mid attention -> ``mid.attn_1`` with 1x1-conv q/k/v/proj_out weights.
+* ControlNet 1.0, prefix ``control_model.``: the U-Net's encoder half under the U-Net's
+  LDM names, plus ``input_hint_block.*`` and ``zero_convs.*`` / ``middle_block_out.0``
+  (see `controlnet_to_ldm`).
 * SD1 text encoder: ``cond_stage_model.transformer.`` + HF CLIPTextModel keys, which always
   carry ``text_model.`` in the file (transformers >= 5.6 no longer has that wrapper).
 * SD2 text encoder: ``cond_stage_model.model.`` + OpenCLIP names, q/k/v fused into
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+CONTROLNET_PREFIX = "control_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 V_PRED_KEY = "v_pred"
@@ -150,26 +154,27 @@ def _per_block(value: int | Sequence[int], blocks: int, name: str) -> list[int]:
     return values
 
 
-def _unet_table(config: Mapping[str, Any]) -> dict[str, _Target]:
-    """Map each Diffusers U-Net module prefix to its LDM prefix, using the block structure
-    that `config` describes (block count, layers per block, which blocks have attention)."""
-    down_types = list(config["down_block_types"])
-    up_types = list(config["up_block_types"])
-    blocks = len(down_types)
-    if len(up_types) != blocks:
-        raise ValueError(f"U-Net config has {blocks} down blocks but {len(up_types)} up blocks")
+def _add_layer(table: dict[str, _Target], diffusers: str, layer: int, ldm: str) -> None:
+    """Map one U-Net layer (resnet + optional transformer) to LDM's `ldm.0` / `ldm.1`."""
+    table[f"{diffusers}.resnets.{layer}."] = _Target(f"{ldm}.0.", UNET_RESNET_RENAMES)
+    table[f"{diffusers}.attentions.{layer}."] = _Target(f"{ldm}.1.")
+
+
+def _encoder_table(config: Mapping[str, Any]) -> dict[str, _Target]:
+    """The U-Net's encoder half: embeddings, conv_in, down blocks and mid block.
+
+    A ControlNet is a copy of exactly this half, with the same Diffusers and LDM names, so
+    both `unet_to_ldm` and `controlnet_to_ldm` start from this table.
+    """
+    blocks = len(config["down_block_types"])
     down_layers = _per_block(config["layers_per_block"], blocks, "layers_per_block")
     table = {key: _Target(value) for key, value in _UNET_FIXED.items()}
     table["class_embedding."] = _Target("label_emb.")  # nn.Embedding: label_emb.weight
 
-    def add_layer(diffusers: str, ldm: str) -> None:
-        table[f"{diffusers}.resnets.{layer}."] = _Target(f"{ldm}.0.", UNET_RESNET_RENAMES)
-        table[f"{diffusers}.attentions.{layer}."] = _Target(f"{ldm}.1.")
-
     index = 1  # input_blocks.0 is conv_in
     for block in range(blocks):
         for layer in range(down_layers[block]):
-            add_layer(f"down_blocks.{block}", f"input_blocks.{index}")
+            _add_layer(table, f"down_blocks.{block}", layer, f"input_blocks.{index}")
             index += 1
         if block < blocks - 1:  # every level but the deepest halves the resolution
             table[f"down_blocks.{block}.downsamplers.0.conv."] = _Target(f"input_blocks.{index}.0.op.")
@@ -179,11 +184,24 @@ def _unet_table(config: Mapping[str, Any]) -> dict[str, _Target]:
     for layer in range(2):
         table[f"mid_block.resnets.{layer}."] = _Target(f"middle_block.{2 * layer}.", UNET_RESNET_RENAMES)
     table["mid_block.attentions.0."] = _Target("middle_block.1.")
+    return table
+
+
+def _unet_table(config: Mapping[str, Any]) -> dict[str, _Target]:
+    """Map each Diffusers U-Net module prefix to its LDM prefix, using the block structure
+    that `config` describes (block count, layers per block, which blocks have attention)."""
+    down_types = list(config["down_block_types"])
+    up_types = list(config["up_block_types"])
+    blocks = len(down_types)
+    if len(up_types) != blocks:
+        raise ValueError(f"U-Net config has {blocks} down blocks but {len(up_types)} up blocks")
+    down_layers = _per_block(config["layers_per_block"], blocks, "layers_per_block")
+    table = _encoder_table(config)
 
     index = 0
     for block, (block_type, layers) in enumerate(zip(up_types, reversed(down_layers))):
         for layer in range(layers + 1):  # up blocks have one layer more (the skip from the downsampler)
-            add_layer(f"up_blocks.{block}", f"output_blocks.{index}")
+            _add_layer(table, f"up_blocks.{block}", layer, f"output_blocks.{index}")
             index += 1
         if block < blocks - 1:
             # The upsampler follows the last layer's resnet, and its transformer if it has one.
@@ -202,6 +220,30 @@ def unet_to_ldm(unet_sd: Mapping[str, Tensor], config: Mapping[str, Any]) -> dic
     """
     renamed = _rename(unet_sd, _unet_table(config), "U-Net")
     return {UNET_PREFIX + key: tensor for key, tensor in renamed.items()}
+
+
+def controlnet_to_ldm(controlnet_sd: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Rename a Diffusers `ControlNetModel` state dict to ControlNet 1.0 keys ("control_model.").
+
+    `config` is the ControlNet's config. The U-Net-like half (time embedding, conv_in, down
+    and mid blocks) has the U-Net's names in both layouts (`input_blocks.*`, `middle_block.*`,
+    `time_embed.*`). The rest is ControlNet's own: the hint encoder's convolutions, which
+    LDM keeps in one `nn.Sequential` with a SiLU after each conv (so convs sit at even
+    indices: `conv_in` at 0, `blocks.i` at 2(i+1), `conv_out` after the last block), and the
+    zero convolutions, `controlnet_down_blocks.i` -> `zero_convs.i.0` and
+    `controlnet_mid_block` -> `middle_block_out.0`.
+    """
+    table = _encoder_table(config)
+    hint_blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    table["controlnet_cond_embedding.conv_in."] = _Target("input_hint_block.0.")
+    for block in range(hint_blocks):
+        table[f"controlnet_cond_embedding.blocks.{block}."] = _Target(f"input_hint_block.{2 * (block + 1)}.")
+    table["controlnet_cond_embedding.conv_out."] = _Target(f"input_hint_block.{2 * (hint_blocks + 1)}.")
+    for index in range(_child_count(list(controlnet_sd), "controlnet_down_blocks.")):
+        table[f"controlnet_down_blocks.{index}."] = _Target(f"zero_convs.{index}.0.")
+    table["controlnet_mid_block."] = _Target("middle_block_out.0.")
+    renamed = _rename(controlnet_sd, table, "ControlNet")
+    return {CONTROLNET_PREFIX + key: tensor for key, tensor in renamed.items()}
 
 
 def _child_count(keys: Sequence[str], prefix: str) -> int:
