@@ -103,6 +103,10 @@ def generator(args: argparse.Namespace, model: LoadedModel, runtime: Runtime) ->
         normalize_mode=args.emb_normalize_mode,
         embeddings=prompt_embeddings(args, model),
     )
+    nets = controlnets(args, model, runtime)
+    if nets is not None and encoder.embeddings is not None and encoder.embeddings.has_xti:
+        raise UserError("--XTI_embeddings and --control_net_models cannot be used together yet "
+                        "(XTI gives every U-Net layer its own text encoding; the ControlNet has no such layers)")
     return Generator(
         unet=model.unet,
         vae=model.vae,
@@ -113,7 +117,7 @@ def generator(args: argparse.Namespace, model: LoadedModel, runtime: Runtime) ->
         dtype=runtime.dtype,
         noise_device=runtime.noise_device,
         ddim_eta=args.ddim_eta,
-        controlnets=controlnets(args, model, runtime),
+        controlnets=nets,
     )
 
 

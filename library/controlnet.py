@@ -142,6 +142,17 @@ class ControlNets:
                 by_prep[unit.prep] = hint_tensor([hint_array(p, unit.prep, width, height) for p in pictures])
         return [by_prep[unit.prep] for unit in self.units]
 
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """A1111-style `ControlNet N` parameters of an image guided by these ControlNets."""
+        items = []
+        for n, unit in enumerate(self.units):
+            parts = [f"Module: {unit.prep.kind}", f"Model: {unit.name}", f"Weight: {unit.weight:g}"]
+            if unit.prep.kind == "canny":
+                parts += [f"Threshold A: {unit.prep.low}", f"Threshold B: {unit.prep.high}"]
+            parts += ["Guidance Start: 0", f"Guidance End: {unit.ratio:g}"]
+            items.append((f"ControlNet {n}", ", ".join(parts)))
+        return tuple(items)
+
     def for_batch(self, guide_paths: Sequence[str], width: int, height: int, copies: int,
                   device: torch.device, dtype: torch.dtype) -> "BatchControl":
         """The per-call guidance of a batch of `len(guide_paths)` images (times `copies` for CFG)."""

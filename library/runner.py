@@ -148,6 +148,8 @@ class Runner:
             prompt_file_name=job.file_name,
         )
         extra = self.highres.metadata(job) if stage == "1" else ()
+        if job.guide_image is not None and self.generator.controlnets is not None:
+            extra = (*extra, *self.generator.controlnets.metadata())
         record = images.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,

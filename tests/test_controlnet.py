@@ -213,3 +213,70 @@ def test_bad_controlnet_options_are_one_line_errors(extra, message, capsys) -> N
         parse_args(["--prompt", "x", *extra])
     assert info.value.code == 2
     assert capsys.readouterr().err == f"gen_img.py: error: {message} (see --help)\n"
+
+
+# --- end to end, with the tiny ControlNet files -----------------------------------------------------
+
+
+def _cli_guide(tmp_path: Path) -> Path:
+    path = tmp_path / "guide.png"
+    _picture(64, 64).save(path)
+    return path
+
+
+def test_cli_controlnet_changes_the_image_and_weight_0_does_not(tiny_models, tmp_path, capsys):
+    guide = str(_cli_guide(tmp_path))
+    net = str(tiny_models["controlnet-sd1"])
+    common = ["--prompt", "a cat", "--seed", "7"]
+    assert run(tiny_models, tmp_path / "plain", *common) == 0
+    assert run(tiny_models, tmp_path / "cn", *common, "--control_net_models", net, "--guide_image_path", guide,
+               "--control_net_preps", "canny_63_191") == 0
+    assert run(tiny_models, tmp_path / "w0", *common, "--control_net_models", net, "--guide_image_path", guide,
+               "--control_net_weights", "0") == 0
+    plain, guided, off = (pngs(tmp_path / d)[0] for d in ("plain", "cn", "w0"))
+    assert np.abs(pixels(plain) - pixels(guided)).max() > 10
+    assert np.array_equal(pixels(plain), pixels(off))
+    parameters = meta(guided)["parameters"]
+    assert ('ControlNet 0: "Module: canny, Model: tiny-controlnet-sd1.safetensors, Weight: 1, Threshold A: 63, '
+            'Threshold B: 191, Guidance Start: 0, Guidance End: 1"') in parameters
+
+
+def test_cli_two_controlnets_in_turn_and_batches(tiny_models, tmp_path):
+    guides = tmp_path / "guides"
+    guides.mkdir()
+    _picture(64, 64, seed=1).save(guides / "a.png")
+    _picture(64, 64, seed=2).transpose(Image.Transpose.ROTATE_90).save(guides / "b.png")
+    options = ["--prompt", "a cat", "--images_per_prompt", "2", "--seed", "11",
+               "--control_net_models", str(tiny_models["controlnet-sd1"]), str(tiny_models["controlnet-sd1-diff"]),
+               "--control_net_preps", "canny", "none", "--control_net_ratios", "1", "0.5",
+               "--guide_image_path", str(guides)]
+    assert run(tiny_models, tmp_path / "b1", *options) == 0
+    assert run(tiny_models, tmp_path / "b2", *options, "--batch_size", "2") == 0
+    one, two = pngs(tmp_path / "b1"), pngs(tmp_path / "b2")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    assert np.abs(pixels(one[0]) - pixels(one[1])).max() > 10  # other seed and other guide
+
+
+def test_cli_controlnet_with_highres_fix_and_its_disable_switch(tiny_models, tmp_path):
+    guide = str(_cli_guide(tmp_path))
+    options = ["--prompt", "a cat", "--seed", "5", "--W", "128", "--H", "96", "--highres_fix_scale", "0.5",
+               "--highres_fix_steps", "3", "--strength", "0.6",
+               "--control_net_models", str(tiny_models["controlnet-sd1"]), "--guide_image_path", guide]
+    assert run(tiny_models, tmp_path / "both", *options) == 0
+    assert run(tiny_models, tmp_path / "first", *options, "--highres_fix_disable_control_net") == 0
+    both, first = pngs(tmp_path / "both")[0], pngs(tmp_path / "first")[0]
+    assert pixels(both).shape == (96, 128, 3)
+    assert np.abs(pixels(both) - pixels(first)).max() > 10
+
+
+def test_cli_controlnet_of_another_model_is_one_line(tiny_models, tmp_path, capsys):
+    guide = str(_cli_guide(tmp_path))
+    net = tiny_models["controlnet-sd2"]
+    assert run(tiny_models, tmp_path / "o", "--prompt", "x", "--control_net_models", str(net),
+               "--guide_image_path", guide) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gen_img.py: error: --control_net_models {net}: this ControlNet does not fit the model")
+    assert err.count("\n") == 1
+    assert not pngs(tmp_path / "o")
