@@ -280,3 +280,16 @@ def test_cli_controlnet_of_another_model_is_one_line(tiny_models, tmp_path, caps
     assert err.startswith(f"gen_img.py: error: --control_net_models {net}: this ControlNet does not fit the model")
     assert err.count("\n") == 1
     assert not pngs(tmp_path / "o")
+
+
+def test_cli_xti_with_controlnet_is_refused_in_one_line(tiny_models, tmp_path, capsys):
+    from library.embeddings import write_xti
+
+    xti = write_xti(tmp_path / "xcat.safetensors",
+                    {name: torch.zeros(1, 32) for name in ("IN01", "MID", "OUT02", "OUT03")})
+    assert run(tiny_models, tmp_path / "o", "--prompt", "a xcat", "--XTI_embeddings", str(xti),
+               "--control_net_models", str(tiny_models["controlnet-sd1"]),
+               "--guide_image_path", str(_cli_guide(tmp_path))) == 2
+    assert capsys.readouterr().err == (
+        "gen_img.py: error: --XTI_embeddings and --control_net_models cannot be used together yet (XTI gives "
+        "every U-Net layer its own text encoding; the ControlNet has no such layers)\n")
