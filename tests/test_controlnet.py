@@ -293,3 +293,14 @@ def test_cli_xti_with_controlnet_is_refused_in_one_line(tiny_models, tmp_path, c
     assert capsys.readouterr().err == (
         "gen_img.py: error: --XTI_embeddings and --control_net_models cannot be used together yet (XTI gives "
         "every U-Net layer its own text encoding; the ControlNet has no such layers)\n")
+
+
+def test_cli_difference_controlnet_equals_the_full_one_with_an_unmerged_lora(tiny_models, tmp_path):
+    guide = str(_cli_guide(tmp_path))
+    for key in ("controlnet-sd1", "controlnet-sd1-diff"):
+        assert run(tiny_models, tmp_path / key, "--prompt", "a cat", "--seed", "3",
+                   "--network_module", "networks.lora", "--network_weights", str(tiny_models["lora"]),
+                   "--control_net_models", str(tiny_models[key]), "--guide_image_path", guide,
+                   "--control_net_preps", "canny") == 0
+    full, diff = (pngs(tmp_path / key)[0] for key in ("controlnet-sd1", "controlnet-sd1-diff"))
+    assert np.abs(pixels(full) - pixels(diff)).max() <= 1
