@@ -165,6 +165,21 @@ def test_ratio_counts_unet_calls(sd1, controlnet, tmp_path):
     assert calls == 4  # 7 U-Net calls, the first ceil(3.5)
 
 
+def test_img2img_ratio_counts_the_calls_it_runs(sd1, controlnet, tmp_path):
+    from library.img2img import Img2ImgInput
+
+    gen = make_generator(sd1, "ddim")
+    gen.controlnets = ControlNets([ControlUnit(controlnet, "net", Prep("none"), 1.0, 0.5)])
+    calls = []
+    handle = controlnet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        job = replace(_job(_guide(tmp_path)), steps=8, strength=0.5)
+        gen.latents([job], Img2ImgInput(0.5, latents=torch.zeros(1, 4, 8, 8)))
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # 4 of 8 steps run, the ControlNet in the first half of them
+
+
 def test_controlnet_batches_do_not_change_images(sd1, controlnet, tmp_path):
     guide = _guide(tmp_path)
     other = tmp_path / "other.png"
