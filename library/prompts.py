@@ -24,6 +24,7 @@ from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pic
 from library.errors import UserError
 from library.jobs import Job
 from library.prompt_options import PromptOverrides, parse_prompt_line
+from library.prompt_weighting import split_and
 from library.user_code import import_file
 from library.seeds import SeedSource, seeds_for_line
 
@@ -142,6 +143,9 @@ def jobs_for_line(
     parsed = parse_prompt_line(line.text)
     o = parsed.overrides
     _warn_not_implemented(o, line)
+    if len(split_and(parsed.prompt)) > 1:
+        logger.warning("%s: ' AND ' parts (attention couple) are not implemented yet; the prompt is used as one "
+                       "text, AND included", line.where)
     width, height = o.width or defaults.width, o.height or defaults.height
     for name, value in (("--w", width), ("--h", height)):
         if value is not None and value % 8:

@@ -277,3 +277,13 @@ def test_prompt_options_without_their_feature_warn_and_change_nothing(tiny_model
         "CLIP guidance (the text is only written to the image metadata) not implemented yet"
     ]
     assert meta(with_options)["clip-prompt"] == "a red car"
+
+
+def test_and_parts_warn_that_attention_couple_is_not_implemented(tiny_models, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="library.prompts"):
+        assert run(tiny_models, tmp_path, "--prompt", "a cat AND a dog --n blur") == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "library.prompts"] == [
+        "--prompt: ' AND ' parts (attention couple) are not implemented yet; the prompt is used as one text, "
+        "AND included"
+    ]
+    assert meta(pngs(tmp_path)[0])["prompt"] == "a cat AND a dog"
