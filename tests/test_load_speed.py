@@ -118,3 +118,15 @@ def test_move_skips_modules_already_on_the_device() -> None:
     del module.to
     moved = _move(module, torch.device("meta"))
     assert moved.weight.device.type == "meta"
+
+
+def test_load_controlnet_pages_in_its_weights(tiny_models, monkeypatch: pytest.MonkeyPatch) -> None:
+    from library.models.controlnet import load_controlnet
+
+    unet = load_model(str(tiny_models["sd1"])).unet
+    seen: list[int] = []
+    original = checkpoint._page_runs
+    monkeypatch.setattr(checkpoint, "_page_runs", lambda tensors: seen.append(len(tensors)) or original(tensors))
+    net = load_controlnet(str(tiny_models["controlnet-sd1"]), unet, torch.float32, "cpu")
+    if sys.platform.startswith("linux"):
+        assert seen == [len(net.state_dict())]  # every ControlNet tensor, nothing else of the file

@@ -76,12 +76,19 @@ def load_controlnet(
 
 def _load_single_file(path: Path, unet: UNet2DConditionModel, dtype: torch.dtype) -> ControlNetModel:
     """A ControlNet from one file in the ControlNet 1.0 layout (full or difference)."""
+    raw = checkpoint.read_state_dict(path)
+    ldm = _controlnet_keys(raw)
+    # Weights kept as stored are mapped in the background while the network is built (loader.load_model).
+    with checkpoint.paging_in(t for t in ldm.values() if t.dtype == dtype):
+        return _build(path, ldm, DIFFERENCE_KEY in raw, unet, dtype)
+
+
+def _build(path: Path, ldm: Mapping[str, torch.Tensor], is_difference: bool, unet: UNet2DConditionModel,
+           dtype: torch.dtype) -> ControlNetModel:
+    """The ControlNet of a file's prefix-less ControlNet 1.0 tensors `ldm`."""
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    raw = checkpoint.read_state_dict(path)
-    is_difference = DIFFERENCE_KEY in raw
-    ldm = _controlnet_keys(raw)
     hint = {key: tensor for key, tensor in ldm.items() if key.startswith(_HINT)}
     if not hint:
         raise UserError(
