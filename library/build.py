@@ -103,10 +103,10 @@ def generator(args: argparse.Namespace, model: LoadedModel, runtime: Runtime) ->
         normalize_mode=args.emb_normalize_mode,
         embeddings=prompt_embeddings(args, model),
     )
-    nets = controlnets(args, model, runtime)
-    if nets is not None and encoder.embeddings is not None and encoder.embeddings.has_xti:
+    if args.control_net_models and encoder.embeddings is not None and encoder.embeddings.has_xti:
         raise UserError("--XTI_embeddings and --control_net_models cannot be used together yet "
                         "(XTI gives every U-Net layer its own text encoding; the ControlNet has no such layers)")
+    nets = controlnets(args, model, runtime)
     return Generator(
         unet=model.unet,
         vae=model.vae,
@@ -130,9 +130,9 @@ def controlnets(args: argparse.Namespace, model: LoadedModel, runtime: Runtime):
     if not names:
         return None
     count = len(names)
-    preps = [parse_prep(p) for p in per_model(args.control_net_preps, count, "--control_net_preps", "none")]
-    weights = per_model(args.control_net_weights, count, "--control_net_weights", 1.0)
-    ratios = per_model(args.control_net_ratios, count, "--control_net_ratios", 1.0)
+    preps = [parse_prep(p) for p in per_model(args.control_net_preps, count, "none")]
+    weights = per_model(args.control_net_weights, count, 1.0)
+    ratios = per_model(args.control_net_ratios, count, 1.0)
     units = []
     for name, prep, weight, ratio in zip(names, preps, weights, ratios):
         net = load_controlnet(name, model.unet, runtime.dtype, runtime.device)

@@ -180,13 +180,15 @@ class BatchControl:
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
-def per_model(values: list | None, count: int, option: str, default):
-    """One value per model from an option given once (applies to all), per model, or not at all."""
+def per_model(values: list | None, count: int, default) -> list:
+    """One value per model from an option given once (applies to all), per model, or not at all.
+
+    The command line checked the count (`library.cli.validate_controlnet`); another count is a bug.
+    """
     if not values:
         return [default] * count
     if len(values) == 1:
         return values * count
     if len(values) != count:
-        raise UserError(f"{option} has {len(values)} values but --control_net_models has {count}; "
-                        "give one value for all or one per model")
+        raise ValueError(f"{len(values)} values for {count} ControlNets")
     return list(values)

@@ -82,11 +82,11 @@ def test_units_take_turns_within_their_ratios() -> None:
 
 
 def test_per_model_values() -> None:
-    assert per_model(None, 3, "--control_net_weights", 1.0) == [1.0, 1.0, 1.0]
-    assert per_model([0.5], 2, "--control_net_weights", 1.0) == [0.5, 0.5]
-    assert per_model([0.5, 0.7], 2, "--control_net_weights", 1.0) == [0.5, 0.7]
-    with pytest.raises(UserError, match="--control_net_weights has 2 values but --control_net_models has 3"):
-        per_model([0.5, 0.7], 3, "--control_net_weights", 1.0)
+    assert per_model(None, 3, 1.0) == [1.0, 1.0, 1.0]
+    assert per_model([0.5], 2, 1.0) == [0.5, 0.5]
+    assert per_model([0.5, 0.7], 2, 1.0) == [0.5, 0.7]
+    with pytest.raises(ValueError, match="2 values for 3 ControlNets"):  # the command line refuses this first
+        per_model([0.5, 0.7], 3, 1.0)
 
 
 def test_guide_images_are_used_in_turn(tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ def load_controlnet(
         controlnet = _load_folder(path, unet, dtype)
     else:
         controlnet = _load_single_file(path, unet, dtype)
-    logger.info("ControlNet from %s", path.name)
+    logger.debug("ControlNet from %s", path.name)
     return _move(controlnet, torch.device(device)).eval().requires_grad_(False)
 
 
