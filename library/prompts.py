@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pick_variants
 from library.errors import UserError
 from library.jobs import Job
-from library.prompt_options import PromptOverrides, parse_prompt_line
+from library.prompt_options import PROMPT_OPTIONS, PromptOverrides, parse_prompt_line
 from library.prompt_weighting import split_and
 from library.user_code import import_file
 from library.seeds import SeedSource, seeds_for_line
@@ -178,28 +178,23 @@ def jobs_for_line(
     return jobs
 
 
-#: Prompt options parsed (so prompt files written for the original run) whose feature this
-#: tool does not have yet, and what that feature is.
+#: Prompt-option fields parsed (so prompt files written for the original run) whose feature
+#: this tool does not have yet, and what that feature is.
 _NOT_IMPLEMENTED = {
-    "ds_depth_1": ("--dsd1", "Deep Shrink"),
-    "ds_timesteps_1": ("--dst1", "Deep Shrink"),
-    "ds_depth_2": ("--dsd2", "Deep Shrink"),
-    "ds_timesteps_2": ("--dst2", "Deep Shrink"),
-    "ds_ratio": ("--dsr", "Deep Shrink"),
-    "gradual_latent_timesteps": ("--glt", "Gradual Latent"),
-    "gradual_latent_ratio": ("--glr", "Gradual Latent"),
-    "gradual_latent_ratio_step": ("--gls", "Gradual Latent"),
-    "gradual_latent_every_n_steps": ("--gle", "Gradual Latent"),
-    "clip_prompt": ("--c", "CLIP guidance (the text is only written to the image metadata)"),
+    **dict.fromkeys(("ds_depth_1", "ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio"), "Deep Shrink"),
+    **dict.fromkeys(("gradual_latent_timesteps", "gradual_latent_ratio", "gradual_latent_ratio_step",
+                     "gradual_latent_every_n_steps"), "Gradual Latent"),
+    "clip_prompt": "CLIP guidance (the text is only written to the image metadata)",
 }
+_OPTION_NAMES = {option.field: option.name for option in PROMPT_OPTIONS}
 
 
 def _warn_not_implemented(overrides: PromptOverrides, line: Line) -> None:
     """Say which options of the line have no effect yet, instead of dropping them silently."""
-    given = [option for field, option in _NOT_IMPLEMENTED.items() if getattr(overrides, field) is not None]
+    given = [field for field in _NOT_IMPLEMENTED if getattr(overrides, field) is not None]
     if given:
-        names = ", ".join(name for name, _ in given)
-        features = ", ".join(dict.fromkeys(feature for _, feature in given))
+        names = ", ".join("--" + _OPTION_NAMES[field] for field in given)
+        features = ", ".join(dict.fromkeys(_NOT_IMPLEMENTED[field] for field in given))
         logger.warning("%s: %s ignored: %s not implemented yet", line.where, names, features)
 
 
