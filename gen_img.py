@@ -14,8 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from library import build, img2img, prompts  # noqa: E402
-from library.cli import parse_args  # noqa: E402
+from library.cli import parse_options  # noqa: E402
 from library.errors import UserError  # noqa: E402
+from library.options import Options  # noqa: E402
 from library.runner import run_rounds  # noqa: E402
 from library.seeds import SeedSource  # noqa: E402
 
@@ -23,26 +24,25 @@ logger = logging.getLogger("gen_img")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    options = parse_options(argv)
     configure_logging()
     try:
-        runtime = build.Runtime.from_args(args)
-        model = build.load(args, runtime)
-        build.optimize(args, model)
-        networks = build.networks(args, model)
-        generator = build.generator(args, model, runtime)
-        build.vae_memory(args, model, generator)
-        runner = build.runner(args, model, generator, networks.before_batch)
+        runtime = build.Runtime.from_options(options.load)
+        model = build.load(options.load, runtime)
+        networks = build.networks(options, model)
+        generator = build.generator(options, model, runtime, networks)
+        runner = build.runner(options, model, generator)
 
-        if args.interactive:
-            seeds = SeedSource(args.seed, single_image=False)
+        rounds, per_prompt = options.rounds, options.generation.images_per_prompt
+        if rounds.interactive:
+            seeds = SeedSource(rounds.seed, single_image=False)
             for line in prompts.interactive_lines():
                 runner.run(runner.jobs([line], seeds, None))
         else:
-            lines = prompt_lines(args, generator, networks.loaded)
-            seeds = SeedSource(args.seed, single_image=len(lines) == 1 and args.images_per_prompt == 1)
-            total = len(lines) * args.images_per_prompt if lines else None
-            run_rounds(runner, args, lambda: prompts.shuffled(lines, args.shuffle_prompts), seeds, total)
+            lines = prompt_lines(options, generator, networks.loaded)
+            seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1)
+            total = len(lines) * per_prompt if lines else None
+            run_rounds(runner, rounds, lambda: prompts.shuffled(lines, rounds.shuffle_prompts), seeds, total)
     except UserError as exc:
         print(f"gen_img.py: error: {exc}", file=sys.stderr)
         return 2
@@ -53,17 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def prompt_lines(args, generator, networks) -> list[prompts.Line]:
+def prompt_lines(options: Options, generator, networks) -> list[prompts.Line]:
     """The prompt lines of `--prompt`, `--from_file` or `--from_module` (or, with none of them,
     of the `--image_path` sources' metadata)."""
-    if args.prompt is None and args.from_file is None and args.from_module is None:
-        return img2img.metadata_lines(args.image_path)
-    if args.prompt is not None:
-        return [prompts.Line(args.prompt, "--prompt")]
-    if args.from_file is not None:
-        return prompts.read_prompt_file(args.from_file)
-    prompter = prompts.load_prompter(args.from_module, args, generator, networks)
-    return list(prompts.module_lines(prompter, args, generator, SeedSource(args.seed, False), None))
+    rounds = options.rounds
+    if rounds.prompt is None and rounds.from_file is None and rounds.from_module is None:
+        return img2img.metadata_lines(options.sources.image_path)
+    if rounds.prompt is not None:
+        return [prompts.Line(rounds.prompt, "--prompt")]
+    if rounds.from_file is not None:
+        return prompts.read_prompt_file(rounds.from_file)
+    args = options.namespace  # the original's plugin signature takes the raw namespace
+    prompter = prompts.load_prompter(rounds.from_module, args, generator, networks)
+    return list(prompts.module_lines(prompter, args, generator, SeedSource(rounds.seed, False), None))
 
 
 def configure_logging() -> None:

@@ -1,14 +1,12 @@
-"""Turning parsed options into the objects of a run: device, dtypes, model, generator, runner.
+"""Turning the option records into the objects of a run: device, dtypes, model, pipeline, runner.
 
-Each function takes the argparse namespace and returns one ready object, so `gen_img.py`
-reads as the list of steps of a run.
+Each function takes the records it needs (`library.options`) and returns one ready object, so
+`gen_img.py` reads as the list of steps of a run.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +14,13 @@ from pathlib import Path
 import torch
 
 from library import highres_fix, images
+from library.additional_networks import Networks, load_networks
 from library.cli import vae_batch_size
 from library.controlnet import GuideImages
 from library.errors import UserError
 from library.img2img import SourceImages
 from library.models import LoadedModel, load_model
+from library.options import ControlNetOptions, LoadOptions, Options, TextOptions
 from library.pipeline import Generator
 from library.prompts import Defaults
 from library.runner import OutputSettings, Runner
@@ -41,47 +41,44 @@ class Runtime:
     noise_device: torch.device
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Runtime":
-        name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    def from_options(cls, options: LoadOptions) -> "Runtime":
+        name = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             device = torch.device(name)
             torch.empty(1, device=device)
         except (RuntimeError, AssertionError) as exc:
             raise UserError(f"--device {name}: not usable here ({str(exc).splitlines()[0][:120]})") from None
-        dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-        vae_dtype = torch.float32 if args.no_half_vae else dtype
-        noise_device = torch.device("cpu") if args.noise_device == "cpu" else device
+        dtype = torch.float16 if options.fp16 else torch.bfloat16 if options.bf16 else torch.float32
+        vae_dtype = torch.float32 if options.no_half_vae else dtype
+        noise_device = torch.device("cpu") if options.noise_device == "cpu" else device
         return cls(device, dtype, vae_dtype, noise_device)
 
 
-def checkpoint_path(args: argparse.Namespace) -> str:
+def checkpoint_path(options: LoadOptions) -> str:
     """`--ckpt`, or the tiny demo model (written on first use) when none is given."""
-    if args.ckpt:
-        return args.ckpt
+    if options.ckpt:
+        return options.ckpt
     from tools.make_tiny_model import make_tiny_models
 
     logger.warning("no --ckpt given: using the tiny demo model (random weights: the images are noise)")
     return str(make_tiny_models(DEMO_DIR, ("sd1",))["sd1"])
 
 
-def load(args: argparse.Namespace, runtime: Runtime) -> LoadedModel:
-    """The model of `--ckpt` (and `--vae`), on the run's device and dtypes."""
-    return load_model(
-        checkpoint_path(args),
-        vae=args.vae,
+def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
+    """The model of `--ckpt` (and `--vae`), on the run's device and dtypes, with its attention
+    backend and memory layout set (SDPA by default, xformers on request)."""
+    model = load_model(
+        checkpoint_path(options),
+        vae=options.vae,
         dtype=runtime.dtype,
         vae_dtype=runtime.vae_dtype,
         device=runtime.device,
-        v1=args.v1,
-        v2=args.v2,
-        v_parameterization=args.v_parameterization,
-        tokenizer_cache_dir=args.tokenizer_cache_dir,
+        v1=options.v1,
+        v2=options.v2,
+        v_parameterization=options.v_parameterization,
+        tokenizer_cache_dir=options.tokenizer_cache_dir,
     )
-
-
-def optimize(args: argparse.Namespace, model: LoadedModel) -> None:
-    """Attention backend and memory layout: SDPA by default, xformers on request."""
-    if args.xformers or args.diffusers_xformers:
+    if options.xformers:
         try:
             import xformers  # noqa: F401
         except ImportError:
@@ -89,103 +86,112 @@ def optimize(args: argparse.Namespace, model: LoadedModel) -> None:
                             "or leave it out to use PyTorch SDPA") from None
         model.unet.enable_xformers_memory_efficient_attention()
         model.vae.enable_xformers_memory_efficient_attention()
-    if args.opt_channels_last:
+    if options.channels_last:
         model.unet.to(memory_format=torch.channels_last)
+    if options.vae_tiling:
+        model.vae.enable_tiling()
+    return model
 
 
-def generator(args: argparse.Namespace, model: LoadedModel, runtime: Runtime) -> Generator:
-    """The Generator for this model and the options' sampler and prompt settings."""
-    encoder = PromptEncoder(
-        model.tokenizer,
-        model.text_encoder,
-        clip_skip=args.clip_skip or model.kind.default_clip_skip,
-        max_embeddings_multiples=args.max_embeddings_multiples or 1,
-        normalize_mode=args.emb_normalize_mode,
-        embeddings=prompt_embeddings(args, model),
-    )
-    if args.control_net_models and encoder.embeddings is not None and encoder.embeddings.has_xti:
-        raise UserError("--XTI_embeddings and --control_net_models cannot be used together yet "
-                        "(XTI gives every U-Net layer its own text encoding; the ControlNet has no such layers)")
-    nets = controlnets(args, model, runtime)
+def networks(options: Options, model: LoadedModel) -> Networks:
+    """`--network_module/--network_weights` loaded, merged, pre-calculated or prepared."""
+    return load_networks(options.networks, model)
+
+
+def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Networks) -> Generator:
+    """The pipeline for this model, with the run's sampler, prompt encoder and features."""
+    encoder = prompt_encoder(options.text, model)
+    control = controlnets(options.controlnet, model, runtime)
+    features = [f for f in (nets, xti_feature(encoder, model), control) if f is not None]
     return Generator(
         unet=model.unet,
         vae=model.vae,
         encoder=encoder,
-        sampler=args.sampler,
+        sampler=options.generation.sampler,
         v_prediction=model.kind.v_prediction,
         device=runtime.device,
         dtype=runtime.dtype,
         noise_device=runtime.noise_device,
-        ddim_eta=args.ddim_eta,
-        controlnets=nets,
+        ddim_eta=options.generation.ddim_eta,
+        vae_slices=options.load.vae_slices,
+        features=features,
     )
 
 
-def controlnets(args: argparse.Namespace, model: LoadedModel, runtime: Runtime):
+def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder:
+    """The prompt encoder with `--clip_skip`, the token limit and the run's embeddings."""
+    from library.embeddings import load_embeddings
+
+    embeddings = load_embeddings(list(options.textual_inversion_embeddings), list(options.xti_embeddings),
+                                 model.text_encoder, model.unet)
+    return PromptEncoder(
+        model.tokenizer,
+        model.text_encoder,
+        clip_skip=options.clip_skip or model.kind.default_clip_skip,
+        max_embeddings_multiples=options.max_embeddings_multiples or 1,
+        normalize_mode=options.emb_normalize_mode,
+        embeddings=embeddings,
+    )
+
+
+def xti_feature(encoder: PromptEncoder, model: LoadedModel):
+    """With XTI embeddings, the feature that gives each cross-attention layer its own text states."""
+    from library.xti import PerLayerText
+
+    if encoder.embeddings is None or not encoder.embeddings.has_xti:
+        return None
+    return PerLayerText(model.unet, encoder.embeddings.layer_names)
+
+
+def controlnets(options: ControlNetOptions, model: LoadedModel, runtime: Runtime):
     """`--control_net_models` loaded for this model, with their preps, weights and ratios (or None)."""
     from library.controlnet import ControlNets, ControlUnit, parse_prep, per_model
     from library.models.controlnet import load_controlnet
 
-    names = args.control_net_models or []
-    if not names:
+    if not options.models:
         return None
-    count = len(names)
-    preps = [parse_prep(p) for p in per_model(args.control_net_preps, count, "none")]
-    weights = per_model(args.control_net_weights, count, 1.0)
-    ratios = per_model(args.control_net_ratios, count, 1.0)
+    count = len(options.models)
+    preps = [parse_prep(p) for p in per_model(options.preps, count, "none")]
+    weights = per_model(options.weights, count, 1.0)
+    ratios = per_model(options.ratios, count, 1.0)
     units = []
-    for name, prep, weight, ratio in zip(names, preps, weights, ratios):
+    for name, prep, weight, ratio in zip(options.models, preps, weights, ratios):
         net = load_controlnet(name, model.unet, runtime.dtype, runtime.device)
         units.append(ControlUnit(net, Path(name).name, prep, weight, ratio))
         logger.info("ControlNet %s: preprocessing %s, weight %g, ratio %g", Path(name).name, prep.label, weight, ratio)
     return ControlNets(units)
 
 
-def prompt_embeddings(args: argparse.Namespace, model: LoadedModel):
-    """`--textual_inversion_embeddings` / `--XTI_embeddings` as an EmbeddingSet (None without them).
-
-    With XTI files the U-Net is hooked to take one text encoding per cross-attention layer.
-    """
-    from library.embeddings import load_embeddings
-    from library.xti import PerLayerConditioning
-
-    ti_files = getattr(args, "textual_inversion_embeddings", None) or []
-    xti_files = getattr(args, "XTI_embeddings", None) or []
-    embeddings = load_embeddings(ti_files, xti_files, model.text_encoder, model.unet)
-    if embeddings is not None and embeddings.has_xti:
-        PerLayerConditioning(model.unet, embeddings.layer_names)
-    return embeddings
-
-
-def runner(args: argparse.Namespace, model: LoadedModel, gen: Generator, before_batch=None) -> Runner:
+def runner(options: Options, model: LoadedModel, gen: Generator) -> Runner:
     """A Runner writing into `--outdir` with this run's metadata."""
-    outdir = Path(args.outdir)
+    from library.controlnet import ControlNets
+    from library.preview import preview_window
+
+    outdir = Path(options.output.outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--outdir {outdir}: cannot create it ({exc.strerror})") from None
+    g = options.generation
+    control = next((f for f in gen.features if isinstance(f, ControlNets)), None)
     output = OutputSettings(
         outdir=outdir,
-        sampler=args.sampler,
-        sequential=args.sequential_file_name,
+        sampler=g.sampler,
+        sequential=options.output.sequential_file_name,
         model_name=model.name,
         model_hash=ModelHash(model.path).get(),
-        clip_skip=args.clip_skip or model.kind.default_clip_skip,
-        vae_batch_size=vae_batch_size(args.vae_batch_size, args.batch_size),
-        preview=preview_window() if args.interactive and not args.no_preview else None,
+        clip_skip=options.text.clip_skip or model.kind.default_clip_skip,
+        vae_batch_size=vae_batch_size(g.vae_batch_size, g.batch_size),
+        preview=preview_window() if options.output.preview else None,
+        use_original_name=options.output.use_original_file_name,
+        controlnet_metadata=control.metadata() if control is not None else (),
     )
-    output.use_original_name = args.use_original_file_name
-    sources = SourceImages(args.image_path, args.mask_path) if args.image_path is not None else None
-    guides = GuideImages(args.guide_image_path) if args.guide_image_path is not None else None
-    return Runner(gen, Defaults.from_args(args), output, args.batch_size, before_batch,
-                  sources=sources, highres=highres_fix.from_args(args), guides=guides)
-
-
-def vae_memory(args: argparse.Namespace, model: LoadedModel, gen: Generator) -> None:
-    """`--vae_slices` (exact, in the Generator) or `--vae_tiling` (diffusers' blended tiles)."""
-    gen.vae_slices = args.vae_slices
-    if args.vae_tiling:
-        model.vae.enable_tiling()
+    s = options.sources
+    sources = SourceImages(s.image_path, s.mask_path) if s.image_path is not None else None
+    guide_path = options.controlnet.guide_image_path
+    guides = GuideImages(guide_path) if guide_path is not None else None
+    return Runner(gen, Defaults.from_options(options), output, g.batch_size,
+                  sources=sources, highres=highres_fix.from_options(options.highres), guides=guides)
 
 
 class ModelHash:
@@ -198,91 +204,3 @@ class ModelHash:
 
     def get(self) -> str | None:
         return self._future.result() if self._future is not None else None
-
-
-def preview_window():
-    """A function showing images in an OpenCV window until a key is pressed, or None."""
-    try:
-        import cv2
-        import numpy as np
-    except ImportError:
-        logger.warning("no preview: OpenCV is not installed (--no_preview hides this)")
-        return None
-    if os.name != "nt" and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        logger.warning("no preview: no display (--no_preview hides this)")
-        return None
-
-    def show(pictures) -> None:
-        try:
-            for picture in pictures:
-                cv2.imshow("gen_img", cv2.cvtColor(np.asarray(picture), cv2.COLOR_RGB2BGR))
-                cv2.waitKey()
-            cv2.destroyAllWindows()
-        except cv2.error:
-            logger.warning("no preview: this OpenCV has no GUI (pip install opencv-python, or --no_preview)")
-
-    return show
-
-
-@dataclass
-class Networks:
-    """The additional networks of a run, and the per-batch multiplier switch (`--am`)."""
-
-    loaded: list
-    defaults: tuple[float, ...]
-    switchable: int = 0  # networks from this index on are not merged and follow --am
-    _current: tuple[float, ...] | None = None
-
-    def before_batch(self, batch) -> None:
-        """Set multipliers for the batch's `--am` values; merged networks keep theirs."""
-        wanted = batch[0].network_multipliers or self.defaults
-        if not self.loaded or wanted == self._current:
-            return
-        if len(wanted) != len(self.loaded):
-            raise UserError(f"--am has {len(wanted)} values but {len(self.loaded)} networks are loaded")
-        for network, value in list(zip(self.loaded, wanted))[self.switchable:]:
-            network.set_multiplier(value)  # pre-calculated weights are recomputed by the network
-        self._current = tuple(wanted)
-
-
-def networks(args: argparse.Namespace, model: LoadedModel) -> Networks:
-    """Load `--network_module/--network_weights`, then merge, pre-calculate or attach them."""
-    import importlib
-
-    muls = tuple(args.network_mul or [1.0] * len(args.network_module))
-    loaded = []
-    for i, (module_name, weights) in enumerate(zip(args.network_module, args.network_weights)):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise UserError(f"--network_module {module_name}: cannot import it ({exc})") from None
-        kwargs = _network_args(args.network_args[i] if args.network_args else "")
-        network = module.create_network_from_weights(
-            muls[i], weights, model.vae, model.text_encoder, model.unet, for_inference=True, **kwargs
-        )
-        if args.network_show_meta:
-            print(f"metadata of {weights}:")
-            for key, value in sorted(getattr(network, "metadata", {}).items()):
-                print(f"  {key}: {value}")
-        loaded.append(network)
-    merged = len(loaded) if args.network_merge else (args.network_merge_n_models or 0)
-    for network in loaded[:merged]:
-        network.merge_to()
-    for network in loaded[merged:]:
-        network.apply_to()
-        if args.network_pre_calc:
-            network.pre_calculation()
-    result = Networks(loaded, muls, switchable=merged)
-    result._current = muls
-    return result
-
-
-def _network_args(text: str) -> dict[str, str]:
-    """`--network_args "k=v,k2=v2"` as a dict."""
-    pairs = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f'--network_args "{text}": expected key=value items separated by commas')
-        pairs[key.strip()] = value.strip()
-    return pairs

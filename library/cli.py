@@ -1,7 +1,8 @@
 """The command line: options grouped like the manual, same names and defaults.
 
-`parse_args` returns the argparse namespace after validation; mistakes end with one line
-and exit status 2 (argparse's usage block is not printed, `--help` shows everything).
+`parse_options` returns the options as frozen records (`library.options`) after validation;
+mistakes end with one line and exit status 2 (argparse's usage block is not printed,
+`--help` shows everything).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from typing import NoReturn, Sequence
 
 from library.errors import UserError
+from library.options import Options, from_namespace
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from_module", help="Python file with get_prompter(args, pipe, networks)")
     g.add_argument("--interactive", action="store_true", help="read prompts from the terminal")
     g.add_argument("--no_preview", action="store_true", help="interactive mode: do not show images")
-    g.add_argument("--W", type=int, default=512, help="image width (default 512)")
-    g.add_argument("--H", type=int, default=512, help="image height (default 512)")
+    g.add_argument("--W", type=int, help="image width (default 512; img2img: the source's)")
+    g.add_argument("--H", type=int, help="image height (default 512; img2img: the source's)")
     g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     g.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
     g.add_argument("--sampler", default="ddim", metavar="NAME",
@@ -108,24 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class DefaultValue(int):
-    """An option's default value, told apart from the same number typed by the user.
-
-    img2img keeps the source's size unless `--W/--H` are given, so it must know whether
-    they were; the parser's `--W/--H` defaults are wrapped in this type (`size_given`).
-    """
-
-
-def size_given(args: argparse.Namespace, name: str) -> bool:
-    """Whether `--W` / `--H` (name "W" / "H") was given on the command line."""
-    return not isinstance(getattr(args, name), DefaultValue)
-
-
 def _add_img2img_group(p: argparse.ArgumentParser) -> None:
     """img2img, inpainting, Highres fix and the VAE memory options (docs/img2img.md)."""
-    for action in p._actions:
-        if action.dest in ("W", "H"):
-            action.default = DefaultValue(action.default)
     g = p.add_argument_group("img2img, inpainting and Highres fix")
     g.add_argument("--image_path", help="img2img source image, or a folder of them (used in file-name order, in turn); "
                    "without --W/--H the source's size (rounded down to multiples of 8) is kept")
@@ -228,6 +214,11 @@ def validate_img2img(args: argparse.Namespace) -> None:
         raise UserError("--vae_slices and --vae_tiling exclude each other; --vae_slices keeps the image exact")
 
 
+def parse_options(argv: Sequence[str] | None = None) -> Options:
+    """The command line as frozen records (`library.options`); mistakes exit with one line."""
+    return from_namespace(parse_args(argv))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate; a bad combination exits with one line and status 2."""
     parser = build_parser()
@@ -258,7 +249,7 @@ def validate(args: argparse.Namespace) -> None:
     validate_controlnet(args)
     for name in ("W", "H"):
         value = getattr(args, name)
-        if value < 8 or value % 8:
+        if value is not None and (value < 8 or value % 8):
             raise UserError(f"--{name} {value}: must be a positive multiple of 8")
     for name in ("steps", "images_per_prompt", "n_iter", "batch_size"):
         if getattr(args, name) < 1:

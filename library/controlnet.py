@@ -20,8 +20,10 @@ Semantics, as the manual describes the original:
 * Classifier-free guidance: every copy of the batch (conditional, unconditional, negative)
   gets the hint, as in diffusers' ControlNet pipeline without "guess mode".
 
-ControlNet changes the U-Net only through its forward arguments
-(`down_block_additional_residuals`, `mid_block_additional_residual`); nothing is patched.
+ControlNet is a feature of the patch owner (`library.unet_patches`): it changes the U-Net only
+through the ``unet_kwargs`` point (`down_block_additional_residuals`,
+`mid_block_additional_residual`), computed from the default text states (with XTI, the
+ControlNet sees the first layer's states: it has no per-layer cross-attention).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from PIL import Image
 
 from library import images as image_io
 from library.errors import UserError
+from library.unet_patches import Batch, Patch
 
 logger = logging.getLogger(__name__)
 
@@ -153,28 +156,30 @@ class ControlNets:
             items.append((f"ControlNet {n}", ", ".join(parts)))
         return tuple(items)
 
-    def for_batch(self, guide_paths: Sequence[str], width: int, height: int, copies: int,
-                  device: torch.device, dtype: torch.dtype) -> "BatchControl":
-        """The per-call guidance of a batch of `len(guide_paths)` images (times `copies` for CFG)."""
-        hints = [torch.cat([h] * copies).to(device, dtype) for h in self.hints(guide_paths, width, height)]
-        return BatchControl(self, hints)
+    def for_batch(self, batch: Batch) -> "BatchControl | None":
+        """The batch's per-call guidance, when its images have guide images."""
+        first = batch.jobs[0]
+        if first.guide_image is None:
+            return None
+        hints = self.hints([j.guide_image for j in batch.jobs], first.width, first.height)
+        copies = batch.layout.copies
+        return BatchControl(self, [torch.cat([h] * copies).to(batch.device, batch.dtype) for h in hints])
 
 
-class BatchControl:
+class BatchControl(Patch):
     """ControlNet residuals for each U-Net call of one batch's loop."""
 
     def __init__(self, nets: ControlNets, hints: list[torch.Tensor]) -> None:
         self.nets, self.hints = nets, hints
 
-    def unet_kwargs(self, call: int, calls: int, sample: torch.Tensor, timestep: torch.Tensor,
-                    embeddings: torch.Tensor) -> dict:
-        """Extra U-Net arguments for call `call` of `calls`: residuals, or nothing."""
-        index = self.nets.unit_at(call, calls)
+    def unet_kwargs(self, ctx, sample: torch.Tensor, timestep: torch.Tensor, cond) -> dict | None:
+        """Residuals of the ControlNet whose turn call `ctx.step` is, or nothing."""
+        index = self.nets.unit_at(ctx.step, ctx.steps)
         if index is None:
-            return {}
+            return None
         unit = self.nets.units[index]
         down, mid = unit.model(
-            sample, timestep, encoder_hidden_states=embeddings, controlnet_cond=self.hints[index],
+            sample, timestep, encoder_hidden_states=cond.states, controlnet_cond=self.hints[index],
             conditioning_scale=unit.weight, return_dict=False,
         )
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

@@ -47,6 +47,7 @@ from library.errors import UserError
 from library.user_code import import_file
 from library.img2img import Img2ImgInput
 from library.jobs import Job
+from library.options import HighresOptions
 
 logger = logging.getLogger(__name__)
 
@@ -185,13 +186,11 @@ def _import(name: str):
         raise UserError(f"--highres_fix_upscaler {name}: cannot import it ({exc})") from None
 
 
-def from_args(args) -> HighresFix | None:
+def from_options(options: HighresOptions) -> HighresFix | None:
     """The run's HighresFix, or None without `--highres_fix_scale`."""
-    if not args.highres_fix_scale:
+    if not options.scale:
         return None
-    upscaler = load_upscaler(args.highres_fix_upscaler, args.highres_fix_upscaler_args) \
-        if args.highres_fix_upscaler else None
-    settings = HighresSettings(args.highres_fix_scale, args.highres_fix_steps, args.highres_fix_save_1st,
-                               args.highres_fix_latents_upscaling, upscaler, args.highres_fix_upscaler,
-                               control_net_2nd=not args.highres_fix_disable_control_net)
+    upscaler = load_upscaler(options.upscaler, options.upscaler_args) if options.upscaler else None
+    settings = HighresSettings(options.scale, options.steps, options.save_1st, options.latents_upscaling, upscaler,
+                               options.upscaler, control_net_2nd=not options.disable_control_net)
     return HighresFix(settings)

@@ -41,6 +41,7 @@ from PIL import Image
 from library import images as image_io
 from library.errors import UserError
 from library.jobs import Job
+from library.unet_patches import Batch, Patch
 
 logger = logging.getLogger(__name__)
 
@@ -89,27 +90,40 @@ class Img2ImgInput:
         return self.strength >= 1 and self.masks is None
 
 
-class KeepUnmasked:
-    """Re-imposes the noised source outside the mask after each step (inpainting)."""
+class Inpainting:
+    """The inpainting feature: batches with a mask keep the source outside it (`KeepUnmasked`)."""
 
-    def __init__(self, source: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> None:
+    def for_batch(self, batch: Batch) -> "KeepUnmasked | None":
+        source = batch.source
+        if source is None or source.masks is None:
+            return None
+        return KeepUnmasked(batch.scheduler, batch.timesteps, source.latents, source.noise, source.masks)
+
+
+class KeepUnmasked(Patch):
+    """Re-imposes the noised source outside the mask before the loop and after each step."""
+
+    def __init__(self, scheduler, timesteps: torch.Tensor, source: torch.Tensor, noise: torch.Tensor,
+                 masks: torch.Tensor) -> None:
+        self.scheduler, self.timesteps = scheduler, timesteps
         self.source, self.noise = source, noise.to(source)
         self.masks = masks.to(source)
 
     def blend(self, latents: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
         return known * (1 - self.masks) + latents * self.masks
 
-    def before(self, scheduler, latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def start(self, latents: torch.Tensor) -> torch.Tensor:
         """Before the first step (only changes anything at strength 1, which starts from noise)."""
-        if len(timesteps) == 0:
-            return self.blend(latents, self.source)
-        return self.blend(latents, noised(scheduler, self.source, self.noise, timesteps[0]))
+        return self.blend(latents, self._known(0))
 
-    def after(self, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, index: int) -> torch.Tensor:
-        """After step `index`: the source at the next step's noise level (clean at the end)."""
-        if index + 1 >= len(timesteps):
-            return self.blend(latents, self.source)
-        return self.blend(latents, noised(scheduler, self.source, self.noise, timesteps[index + 1]))
+    def after_step(self, ctx, latents: torch.Tensor) -> torch.Tensor:
+        """After a step: the source at the next step's noise level (clean at the end)."""
+        return self.blend(latents, self._known(ctx.step + 1))
+
+    def _known(self, index: int) -> torch.Tensor:
+        if index >= len(self.timesteps):
+            return self.source
+        return noised(self.scheduler, self.source, self.noise, self.timesteps[index])
 
 
 def starting_latents(scheduler, source: torch.Tensor, noise, timesteps: torch.Tensor, strength: float) -> torch.Tensor:

@@ -8,9 +8,10 @@ Otherwise the negative prompt is the unconditional input, as usual:
     eps = eps_neg + scale * (eps_cond - eps_neg)
 eps vs v-prediction is the scheduler's business (its `prediction_type`), not the loop's.
 
-img2img and inpainting (`library.img2img`) change only where the loop starts and what is
-re-imposed after each step; ControlNet (`library.controlnet`) only adds residuals to U-Net
-calls; the VAE memory options (`library.vae_memory`) only how the VAE runs.
+img2img (`library.img2img`) changes only where the loop starts. Everything else that changes
+a step (LoRA, XTI, ControlNet, inpainting, ...) is a feature of the patch owner
+(`library.unet_patches`), installed for the batch around the loop; the loop names none of them.
+The VAE memory options (`library.vae_memory`) only change how the VAE runs.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from library import img2img
-from library.controlnet import BatchControl, ControlNets
 from library.img2img import Img2ImgInput
 from library.jobs import Job
 from library.samplers import make_scheduler, noises_per_step
 from library.seeds import draw_image_noise
-from library.text_encoding import PromptEncoder
+from library.text_encoding import Conditioning, PromptEncoder
+from library.unet_patches import Batch, BatchLayout, Feature, PatchOwner, SourceLatents
 from library.vae_memory import sliced_decode, sliced_encode_moments
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,11 @@ class Generator:
     noise_device: torch.device
     ddim_eta: float = 0.0
     progress: bool = True
-    # Called once per denoising step with (step index, timestep); tests record calls here.
-    step_callbacks: list[Callable[[int, int], None]] = field(default_factory=list)
     vae_slices: int | None = None  # `--vae_slices`: VAE in N horizontal bands (same result)
-    controlnets: ControlNets | None = None  # used for jobs that have a guide image
+    features: list[Feature] = field(default_factory=list)  # what the patch owner installs per batch
+
+    def __post_init__(self) -> None:
+        self.patches = PatchOwner(self.unet, [img2img.Inpainting(), *self.features])
 
     @property
     def vae_scale(self) -> int:
@@ -83,47 +85,36 @@ class Generator:
             device=self.noise_device,
             dtype=self.dtype,
         )
-        timesteps = scheduler.timesteps
-        keep = None
+        timesteps, source = scheduler.timesteps, None
         if from_source:
-            source = init.source_latents = self._source_latents(init, noise.generators)
+            latents = init.source_latents = self._source_latents(init, noise.generators)
             begin = img2img.first_step(first.steps, init.strength) * scheduler.order
             timesteps = timesteps[begin:]
             img2img.set_begin_index(scheduler, begin)
-            latents = img2img.starting_latents(scheduler, source, noise, timesteps, init.strength)
-            if init.masks is not None:
-                keep = img2img.KeepUnmasked(source, noise.img2img, init.masks)
-                latents = keep.before(scheduler, latents, timesteps)
+            source = SourceLatents(latents, noise.img2img.to(latents), init.masks)
+            latents = img2img.starting_latents(scheduler, latents, noise, timesteps, init.strength)
         else:
             latents = noise.initial.to(self.device) * scheduler.init_noise_sigma
-        return self._denoise(jobs, scheduler, timesteps, latents, noise.generators, keep)
+        guidance = Guidance.of(first)
+        layout = BatchLayout(len(jobs), guidance.copies, shape[1], shape[2])
+        batch = Batch(tuple(jobs), layout, scheduler, timesteps, self.device, self.dtype, source)
+        return self._denoise(batch, guidance, latents, self._step_kwargs(scheduler, noise.generators))
 
-    def _denoise(self, jobs: list[Job], scheduler, timesteps: torch.Tensor, latents: torch.Tensor,
-                 generators: list[torch.Generator], keep: img2img.KeepUnmasked | None) -> torch.Tensor:
-        """The loop over `timesteps`: guidance, scheduler step, mask re-imposition."""
-        if len(timesteps) == 0:
-            return latents
-        embeddings, guidance = self._conditioning(jobs)
-        step_kwargs = self._step_kwargs(scheduler, generators)
-        control = self._control(jobs, guidance.copies)
-        for i, t in enumerate(tqdm(timesteps, desc="steps", leave=False, disable=not self.progress)):
-            for callback in self.step_callbacks:
-                callback(i, int(t))
-            model_input = scheduler.scale_model_input(torch.cat([latents] * guidance.copies), t)
-            extra = control.unet_kwargs(i, len(timesteps), model_input, t, embeddings) if control else {}
-            out = self.unet(model_input, t, encoder_hidden_states=embeddings, **extra).sample
-            latents = scheduler.step(guidance.combine(out), t, latents, **step_kwargs).prev_sample
-            if keep is not None:
-                latents = keep.after(scheduler, latents, timesteps, i)
+    def _denoise(self, batch: Batch, guidance: "Guidance", latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:
+        """The loop over the batch's timesteps, with the batch's patches installed."""
+        scheduler = batch.scheduler
+        with self.patches.installed(batch) as run:
+            latents = run.start(latents)
+            if len(batch.timesteps) == 0:
+                return latents
+            cond = self._conditioning(batch.jobs, guidance)
+            for i, t in enumerate(tqdm(batch.timesteps, desc="steps", leave=False, disable=not self.progress)):
+                ctx = run.context(i, t)
+                model_input = scheduler.scale_model_input(torch.cat([latents] * guidance.copies), t)
+                eps = run.after_guidance(ctx, latents, guidance.combine(run.unet_call(ctx, model_input, t, cond)))
+                step = lambda e, x, t=t: scheduler.step(e, t, x, **step_kwargs).prev_sample  # noqa: E731
+                latents = run.after_step(ctx, run.scheduler_step(ctx, eps, latents, step))
         return latents
-
-    def _control(self, jobs: list[Job], copies: int) -> BatchControl | None:
-        """The batch's ControlNet guidance, when the run has ControlNets and the jobs guide images."""
-        if self.controlnets is None or jobs[0].guide_image is None:
-            return None
-        first = jobs[0]
-        return self.controlnets.for_batch([j.guide_image for j in jobs], first.width, first.height, copies,
-                                          self.device, self.dtype)
 
     def _source_latents(self, init: Img2ImgInput, generators: list[torch.Generator]) -> torch.Tensor:
         """The source in latent space: given latents, or the images encoded (draw 4)."""
@@ -132,17 +123,20 @@ class Generator:
         latents = self.encode_images(init.images, generators, init.vae_batch_size)
         return latents.to(self.device, self.dtype)
 
-    def _conditioning(self, jobs: list[Job]) -> tuple[torch.Tensor, "Guidance"]:
+    def _conditioning(self, jobs: tuple[Job, ...], guidance: "Guidance") -> Conditioning:
+        """Text states of the batch's rows, in the order `guidance` combines them."""
         first = jobs[0]
         prompts = [j.prompt for j in jobs]
-        negatives = [j.negative_prompt for j in jobs]
-        encode = lambda texts: self.encoder.encode(texts, first.chunks).to(self.device, self.dtype)  # noqa: E731
-        if first.scale <= 1.0 and not first.negative_scale:
-            return encode(prompts), Guidance(1, first.scale, None)
-        if first.negative_scale:
-            parts = [encode([""] * len(jobs)), encode(prompts), encode(negatives)]
-            return torch.cat(parts), Guidance(3, first.scale, first.negative_scale)
-        return torch.cat([encode(negatives), encode(prompts)]), Guidance(2, first.scale, None)
+
+        def encode(texts: list[str]) -> Conditioning:
+            return self.encoder.conditioning(texts, first.chunks).to(self.device, self.dtype)
+
+        if guidance.copies == 1:
+            return encode(prompts)
+        negatives = encode([j.negative_prompt for j in jobs])
+        if guidance.copies == 3:
+            return Conditioning.cat([encode([""] * len(jobs)), encode(prompts), negatives])
+        return Conditioning.cat([negatives, encode(prompts)])
 
     def _step_kwargs(self, scheduler, generators: list[torch.Generator]) -> dict:
         accepted = inspect.signature(scheduler.step).parameters
@@ -206,6 +200,15 @@ class Guidance:
     copies: int
     scale: float
     negative_scale: float | None
+
+    @classmethod
+    def of(cls, job: Job) -> "Guidance":
+        """No CFG at scale <= 1 without a negative scale; CFG; or CFG with a negative scale."""
+        if job.scale <= 1.0 and not job.negative_scale:
+            return cls(1, job.scale, None)
+        if job.negative_scale:
+            return cls(3, job.scale, job.negative_scale)
+        return cls(2, job.scale, None)
 
     def combine(self, out: torch.Tensor) -> torch.Tensor:
         if self.copies == 1:

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pick_variants
 from library.errors import UserError
 from library.jobs import Job
+from library.options import Options
 from library.prompt_options import PROMPT_OPTIONS, PromptOverrides, parse_prompt_line
 from library.prompt_weighting import split_and
 from library.user_code import import_file
@@ -45,23 +46,21 @@ class Defaults:
     strength: float | None = None  # None: txt2img, where `--t` means nothing
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Defaults":
-        from library.cli import size_given
-
-        muls = tuple(args.network_mul or [1.0] * len(args.network_module)) or None
-        img2img = getattr(args, "image_path", None) is not None
-        width = args.W if size_given(args, "W") or not img2img else None
-        height = args.H if size_given(args, "H") or not img2img else None
-        return cls(width, height, args.steps, args.scale, args.negative_scale, args.images_per_prompt, muls,
-                   _strength(args))
+    def from_options(cls, options: Options) -> "Defaults":
+        g, img2img = options.generation, options.sources.image_path is not None
+        muls = tuple(options.networks.multipliers or [1.0] * len(options.networks.modules)) or None
+        width = g.width if g.width_given or not img2img else None
+        height = g.height if g.height_given or not img2img else None
+        return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options))
 
 
-def _strength(args: argparse.Namespace) -> float | None:
+def _strength(options: Options) -> float | None:
     """`--strength` for img2img; for Highres fix `--highres_fix_strength` (else `--strength`)."""
-    if getattr(args, "image_path", None) is not None:
-        return args.strength
-    if getattr(args, "highres_fix_scale", None):
-        return args.highres_fix_strength if args.highres_fix_strength is not None else args.strength
+    strength = options.generation.strength
+    if options.sources.image_path is not None:
+        return strength
+    if options.highres.scale:
+        return options.highres.strength if options.highres.strength is not None else strength
     return None
 
 

@@ -12,7 +12,6 @@ two stages, saving the 1st-stage images too with `--highres_fix_save_1st`.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from library.errors import UserError
 from library.highres_fix import HighresFix
 from library.img2img import SourceImages, composite
 from library.jobs import Job, batches
+from library.options import RoundOptions
 from library.pipeline import Generator
 from library.prompts import Defaults, Line, jobs_for_line
 
@@ -46,6 +46,7 @@ class OutputSettings:
     vae_batch_size: int = 1
     preview: Callable[[list], None] | None = None
     use_original_name: bool = False  # `--use_original_file_name`: name after the img2img source
+    controlnet_metadata: tuple[tuple[str, str], ...] = ()  # for images with a guide image
 
 
 @dataclass
@@ -66,14 +67,12 @@ class Runner:
     """Turns prompt lines into saved images with one Generator."""
 
     def __init__(self, generator: Generator, defaults: Defaults, output: OutputSettings,
-                 batch_size: int, before_batch: Callable[[list[Job]], None] | None = None,
-                 sources: SourceImages | None = None, highres: HighresFix | None = None,
+                 batch_size: int, sources: SourceImages | None = None, highres: HighresFix | None = None,
                  guides: GuideImages | None = None) -> None:
         self.generator = generator
         self.defaults = defaults
         self.output = output
         self.batch_size = batch_size
-        self.before_batch = before_batch
         self.sources = sources
         self.highres = highres
         self.guides = guides
@@ -105,8 +104,6 @@ class Runner:
         start = time.perf_counter()
         with tqdm(total=total, desc="images", unit="img", disable=not self.generator.progress) as bar:
             for batch in batches(jobs, self.batch_size):
-                if self.before_batch is not None:
-                    self.before_batch(batch)
                 indices = list(range(self._sequence + 1, self._sequence + 1 + len(batch)))
                 self._sequence += len(batch)
                 pictures = images.tensor_to_pil(self._pixels(batch, indices))
@@ -148,8 +145,8 @@ class Runner:
             prompt_file_name=job.file_name,
         )
         extra = self.highres.metadata(job) if stage == "1" else ()
-        if job.guide_image is not None and self.generator.controlnets is not None:
-            extra = (*extra, *self.generator.controlnets.metadata())
+        if job.guide_image is not None:
+            extra = (*extra, *self.output.controlnet_metadata)
         record = images.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,
@@ -172,11 +169,11 @@ class Runner:
         return images.save_image(picture, self.output.outdir, name, images.generation_text(record))
 
 
-def run_rounds(runner: Runner, args: argparse.Namespace, lines_for_round: Callable[[], Iterable[Line]],
+def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[], Iterable[Line]],
                seeds, total: int | None) -> None:
     """`--n_iter` rounds over the prompt lines; `--iter_same_seed` draws one seed per round."""
-    for round_index in range(args.n_iter):
-        if args.n_iter > 1:
-            logger.info("iteration %d/%d", round_index + 1, args.n_iter)
-        iter_seed = seeds.draw() if args.iter_same_seed else None
+    for round_index in range(rounds.n_iter):
+        if rounds.n_iter > 1:
+            logger.info("iteration %d/%d", round_index + 1, rounds.n_iter)
+        iter_seed = seeds.draw() if rounds.iter_same_seed else None
         runner.run(runner.jobs(lines_for_round(), seeds, iter_seed), total)

@@ -28,8 +28,10 @@ A prompt whose weights are all 1 is returned unchanged (the formulas give the sa
 `--clip_skip N`: hidden state N from the end (1 = the last layer), then the text encoder's
 final layer norm, as in the original tool.
 
-With XTI embeddings loaded, each U-Net cross-attention layer gets its own encoding; `encode`
-returns them concatenated on the channel axis, (B, 77*chunks, L*C), for `library.xti`.
+`encode` returns a `Conditioning`: the default states (B, 77*chunks, C) and, when a prompt of
+the batch uses an XTI embedding, one encoding per U-Net cross-attention layer (by LDM layer
+name), which `library.xti` hands to each layer. The default states are then the first layer's
+(what the ControlNet, which has no such layers, attends to).
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 
 from library.errors import UserError
 from library.models.loader import text_model
 from library.prompt_weighting import BREAK_TEXT, BREAK_WEIGHT, parse_prompt_attention
-from library.xti import pack_layers
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,28 @@ class WeightedTokens:
     @property
     def token_count(self) -> int:
         return sum(len(c) for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text states for the U-Net rows of a batch: default states, and per-layer states for XTI."""
+
+    states: torch.Tensor  # (rows, T, C)
+    per_layer: Mapping[str, torch.Tensor] | None = None  # LDM layer name -> (rows, T, C)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Conditioning":
+        layers = None if self.per_layer is None else {k: v.to(device, dtype) for k, v in self.per_layer.items()}
+        return Conditioning(self.states.to(device, dtype), layers)
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        """Rows of `parts` one after the other; a part without per-layer states uses its default."""
+        states = torch.cat([p.states for p in parts])
+        names = next((list(p.per_layer) for p in parts if p.per_layer is not None), None)
+        if names is None:
+            return Conditioning(states)
+        layers = {n: torch.cat([p.states if p.per_layer is None else p.per_layer[n] for p in parts]) for n in names}
+        return Conditioning(states, layers)
 
 
 class PromptEncoder:
@@ -155,12 +179,14 @@ class PromptEncoder:
 
     # --- encoding ---------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode(self, prompts: list[str], chunks: int) -> torch.Tensor:
-        """Hidden states (B, 77 * chunks, C) for `prompts`, each padded to `chunks` chunks.
+        """Text states (B, 77 * chunks, C) of `prompts`, each padded to `chunks` chunks."""
+        return self.conditioning(prompts, chunks).states
 
-        With XTI embeddings: (B, 77 * chunks, L * C), one encoding per U-Net layer.
-        """
+    @torch.no_grad()
+    def conditioning(self, prompts: list[str], chunks: int) -> Conditioning:
+        """`encode`'s states and, with XTI words in any prompt, one encoding per U-Net
+        cross-attention layer."""
         ids, weights = [], []
         for prompt in prompts:
             rows, row_weights = self.layout(prompt, chunks)
@@ -170,14 +196,14 @@ class PromptEncoder:
         id_tensor = torch.tensor(ids, device=device)
         weight_tensor = torch.tensor(weights, device=device, dtype=torch.float32).unsqueeze(-1)
         layers = self.embeddings.layer_names if self.embeddings is not None and self.embeddings.has_xti else ()
-        if not layers:
-            return self._weighted(self._hidden_states(id_tensor, None), weight_tensor, len(prompts))
-        if not any(self.embeddings.is_xti_id(t) for row in ids for t in row):
-            states = self._weighted(self._hidden_states(id_tensor, layers[0]), weight_tensor, len(prompts))
-            return pack_layers([states] * len(layers))
-        return pack_layers(
-            [self._weighted(self._hidden_states(id_tensor, layer), weight_tensor, len(prompts)) for layer in layers]
-        )
+        if not layers or not any(self.embeddings.is_xti_id(t) for row in ids for t in row):
+            layer = layers[0] if layers else None
+            return Conditioning(self._weighted(self._hidden_states(id_tensor, layer), weight_tensor, len(prompts)))
+        per_layer = {
+            layer: self._weighted(self._hidden_states(id_tensor, layer), weight_tensor, len(prompts))
+            for layer in layers
+        }
+        return Conditioning(per_layer[layers[0]], per_layer)
 
     def _hidden_states(self, ids: torch.Tensor, layer: str | None) -> torch.Tensor:
         """Text-encoder output (rows, 77, C) for `ids`, with `--clip_skip` and the embeddings."""

@@ -11,9 +11,11 @@ File layouts (kohya, LDM names, diffusers, PEFT) are read by `networks.lora_form
 A `LoRANetwork` can be used in three ways, which can be switched between at any time:
 
 * ``apply_to()``: un-merged. A forward hook on each target layer adds the adapter's output;
-  weights are untouched and ``remove()`` detaches everything. This is the mode in which a
-  per-module output modulation (a spatial mask for regional LoRA / attention couple) can be
-  plugged in: see `LoRAModule.output_modulator`.
+  weights are untouched and ``remove()`` detaches everything (kohya's API, for scripts).
+* ``use_unmerged()``: un-merged without hooks of its own: `gen_img` hands ``unmerged_layers()``
+  to the patch owner (`library.unet_patches`), which hooks them for each batch with the
+  batch's multiplier (``--am``) and its ``lora_output`` point (regional masks), and removes
+  the hooks after the batch.
 * ``merge_to()``: the deltas are written into the weights (``--network_merge``), so
   generation runs at the speed of the bare model; ``restore()`` brings the exact original
   weights back.
@@ -46,7 +48,7 @@ from networks.lora_names import Target, TargetTable
 
 logger = logging.getLogger(__name__)
 
-#: ``modulator(module, x, lora_output) -> tensor``: the regional-LoRA extension point.
+#: ``modulate(lora_module, x, lora_output) -> tensor``: changes a LoRA delta before it is added.
 OutputModulator = Callable[["LoRAModule", Tensor, Tensor], Tensor]
 
 
@@ -58,10 +60,6 @@ class LoRAModule:
         self.target = target
         self.adapter = adapter
         self.enabled = True
-        #: Optional hook for regional LoRA: called with (this, input, lora_out) in un-merged
-        #: mode; returns the LoRA output to add (e.g. ``lora_out * mask``). Left None here;
-        #: the multiplier is applied after it.
-        self.output_modulator: OutputModulator | None = None
         self._handle: RemovableHandle | None = None
 
     @property
@@ -89,14 +87,17 @@ class LoRAModule:
         return self._handle is not None
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-        multiplier = self.network.multiplier
+        x = args[0] if args else kwargs["input"]
+        return self.add_output(module, x, output, self.network.multiplier)
+
+    def add_output(self, module: nn.Module, x: Tensor, output: Tensor, multiplier: float,
+                   modulate: OutputModulator | None = None) -> Tensor:
+        """`output + multiplier * modulate(adapter(x))` (no `modulate`: the fused kernel)."""
         if not self.enabled or multiplier == 0:
             return output
-        x = args[0] if args else kwargs["input"]
-        if self.output_modulator is None:
+        if modulate is None:
             return self.adapter.add_bypass(module, x, output, multiplier)
-        extra = self.output_modulator(self, x, self.adapter.bypass(module, x))
-        return torch.add(output, extra, alpha=multiplier)
+        return torch.add(output, modulate(self, x, self.adapter.bypass(module, x)), alpha=multiplier)
 
     # -- merged ------------------------------------------------------------------------------
     def _patch(self, source: Tensor, out: Tensor) -> Tensor:
@@ -134,7 +135,8 @@ class LoRANetwork:
         self.modules: list[LoRAModule] = [LoRAModule(self, t, a) for t, a in modules.items()]
         self.text_encoder_loras = [m for m in self.modules if m.target.component == "text_encoder"]
         self.unet_loras = [m for m in self.modules if m.target.component == "unet"]
-        self._applied = False  # apply_to() called and not removed
+        self._applied = False  # apply_to() or use_unmerged() called and not removed
+        self._owner_hooked = False  # use_unmerged(): the patch owner hooks the layers per batch
         self._patched: Literal[None, "merged", "precalc"] = None
         self._apply_te = True
         self._apply_unet = True
@@ -168,7 +170,7 @@ class LoRANetwork:
         """
         del text_encoder, unet
         self._apply_te, self._apply_unet = apply_text_encoder, apply_unet
-        self._applied = True
+        self._applied, self._owner_hooked = True, False
         if self._patched is None:
             for module in self.modules:
                 module.detach()
@@ -176,13 +178,30 @@ class LoRANetwork:
                 module.attach()
         logger.info("LoRA %s applied un-merged to %d layers", self.source, len(self._active()))
 
+    def use_unmerged(self, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Un-merged, with the hooks left to the caller: see `unmerged_layers`."""
+        self._apply_te, self._apply_unet = apply_text_encoder, apply_unet
+        self._applied = self._owner_hooked = True
+        if self._patched is None:
+            with torch.no_grad():
+                for module in self._active():
+                    module.detach()
+                    module.adapter.prepare(module.module)
+        logger.info("LoRA %s used un-merged on %d layers", self.source, len(self._active()))
+
+    def unmerged_layers(self) -> list[LoRAModule]:
+        """The modules a caller must hook (after `use_unmerged`); none while merged or pre-calculated."""
+        if not self._owner_hooked or self._patched is not None:
+            return []
+        return self._active()
+
     def remove(self) -> None:
         """Detach hooks and take back any merge: the models are exactly as before."""
         for module in self.modules:
             module.detach()
             module.adapter.clear_cache()
         self._unpatch()
-        self._applied = False
+        self._applied = self._owner_hooked = False
 
     def set_multiplier(self, multiplier: float) -> None:
         """Change the strength; merged / pre-calculated weights are rewritten at once."""
@@ -215,9 +234,13 @@ class LoRANetwork:
     def restore(self) -> None:
         """Undo `merge_to` / `pre_calculation` exactly; re-attach hooks if applied."""
         self._unpatch()
-        if self._applied:
+        if self._applied and not self._owner_hooked:
             for module in self._active():
                 module.attach()
+        elif self._owner_hooked:
+            with torch.no_grad():
+                for module in self._active():
+                    module.adapter.prepare(module.module)
 
     #: kohya's name for undoing a pre-calculation.
     restore_weights = restore

@@ -24,6 +24,8 @@ from library.controlnet import (
 )
 from library.errors import UserError
 from library.jobs import Job
+from library.text_encoding import Conditioning
+from library.unet_patches import BatchLayout, StepContext
 from library.models import load_model
 from tests.test_generate import meta, pixels, pngs, run
 from tests.test_samplers import make_generator
@@ -131,7 +133,7 @@ def _latents(sd1, controlnet, jobs, weight=1.0, ratio=1.0, prep="canny", sampler
     gen = make_generator(sd1, sampler)
     calls = []
     if controlnet is not None:
-        gen.controlnets = ControlNets([ControlUnit(controlnet, "net", parse_prep(prep), weight, ratio)])
+        gen.patches.add(ControlNets([ControlUnit(controlnet, "net", parse_prep(prep), weight, ratio)]))
         handle = controlnet.register_forward_hook(lambda *a: calls.append(1))
     try:
         return gen.latents(jobs), len(calls)
@@ -169,7 +171,7 @@ def test_img2img_ratio_counts_the_calls_it_runs(sd1, controlnet, tmp_path):
     from library.img2img import Img2ImgInput
 
     gen = make_generator(sd1, "ddim")
-    gen.controlnets = ControlNets([ControlUnit(controlnet, "net", Prep("none"), 1.0, 0.5)])
+    gen.patches.add(ControlNets([ControlUnit(controlnet, "net", Prep("none"), 1.0, 0.5)]))
     calls = []
     handle = controlnet.register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -193,7 +195,8 @@ def test_controlnet_batches_do_not_change_images(sd1, controlnet, tmp_path):
 def test_cfg_copies_all_get_the_hint(controlnet) -> None:
     nets = ControlNets([ControlUnit(controlnet, "net", Prep("none"), 1.0, 1.0)])
     control = BatchControl(nets, [torch.rand(6, 3, 64, 64)])  # 2 images x 3 copies (negative scale)
-    kwargs = control.unet_kwargs(0, 4, torch.randn(6, 4, 8, 8), torch.tensor(999), torch.randn(6, 77, 32))
+    ctx = StepContext(0, 4, 999, None, BatchLayout(2, 3, 8, 8))
+    kwargs = control.unet_kwargs(ctx, torch.randn(6, 4, 8, 8), torch.tensor(999), Conditioning(torch.randn(6, 77, 32)))
     assert kwargs["mid_block_additional_residual"].shape[0] == 6
     assert len(kwargs["down_block_additional_residuals"]) == len(controlnet.controlnet_down_blocks)
 
@@ -297,17 +300,26 @@ def test_cli_controlnet_of_another_model_is_one_line(tiny_models, tmp_path, caps
     assert not pngs(tmp_path / "o")
 
 
-def test_cli_xti_with_controlnet_is_refused_in_one_line(tiny_models, tmp_path, capsys):
+def test_cli_xti_with_controlnet_gives_the_images_of_the_words(tiny_models, tmp_path):
+    """XTI + ControlNet composes: an XTI word whose every layer holds the vectors of "cat" gives
+    the image of the word "cat" with the same ControlNet; other vectors change the image."""
     from library.embeddings import write_xti
 
-    xti = write_xti(tmp_path / "xcat.safetensors",
-                    {name: torch.zeros(1, 32) for name in ("IN01", "MID", "OUT02", "OUT03")})
-    assert run(tiny_models, tmp_path / "o", "--prompt", "a xcat", "--XTI_embeddings", str(xti),
-               "--control_net_models", str(tiny_models["controlnet-sd1"]),
-               "--guide_image_path", str(_cli_guide(tmp_path))) == 2
-    assert capsys.readouterr().err == (
-        "gen_img.py: error: --XTI_embeddings and --control_net_models cannot be used together yet (XTI gives "
-        "every U-Net layer its own text encoding; the ControlNet has no such layers)\n")
+    model = load_model(str(tiny_models["sd1"]))
+    ids = model.tokenizer("cat", add_special_tokens=False).input_ids
+    cat = model.text_encoder.get_input_embeddings().weight[ids].detach().clone()
+    layers = ("IN01", "MID", "OUT02", "OUT03")
+    same = write_xti(tmp_path / "xcat.safetensors", {name: cat for name in layers})
+    other = write_xti(tmp_path / "xdog.safetensors",
+                      {name: torch.randn(1, 32, generator=torch.Generator().manual_seed(i)) for i, name in enumerate(layers)})
+    control = ["--control_net_models", str(tiny_models["controlnet-sd1"]), "--guide_image_path",
+               str(_cli_guide(tmp_path)), "--seed", "3"]
+    assert run(tiny_models, tmp_path / "words", "--prompt", "a cat", *control) == 0
+    assert run(tiny_models, tmp_path / "same", "--prompt", "a xcat", "--XTI_embeddings", str(same), *control) == 0
+    assert run(tiny_models, tmp_path / "other", "--prompt", "a xdog", "--XTI_embeddings", str(other), *control) == 0
+    words, xti_same, xti_other = (pixels(pngs(tmp_path / d)[0]) for d in ("words", "same", "other"))
+    assert np.array_equal(words, xti_same)
+    assert np.abs(xti_other.astype(int) - words).max() > 0
 
 
 def test_cli_difference_controlnet_equals_the_full_one_with_an_unmerged_lora(tiny_models, tmp_path):

@@ -23,7 +23,9 @@ from library.errors import UserError
 from library.models import load_model
 from library.models.loader import text_model
 from library.text_encoding import PromptEncoder
-from library.xti import PerLayerConditioning, cross_attention_layer_names, pack_layers
+from library.text_encoding import Conditioning
+from library.unet_patches import Batch, BatchLayout, PatchOwner
+from library.xti import PerLayerText, cross_attention_layer_names
 
 FAST = ["--steps", "3", "--W", "64", "--H", "64", "--seed", "1"]
 TINY_LAYERS = ["IN01", "MID", "OUT02", "OUT03"]
@@ -216,14 +218,16 @@ def test_xti_encodes_once_per_layer(tmp_path, sd1):
     emb = load_embeddings([str(ti)], [str(path)], sd1.text_encoder, sd1.unet)
     assert emb.has_xti and emb.layer_names == tuple(TINY_LAYERS)
     enc = PromptEncoder(sd1.tokenizer, sd1.text_encoder, embeddings=emb)
-    packed = enc.encode(["a (xword:1.3) tword", "dog"], 1)
-    assert packed.shape == (2, 77, 4 * 32)
+    cond = enc.conditioning(["a (xword:1.3) tword", "dog"], 1)
+    assert list(cond.per_layer) == list(TINY_LAYERS)
+    assert all(states.shape == (2, 77, 32) for states in cond.per_layer.values())
+    assert torch.equal(cond.states, cond.per_layer[TINY_LAYERS[0]])
     for i, name in enumerate(TINY_LAYERS):
         single = EmbeddingSet(49408, [load_textual_inversion(ti, 32), _as_ti(path, layers[name], "xword")])
         expected = PromptEncoder(sd1.tokenizer, sd1.text_encoder, embeddings=single).encode(
             ["a (xword:1.3) tword", "dog"], 1
         )
-        assert torch.equal(packed[..., i * 32 : (i + 1) * 32], expected)
+        assert torch.equal(cond.per_layer[name], expected)
 
 
 def _as_ti(path: Path, vectors: torch.Tensor, name: str):
@@ -232,7 +236,7 @@ def _as_ti(path: Path, vectors: torch.Tensor, name: str):
     return Embedding(name, path, vectors=vectors)
 
 
-def test_unet_hook_gives_each_layer_its_states_and_restores_processors(sd1):
+def test_unet_patch_gives_each_layer_its_states_and_restores_processors(sd1):
     unet = sd1.unet
     names = cross_attention_layer_names(unet)
     states = [torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(i)) for i in range(len(names))]
@@ -241,23 +245,26 @@ def test_unet_hook_gives_each_layer_its_states_and_restores_processors(sd1):
     for name, module in unet.named_modules():
         if name.endswith("attn2"):
             hooks.append(module.to_k.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, a[0])))
-    before = {n: type(p) for n, p in unet.attn_processors.items()}
-    hook = PerLayerConditioning(unet, names)
+    before = dict(unet.attn_processors)
+    owner = PatchOwner(unet, [PerLayerText(unet, names)])
+    sample, t = torch.randn(1, 4, 8, 8), torch.tensor(10)
+    batch = Batch((), BatchLayout(1, 1, 8, 8), None, t.reshape(1), torch.device("cpu"), torch.float32)
+    per_layer = Conditioning(states[0], dict(zip(names, states)))
     try:
-        sample, t = torch.randn(1, 4, 8, 8), torch.tensor(10)
-        unet(sample, t, encoder_hidden_states=pack_layers(states))
-        expected = {"down_blocks.0": 0, "mid_block": 1, "up_blocks.1.attentions.0": 2, "up_blocks.1.attentions.1": 3}
-        for module_name, tensor in seen.items():
-            (index,) = [i for prefix, i in expected.items() if module_name.startswith(prefix)]
-            assert torch.equal(tensor, states[index]), module_name
-        assert {n: type(p) for n, p in unet.attn_processors.items()} == before
-        plain = unet(sample, t, encoder_hidden_states=states[0]).sample  # C-wide states pass through
-        assert all(torch.equal(v, states[0]) for v in seen.values())
+        with owner.installed(batch) as run:
+            run.unet_call(run.context(0, t), sample, t, per_layer)
+            expected = {"down_blocks.0": 0, "mid_block": 1, "up_blocks.1.attentions.0": 2, "up_blocks.1.attentions.1": 3}
+            for module_name, tensor in seen.items():
+                (index,) = [i for prefix, i in expected.items() if module_name.startswith(prefix)]
+                assert torch.equal(tensor, states[index]), module_name
+            plain = run.unet_call(run.context(0, t), sample, t, Conditioning(states[0]))
+            assert all(torch.equal(v, states[0]) for v in seen.values())  # no per-layer states: pass through
+        assert dict(unet.attn_processors) == before
         with pytest.raises(RuntimeError):
-            unet(torch.randn(1, 3, 8, 8), t, encoder_hidden_states=pack_layers(states))
-        assert {n: type(p) for n, p in unet.attn_processors.items()} == before  # restored after an error
+            with owner.installed(batch) as run:
+                run.unet_call(run.context(0, t), torch.randn(1, 3, 8, 8), t, per_layer)
+        assert dict(unet.attn_processors) == before  # restored after an error
     finally:
-        hook.remove()
         for h in hooks:
             h.remove()
     assert torch.equal(unet(sample, t, encoder_hidden_states=states[0]).sample, plain)

@@ -14,6 +14,7 @@ import gen_img
 from library.images import pil_to_tensor, read_generation_text
 from library.img2img import Img2ImgInput, first_step, steps_to_run
 from library.jobs import Job
+from library.unet_patches import Patch
 from library.models import load_model
 from library.pipeline import Generator
 from library.samplers import make_scheduler
@@ -48,6 +49,20 @@ def model(tiny_models):
     return load_model(str(tiny_models["sd1"]))
 
 
+class StepRecorder(Patch):
+    """A feature calling `record(step, timestep)` at every step of every batch."""
+
+    def __init__(self, record) -> None:
+        self.record = record
+
+    def for_batch(self, batch):
+        return self
+
+    def after_step(self, ctx, latents):
+        self.record(ctx.step, ctx.timestep)
+        return latents
+
+
 @pytest.fixture
 def call_log(monkeypatch):
     """Every `Generator.latents` call of a run: size, steps, seeds, strength, steps actually run."""
@@ -57,12 +72,12 @@ def call_log(monkeypatch):
     def latents(self, jobs, init=None):
         entry = {"size": (jobs[0].width, jobs[0].height), "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
                  "strength": None if init is None else init.strength, "ran": 0}
-        count = lambda i, t: entry.__setitem__("ran", entry["ran"] + 1)  # noqa: E731
-        self.step_callbacks.append(count)
+        recorder = StepRecorder(lambda i, t: entry.__setitem__("ran", entry["ran"] + 1))
+        self.patches.add(recorder)
         try:
             return real(self, jobs, init)
         finally:
-            self.step_callbacks.remove(count)
+            self.patches.features.remove(recorder)
             log.append(entry)
 
     monkeypatch.setattr(Generator, "latents", latents)
@@ -109,7 +124,7 @@ def test_strength_1_ignores_the_source(tiny_models, tmp_path):
 def test_steps_run_are_the_tail_that_strength_selects(model, sampler, order):
     gen = make_generator(model, sampler)
     calls: list[int] = []
-    gen.step_callbacks.append(lambda i, t: calls.append(t))
+    gen.patches.add(StepRecorder(lambda i, t: calls.append(t)))
     source = torch.zeros(1, 3, 32, 32)
     for steps, strength in ((10, 0.55), (10, 0.3), (7, 1.0), (12, 0.999), (5, 0.1)):
         calls.clear()

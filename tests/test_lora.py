@@ -205,31 +205,42 @@ def test_two_networks_compose_in_every_mode_and_restore_in_any_order():
         assert torch.allclose(x, y, atol=1e-4, rtol=0)
 
 
-def test_regional_extension_point_scales_the_lora_output_per_module():
+def test_patch_owner_hooks_unmerged_layers_and_its_lora_output_point_scales_each_delta():
+    """`use_unmerged` leaves the hooks to the patch owner: inside a batch its layers act with the
+    batch's multiplier and pass the `lora_output` point (regional masks); after it, nothing."""
+    from library.additional_networks import NetworkLayers
+    from library.unet_patches import Batch, BatchLayout, PatchOwner
+
     c = fresh("sd1")
     base = outputs(c)
     sd = random_kohya_state_dict(c.text_encoder, c.unet, rank=4, seed=4)
     net = create_network_from_weights(1.0, None, None, c.text_encoder, c.unet, weights_sd=sd)
     net.apply_to()
     full = outputs(c)
+    net.set_multiplier(0.5)
+    half_strength = outputs(c)
+    net.remove()
+    net.set_multiplier(1.0)
+    net.use_unmerged()
+    assert all(torch.equal(x, y) for x, y in zip(outputs(c), base))  # no hooks of its own
     calls = []
 
-    def half(module, x, lora_out):
-        calls.append(module.name)
-        return lora_out * 0.5
+    class Halve(NetworkLayers):
+        def lora_output(self, ctx, layer, x, delta):
+            calls.append(layer.name)
+            return delta * 0.5
 
-    for module in net.modules:
-        module.output_modulator = half
-    got = outputs(c)
-    net.set_multiplier(0.5)
-    for module in net.modules:
-        module.output_modulator = None
-    want = outputs(c)
-    for x, y in zip(got, want):
-        assert torch.allclose(x, y, atol=1e-5, rtol=0)
+    batch = Batch((), BatchLayout(2, 1, 8, 8), None, torch.tensor([10]), torch.device("cpu"), torch.float32)
+    layers = [(m, 1.0) for m in net.unmerged_layers()]
+    for patch, want in ((NetworkLayers(layers), full), (Halve(layers), half_strength)):
+        owner = PatchOwner(c.unet, [type("Fixed", (), {"for_batch": lambda self, b, p=patch: p})()])
+        with owner.installed(batch):
+            got = outputs(c)
+        for x, y in zip(got, want):
+            assert torch.allclose(x, y, atol=1e-5, rtol=0)
     assert not torch.allclose(full[0], base[0], atol=1e-3)
     assert len(set(calls)) == len(net.modules)
-    net.remove()
+    assert all(torch.equal(x, y) for x, y in zip(outputs(c), base))  # the hooks went with the batch
 
 
 def test_network_api_shape():
