@@ -12,6 +12,7 @@ from library.models.unet_blocks import (
     LdmBlock,
     blocks_of,
     cross_attention_modules,
+    has_block_layout,
     ldm_block,
     ldm_blocks,
     ldm_module_path,
@@ -276,5 +277,6 @@ def test_invalid_configs():
         ldm_blocks({**config, "up_block_types": config["up_block_types"][:3]})
     with pytest.raises(ValueError, match="layers_per_block has 2 entries for 4 blocks"):
         ldm_blocks({**config, "layers_per_block": (2, 2)})
+    assert has_block_layout(config) and has_block_layout(sd15()) and not has_block_layout(torch.nn.Linear(1, 1))
     with pytest.raises(TypeError, match="has no diffusers config"):
         ldm_blocks(torch.nn.Linear(1, 1))

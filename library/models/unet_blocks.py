@@ -150,6 +150,13 @@ class _Table(NamedTuple):
     by_path: Mapping[str, LdmPart]  # diffusers module path -> part (blocks' parts and others)
 
 
+def has_block_layout(unet: UnetLike) -> bool:
+    """Whether `unet` says its block layout: a config, or a model with a diffusers config that
+    has down blocks (a toy module in a test has none, so it has no LDM names)."""
+    config = unet if isinstance(unet, Mapping) else getattr(unet, "config", None)
+    return isinstance(config, Mapping) and "down_block_types" in config
+
+
 def _config_of(unet: UnetLike) -> Mapping[str, Any]:
     if isinstance(unet, Mapping):
         return unet
