@@ -35,37 +35,14 @@ from typing import Iterator, Sequence
 
 import torch
 
+from library.models.unet_blocks import cross_attention_modules
+
 logger = logging.getLogger(__name__)
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
     """LDM block name -> the cross-attention (`attn2`) modules of that block, in U-Net order."""
-    layers: dict[str, list[torch.nn.Module]] = {}
-    index = 1  # input block 0 is conv_in
-    for block in unet.down_blocks:
-        attentions = list(getattr(block, "attentions", None) or [])
-        for j in range(len(block.resnets)):
-            if j < len(attentions):
-                _add(layers, f"IN{index:02d}", attentions[j])
-            index += 1
-        if getattr(block, "downsamplers", None):
-            index += 1
-    for attention in getattr(unet.mid_block, "attentions", None) or []:
-        _add(layers, "MID", attention)
-    index = 0
-    for block in unet.up_blocks:
-        attentions = list(getattr(block, "attentions", None) or [])
-        for j in range(len(block.resnets)):
-            if j < len(attentions):
-                _add(layers, f"OUT{index:02d}", attentions[j])
-            index += 1
-    return layers
-
-
-def _add(layers: dict[str, list[torch.nn.Module]], name: str, transformer: torch.nn.Module) -> None:
-    modules = [b.attn2 for b in transformer.transformer_blocks if getattr(b, "attn2", None) is not None]
-    if modules:
-        layers.setdefault(name, []).extend(modules)
+    return cross_attention_modules(unet)
 
 
 def cross_attention_layer_names(unet: torch.nn.Module) -> list[str]:
