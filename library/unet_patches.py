@@ -242,9 +242,9 @@ class BatchRun:
             for index, block in enumerate(self.unet.up_blocks):
                 _hook_skip_concats(stack, block, index, self._skip_concat)
         if self._with["cross_attention_states"] or self._with["cross_attention_output"]:
-            from library.xti import cross_attention_layers
+            from library.models.unet_blocks import cross_attention_modules
 
-            for name, modules in cross_attention_layers(self.unet).items():
+            for name, modules in cross_attention_modules(self.unet).items():
                 for attn in modules:
                     _swap_processor(stack, attn, _PatchedCrossAttention(self, name, attn.processor))
 

@@ -20,51 +20,22 @@ from typing import Sequence
 
 import torch
 
+from library.models.unet_blocks import cross_attention_modules
 from library.unet_patches import Batch, Patch
 
 logger = logging.getLogger(__name__)
 
 
-def cross_attention_layers(unet: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
-    """LDM block name -> the cross-attention (`attn2`) modules of that block, in U-Net order."""
-    layers: dict[str, list[torch.nn.Module]] = {}
-    index = 1  # input block 0 is conv_in
-    for block in unet.down_blocks:
-        attentions = list(getattr(block, "attentions", None) or [])
-        for j in range(len(block.resnets)):
-            if j < len(attentions):
-                _add(layers, f"IN{index:02d}", attentions[j])
-            index += 1
-        if getattr(block, "downsamplers", None):
-            index += 1
-    for attention in getattr(unet.mid_block, "attentions", None) or []:
-        _add(layers, "MID", attention)
-    index = 0
-    for block in unet.up_blocks:
-        attentions = list(getattr(block, "attentions", None) or [])
-        for j in range(len(block.resnets)):
-            if j < len(attentions):
-                _add(layers, f"OUT{index:02d}", attentions[j])
-            index += 1
-    return layers
-
-
-def _add(layers: dict[str, list[torch.nn.Module]], name: str, transformer: torch.nn.Module) -> None:
-    modules = [b.attn2 for b in transformer.transformer_blocks if getattr(b, "attn2", None) is not None]
-    if modules:
-        layers.setdefault(name, []).extend(modules)
-
-
 def cross_attention_layer_names(unet: torch.nn.Module) -> list[str]:
-    """The names of `cross_attention_layers`, in U-Net order."""
-    return list(cross_attention_layers(unet))
+    """The LDM names of the U-Net's cross-attention layers, in U-Net order (XTI files' keys)."""
+    return list(cross_attention_modules(unet))
 
 
 class PerLayerText:
     """The XTI feature: each named cross-attention layer attends to its own text states."""
 
     def __init__(self, unet: torch.nn.Module, layer_names: Sequence[str]) -> None:
-        found = cross_attention_layers(unet)
+        found = cross_attention_layer_names(unet)
         missing = [n for n in layer_names if n not in found]
         if missing:
             raise ValueError(f"the U-Net has no cross-attention layers {missing}")

@@ -12,13 +12,9 @@ and a text-encoder layer ``lora_te_text_model_encoder_layers_0_self_attn_q_proj`
 
 Instead of translating strings, this module walks the models' ``named_modules`` once and
 builds a table from every accepted spelling to the real layer, so any model size works and a
-name either resolves to an existing layer or is unknown. The LDM block numbering is derived
-from the U-Net's actual block structure (resnets per block, which blocks have attention,
-down/up-samplers), written here from the layout of the original SD ``openaimodel`` U-Net:
-``input_blocks`` 0 is ``conv_in``, then per down block one entry per resnet (resnet at ``.0``,
-its attention at ``.1``) and one for the downsampler (``.0.op``); ``middle_block`` is resnet,
-attention, resnet; ``output_blocks`` hold one entry per up-block resnet, the last of each block
-also carrying the upsampler after the attention.
+name either resolves to an existing layer or is unknown. The LDM spelling of a U-Net layer
+comes from the project's one table of the U-Net's LDM blocks, `library.models.unet_blocks`
+(the same numbering the checkpoint exporter and XTI use).
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
-from library.models.ldm_export import UNET_RESNET_RENAMES
+from library.models.unet_blocks import has_block_layout, ldm_module_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,68 +79,6 @@ def canonical_te_path(path: str) -> str:
     return path if path.startswith("text_model.") else "text_model." + path
 
 
-def _block_map(unet: nn.Module) -> dict[str, str]:
-    """diffusers block prefix -> LDM block prefix, derived from the U-Net's structure."""
-    mapping = {
-        "conv_in": "input_blocks.0.0",
-        "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
-    }
-    index = 1
-    for i, block in enumerate(getattr(unet, "down_blocks", [])):
-        has_attention = hasattr(block, "attentions") and block.attentions is not None
-        for j in range(len(block.resnets)):
-            mapping[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{index}.0"
-            if has_attention and j < len(block.attentions):
-                mapping[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{index}.1"
-            index += 1
-        if getattr(block, "downsamplers", None):
-            mapping[f"down_blocks.{i}.downsamplers.0"] = f"input_blocks.{index}.0"
-            index += 1
-    mid = getattr(unet, "mid_block", None)
-    if mid is not None:
-        mapping["mid_block.resnets.0"] = "middle_block.0"
-        if getattr(mid, "attentions", None):
-            mapping["mid_block.attentions.0"] = "middle_block.1"
-            for j in range(1, len(mid.resnets)):
-                mapping[f"mid_block.resnets.{j}"] = f"middle_block.{2 * j}"
-        else:
-            for j in range(1, len(mid.resnets)):
-                mapping[f"mid_block.resnets.{j}"] = f"middle_block.{j}"
-    index = 0
-    for i, block in enumerate(getattr(unet, "up_blocks", [])):
-        has_attention = hasattr(block, "attentions") and block.attentions is not None
-        count = len(block.resnets)
-        for j in range(count):
-            mapping[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{index}.0"
-            slot = 1
-            if has_attention and j < len(block.attentions):
-                mapping[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{index}.1"
-                slot = 2
-            if j == count - 1 and getattr(block, "upsamplers", None):
-                mapping[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{index}.{slot}"
-            index += 1
-    return mapping
-
-
-def ldm_unet_path(path: str, block_map: dict[str, str]) -> str | None:
-    """The LDM (original SD) module path of a diffusers U-Net module path, if it has one."""
-    for prefix, ldm_prefix in block_map.items():
-        if path == prefix:
-            return ldm_prefix
-        if not path.startswith(prefix + "."):
-            continue
-        rest = path[len(prefix) + 1 :]
-        if ".resnets." in prefix or prefix.startswith("mid_block.resnets"):
-            rest = UNET_RESNET_RENAMES.get(rest, rest)
-        elif ".downsamplers." in prefix and rest == "conv":
-            rest = "op"
-        return f"{ldm_prefix}.{rest}"
-    return None
-
-
 class TargetTable:
     """Every accepted spelling of every patchable layer of one text encoder + U-Net pair."""
 
@@ -153,12 +87,12 @@ class TargetTable:
         self._by_kohya: dict[str, Target] = {}
         self._by_path: dict[Component, dict[str, Target]] = {"unet": {}, "text_encoder": {}}
         if unet is not None:
-            block_map = _block_map(unet)
+            ldm_names = has_block_layout(unet)
             for path, module in unet.named_modules():
                 if not is_patchable(module):
                     continue
                 target = self._add("unet", path, module)
-                ldm = ldm_unet_path(path, block_map)
+                ldm = ldm_module_path(unet, path) if ldm_names else None
                 if ldm is not None:
                     self._by_kohya.setdefault(kohya_name("unet", ldm), target)
         if text_encoder is not None:

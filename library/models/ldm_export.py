@@ -13,13 +13,11 @@ are verified by round-tripping through diffusers' forward converters in
 
 Layout summary (LDM names on the right):
 
-* U-Net, prefix ``model.diffusion_model.``: ``conv_in`` -> ``input_blocks.0.0``; down block
-  *b* layer *l* -> ``input_blocks.N.0`` (resnet) / ``input_blocks.N.1`` (transformer) with N
-  counted through the blocks, each down block but the last adding a downsampler
-  ``input_blocks.N.0.op``; ``mid_block`` -> ``middle_block.0/1/2``; up block layers ->
-  ``output_blocks.N.0/1``, the block's upsampler sitting in its last layer at ``.1.conv``
-  (no attention) or ``.2.conv`` (attention); ``time_embedding.linear_1/2`` ->
-  ``time_embed.0/2``; ``conv_norm_out`` / ``conv_out`` -> ``out.0`` / ``out.2``.
+* U-Net, prefix ``model.diffusion_model.``: ``input_blocks.*`` / ``middle_block.*`` /
+  ``output_blocks.*`` as numbered by `library.models.unet_blocks` (``conv_in`` ->
+  ``input_blocks.0.0``, downsampler convs at ``input_blocks.N.0.op``, upsamplers at
+  ``output_blocks.N.1/2.conv``); ``time_embedding.linear_1/2`` -> ``time_embed.0/2``;
+  ``conv_norm_out`` / ``conv_out`` -> ``out.0`` / ``out.2``.
 * VAE, prefix ``first_stage_model.``: ``down_blocks.i.resnets.j`` -> ``down.i.block.j``,
   decoder up blocks in *reversed* order (``up_blocks.0`` -> ``up.{n-1}``), mid resnets ->
   ``mid.block_1/2``, mid attention -> ``mid.attn_1`` with 1x1-conv q/k/v/proj_out weights.
@@ -43,6 +41,7 @@ import torch
 from torch import Tensor
 
 from library.errors import UserError
+from library.models.unet_blocks import ldm_parts
 
 logger = logging.getLogger(__name__)
 
@@ -57,27 +56,6 @@ CHECKPOINT_KINDS: tuple[str, ...] = ("sd1", "sd2", "sd2-v")
 # OpenCLIP's learned temperature saturates at its clamp of 100; real SD2 files store ln(100).
 _OPEN_CLIP_LOGIT_SCALE = math.log(100.0)
 
-#: diffusers ResnetBlock2D child -> LDM ResBlock child (also used for LoRA layer names).
-UNET_RESNET_RENAMES = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_UNET_FIXED = {
-    "time_embedding.linear_1.": "time_embed.0.",
-    "time_embedding.linear_2.": "time_embed.2.",
-    "conv_in.": "input_blocks.0.0.",
-    "conv_norm_out.": "out.0.",
-    "conv_out.": "out.2.",
-    # Class / additional embeddings (not in SD 1.x / 2.x, but the layout is fixed).
-    "class_embedding.linear_1.": "label_emb.0.0.",
-    "class_embedding.linear_2.": "label_emb.0.2.",
-    "add_embedding.linear_1.": "label_emb.0.0.",
-    "add_embedding.linear_2.": "label_emb.0.2.",
-}
 _VAE_RESNET_RENAMES = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION_RENAMES = {
     "group_norm": "norm",
@@ -144,71 +122,14 @@ def _rename(sd: Mapping[str, Tensor], table: Mapping[str, _Target], what: str) -
     return out
 
 
-def _per_block(value: int | Sequence[int], blocks: int, name: str) -> list[int]:
-    """Expand a per-block config value (an int or one entry per block) to a list."""
-    if isinstance(value, int):
-        return [value] * blocks
-    values = [int(v) for v in value]
-    if len(values) != blocks:
-        raise ValueError(f"U-Net config {name} has {len(values)} entries for {blocks} blocks")
-    return values
-
-
-def _add_layer(table: dict[str, _Target], diffusers: str, layer: int, ldm: str) -> None:
-    """Map one U-Net layer (resnet + optional transformer) to LDM's `ldm.0` / `ldm.1`."""
-    table[f"{diffusers}.resnets.{layer}."] = _Target(f"{ldm}.0.", UNET_RESNET_RENAMES)
-    table[f"{diffusers}.attentions.{layer}."] = _Target(f"{ldm}.1.")
-
-
-def _encoder_table(config: Mapping[str, Any]) -> dict[str, _Target]:
-    """The U-Net's encoder half: embeddings, conv_in, down blocks and mid block.
-
-    A ControlNet is a copy of exactly this half, with the same Diffusers and LDM names, so
-    both `unet_to_ldm` and `controlnet_to_ldm` start from this table.
-    """
-    blocks = len(config["down_block_types"])
-    down_layers = _per_block(config["layers_per_block"], blocks, "layers_per_block")
-    table = {key: _Target(value) for key, value in _UNET_FIXED.items()}
-    table["class_embedding."] = _Target("label_emb.")  # nn.Embedding: label_emb.weight
-
-    index = 1  # input_blocks.0 is conv_in
-    for block in range(blocks):
-        for layer in range(down_layers[block]):
-            _add_layer(table, f"down_blocks.{block}", layer, f"input_blocks.{index}")
-            index += 1
-        if block < blocks - 1:  # every level but the deepest halves the resolution
-            table[f"down_blocks.{block}.downsamplers.0.conv."] = _Target(f"input_blocks.{index}.0.op.")
-            index += 1
-
-    # Mid block: resnet, attention, resnet -> middle_block.0, .1, .2.
-    for layer in range(2):
-        table[f"mid_block.resnets.{layer}."] = _Target(f"middle_block.{2 * layer}.", UNET_RESNET_RENAMES)
-    table["mid_block.attentions.0."] = _Target("middle_block.1.")
-    return table
-
-
 def _unet_table(config: Mapping[str, Any]) -> dict[str, _Target]:
-    """Map each Diffusers U-Net module prefix to its LDM prefix, using the block structure
-    that `config` describes (block count, layers per block, which blocks have attention)."""
-    down_types = list(config["down_block_types"])
-    up_types = list(config["up_block_types"])
-    blocks = len(down_types)
-    if len(up_types) != blocks:
-        raise ValueError(f"U-Net config has {blocks} down blocks but {len(up_types)} up blocks")
-    down_layers = _per_block(config["layers_per_block"], blocks, "layers_per_block")
-    table = _encoder_table(config)
+    """Map each Diffusers module prefix of a U-Net (or of a ControlNet's U-Net-like half) to
+    its LDM prefix, from the project's one table of the U-Net's LDM blocks.
 
-    index = 0
-    for block, (block_type, layers) in enumerate(zip(up_types, reversed(down_layers))):
-        for layer in range(layers + 1):  # up blocks have one layer more (the skip from the downsampler)
-            _add_layer(table, f"up_blocks.{block}", layer, f"output_blocks.{index}")
-            index += 1
-        if block < blocks - 1:
-            # The upsampler follows the last layer's resnet, and its transformer if it has one.
-            slot = 2 if "Attn" in block_type else 1
-            upsampler = _Target(f"output_blocks.{index - 1}.{slot}.conv.")
-            table[f"up_blocks.{block}.upsamplers.0.conv."] = upsampler
-    return table
+    The table is computed from `config` (block types, layers per block), so any size works;
+    a ControlNet config has no up blocks, so it gets exactly the encoder half.
+    """
+    return {f"{part.path}.": _Target(f"{part.ldm_path}.", part.renames) for part in ldm_parts(config)}
 
 
 def unet_to_ldm(unet_sd: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -233,7 +154,7 @@ def controlnet_to_ldm(controlnet_sd: Mapping[str, Tensor], config: Mapping[str, 
     zero convolutions, `controlnet_down_blocks.i` -> `zero_convs.i.0` and
     `controlnet_mid_block` -> `middle_block_out.0`.
     """
-    table = _encoder_table(config)
+    table = _unet_table(config)
     hint_blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
     table["controlnet_cond_embedding.conv_in."] = _Target("input_hint_block.0.")
     for block in range(hint_blocks):
