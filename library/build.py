@@ -21,7 +21,7 @@ from library.errors import UserError
 from library.img2img import SourceImages
 from library.models import LoadedModel, load_model
 from library.options import ControlNetOptions, LoadOptions, Options, TextOptions
-from library.pipeline import Generator
+from library.pipeline import Pipeline
 from library.prompts import Defaults
 from library.runner import OutputSettings, Runner
 from library.text_encoding import PromptEncoder
@@ -98,12 +98,12 @@ def networks(options: Options, model: LoadedModel) -> Networks:
     return load_networks(options.networks, model)
 
 
-def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Networks) -> Generator:
+def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Networks) -> Pipeline:
     """The pipeline for this model, with the run's sampler, prompt encoder and features."""
     encoder = prompt_encoder(options.text, model)
     control = controlnets(options.controlnet, model, runtime)
     features = [f for f in (nets, xti_feature(encoder, model), control) if f is not None]
-    return Generator(
+    return Pipeline(
         unet=model.unet,
         vae=model.vae,
         encoder=encoder,
@@ -162,7 +162,7 @@ def controlnets(options: ControlNetOptions, model: LoadedModel, runtime: Runtime
     return ControlNets(units)
 
 
-def runner(options: Options, model: LoadedModel, gen: Generator) -> Runner:
+def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
     """A Runner writing into `--outdir` with this run's metadata."""
     from library.controlnet import ControlNets
     from library.preview import preview_window

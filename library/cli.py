@@ -23,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; every group corresponds to a section of the manual."""
-    from library.samplers import sampler_names
+    from library.schedulers import sampler_names
 
     p = _Parser(
         prog="gen_img.py",
@@ -232,7 +232,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def validate(args: argparse.Namespace) -> None:
     """Check what argparse cannot: ranges, exclusive options, sampler names."""
-    from library.samplers import resolve
+    from library.schedulers import resolve
 
     resolve(args.sampler)
     sources = [o for o in ("prompt", "from_file", "from_module", "interactive") if getattr(args, o)]

@@ -86,7 +86,7 @@ class HighresSettings:
 
 
 class HighresFix:
-    """Runs both stages of a batch with one Generator."""
+    """Runs both stages of a batch with one Pipeline."""
 
     def __init__(self, settings: HighresSettings) -> None:
         self.settings = settings

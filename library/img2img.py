@@ -82,7 +82,7 @@ class Img2ImgInput:
     masks: torch.Tensor | None = None  # (B, 1, H/8, W/8) in [0, 1], 1 = repaint
     pixel_masks: torch.Tensor | None = None  # (B, 1, H, W), for `composite`
     vae_batch_size: int | None = None
-    source_latents: torch.Tensor | None = None  # filled in by `Generator.latents`
+    source_latents: torch.Tensor | None = None  # filled in by `Pipeline.latents`
 
     @property
     def ignores_source(self) -> bool:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from library import img2img
 from library.img2img import Img2ImgInput
 from library.jobs import Job
-from library.samplers import make_scheduler, noises_per_step
+from library.schedulers import make_scheduler, noises_per_step
 from library.seeds import draw_image_noise
 from library.text_encoding import Conditioning, PromptEncoder
 from library.unet_patches import Batch, BatchLayout, Feature, PatchOwner, SourceLatents
@@ -40,7 +40,7 @@ LATENT_CHANNELS = 4
 
 
 @dataclass
-class Generator:
+class Pipeline:
     """Makes latents and images for batches of Jobs with one loaded model."""
 
     unet: torch.nn.Module

@@ -27,7 +27,7 @@ from library.highres_fix import HighresFix
 from library.img2img import SourceImages, composite
 from library.jobs import Job, batches
 from library.options import RoundOptions
-from library.pipeline import Generator
+from library.pipeline import Pipeline
 from library.prompts import Defaults, Line, jobs_for_line
 
 logger = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ class Summary:
 
 
 class Runner:
-    """Turns prompt lines into saved images with one Generator."""
+    """Turns prompt lines into saved images with one Pipeline."""
 
-    def __init__(self, generator: Generator, defaults: Defaults, output: OutputSettings,
+    def __init__(self, generator: Pipeline, defaults: Defaults, output: OutputSettings,
                  batch_size: int, sources: SourceImages | None = None, highres: HighresFix | None = None,
                  guides: GuideImages | None = None) -> None:
         self.generator = generator

@@ -12,7 +12,7 @@ from PIL import Image
 from library.errors import UserError
 from library.highres_fix import first_stage_size, parse_upscaler_args
 from library.images import parse_a1111_parameters, read_generation_text
-from library.pipeline import Generator
+from library.pipeline import Pipeline
 from tests.test_img2img import _error, call_log, pixels, pngs, run  # noqa: F401  (fixture)
 from tools import latent_upscaler
 
@@ -74,13 +74,13 @@ def test_strength_of_the_2nd_stage(tiny_models, tmp_path, call_log):
 
 def test_lanczos_path_re_encodes_and_latent_path_does_not(tiny_models, tmp_path, monkeypatch):
     encoded: list[tuple] = []
-    real = Generator.encode_images
+    real = Pipeline.encode_images
 
     def spy(self, images, generators, vae_batch_size=None):
         encoded.append(tuple(images.shape))
         return real(self, images, generators, vae_batch_size)
 
-    monkeypatch.setattr(Generator, "encode_images", spy)
+    monkeypatch.setattr(Pipeline, "encode_images", spy)
     assert run(tiny_models, tmp_path / "a", *HIGHRES, "--prompt", "x") == 0
     assert encoded == [(1, 3, 96, 128)]
     encoded.clear()

@@ -1,4 +1,4 @@
-"""img2img and inpainting through the real command and the Generator, on the tiny model."""
+"""img2img and inpainting through the real command and the Pipeline, on the tiny model."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from library.img2img import Img2ImgInput, first_step, steps_to_run
 from library.jobs import Job
 from library.unet_patches import Patch
 from library.models import load_model
-from library.pipeline import Generator
-from library.samplers import make_scheduler
+from library.pipeline import Pipeline
+from library.schedulers import make_scheduler
 from tests.test_samplers import make_generator
 
 COMMON = ["--steps", "6", "--scale", "5", "--sampler", "ddim"]
@@ -65,9 +65,9 @@ class StepRecorder(Patch):
 
 @pytest.fixture
 def call_log(monkeypatch):
-    """Every `Generator.latents` call of a run: size, steps, seeds, strength, steps actually run."""
+    """Every `Pipeline.latents` call of a run: size, steps, seeds, strength, steps actually run."""
     log: list[dict] = []
-    real = Generator.latents
+    real = Pipeline.latents
 
     def latents(self, jobs, init=None):
         entry = {"size": (jobs[0].width, jobs[0].height), "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
@@ -80,11 +80,11 @@ def call_log(monkeypatch):
             self.patches.features.remove(recorder)
             log.append(entry)
 
-    monkeypatch.setattr(Generator, "latents", latents)
+    monkeypatch.setattr(Pipeline, "latents", latents)
     return log
 
 
-def round_trip(gen: Generator, source: torch.Tensor, seed: int, steps: int, per_step: int = 1) -> torch.Tensor:
+def round_trip(gen: Pipeline, source: torch.Tensor, seed: int, steps: int, per_step: int = 1) -> torch.Tensor:
     """decode(encode(source).sample(g)) with g advanced past draws (1)-(3) of `library.seeds`."""
     g = torch.Generator().manual_seed(seed)
     shape = (4, source.shape[2] // 8, source.shape[3] // 8)
@@ -139,7 +139,7 @@ def test_steps_run_are_the_tail_that_strength_selects(model, sampler, order):
 
 
 def test_every_sampler_runs_img2img_and_inpainting(model, tmp_path):
-    from library.samplers import sampler_names
+    from library.schedulers import sampler_names
 
     source = pil_to_tensor(Image.open(make_source(tmp_path / "s.png", (32, 32))))
     masks = torch.zeros(1, 1, 4, 4)

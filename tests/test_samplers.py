@@ -8,14 +8,14 @@ import torch
 from library.errors import UserError
 from library.jobs import Job
 from library.models import load_model
-from library.pipeline import Generator
-from library.samplers import make_scheduler, noises_per_step, resolve, sampler_names
+from library.pipeline import Pipeline
+from library.schedulers import make_scheduler, noises_per_step, resolve, sampler_names
 from library.text_encoding import PromptEncoder
 
 
-def make_generator(model, sampler: str) -> Generator:
+def make_generator(model, sampler: str) -> Pipeline:
     encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
-    return Generator(model.unet, model.vae, encoder, sampler, model.kind.v_prediction,
+    return Pipeline(model.unet, model.vae, encoder, sampler, model.kind.v_prediction,
                      torch.device("cpu"), torch.float32, torch.device("cpu"), progress=False)
 
 

@@ -16,7 +16,7 @@ from library import build
 from library.cli import parse_options
 from library.jobs import Job
 from library.models import load_model
-from library.samplers import make_scheduler
+from library.schedulers import make_scheduler
 from library.unet_patches import BatchLayout, Patch, StepContext
 from tests.test_samplers import make_generator
 

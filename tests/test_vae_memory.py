@@ -11,7 +11,7 @@ import torch
 from library import vae_memory
 from library.cli import vae_batch_size
 from library.models.tiny import build_tiny_components
-from library.pipeline import Generator
+from library.pipeline import Pipeline
 from tests.test_img2img import make_source, pixels, pngs, run
 
 LEVEL = 2 / 255  # one 8-bit level in the VAE's [-1, 1] output range
@@ -89,13 +89,13 @@ def test_an_unknown_vae_structure_falls_back_with_a_warning(vae, caplog):
 
 def test_vae_slices_on_the_command_line_gives_the_same_image(tiny_models, tmp_path, monkeypatch):
     calls: list[int | None] = []
-    real = Generator._decode_chunk
+    real = Pipeline._decode_chunk
 
     def spy(self, latents):
         calls.append(self.vae_slices)
         return real(self, latents)
 
-    monkeypatch.setattr(Generator, "_decode_chunk", spy)
+    monkeypatch.setattr(Pipeline, "_decode_chunk", spy)
     prompt = ["--prompt", "x --d 2", "--W", "96", "--H", "64"]
     assert run(tiny_models, tmp_path / "a", *prompt) == 0
     assert run(tiny_models, tmp_path / "b", *prompt, "--vae_slices", "4") == 0
@@ -111,13 +111,13 @@ def test_vae_slices_on_the_command_line_gives_the_same_image(tiny_models, tmp_pa
 def test_vae_batch_size_counts_and_fractions(tiny_models, tmp_path, monkeypatch):
     assert [vae_batch_size(v, 8) for v in (None, 0.5, 0.01, 3, 3.0)] == [8, 4, 1, 3, 3]
     sizes: list[int] = []
-    real = Generator._decode_chunk
+    real = Pipeline._decode_chunk
 
     def spy(self, latents):
         sizes.append(latents.shape[0])
         return real(self, latents)
 
-    monkeypatch.setattr(Generator, "_decode_chunk", spy)
+    monkeypatch.setattr(Pipeline, "_decode_chunk", spy)
     common = ["--prompt", "x", "--seed", "1", "--images_per_prompt", "4", "--batch_size", "4", "--sequential_file_name",
               "--W", "64", "--H", "64"]
     assert run(tiny_models, tmp_path / "a", *common) == 0
@@ -129,13 +129,13 @@ def test_vae_batch_size_counts_and_fractions(tiny_models, tmp_path, monkeypatch)
 
 def test_vae_tiling_decodes_large_images_in_tiles(tiny_models, tmp_path, monkeypatch):
     tiled: list[bool] = []
-    real = Generator._decode_chunk
+    real = Pipeline._decode_chunk
 
     def spy(self, latents):
         tiled.append(self.vae.use_tiling)
         return real(self, latents)
 
-    monkeypatch.setattr(Generator, "_decode_chunk", spy)
+    monkeypatch.setattr(Pipeline, "_decode_chunk", spy)
     assert run(tiny_models, tmp_path / "o", "--prompt", "x", "--W", "128", "--H", "96", "--vae_tiling") == 0
     assert tiled == [True]
     assert pixels(pngs(tmp_path / "o")[0]).shape == (96, 128, 3)

@@ -13,7 +13,7 @@ disk (~2 GB), in the LDM single-file layout via `library.models.ldm_export`. The
   fresh child process with the file in the page cache, interleaved; timed when the call
   returns and once every weight is resident in the run's dtype; peak memory of each
   (`--load_only` measures just this);
-* generation, ours (`Generator.latents` + `decode`) and diffusers' pipeline built from our
+* generation, ours (`Pipeline.latents` + `decode`) and diffusers' pipeline built from our
   loaded networks and the same scheduler, interleaved run for run after a short warm-up:
   text encoding, U-Net s/step (median call), step interval, VAE decode, whole batch, images
   per minute, time outside the three networks, peak memory (RSS on CPU via /proc VmHWM,
@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from library.jobs import Job  # noqa: E402
 from library.models.ldm_export import to_ldm_checkpoint  # noqa: E402
-from library.samplers import make_scheduler  # noqa: E402
+from library.schedulers import make_scheduler  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -323,7 +323,7 @@ def make_jobs(args: argparse.Namespace, steps: int) -> list[Job]:
 
 
 def run_ours(gen, rec: Recorder, args: argparse.Namespace, steps: int) -> tuple[dict, torch.Tensor]:
-    """One batch through `Generator.latents` + `decode`; images in [0, 1]."""
+    """One batch through `Pipeline.latents` + `decode`; images in [0, 1]."""
     rec.clear()
     reset_peak_memory(gen.device)
     start = rec.now()
@@ -390,7 +390,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import StableDiffusionPipeline
 
     from library.models import load_model
-    from library.pipeline import Generator
+    from library.pipeline import Pipeline
     from library.text_encoding import PromptEncoder
 
     path = checkpoint_for(args)
@@ -401,7 +401,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         model.unet.to(memory_format=torch.channels_last)
     v_pred = model.kind.v_prediction
     encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
-    gen = Generator(unet=model.unet, vae=model.vae, encoder=encoder, sampler=args.sampler, v_prediction=v_pred,
+    gen = Pipeline(unet=model.unet, vae=model.vae, encoder=encoder, sampler=args.sampler, v_prediction=v_pred,
                     device=device, dtype=dtype, noise_device=device, progress=False)
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                    unet=model.unet, scheduler=make_scheduler(args.sampler, v_pred),
