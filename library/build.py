@@ -58,7 +58,7 @@ def checkpoint_path(args: argparse.Namespace) -> str:
     """`--ckpt`, or the tiny demo model (written on first use) when none is given."""
     if args.ckpt:
         return args.ckpt
-    from tools.make_tiny_model import make_tiny_models
+    from library.models.tiny_files import make_tiny_models
 
     logger.warning("no --ckpt given: using the tiny demo model (random weights: the images are noise)")
     return str(make_tiny_models(DEMO_DIR, ("sd1",))["sd1"])

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Paths of the tiny models: 'sd1', 'sd1-diffusers', 'sd2', ..., 'vae'."""
-    from tools.make_tiny_model import make_tiny_models
+    from library.models.tiny_files import make_tiny_models
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
