@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library import build, img2img, prompts  # noqa: E402
+from library import build, prompts  # noqa: E402
 from library.cli import parse_args  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.runner import run_rounds  # noqa: E402
@@ -57,7 +57,7 @@ def prompt_lines(args, generator, networks) -> list[prompts.Line]:
     """The prompt lines of `--prompt`, `--from_file` or `--from_module` (or, with none of them,
     of the `--image_path` sources' metadata)."""
     if args.prompt is None and args.from_file is None and args.from_module is None:
-        return img2img.metadata_lines(args.image_path)
+        return prompts.metadata_lines(args.image_path)
     if args.prompt is not None:
         return [prompts.Line(args.prompt, "--prompt")]
     if args.from_file is not None:
