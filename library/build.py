@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from library import highres_fix, images
+from library import file_hashes, highres_fix
 from library.cli import vae_batch_size
 from library.controlnet import GuideImages
 from library.errors import UserError
@@ -194,7 +194,7 @@ class ModelHash:
     _pool = ThreadPoolExecutor(max_workers=1)
 
     def __init__(self, path: Path) -> None:
-        self._future: Future | None = self._pool.submit(images.model_hash, path) if path.is_file() else None
+        self._future: Future | None = self._pool.submit(file_hashes.model_hash, path) if path.is_file() else None
 
     def get(self) -> str | None:
         return self._future.result() if self._future is not None else None

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from library import images as image_io
+from library import input_images as image_io
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)

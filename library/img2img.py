@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from library import images as image_io
+from library import input_images as image_io
 from library.errors import UserError
 from library.jobs import Job
 

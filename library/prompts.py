@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from library import images as image_io
+from library import image_metadata
 from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pick_variants
 from library.errors import UserError
 from library.img2img import source_paths
@@ -135,11 +135,11 @@ def module_lines(prompter, args, pipe, seeds: SeedSource, iter_seed: int | None)
 def metadata_prompt(path: Path) -> str:
     """A source's prompt line from its metadata: `prompt --n negative-prompt` (this tool and
     the original write these keys), else an A1111 `parameters` text."""
-    text = image_io.read_generation_text(path)
+    text = image_metadata.read_generation_text(path)
     if "prompt" in text:
         prompt, negative = text["prompt"], text.get("negative-prompt")
     elif "parameters" in text:
-        params = image_io.parse_a1111_parameters(text["parameters"])
+        params = image_metadata.parse_a1111_parameters(text["parameters"])
         prompt, negative = params["Prompt"], params["Negative prompt"] or None
     else:
         raise UserError(f"--image_path {path}: the image has no prompt in its metadata; give --prompt or --from_file")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import gen_img
-from library.images import parse_a1111_parameters, read_generation_text
+from library.image_metadata import parse_a1111_parameters, read_generation_text
 from library.jobs import Job
 from library.models import load_model
 from tests.test_samplers import make_generator

@@ -11,7 +11,7 @@ from PIL import Image
 
 from library.errors import UserError
 from library.highres_fix import first_stage_size, parse_upscaler_args
-from library.images import parse_a1111_parameters, read_generation_text
+from library.image_metadata import parse_a1111_parameters, read_generation_text
 from library.pipeline import Generator
 from tests.test_img2img import _error, call_log, pixels, pngs, run  # noqa: F401  (fixture)
 from tools import latent_upscaler

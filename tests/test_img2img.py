@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import gen_img
-from library.images import pil_to_tensor, read_generation_text
+from library.image_metadata import read_generation_text
+from library.input_images import pil_to_tensor
 from library.img2img import Img2ImgInput, first_step, steps_to_run
 from library.jobs import Job
 from library.models import load_model
