@@ -18,7 +18,7 @@ import torch
 from library import file_hashes, highres_fix
 from library.cli import vae_batch_size
 from library.controlnet import GuideImages
-from library.errors import UserError
+from library.errors import UserError, first_line
 from library.img2img import SourceImages
 from library.models import LoadedModel, load_model
 from library.pipeline import Generator
@@ -47,7 +47,7 @@ class Runtime:
             device = torch.device(name)
             torch.empty(1, device=device)
         except (RuntimeError, AssertionError) as exc:
-            raise UserError(f"--device {name}: not usable here ({str(exc).splitlines()[0][:120]})") from None
+            raise UserError(f"--device {name}: not usable here ({first_line(exc, 120)})") from None
         dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
         vae_dtype = torch.float32 if args.no_half_vae else dtype
         noise_device = torch.device("cpu") if args.noise_device == "cpu" else device
