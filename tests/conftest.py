@@ -48,3 +48,26 @@ def _restore_logger_levels():
     yield
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def call_log(monkeypatch):
+    """Every `Generator.latents` call of a run: size, steps, seeds, strength, steps actually run."""
+    from library.pipeline import Generator
+
+    log: list[dict] = []
+    real = Generator.latents
+
+    def latents(self, jobs, init=None):
+        entry = {"size": (jobs[0].width, jobs[0].height), "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
+                 "strength": None if init is None else init.strength, "ran": 0}
+        count = lambda i, t: entry.__setitem__("ran", entry["ran"] + 1)  # noqa: E731
+        self.step_callbacks.append(count)
+        try:
+            return real(self, jobs, init)
+        finally:
+            self.step_callbacks.remove(count)
+            log.append(entry)
+
+    monkeypatch.setattr(Generator, "latents", latents)
+    return log

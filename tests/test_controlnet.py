@@ -25,8 +25,7 @@ from library.controlnet import (
 from library.errors import UserError
 from library.jobs import Job
 from library.models import load_model
-from tests.test_generate import meta, pixels, pngs, run
-from tests.test_samplers import make_generator
+from tests.helpers import make_generator, meta, pixels, pngs, run
 
 
 def test_parse_prep_exact() -> None:
