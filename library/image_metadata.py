@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image
@@ -142,11 +142,6 @@ def a1111_parameters(record: ImageRecord) -> str:
         items.append(key if key == shown else f"{key}: {a1111_quote(shown)}")
     negative = f"\nNegative prompt: {record.negative_prompt}" if record.negative_prompt else ""
     return f"{record.prompt}{negative}\n{', '.join(items)}".strip()
-
-
-def lora_hashes_text(hashes: Iterable[tuple[str, str]]) -> str:
-    """The `Lora hashes` value: `name: hash, ...` with `:` and `,` removed from names."""
-    return ", ".join(f"{re.sub(r'[:,]', '', name)}: {h}" for name, h in hashes)
 
 
 def webp_exif(text: Mapping[str, str]) -> bytes:

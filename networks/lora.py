@@ -84,10 +84,6 @@ class LoRAModule:
             self._handle.remove()
             self._handle = None
 
-    @property
-    def attached(self) -> bool:
-        return self._handle is not None
-
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         multiplier = self.network.multiplier
         if not self.enabled or multiplier == 0:

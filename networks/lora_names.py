@@ -27,7 +27,6 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
-import torch
 from torch import nn
 
 from library.models.ldm_export import UNET_RESNET_RENAMES
@@ -52,10 +51,6 @@ class Target:
     path: str
     component: Component
     module: nn.Module
-
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.module, nn.Conv2d)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -218,8 +213,3 @@ def default_targets(
     collect(text_encoder, "text_encoder", TEXT_ENCODER_BLOCKS)
     collect(unet, "unet", UNET_ATTENTION_BLOCKS + (UNET_CONV_BLOCKS if conv else ()))
     return found
-
-
-def weight_of(target: Target) -> torch.Tensor:
-    """The layer's weight parameter (what merges patch)."""
-    return target.module.weight

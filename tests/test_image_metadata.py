@@ -14,7 +14,6 @@ from library.image_metadata import (
     a1111_quote,
     a1111_sampler_name,
     generation_text,
-    lora_hashes_text,
     parse_a1111_parameters,
     read_generation_text,
 )
@@ -39,7 +38,7 @@ RECORD = ImageRecord(
     extra={
         "Hires upscale": 2.0,
         "Hires steps": 14,
-        "Lora hashes": lora_hashes_text([("style", "0123456789ab"), ("char,x:y", "ba9876543210")]),
+        "Lora hashes": "style: 0123456789ab, charxy: ba9876543210",
     },
 )
 

@@ -75,17 +75,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise UserError(f"{path}: unknown model file type {suffix!r}; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
 
 
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file (empty when absent)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable safetensors file ({first_line(exc)}); the file may be truncated") from None
-
-
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
