@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library import build, img2img, prompts  # noqa: E402
+from library import build, prompts  # noqa: E402
 from library.cli import parse_options  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.options import Options  # noqa: E402
@@ -58,7 +58,7 @@ def prompt_lines(options: Options, generator, networks) -> list[prompts.Line]:
     of the `--image_path` sources' metadata)."""
     rounds = options.rounds
     if rounds.prompt is None and rounds.from_file is None and rounds.from_module is None:
-        return img2img.metadata_lines(options.sources.image_path)
+        return prompts.metadata_lines(options.sources.image_path)
     if rounds.prompt is not None:
         return [prompts.Line(rounds.prompt, "--prompt")]
     if rounds.from_file is not None:

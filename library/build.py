@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from library import highres_fix, images
+from library import file_hashes, highres_fix
 from library.additional_networks import Networks, load_networks
 from library.cli import vae_batch_size
 from library.controlnet import GuideImages
-from library.errors import UserError
+from library.errors import UserError, first_line
 from library.img2img import SourceImages
 from library.models import LoadedModel, load_model
 from library.options import ControlNetOptions, LoadOptions, Options, TextOptions
@@ -47,7 +47,7 @@ class Runtime:
             device = torch.device(name)
             torch.empty(1, device=device)
         except (RuntimeError, AssertionError) as exc:
-            raise UserError(f"--device {name}: not usable here ({str(exc).splitlines()[0][:120]})") from None
+            raise UserError(f"--device {name}: not usable here ({first_line(exc, 120)})") from None
         dtype = torch.float16 if options.fp16 else torch.bfloat16 if options.bf16 else torch.float32
         vae_dtype = torch.float32 if options.no_half_vae else dtype
         noise_device = torch.device("cpu") if options.noise_device == "cpu" else device
@@ -58,7 +58,7 @@ def checkpoint_path(options: LoadOptions) -> str:
     """`--ckpt`, or the tiny demo model (written on first use) when none is given."""
     if options.ckpt:
         return options.ckpt
-    from tools.make_tiny_model import make_tiny_models
+    from library.models.tiny_files import make_tiny_models
 
     logger.warning("no --ckpt given: using the tiny demo model (random weights: the images are noise)")
     return str(make_tiny_models(DEMO_DIR, ("sd1",))["sd1"])
@@ -200,7 +200,7 @@ class ModelHash:
     _pool = ThreadPoolExecutor(max_workers=1)
 
     def __init__(self, path: Path) -> None:
-        self._future: Future | None = self._pool.submit(images.model_hash, path) if path.is_file() else None
+        self._future: Future | None = self._pool.submit(file_hashes.model_hash, path) if path.is_file() else None
 
     def get(self) -> str | None:
         return self._future.result() if self._future is not None else None

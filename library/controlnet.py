@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from library import images as image_io
+from library import input_images as image_io
 from library.errors import UserError
 from library.unet_patches import Batch, Patch
 

@@ -41,7 +41,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
-from library.errors import UserError
+from library.errors import UserError, first_line
 from library.models.loader import text_model
 
 logger = logging.getLogger(__name__)
@@ -251,16 +251,16 @@ def read_embedding_file(path: Path, option: str) -> dict:
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as exc:
-            raise UserError(f"{option} {path}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise UserError(f"{option} {path}: not a readable safetensors file ({first_line(exc, 160)})") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(
             f"{option} {path}: refused: the pickle holds objects other than tensors and plain data "
-            f"({_first_line(exc)[:100]}); get or convert a .safetensors version"
+            f"({first_line(exc, 100)}); get or convert a .safetensors version"
         ) from None
     except Exception as exc:
-        raise UserError(f"{option} {path}: not a readable embedding file ({_first_line(exc)})") from None
+        raise UserError(f"{option} {path}: not a readable embedding file ({first_line(exc, 160)})") from None
     if isinstance(data, torch.Tensor):
         return {"emb_params": data}
     if not isinstance(data, dict):
@@ -315,11 +315,6 @@ def _existing(file: str | Path, option: str) -> Path:
     if not path.is_file():
         raise UserError(f"{option} {file}: no such file")
     return path
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 # --- writing (tests, tools) -------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from library import images as image_io
+from library import input_images as image_io
 from library.errors import UserError
 from library.user_code import import_file
 from library.img2img import Img2ImgInput

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from library import images as image_io
+from library import input_images as image_io
 from library.errors import UserError
 from library.jobs import Job
 from library.unet_patches import Batch, Patch
@@ -232,27 +232,3 @@ class SourceImages:
 def source_paths(image_path: str) -> list[Path]:
     """The files of `--image_path` in the documented order."""
     return image_io.list_images(Path(image_path), "--image_path")
-
-
-# ----------------------------------------------------------------------------- metadata prompts
-
-
-def metadata_prompt(path: Path) -> str:
-    """A source's prompt line from its metadata: `prompt --n negative-prompt` (this tool and
-    the original write these keys), else an A1111 `parameters` text."""
-    text = image_io.read_generation_text(path)
-    if "prompt" in text:
-        prompt, negative = text["prompt"], text.get("negative-prompt")
-    elif "parameters" in text:
-        params = image_io.parse_a1111_parameters(text["parameters"])
-        prompt, negative = params["Prompt"], params["Negative prompt"] or None
-    else:
-        raise UserError(f"--image_path {path}: the image has no prompt in its metadata; give --prompt or --from_file")
-    return f"{prompt} --n {negative}" if negative else prompt
-
-
-def metadata_lines(image_path: str):
-    """One prompt line per source, read from its metadata, each tied to its source."""
-    from library.prompts import Line
-
-    return [Line(metadata_prompt(p), f"{p} (metadata)", image=str(p)) for p in source_paths(image_path)]

@@ -11,7 +11,7 @@ and one loop per batch).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 
@@ -32,7 +32,6 @@ class Job:
     clip_prompt: str | None = None
     file_name: str | None = None
     network_multipliers: tuple[float, ...] | None = None
-    extra: tuple[tuple[str, object], ...] = field(default=())
     # img2img strength, or the Highres fix 2nd stage's; None for txt2img
     strength: float | None = None
     init_image: str | None = None  # img2img source file
@@ -49,7 +48,6 @@ class Job:
             self.negative_scale,
             self.chunks,
             self.network_multipliers,
-            self.extra,
             self.strength,
             self.init_image is not None,
             self.mask_image is not None,

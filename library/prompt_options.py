@@ -6,7 +6,8 @@ manual says ("put spaces before and after the prompt option"), e.g.::
     1girl, (smile:1.2) --n lowres, bad hands --w 960 --h 640 --s 28 --d 1,2
 
 `PROMPT_OPTIONS` is the single source of truth: the parser reads it, and so do the
-``--help`` text (`prompt_options_help`) and the metadata writer (`format_prompt_line`).
+``--help`` text (`prompt_options_help`) and `format_prompt_line`, its inverse
+(which the tests use to check that every option round-trips).
 
 Rules and decisions:
 

@@ -2,7 +2,8 @@
 
 Sources: `--prompt`, `--from_file` (one prompt per line; blank lines and `#` lines skipped),
 `--from_module` (a Python file with `get_prompter(args, pipe, networks)`), `--interactive`
-(`Type prompt:`; end of input ends the run). Each line's options (`--n --w --h --s --d --l
+(`Type prompt:`; end of input ends the run), and with none of them the `--image_path`
+sources' own metadata (`metadata_lines`). Each line's options (`--n --w --h --s --d --l
 --nl ...`) are parsed by `library.prompt_options`; a malformed line is reported with its
 number and skipped. Dynamic variants (`{a|b}`) are picked per image from its seed.
 
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from library import image_metadata
 from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pick_variants
 from library.errors import UserError
+from library.img2img import source_paths
 from library.jobs import Job
 from library.options import Options
 from library.prompt_options import PROMPT_OPTIONS, PromptOverrides, parse_prompt_line
@@ -126,6 +129,26 @@ def module_lines(prompter, args, pipe, seeds: SeedSource, iter_seed: int | None)
             return
         index += 1
         yield Line(str(text), f"--from_module prompt {index}")
+
+
+def metadata_prompt(path: Path) -> str:
+    """A source's prompt line from its metadata: `prompt --n negative-prompt` (this tool and
+    the original write these keys), else an A1111 `parameters` text."""
+    text = image_metadata.read_generation_text(path)
+    if "prompt" in text:
+        prompt, negative = text["prompt"], text.get("negative-prompt")
+    elif "parameters" in text:
+        params = image_metadata.parse_a1111_parameters(text["parameters"])
+        prompt, negative = params["Prompt"], params["Negative prompt"] or None
+    else:
+        raise UserError(f"--image_path {path}: the image has no prompt in its metadata; give --prompt or --from_file")
+    return f"{prompt} --n {negative}" if negative else prompt
+
+
+def metadata_lines(image_path: str) -> list[Line]:
+    """No prompt option given: one prompt line per `--image_path` source, read from its
+    metadata, each tied to its source (so that source's images use it)."""
+    return [Line(metadata_prompt(p), f"{p} (metadata)", image=str(p)) for p in source_paths(image_path)]
 
 
 # --- lines -> jobs ----------------------------------------------------------------------------

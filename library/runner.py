@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from library import images
+from library import image_metadata, input_images, output_files
 from library.controlnet import GuideImages
 from library.errors import UserError
 from library.highres_fix import HighresFix
@@ -77,7 +77,7 @@ class Runner:
         self.highres = highres
         self.guides = guides
         self.summary = Summary()
-        self._timestamp = images.timestamp_now()
+        self._timestamp = output_files.timestamp_now()
         self._sequence = 0
 
     def jobs(self, lines: Iterable[Line], seeds, iter_seed: int | None) -> Iterator[Job]:
@@ -106,7 +106,7 @@ class Runner:
             for batch in batches(jobs, self.batch_size):
                 indices = list(range(self._sequence + 1, self._sequence + 1 + len(batch)))
                 self._sequence += len(batch)
-                pictures = images.tensor_to_pil(self._pixels(batch, indices))
+                pictures = input_images.tensor_to_pil(self._pixels(batch, indices))
                 stage = "1" if self.highres is not None else ""
                 for job, picture, index in zip(batch, pictures, indices):
                     self.summary.written.append(self._save(job, picture, index, stage))
@@ -135,7 +135,7 @@ class Runner:
 
     def _save(self, job: Job, picture, index: int, stage: str = "") -> Path:
         original = Path(job.init_image).name if self.output.use_original_name and job.init_image else None
-        name = images.output_file_name(
+        name = output_files.output_file_name(
             timestamp=self._timestamp,
             index=index,
             seed=job.seed,
@@ -147,7 +147,7 @@ class Runner:
         extra = self.highres.metadata(job) if stage == "1" else ()
         if job.guide_image is not None:
             extra = (*extra, *self.output.controlnet_metadata)
-        record = images.ImageRecord(
+        record = image_metadata.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,
             sampler=self.output.sampler,
@@ -166,7 +166,7 @@ class Runner:
             karras=self.output.sampler.endswith("_karras"),
             extra=extra,
         )
-        return images.save_image(picture, self.output.outdir, name, images.generation_text(record))
+        return output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record))
 
 
 def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[], Iterable[Line]],

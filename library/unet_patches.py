@@ -248,14 +248,13 @@ class BatchRun:
                 for attn in modules:
                     _swap_processor(stack, attn, _PatchedCrossAttention(self, name, attn.processor))
 
+    def _modulate(self, lora: LoRALayer, x: Tensor, delta: Tensor) -> Tensor:
+        for patch in self._with["lora_output"]:
+            delta = patch.lora_output(self.ctx, lora, x, delta)
+        return delta
+
     def _hook_lora(self, stack: ExitStack, layer: LoRALayer, multiplier: float) -> None:
-        modulators = self._with["lora_output"]
-        modulate = None
-        if modulators:
-            def modulate(lora, x, delta):
-                for patch in modulators:
-                    delta = patch.lora_output(self.ctx, lora, x, delta)
-                return delta
+        modulate = self._modulate if self._with["lora_output"] else None
 
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs["input"]

@@ -82,10 +82,6 @@ class LoRAModule:
             self._handle.remove()
             self._handle = None
 
-    @property
-    def attached(self) -> bool:
-        return self._handle is not None
-
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         x = args[0] if args else kwargs["input"]
         return self.add_output(module, x, output, self.network.multiplier)

@@ -23,7 +23,6 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
-import torch
 from torch import nn
 
 from library.models.unet_blocks import has_block_layout, ldm_module_path
@@ -48,10 +47,6 @@ class Target:
     path: str
     component: Component
     module: nn.Module
-
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.module, nn.Conv2d)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -152,8 +147,3 @@ def default_targets(
     collect(text_encoder, "text_encoder", TEXT_ENCODER_BLOCKS)
     collect(unet, "unet", UNET_ATTENTION_BLOCKS + (UNET_CONV_BLOCKS if conv else ()))
     return found
-
-
-def weight_of(target: Target) -> torch.Tensor:
-    """The layer's weight parameter (what merges patch)."""
-    return target.module.weight

@@ -92,7 +92,3 @@ def refresh(module: nn.Module) -> None:
     state = _REGISTRY.get(module)
     if state is not None:
         state.recompute()
-
-
-def is_patched(module: nn.Module) -> bool:
-    return module in _REGISTRY

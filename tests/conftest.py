@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Paths of the tiny models: 'sd1', 'sd1-diffusers', 'sd2', ..., 'vae'."""
-    from tools.make_tiny_model import make_tiny_models
+    from library.models.tiny_files import make_tiny_models
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
@@ -48,3 +48,27 @@ def _restore_logger_levels():
     yield
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def call_log(monkeypatch):
+    """Every `Pipeline.latents` call of a run: size, steps, seeds, strength, steps actually run."""
+    from library.pipeline import Pipeline
+    from tests.helpers import StepRecorder
+
+    log: list[dict] = []
+    real = Pipeline.latents
+
+    def latents(self, jobs, init=None):
+        entry = {"size": (jobs[0].width, jobs[0].height), "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
+                 "strength": None if init is None else init.strength, "ran": 0}
+        recorder = StepRecorder(lambda i, t: entry.__setitem__("ran", entry["ran"] + 1))
+        self.patches.add(recorder)
+        try:
+            return real(self, jobs, init)
+        finally:
+            self.patches.features.remove(recorder)
+            log.append(entry)
+
+    monkeypatch.setattr(Pipeline, "latents", latents)
+    return log

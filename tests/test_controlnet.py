@@ -27,8 +27,7 @@ from library.jobs import Job
 from library.text_encoding import Conditioning
 from library.unet_patches import BatchLayout, StepContext
 from library.models import load_model
-from tests.test_generate import meta, pixels, pngs, run
-from tests.test_samplers import make_generator
+from tests.helpers import make_generator, meta, pixels, pngs, run
 
 
 def test_parse_prep_exact() -> None:

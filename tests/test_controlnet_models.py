@@ -13,8 +13,7 @@ from library.models import checkpoint
 from library.models.controlnet import load_controlnet
 from library.models.ldm_export import controlnet_to_ldm
 from library.models.loader import _empty_modules
-from library.models.tiny import build_tiny_components
-from tools.make_tiny_model import TINY_HINT_CHANNELS, tiny_controlnet
+from library.models.tiny import TINY_HINT_CHANNELS, build_tiny_components, tiny_controlnet
 
 OPTION = "--control_net_models"
 

@@ -6,26 +6,7 @@ import torch
 
 from library.models.detect import detect_model, normalize_keys
 from library.models.ldm_export import to_ldm_checkpoint
-
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, transformer_layers_per_block=1,
-    cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False, norm_num_groups=32,
-)
-SD2_UNET = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024,
-                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-SD_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-OPENCLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                  num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")
-
+from tests.helpers import CLIP_L, OPENCLIP_H, SD15_UNET, SD2_UNET, SD_VAE
 
 def _meta_checkpoint(unet_cfg: dict, te_cfg: dict, kind: str, te_layers: int) -> dict[str, tuple]:
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -165,7 +165,7 @@ def test_multi_vector_embedding_is_not_split_across_chunks(tmp_path, sd1):
 
 
 def test_ti_changes_the_image_only_when_named(tiny_models, tmp_path, sd1):
-    path = tiny_models["embedding"]  # goodembed.safetensors, made by tools/make_tiny_model.py
+    path = tiny_models["embedding"]  # goodembed.safetensors, made by library/models/tiny_files.py
     ti = ("--textual_inversion_embeddings", str(path))
     plain = image(tiny_models, tmp_path / "plain", "a cat --n blur")
     unnamed = image(tiny_models, tmp_path / "unnamed", "a cat --n blur", *ti)

@@ -9,7 +9,7 @@ import torch
 
 from library.models import load_model
 from library.models.save import save_single_file
-from tests.test_detect import CLIP_L, OPENCLIP_H, SD15_UNET, SD2_UNET, SD_VAE
+from tests.helpers import CLIP_L, OPENCLIP_H, SD15_UNET, SD2_UNET, SD_VAE
 
 
 def _random_model(unet_cfg: dict, te_cfg: dict):

@@ -17,29 +17,13 @@ import torch
 from PIL import Image
 
 import gen_img
-from library.images import parse_a1111_parameters, read_generation_text
+from library.image_metadata import parse_a1111_parameters
 from library.jobs import Job
 from library.models import load_model
-from tests.test_samplers import make_generator
+from tests.helpers import TXT2IMG_FAST as FAST
+from tests.helpers import make_generator, meta, pixels, pngs, run
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--steps", "3", "--W", "64", "--H", "64"]
-
-
-def run(tiny_models, outdir: Path, *extra: str, kind: str = "sd1") -> int:
-    return gen_img.main(["--ckpt", str(tiny_models[kind]), "--outdir", str(outdir), *FAST, *extra])
-
-
-def pngs(outdir: Path) -> list[Path]:
-    return sorted(outdir.glob("*.png"))
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path), dtype=np.int16)
-
-
-def meta(path: Path) -> dict[str, str]:
-    return read_generation_text(path)
 
 
 # --- batch invariance and seeds ---------------------------------------------------------------

@@ -11,9 +11,10 @@ from PIL import Image
 
 from library.errors import UserError
 from library.highres_fix import first_stage_size, parse_upscaler_args
-from library.images import parse_a1111_parameters, read_generation_text
+from library.image_metadata import parse_a1111_parameters, read_generation_text
 from library.pipeline import Pipeline
-from tests.test_img2img import _error, call_log, pixels, pngs, run  # noqa: F401  (fixture)
+from tests.helpers import img2img_error, pixels, pngs
+from tests.helpers import run_img2img as run
 from tools import latent_upscaler
 
 HIGHRES = ["--W", "128", "--H", "96", "--steps", "10", "--highres_fix_scale", "0.5", "--highres_fix_steps", "4",
@@ -153,7 +154,7 @@ def test_upscaler_args_parse():
 )
 def test_highres_mistakes_are_one_line(tiny_models, tmp_path, capsys, extra, message):
     (tmp_path / "junk.safetensors").write_bytes(b"junk" * 10)
-    err = _error(tiny_models, tmp_path, capsys, "--prompt", "x", *[e.format(tmp=tmp_path) for e in extra])
+    err = img2img_error(tiny_models, tmp_path, capsys, "--prompt", "x", *[e.format(tmp=tmp_path) for e in extra])
     assert message in err
 
 

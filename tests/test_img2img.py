@@ -3,85 +3,26 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import gen_img
-from library.images import pil_to_tensor, read_generation_text
+from library.image_metadata import read_generation_text
 from library.img2img import Img2ImgInput, first_step, steps_to_run
+from library.input_images import pil_to_tensor
 from library.jobs import Job
-from library.unet_patches import Patch
 from library.models import load_model
 from library.pipeline import Pipeline
 from library.schedulers import make_scheduler
-from tests.test_samplers import make_generator
-
-COMMON = ["--steps", "6", "--scale", "5", "--sampler", "ddim"]
-
-
-def run(tiny_models, outdir: Path, *extra: str) -> int:
-    return gen_img.main(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(outdir), *COMMON, *extra])
-
-
-def pngs(outdir: Path) -> list[Path]:
-    return sorted(outdir.glob("*.png"))
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-
-
-def make_source(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> Path:
-    """A smooth random picture (a VAE round-trip of noise would be meaningless)."""
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), "RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    small.resize(size, Image.Resampling.BICUBIC).convert(mode).save(path)
-    return path
+from tests.helpers import img2img_error, StepRecorder, make_generator, make_source, pixels, pngs
+from tests.helpers import run_img2img as run
 
 
 @pytest.fixture(scope="module")
 def model(tiny_models):
     return load_model(str(tiny_models["sd1"]))
-
-
-class StepRecorder(Patch):
-    """A feature calling `record(step, timestep)` at every step of every batch."""
-
-    def __init__(self, record) -> None:
-        self.record = record
-
-    def for_batch(self, batch):
-        return self
-
-    def after_step(self, ctx, latents):
-        self.record(ctx.step, ctx.timestep)
-        return latents
-
-
-@pytest.fixture
-def call_log(monkeypatch):
-    """Every `Pipeline.latents` call of a run: size, steps, seeds, strength, steps actually run."""
-    log: list[dict] = []
-    real = Pipeline.latents
-
-    def latents(self, jobs, init=None):
-        entry = {"size": (jobs[0].width, jobs[0].height), "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
-                 "strength": None if init is None else init.strength, "ran": 0}
-        recorder = StepRecorder(lambda i, t: entry.__setitem__("ran", entry["ran"] + 1))
-        self.patches.add(recorder)
-        try:
-            return real(self, jobs, init)
-        finally:
-            self.patches.features.remove(recorder)
-            log.append(entry)
-
-    monkeypatch.setattr(Pipeline, "latents", latents)
-    return log
 
 
 def round_trip(gen: Pipeline, source: torch.Tensor, seed: int, steps: int, per_step: int = 1) -> torch.Tensor:
@@ -258,30 +199,18 @@ def test_mask_folder_masks_belong_to_sources_in_order(tiny_models, tmp_path):
 # --- errors ---------------------------------------------------------------------------------------
 
 
-def _error(tiny_models, tmp_path, capsys, *extra) -> str:
-    try:
-        code = run(tiny_models, tmp_path / "out", *extra)
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len([line for line in err if "error" in line]) == 1
-    assert not pngs(tmp_path / "out") if (tmp_path / "out").exists() else True
-    return err[-1]
-
-
 def test_unreadable_source_stops_before_any_output(tiny_models, tmp_path, capsys):
     make_source(tmp_path / "src" / "0.png")
     (tmp_path / "src" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    err = _error(tiny_models, tmp_path, capsys, "--image_path", str(tmp_path / "src"), "--prompt", "x")
+    err = img2img_error(tiny_models, tmp_path, capsys, "--image_path", str(tmp_path / "src"), "--prompt", "x")
     assert "1.png: not an image or damaged" in err
 
 
 def test_mask_of_another_size_names_both_sizes(tiny_models, tmp_path, capsys):
     src = make_source(tmp_path / "s.png", (64, 64))
     Image.new("L", (64, 32), 255).save(tmp_path / "m.png")
-    err = _error(tiny_models, tmp_path, capsys, "--image_path", str(src), "--mask_path", str(tmp_path / "m.png"),
-                 "--prompt", "x")
+    err = img2img_error(tiny_models, tmp_path, capsys, "--image_path", str(src), "--mask_path", str(tmp_path / "m.png"),
+                        "--prompt", "x")
     assert f"--mask_path {tmp_path / 'm.png'} is 64x32 but its image {src} is 64x64" in err
 
 
@@ -303,5 +232,5 @@ def test_img2img_mistakes_are_one_line(tiny_models, tmp_path, capsys, extra, mes
     src = make_source(tmp_path / "plain.png")
     tiny = make_source(tmp_path / "tiny.png", (4, 12))
     values = {"empty": str(tmp_path / "empty"), "tmp": str(tmp_path), "src": str(src), "tiny": str(tiny)}
-    err = _error(tiny_models, tmp_path, capsys, *[e.format(**values) for e in extra])
+    err = img2img_error(tiny_models, tmp_path, capsys, *[e.format(**values) for e in extra])
     assert message in err

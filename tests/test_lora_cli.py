@@ -9,7 +9,7 @@ import pytest
 
 from library.models import load_model
 from networks.lora_files import write_kohya_lora
-from tests.test_generate import pixels, pngs, run
+from tests.helpers import pixels, pngs, run
 
 
 @pytest.fixture(scope="module")

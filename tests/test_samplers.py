@@ -8,15 +8,8 @@ import torch
 from library.errors import UserError
 from library.jobs import Job
 from library.models import load_model
-from library.pipeline import Pipeline
 from library.schedulers import make_scheduler, noises_per_step, resolve, sampler_names
-from library.text_encoding import PromptEncoder
-
-
-def make_generator(model, sampler: str) -> Pipeline:
-    encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
-    return Pipeline(model.unet, model.vae, encoder, sampler, model.kind.v_prediction,
-                     torch.device("cpu"), torch.float32, torch.device("cpu"), progress=False)
+from tests.helpers import make_generator
 
 
 @pytest.fixture(scope="module")

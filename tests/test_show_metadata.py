@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from library.images import ImageRecord, generation_text, save_image
+from library.image_metadata import ImageRecord, generation_text
+from library.output_files import save_image
 from tools.show_metadata import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from library.jobs import Job
 from library.models import load_model
 from library.schedulers import make_scheduler
 from library.unet_patches import BatchLayout, Patch, StepContext
-from tests.test_samplers import make_generator
+from tests.helpers import make_generator
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,8 @@ from library import vae_memory
 from library.cli import vae_batch_size
 from library.models.tiny import build_tiny_components
 from library.pipeline import Pipeline
-from tests.test_img2img import make_source, pixels, pngs, run
+from tests.helpers import make_source, pixels, pngs
+from tests.helpers import run_img2img as run
 
 LEVEL = 2 / 255  # one 8-bit level in the VAE's [-1, 1] output range
 

@@ -487,7 +487,7 @@ def checkpoint_for(args: argparse.Namespace) -> Path:
         return Path(args.ckpt).expanduser()
     cache = Path(args.cache_dir).expanduser()
     if args.tiny:
-        from tools.make_tiny_model import make_tiny_models
+        from library.models.tiny_files import make_tiny_models
 
         return make_tiny_models(cache / "tiny", ("sd1",))["sd1"]
     return full_size_checkpoint(cache)

@@ -136,7 +136,7 @@ class Upscaler:
 
     @staticmethod
     def _encode(vae, images, vae_batch_size: int) -> torch.Tensor:
-        from library.images import pil_to_tensor
+        from library.input_images import pil_to_tensor
 
         pixels = pil_to_tensor(images).to(vae.device, vae.dtype)
         means = [vae.encode(c).latent_dist.mean for c in pixels.split(max(1, vae_batch_size))]

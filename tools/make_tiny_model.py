@@ -2,21 +2,8 @@
 
     python tools/make_tiny_model.py OUTDIR [--kinds sd1 sd2 sd2-v]
 
-For each kind it writes `tiny-<kind>.safetensors` (one file, original LDM key layout, as
-downloaded from model sites) and `tiny-<kind>/` (a Diffusers folder with unet/, vae/,
-text_encoder/, tokenizer/, scheduler/) holding the same weights; plus `tiny-vae.safetensors`,
-a separate VAE with other weights (for `--vae`), and for SD1 a Textual Inversion embedding
-`goodembed.safetensors` and a kohya LoRA `tiny-lora-sd1.safetensors`. The v-prediction file carries a `v_pred`
-key and its folder a scheduler config with `prediction_type: v_prediction`, as real ones
-can.
-
-ControlNets (ControlNet 1.0 style, made from the tiny U-Net of the same kind, every weight
-random so that even the zero convolutions change the image): `tiny-controlnet-sd1.safetensors`
-(original `control_model.*` layout), `tiny-controlnet-sd1/` (Diffusers folder, same weights),
-`tiny-controlnet-sd1-diff.safetensors` (the same network stored as a difference to the tiny
-SD1 U-Net, with a `difference` key) and, with sd2, `tiny-controlnet-sd2.safetensors`.
-
-Existing outputs are kept, so calling it again is free. Takes a few seconds on a CPU.
+The files written are listed in `library/models/tiny_files.py`, which does the work; this is
+its command line. Existing outputs are kept, so calling it again is free.
 """
 
 from __future__ import annotations
@@ -28,112 +15,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.models.ldm_export import controlnet_to_ldm, vae_to_ldm  # noqa: E402
-from library.models.save import save_diffusers_folder, save_single_file, save_tensors  # noqa: E402
-from library.models.tiny import KINDS, build_tiny_components  # noqa: E402
-
-
-def make_tiny_models(outdir: Path, kinds=KINDS) -> dict[str, Path]:
-    """Write the tiny models of `kinds` (and the separate VAE) into `outdir`; return their paths."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for kind in kinds:
-        single, folder = outdir / f"tiny-{kind}.safetensors", outdir / f"tiny-{kind}"
-        if not (single.is_file() and (folder / "model_index.json").is_file()):
-            from library.models.tokenizer import load_tokenizer
-
-            c = build_tiny_components(kind, seed=0)
-            save_single_file(c.text_encoder, c.unet, c.vae, kind, single)
-            tokenizer = load_tokenizer("sd1" if kind == "sd1" else "sd2")
-            save_diffusers_folder(c.text_encoder, tokenizer, c.unet, c.vae, kind, folder)
-        paths[kind], paths[f"{kind}-diffusers"] = single, folder
-    vae_path = outdir / "tiny-vae.safetensors"
-    if not vae_path.is_file():
-        save_tensors(vae_to_ldm(build_tiny_components("sd1", seed=1).vae.state_dict()), vae_path)
-    paths["vae"] = vae_path
-    if "sd1" in kinds:
-        paths.update(_extras(outdir))
-    paths.update(_controlnets(outdir, kinds))
-    return paths
-
-
-def _extras(outdir: Path) -> dict[str, Path]:
-    """Files that go with the tiny SD1 model: a 2-vector embedding and a kohya LoRA."""
-    import torch
-
-    from library.embeddings import write_embedding
-    from networks.lora_files import write_kohya_lora
-
-    embedding, lora = outdir / "goodembed.safetensors", outdir / "tiny-lora-sd1.safetensors"
-    if not (embedding.is_file() and lora.is_file()):
-        c = build_tiny_components("sd1", seed=0)
-        width = c.text_encoder.config.hidden_size
-        vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(5)) * 0.5
-        write_embedding(embedding, vectors)
-        write_kohya_lora(lora, c.text_encoder, c.unet, rank=4, seed=0)
-    return {"embedding": embedding, "lora": lora}
-
-
-#: Hint-encoder widths of the tiny ControlNets: four widths, so three stride-2 convs take
-#: the image to latent size (8x smaller), as in real ControlNets (16, 32, 96, 256).
-TINY_HINT_CHANNELS = (8, 8, 16, 16)
-
-
-def _controlnets(outdir: Path, kinds) -> dict[str, Path]:
-    """The tiny ControlNets: SD1 as single file, Diffusers folder and difference file; SD2 file."""
-    import torch
-
-    paths: dict[str, Path] = {}
-    if "sd1" in kinds:
-        single = outdir / "tiny-controlnet-sd1.safetensors"
-        folder = outdir / "tiny-controlnet-sd1"
-        diff = outdir / "tiny-controlnet-sd1-diff.safetensors"
-        if not (single.is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file() and diff.is_file()):
-            unet = build_tiny_components("sd1", seed=0).unet
-            controlnet = tiny_controlnet(unet, seed=10)
-            save_tensors(controlnet_to_ldm(controlnet.state_dict(), controlnet.config), single)
-            controlnet.save_pretrained(folder, safe_serialization=True)
-            unet_sd = unet.state_dict()
-            difference = {
-                key: tensor - unet_sd[key] if key in unet_sd else tensor
-                for key, tensor in controlnet.state_dict().items()
-            }
-            diff_ldm = controlnet_to_ldm(difference, controlnet.config)
-            diff_ldm["difference"] = torch.tensor(1.0)
-            save_tensors(diff_ldm, diff)
-        paths.update({"controlnet-sd1": single, "controlnet-sd1-diffusers": folder, "controlnet-sd1-diff": diff})
-    if "sd2" in kinds:
-        sd2 = outdir / "tiny-controlnet-sd2.safetensors"
-        if not sd2.is_file():
-            controlnet = tiny_controlnet(build_tiny_components("sd2", seed=0).unet, seed=11)
-            save_tensors(controlnet_to_ldm(controlnet.state_dict(), controlnet.config), sd2)
-        paths["controlnet-sd2"] = sd2
-    return paths
-
-
-def tiny_controlnet(unet, seed: int):
-    """A diffusers `ControlNetModel` copied from `unet`, every weight moved by seeded noise.
-
-    Real ControlNets start with zero convolutions (no effect) and learn; ours get random
-    ones, N(0, 0.05), so a test can see the ControlNet change an image. The weights copied
-    from the U-Net are moved too (a few percent of their size), so a difference file
-    relative to that U-Net is not mostly zeros.
-    """
-    import torch
-    from diffusers import ControlNetModel
-
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_HINT_CHANNELS)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in controlnet.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if not param.any():  # zero convs (and the hint encoder's zero-initialised output conv)
-                param.copy_(0.05 * noise)
-            elif param.ndim == 1:
-                param.add_(0.02 * noise)
-            else:
-                param.add_(0.2 * noise / param[0].numel() ** 0.5)
-    return controlnet.eval().requires_grad_(False)
+from library.models.tiny import KINDS  # noqa: E402
+from library.models.tiny_files import make_tiny_models  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

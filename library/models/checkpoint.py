@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from library.errors import UserError
+from library.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +75,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise UserError(f"{path}: unknown model file type {suffix!r}; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
 
 
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file (empty when absent)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable safetensors file ({_short(exc)}); the file may be truncated") from None
-
-
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -93,7 +82,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as exc:
         raise UserError(
-            f"{path}: not a readable safetensors file ({_short(exc)}); the file may be truncated or damaged, "
+            f"{path}: not a readable safetensors file ({first_line(exc)}); the file may be truncated or damaged, "
             "download it again"
         ) from None
 
@@ -110,11 +99,11 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(
             f"{path}: refused to load: this pickle file wants to run code or build objects other than "
             "tensors, which could be unsafe ("
-            + _short(exc).split("\n")[0][:120]
+            + first_line(exc, 120)
             + "); convert it to .safetensors with a trusted tool, or get a .safetensors version"
         ) from None
     except Exception as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({_short(exc)}); the file may be damaged") from None
+        raise UserError(f"{path}: not a readable checkpoint ({first_line(exc)}); the file may be damaged") from None
     return _flatten(data, path)
 
 
@@ -205,8 +194,3 @@ def _populate(runs: list[tuple[int, int]]) -> None:
             if madvise(start, length, _MADV_POPULATE_READ) != 0:
                 logger.debug("madvise(MADV_POPULATE_READ) failed: %s", os.strerror(ctypes.get_errno()))
                 return
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]

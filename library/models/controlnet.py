@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from library.errors import UserError
+from library.errors import UserError, first_line
 from library.models import checkpoint
-from library.models.loader import _assign, _empty_modules, _first_line, _move
+from library.models.loader import _assign, _empty_modules, _move
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -255,7 +255,7 @@ def _load_folder(path: Path, unet: UNet2DConditionModel, dtype: torch.dtype) -> 
     try:
         return ControlNetModel.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{OPTION} {path}: cannot load the Diffusers ControlNet ({_first_line(exc)})") from None
+        raise UserError(f"{OPTION} {path}: cannot load the Diffusers ControlNet ({first_line(exc)})") from None
 
 
 def _as_tuple(value: object) -> tuple:

@@ -6,7 +6,7 @@ reverse, as pure functions over state dicts: no model is loaded or built, tensor
 copied where a rename suffices (the returned dicts share storage with their inputs), and
 every input key must be accounted for, so a weight is never silently dropped.
 
-It is used by `tools/make_tiny_model.py` (tiny test models in the exact key layout of real
+It is used by `library/models/tiny_files.py` (tiny test models in the exact key layout of real
 SD checkpoints) and `tools/convert_model.py` (Diffusers folder -> single file). The layouts
 are verified by round-tripping through diffusers' forward converters in
 `tests/test_ldm_export.py`.

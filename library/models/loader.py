@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from library.errors import UserError
+from library.errors import UserError, first_line
 from library.models import checkpoint
 from library.models.detect import (
     SD2_TE_PREFIX,
@@ -274,7 +274,7 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype):
         with _quiet_transformers_progress():
             te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"--ckpt {path}: cannot load the Diffusers model ({_first_line(exc)})") from None
+        raise UserError(f"--ckpt {path}: cannot load the Diffusers model ({first_line(exc)})") from None
     family: Family = "sd2" if te.config.hidden_act == "gelu" else "sd1"
     source = None
     scheduler_config = path / "scheduler" / "scheduler_config.json"
@@ -315,7 +315,7 @@ def load_vae(spec: str, dtype: torch.dtype) -> torch.nn.Module:
         try:
             return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise UserError(f"--vae {path}: cannot load the Diffusers VAE ({_first_line(exc)})") from None
+            raise UserError(f"--vae {path}: cannot load the Diffusers VAE ({first_line(exc)})") from None
     raw = checkpoint.read_state_dict(path)
     rename = normalize_keys(list(raw))
     sd = {new: raw[old] for old, new in rename.items() if new.startswith("first_stage_model.")}
@@ -356,8 +356,3 @@ def _decide_v_prediction(flag: bool, source: tuple[bool, str] | None) -> bool:
         return source[0]
     logger.info("v-prediction: off (the checkpoint says nothing; use --v_parameterization for v models)")
     return False
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]

@@ -1,6 +1,6 @@
 """Writing models: a single LDM-layout `.safetensors`, or a Diffusers folder.
 
-Used by `tools/convert_model.py` and `tools/make_tiny_model.py`. Files are written to a
+Used by `tools/convert_model.py` and `library/models/tiny_files.py`. Files are written to a
 temporary name and renamed, so an interrupted write never leaves a half model behind.
 """
 

@@ -116,3 +116,32 @@ def build_tiny_components(kind: Kind, seed: int = 0) -> TinyComponents:
     for module in (text_encoder, unet, vae):
         module.eval().requires_grad_(False)
     return TinyComponents(kind, text_encoder, unet, vae)
+
+
+#: Hint-encoder widths of the tiny ControlNets: four widths, so three stride-2 convs take
+#: the image to latent size (8x smaller), as in real ControlNets (16, 32, 96, 256).
+TINY_HINT_CHANNELS = (8, 8, 16, 16)
+
+
+def tiny_controlnet(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A diffusers `ControlNetModel` copied from `unet`, every weight moved by seeded noise.
+
+    Real ControlNets start with zero convolutions (no effect) and learn; ours get random
+    ones, N(0, 0.05), so a test can see the ControlNet change an image. The weights copied
+    from the U-Net are moved too (a few percent of their size), so a difference file
+    relative to that U-Net is not mostly zeros.
+    """
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_HINT_CHANNELS)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in controlnet.parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if not param.any():  # zero convs (and the hint encoder's zero-initialised output conv)
+                param.copy_(0.05 * noise)
+            elif param.ndim == 1:
+                param.add_(0.02 * noise)
+            else:
+                param.add_(0.2 * noise / param[0].numel() ** 0.5)
+    return controlnet.eval().requires_grad_(False)

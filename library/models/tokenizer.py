@@ -48,7 +48,7 @@ from typing import Any
 import ftfy
 from transformers import CLIPTokenizer
 
-from library.errors import UserError
+from library.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +173,7 @@ def _load_folder(folder: Path, fix: str) -> SDCLIPTokenizer:
     try:
         tokenizer = SDCLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, JSONDecodeError, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{folder}: cannot load the tokenizer there ({reason}); {fix}") from exc
+        raise UserError(f"{folder}: cannot load the tokenizer there ({first_line(exc, None)}); {fix}") from exc
     _check_clip_vocab(tokenizer, folder, fix)
     return tokenizer
 

@@ -1,0 +1,121 @@
+"""Helpers shared by test modules, so that no test module imports another.
+
+Running `gen_img.py` in-process and reading what it wrote; a Pipeline on a loaded model;
+a source picture for img2img; the configs of the full-size SD layouts. Shared fixtures
+live in `conftest.py`; the LoRA tests' helpers in `lora_testing.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import gen_img
+from library.image_metadata import read_generation_text
+from library.pipeline import Pipeline
+from library.text_encoding import PromptEncoder
+from library.unet_patches import Patch
+
+# --- running the command ------------------------------------------------------------------------
+
+TXT2IMG_FAST = ["--steps", "3", "--W", "64", "--H", "64"]
+IMG2IMG_FAST = ["--steps", "6", "--scale", "5", "--sampler", "ddim"]
+
+
+def run(tiny_models: dict[str, Path], outdir: Path, *extra: str, kind: str = "sd1") -> int:
+    """`gen_img.py` on the tiny model of `kind`: 3 steps, 64x64, plus `extra` options."""
+    return gen_img.main(["--ckpt", str(tiny_models[kind]), "--outdir", str(outdir), *TXT2IMG_FAST, *extra])
+
+
+def run_img2img(tiny_models: dict[str, Path], outdir: Path, *extra: str) -> int:
+    """`gen_img.py` on the tiny SD1 model with 6 DDIM steps at scale 5, plus `extra` options."""
+    return gen_img.main(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(outdir), *IMG2IMG_FAST, *extra])
+
+
+def img2img_error(tiny_models: dict[str, Path], tmp_path: Path, capsys, *extra: str) -> str:
+    """The one error line of a `run_img2img` that must fail with status 2 and write nothing."""
+    try:
+        code = run_img2img(tiny_models, tmp_path / "out", *extra)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len([line for line in err if "error" in line]) == 1
+    assert not pngs(tmp_path / "out") if (tmp_path / "out").exists() else True
+    return err[-1]
+
+
+# --- reading the outputs ------------------------------------------------------------------------
+
+
+def pngs(outdir: Path) -> list[Path]:
+    """The PNG files in `outdir`, by name."""
+    return sorted(outdir.glob("*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    """An image's RGB pixels as int16, so that differences do not wrap around."""
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def meta(path: Path) -> dict[str, str]:
+    """An image's text metadata."""
+    return read_generation_text(path)
+
+
+# --- building inputs ----------------------------------------------------------------------------
+
+
+def make_generator(model, sampler: str) -> Pipeline:
+    """A CPU fp32 Pipeline on a loaded model, with the model's default clip skip."""
+    encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
+    return Pipeline(model.unet, model.vae, encoder, sampler, model.kind.v_prediction,
+                    torch.device("cpu"), torch.float32, torch.device("cpu"), progress=False)
+
+
+def make_source(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> Path:
+    """A smooth random picture (a VAE round-trip of noise would be meaningless)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), "RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small.resize(size, Image.Resampling.BICUBIC).convert(mode).save(path)
+    return path
+
+
+# --- full-size layouts (configs only; the tests build them on the meta device or slowly) --------
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, transformer_layers_per_block=1,
+    cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False, norm_num_groups=32,
+)
+SD2_UNET = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024,
+                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+SD_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+OPENCLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                  num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")
+
+
+class StepRecorder(Patch):
+    """A feature calling `record(step, timestep)` after every step of every batch."""
+
+    def __init__(self, record) -> None:
+        self.record = record
+
+    def for_batch(self, batch):
+        return self
+
+    def after_step(self, ctx, latents):
+        self.record(ctx.step, ctx.timestep)
+        return latents
