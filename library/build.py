@@ -100,9 +100,13 @@ def networks(options: Options, model: LoadedModel) -> Networks:
 
 def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Networks) -> Pipeline:
     """The pipeline for this model, with the run's sampler, prompt encoder and features."""
+    from library.deep_shrink import DeepShrinkFeature
+    from library.gradual_latent import GradualLatentFeature
+
     encoder = prompt_encoder(options.text, model)
     control = controlnets(options.controlnet, model, runtime)
     features = [f for f in (nets, xti_feature(encoder, model), control) if f is not None]
+    features += [DeepShrinkFeature(len(model.unet.down_blocks)), GradualLatentFeature(options.generation.sampler)]
     return Pipeline(
         unet=model.unet,
         vae=model.vae,
@@ -115,6 +119,7 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
         ddim_eta=options.generation.ddim_eta,
         vae_slices=options.load.vae_slices,
         features=features,
+        mirrors=[unit.model for unit in control.units] if control is not None else [],
     )
 
 

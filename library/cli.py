@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the compute device, as the original)")
 
     _add_img2img_group(p)
+    _add_high_resolution_group(p)
     _add_controlnet_group(p)
 
     g = p.add_argument_group("additional networks (LoRA)")
@@ -142,6 +143,60 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae_tiling", action="store_true",
                    help="decode/encode in overlapping tiles (diffusers): for images too large even for "
                    "--vae_slices; tiles are blended, so the image differs slightly")
+
+
+def _add_high_resolution_group(p: argparse.ArgumentParser) -> None:
+    """Deep Shrink and Gradual Latent (docs/deep_shrink.md); prompt lines override them."""
+    g = p.add_argument_group("Deep Shrink and Gradual Latent")
+    g.add_argument("--ds_depth_1", type=int, help="Deep Shrink: down block whose input is shrunk, 0 to 3 for "
+                   "SD 1.x/2.x (off when absent)")
+    g.add_argument("--ds_timesteps_1", type=int, default=650,
+                   help="Deep Shrink: shrink at depth 1 while the timestep is at least this (default 650)")
+    g.add_argument("--ds_depth_2", type=int, help="Deep Shrink: second depth, used after --ds_timesteps_1")
+    g.add_argument("--ds_timesteps_2", type=int, default=650,
+                   help="Deep Shrink: shrink at depth 2 while the timestep is at least this (default 650)")
+    g.add_argument("--ds_ratio", type=float, default=0.5, help="Deep Shrink: size ratio of the shrink (default 0.5)")
+    g.add_argument("--gradual_latent_timesteps", type=int,
+                   help="Gradual Latent: start enlarging the latent below this timestep, e.g. 750 (off when absent; "
+                   "euler_a / k_euler_a)")
+    g.add_argument("--gradual_latent_ratio", type=float, default=0.5,
+                   help="Gradual Latent: starting size ratio (default 0.5)")
+    g.add_argument("--gradual_latent_ratio_step", type=float, default=0.125,
+                   help="Gradual Latent: ratio added at each enlargement (default 0.125)")
+    g.add_argument("--gradual_latent_every_n_steps", "--gradual_latent_ratio_every_n_steps", type=int, default=3,
+                   dest="gradual_latent_every_n_steps", help="Gradual Latent: steps between enlargements (default 3)")
+    g.add_argument("--gradual_latent_s_noise", type=float, default=1.0,
+                   help="Gradual Latent: noise multiplier of the enlarging steps (default 1.0)")
+    g.add_argument("--gradual_latent_unsharp_params", metavar="K,SIGMA,STRENGTH[,TARGET_X]",
+                   help='Gradual Latent: unsharp mask after each enlargement, e.g. "3,0.5,0.5,1"')
+
+
+def validate_high_resolution(args: argparse.Namespace) -> None:
+    """Deep Shrink / Gradual Latent: ranges, the sampler, ControlNet."""
+    from library.gradual_latent import SAMPLERS, parse_unsharp
+
+    for name in ("ds_depth_1", "ds_depth_2"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name} {value}: must be 0 to 3 (the down block of SD 1.x/2.x)")
+    if args.ds_depth_1 is None and args.ds_depth_2 is not None:
+        raise UserError("--ds_depth_2 needs --ds_depth_1")
+    if not args.ds_ratio > 0:
+        raise UserError(f"--ds_ratio {args.ds_ratio}: must be above 0 (0.5 halves the deep layers' size)")
+    parse_unsharp(args.gradual_latent_unsharp_params)
+    if args.gradual_latent_timesteps is None:
+        return
+    if args.sampler not in SAMPLERS:
+        raise UserError(f"--gradual_latent_timesteps works with --sampler euler_a or k_euler_a, not {args.sampler}")
+    if not 0 < args.gradual_latent_ratio <= 1:
+        raise UserError(f"--gradual_latent_ratio {args.gradual_latent_ratio}: must be above 0 and at most 1")
+    if not args.gradual_latent_ratio_step > 0:
+        raise UserError(f"--gradual_latent_ratio_step {args.gradual_latent_ratio_step}: must be above 0")
+    if args.gradual_latent_every_n_steps < 1:
+        raise UserError(f"--gradual_latent_every_n_steps {args.gradual_latent_every_n_steps}: must be at least 1")
+    if args.control_net_models:
+        raise UserError("--gradual_latent_timesteps with --control_net_models is not supported: the ControlNet's "
+                        "hint would need resizing to every latent size")
 
 
 def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
@@ -247,6 +302,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--v1 and --v2 exclude each other")
     validate_img2img(args)
     validate_controlnet(args)
+    validate_high_resolution(args)
     for name in ("W", "H"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from library import input_images as image_io
@@ -110,7 +111,14 @@ class KeepUnmasked(Patch):
         self.masks = masks.to(source)
 
     def blend(self, latents: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        return known * (1 - self.masks) + latents * self.masks
+        """`known` outside the mask; masks and source follow a latent of another size (Gradual
+        Latent): source bicubic, mask bilinear, both by size."""
+        masks = self.masks
+        if known.shape[-2:] != latents.shape[-2:]:
+            size = tuple(latents.shape[-2:])
+            known = F.interpolate(known.float(), size=size, mode="bicubic", align_corners=False).to(known.dtype)
+            masks = F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False).to(masks.dtype)
+        return known * (1 - masks) + latents * masks
 
     def start(self, latents: torch.Tensor) -> torch.Tensor:
         """Before the first step (only changes anything at strength 1, which starts from noise)."""

@@ -12,7 +12,11 @@ and one loop per batch).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+if TYPE_CHECKING:
+    from library.deep_shrink import DeepShrink
+    from library.gradual_latent import GradualLatent
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Job:
     init_image: str | None = None  # img2img source file
     mask_image: str | None = None  # inpainting mask file (white = repaint)
     guide_image: str | None = None  # ControlNet hint source file; None: no ControlNet for this image
+    deep_shrink: "DeepShrink | None" = None  # `library.deep_shrink` settings of this image
+    gradual_latent: "GradualLatent | None" = None  # `library.gradual_latent` settings of this image
 
     def batch_key(self) -> tuple:
         """Images with equal keys can be generated in one batch."""
@@ -52,6 +58,8 @@ class Job:
             self.init_image is not None,
             self.mask_image is not None,
             self.guide_image is not None,
+            self.deep_shrink,
+            self.gradual_latent,
         )
 
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from library.deep_shrink import DeepShrink
+    from library.gradual_latent import GradualLatent
 
 DEFAULT_SIZE = 512  # --W / --H when not given (and no img2img source decides)
 
@@ -64,6 +69,8 @@ class GenerationOptions:
     strength: float
     batch_size: int
     vae_batch_size: float | None
+    deep_shrink: "DeepShrink | None" = None  # `--ds_*` (prompt lines override it)
+    gradual_latent: "GradualLatent | None" = None  # `--gradual_latent_*` (prompt lines override it)
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,24 @@ class Options:
     namespace: argparse.Namespace  # only for `--from_module` prompters (the original's signature)
 
 
+def deep_shrink_of(a: argparse.Namespace) -> "DeepShrink | None":
+    """`--ds_depth_1 ... --ds_ratio` as settings (None without `--ds_depth_1`)."""
+    from library.deep_shrink import from_values
+
+    return from_values(a.ds_depth_1, a.ds_timesteps_1, a.ds_depth_2, a.ds_timesteps_2, a.ds_ratio)
+
+
+def gradual_latent_of(a: argparse.Namespace) -> "GradualLatent | None":
+    """`--gradual_latent_*` as settings (None without `--gradual_latent_timesteps`)."""
+    from library.gradual_latent import GradualLatent, parse_unsharp
+
+    if a.gradual_latent_timesteps is None:
+        return None
+    return GradualLatent(a.gradual_latent_timesteps, a.gradual_latent_ratio, a.gradual_latent_ratio_step,
+                         a.gradual_latent_every_n_steps, a.gradual_latent_s_noise,
+                         parse_unsharp(a.gradual_latent_unsharp_params))
+
+
 def _tuple(values) -> tuple:
     return tuple(values or ())
 
@@ -167,7 +192,8 @@ def from_namespace(a: argparse.Namespace) -> Options:
                          _tuple(a.textual_inversion_embeddings), _tuple(a.XTI_embeddings)),
         generation=GenerationOptions(a.W or DEFAULT_SIZE, a.H or DEFAULT_SIZE, a.W is not None, a.H is not None,
                                      a.steps, a.scale, a.negative_scale, a.images_per_prompt, a.sampler,
-                                     a.ddim_eta, a.strength, a.batch_size, a.vae_batch_size),
+                                     a.ddim_eta, a.strength, a.batch_size, a.vae_batch_size,
+                                     deep_shrink_of(a), gradual_latent_of(a)),
         sources=SourceOptions(a.image_path, a.mask_path),
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,

@@ -55,9 +55,17 @@ class Pipeline:
     progress: bool = True
     vae_slices: int | None = None  # `--vae_slices`: VAE in N horizontal bands (same result)
     features: list[Feature] = field(default_factory=list)  # what the patch owner installs per batch
+    mirrors: list[torch.nn.Module] = field(default_factory=list)  # ControlNets (their down path mirrors the U-Net's)
 
     def __post_init__(self) -> None:
-        self.patches = PatchOwner(self.unet, [img2img.Inpainting(), *self.features])
+        self.patches = PatchOwner(self.unet, [img2img.Inpainting(), *self.features], self.mirrors)
+
+    def check_job(self, job: Job) -> None:
+        """Raise `UserError` for a Job a feature cannot make (its prompt line is then skipped)."""
+        for feature in self.patches.features:
+            check = getattr(feature, "check_job", None)
+            if check is not None:
+                check(job)
 
     @property
     def vae_scale(self) -> int:
@@ -97,7 +105,8 @@ class Pipeline:
             latents = noise.initial.to(self.device) * scheduler.init_noise_sigma
         guidance = Guidance.of(first)
         layout = BatchLayout(len(jobs), guidance.copies, shape[1], shape[2])
-        batch = Batch(tuple(jobs), layout, scheduler, timesteps, self.device, self.dtype, source)
+        batch = Batch(tuple(jobs), layout, scheduler, timesteps, self.device, self.dtype, source,
+                      tuple(noise.generators))
         return self._denoise(batch, guidance, latents, self._step_kwargs(scheduler, noise.generators))
 
     def _denoise(self, batch: Batch, guidance: "Guidance", latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:

@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from library import image_metadata
+from library.deep_shrink import DeepShrink
+from library.deep_shrink import with_overrides as deep_shrink_overrides
 from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pick_variants
 from library.errors import UserError
+from library.gradual_latent import GradualLatent, parse_unsharp
+from library.gradual_latent import with_overrides as gradual_latent_overrides
 from library.img2img import source_paths
 from library.jobs import Job
 from library.options import Options
@@ -47,6 +51,8 @@ class Defaults:
     images_per_prompt: int
     network_multipliers: tuple[float, ...] | None = None
     strength: float | None = None  # None: txt2img, where `--t` means nothing
+    deep_shrink: DeepShrink | None = None
+    gradual_latent: GradualLatent | None = None
 
     @classmethod
     def from_options(cls, options: Options) -> "Defaults":
@@ -54,7 +60,8 @@ class Defaults:
         muls = tuple(options.networks.multipliers or [1.0] * len(options.networks.modules)) or None
         width = g.width if g.width_given or not img2img else None
         height = g.height if g.height_given or not img2img else None
-        return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options))
+        return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
+                   g.deep_shrink, g.gradual_latent)
 
 
 def _strength(options: Options) -> float | None:
@@ -173,6 +180,9 @@ def jobs_for_line(
         if value is not None and value % 8:
             raise UserError(f"{name} {value}: must be a multiple of 8")
     strength = _line_strength(o.strength, defaults.strength, line)
+    deep_shrink = deep_shrink_overrides(defaults.deep_shrink, o)
+    unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
+    gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
     dynamic = has_dynamic_syntax(parsed.prompt) or has_dynamic_syntax(o.negative_prompt or "")
     jobs = []
     for prompt in expand_enumerations(parsed.prompt):
@@ -195,6 +205,8 @@ def jobs_for_line(
                     file_name=o.file_name,
                     network_multipliers=o.network_multipliers or defaults.network_multipliers,
                     strength=strength,
+                    deep_shrink=deep_shrink,
+                    gradual_latent=gradual_latent,
                 )
             )
     return jobs
@@ -203,9 +215,6 @@ def jobs_for_line(
 #: Prompt-option fields parsed (so prompt files written for the original run) whose feature
 #: this tool does not have yet, and what that feature is.
 _NOT_IMPLEMENTED = {
-    **dict.fromkeys(("ds_depth_1", "ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio"), "Deep Shrink"),
-    **dict.fromkeys(("gradual_latent_timesteps", "gradual_latent_ratio", "gradual_latent_ratio_step",
-                     "gradual_latent_every_n_steps"), "Gradual Latent"),
     "clip_prompt": "CLIP guidance (the text is only written to the image metadata)",
 }
 _OPTION_NAMES = {option.field: option.name for option in PROMPT_OPTIONS}

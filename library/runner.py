@@ -85,8 +85,9 @@ class Runner:
         for line in lines:
             try:
                 made = jobs_for_line(line, self.defaults, seeds, iter_seed, self.generator.encoder.chunk_count)
-                if self.highres is not None:
-                    for job in made:
+                for job in made:
+                    self.generator.check_job(job)
+                    if self.highres is not None:
                         self.highres.stages(job)  # a size too small for the 1st stage skips the line
             except UserError as exc:
                 logger.error("%s: skipped: %s", line.where, exc)

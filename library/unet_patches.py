@@ -84,6 +84,7 @@ class Batch:
     device: torch.device
     dtype: torch.dtype
     source: SourceLatents | None = None
+    generators: tuple[torch.Generator, ...] = ()  # each image's own random stream (step noise)
 
 
 @dataclass(frozen=True)
@@ -164,11 +165,17 @@ def _overrides(patch: Patch, point: str) -> bool:
 
 
 class PatchOwner:
-    """Installs the patches of the run's features on one U-Net for one batch at a time."""
+    """Installs the patches of the run's features on one U-Net for one batch at a time.
 
-    def __init__(self, unet: nn.Module, features: Sequence[Feature] = ()) -> None:
+    `mirrors` are models whose ``down_blocks`` mirror the U-Net's (ControlNets): the
+    ``down_block_input`` point applies to their down paths too, so their residuals keep
+    fitting the U-Net's skips.
+    """
+
+    def __init__(self, unet: nn.Module, features: Sequence[Feature] = (), mirrors: Sequence[nn.Module] = ()) -> None:
         self.unet = unet
         self.features = list(features)
+        self.mirrors = list(mirrors)
 
     def add(self, feature: Feature) -> None:
         self.features.append(feature)
@@ -179,7 +186,7 @@ class PatchOwner:
         patches = [p for p in (f.for_batch(batch) for f in self.features) if p is not None]
         with ExitStack() as stack:
             run = BatchRun(self.unet, batch, patches)
-            run.install(stack)
+            run.install(stack, self.mirrors)
             yield run
 
 
@@ -230,14 +237,15 @@ class BatchRun:
         return latents
 
     # -- installing hooks -------------------------------------------------------------------
-    def install(self, stack: ExitStack) -> None:
+    def install(self, stack: ExitStack, mirrors: Sequence[nn.Module] = ()) -> None:
         """Hook the modules the batch's patches need; `stack` removes them all."""
         for patch in self.patches:
             for layer, multiplier in patch.lora_layers():
                 self._hook_lora(stack, layer, multiplier)
         if self._with["down_block_input"]:
-            for depth, block in enumerate(self.unet.down_blocks):
-                stack.callback(block.register_forward_pre_hook(self._down_hook(depth), with_kwargs=True).remove)
+            for model in (self.unet, *mirrors):
+                for depth, block in enumerate(model.down_blocks):
+                    stack.callback(block.register_forward_pre_hook(self._down_hook(depth), with_kwargs=True).remove)
         if self._with["before_skip_concat"]:
             for index, block in enumerate(self.unet.up_blocks):
                 _hook_skip_concats(stack, block, index, self._skip_concat)

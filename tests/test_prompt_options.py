@@ -22,7 +22,7 @@ from library.prompt_options import (
 )
 
 KNOWN = (
-    "--n, --w, --h, --s, --d, --l, --t, --nl, --am, --c, --f, --glt, --glr, --gls, --gle, "
+    "--n, --w, --h, --s, --d, --l, --t, --nl, --am, --c, --f, --glt, --glr, --gls, --gle, --glsn, --glus, "
     "--dsd1, --dst1, --dsd2, --dst2, --dsr"
 )
 
@@ -82,11 +82,12 @@ def test_manual_example() -> None:
 def test_every_option_at_once() -> None:
     line = (
         "p --n q --w 8 --h 16 --s 1 --d 0,5 --l 1.5 --t 0 --nl 2 --am 1,0.5 --c r --f s "
-        "--glt 0 --glr 0.25 --gls 0.1 --gle 1 --dsd1 0 --dst1 1 --dsd2 8 --dst2 2 --dsr 0.75"
+        "--glt 0 --glr 0.25 --gls 0.1 --gle 1 --dsd1 0 --dst1 1 --dsd2 8 --dst2 2 --dsr 0.75 "
+        "--glsn 0.5 --glus 3,1.0,1.0,0"
     )
     assert parse_prompt_line(line) == PromptLine("p", PromptOverrides(
         "q", 8, 16, 1, (0, 5), 1.5, 0.0, 2.0, (1.0, 0.5), "r", "s",
-        0, 0.25, 0.1, 1, 0, 1, 8, 2, 0.75,
+        0, 0.25, 0.1, 1, 0, 1, 8, 2, 0.75, 0.5, "3,1.0,1.0,0",
     ))
 
 
@@ -175,7 +176,7 @@ def test_table_covers_every_override_once() -> None:
     fields = [field.name for field in dataclasses.fields(PromptOverrides)]
     assert sorted(option.field for option in PROMPT_OPTIONS) == sorted(fields)
     names = [option.name for option in PROMPT_OPTIONS]
-    assert len(set(names)) == len(names) == 20
+    assert len(set(names)) == len(names) == 22
     assert all(name == name.lower() for name in names)
 
 
