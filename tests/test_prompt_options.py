@@ -188,7 +188,7 @@ def test_every_example_parses(option: object) -> None:
 
 def test_help_text() -> None:
     lines = prompt_options_help().splitlines()
-    assert len(lines) == 20
+    assert len(lines) == 22
     assert lines[0] == "--n TEXT        negative prompt (e.g. --n lowres, bad hands)"
     assert lines[1] == "--w INT         image width (e.g. --w 768)"
     assert lines[4] == "--d INT,...     seed of each image of the line (e.g. --d 1,2,3,4)"
