@@ -106,7 +106,9 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
     encoder = prompt_encoder(options.text, model)
     control = controlnets(options.controlnet, model, runtime)
     features = [f for f in (nets, xti_feature(encoder, model), control) if f is not None]
-    features += [DeepShrinkFeature(len(model.unet.down_blocks)), GradualLatentFeature(options.generation.sampler)]
+    deep_shrink = DeepShrinkFeature(len(model.unet.down_blocks))
+    deep_shrink.check_settings(options.generation.deep_shrink)  # the command line's depth: exit 2 up front
+    features += [deep_shrink, GradualLatentFeature(options.generation.sampler)]
     return Pipeline(
         unet=model.unet,
         vae=model.vae,

@@ -98,8 +98,10 @@ class DeepShrinkFeature:
         self.down_blocks = down_blocks
 
     def check_job(self, job) -> None:
-        """A depth outside the U-Net's down blocks is the user's mistake (line skipped / exit 2)."""
-        settings = job.deep_shrink
+        """A depth outside the U-Net's down blocks is the user's mistake (the line is skipped)."""
+        self.check_settings(job.deep_shrink)
+
+    def check_settings(self, settings: DeepShrink | None) -> None:
         if settings is None:
             return
         for name, depth in (("depth 1 (--ds_depth_1/--dsd1)", settings.depth_1),
