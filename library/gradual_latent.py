@@ -8,8 +8,9 @@ for `euler_a` / `k_euler_a` (another sampler is a one-line error):
   once if unsharp parameters are given.
 * ``elapsed`` starts at 1000. At each step, if ``t < timesteps`` and the ratio is below 1 and
   ``elapsed >= every_n_steps``: the ratio grows by ``ratio_step`` (at most 1), the step's result
-  is made at ``(int(Hl*ratio)//8*8, int(Wl*ratio)//8*8)`` (at ratio 1: (Hl, Wl)), and ``elapsed``
-  restarts at 0; then ``elapsed += 1``. The U-Net runs at the current size.
+  is made at ``(int(Hl*ratio)//8*8, int(Wl*ratio)//8*8)`` (at ratio 1: (Hl, Wl); never smaller
+  than the current size, which matters only for latents under 16), and ``elapsed`` restarts at
+  0; then ``elapsed += 1``. The U-Net runs at the current size.
 * A resize step of Euler ancestral: ``d = (x - x0)/sigma``, ``dt = sigma_down - sigma``; with
   ``target_x``: ``x' = U(R(x + d*dt)) + sigma_up*s_noise*eps``, otherwise
   ``x' = U(R(x)) + R(d)*dt + sigma_up*s_noise*eps``, R = bicubic resize by size, U = unsharp mask
@@ -97,12 +98,12 @@ class GradualLatent:
     def sizes(self, timesteps: list[int], height: int, width: int) -> tuple[tuple[int, int], dict[int, tuple[int, int]]]:
         """The starting size and {step index: size of that step's result} for a latent of (height, width)."""
         start = (math.floor(height * self.ratio), math.floor(width * self.ratio))
-        ratio, elapsed, resizes = self.ratio, 1000, {}
+        ratio, elapsed, resizes, size = self.ratio, 1000, {}, start
         for i, t in enumerate(timesteps):
             if t < self.timesteps and ratio < 1.0 and elapsed >= self.every_n_steps:
                 ratio = min(ratio + self.ratio_step, 1.0)
-                full = ratio >= 1.0
-                resizes[i] = (height, width) if full else (int(height * ratio) // 8 * 8, int(width * ratio) // 8 * 8)
+                rounded = (height, width) if ratio >= 1.0 else (int(height * ratio) // 8 * 8, int(width * ratio) // 8 * 8)
+                size = resizes[i] = (max(rounded[0], size[0]), max(rounded[1], size[1]))  # never smaller
                 elapsed = 0
             elapsed += 1
         return start, resizes
@@ -144,6 +145,9 @@ class GradualLatentFeature:
         layout = batch.layout
         timesteps = [int(t) for t in batch.timesteps]
         start, resizes = settings.sizes(timesteps, layout.latent_height, layout.latent_width)
+        if min(start) < 1:
+            raise UserError(f"Gradual Latent: a {layout.latent_width * 8}x{layout.latent_height * 8} image is too "
+                            f"small to start at ratio {settings.ratio}")
         full = (layout.latent_height, layout.latent_width)
         final = resizes[max(resizes)] if resizes else start
         if final != full and timesteps:
