@@ -13,11 +13,9 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library import build, img2img, prompts  # noqa: E402
 from library.cli import parse_args  # noqa: E402
 from library.errors import UserError  # noqa: E402
-from library.runner import run_rounds  # noqa: E402
-from library.seeds import SeedSource  # noqa: E402
+from library.messages import one_line, quiet_third_party  # noqa: E402
 
 logger = logging.getLogger("gen_img")
 
@@ -25,12 +23,19 @@ logger = logging.getLogger("gen_img")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
+    # torch/diffusers load only now: --help and argument errors come in a fraction of a second
+    from library import build, limits, preflight, prompts, results
+    from library.runner import run_rounds
+    from library.seeds import SeedSource
+
     try:
+        preflight.check_inputs(args)  # every input file and --outdir, before any model file is opened
         runtime = build.Runtime.from_args(args)
         model = build.load(args, runtime)
         build.optimize(args, model)
         networks = build.networks(args, model)
         generator = build.generator(args, model, runtime)
+        limits.check_defaults(args, generator)
         build.vae_memory(args, model, generator)
         runner = build.runner(args, model, generator, networks.before_batch)
 
@@ -44,18 +49,21 @@ def main(argv: list[str] | None = None) -> int:
             total = len(lines) * args.images_per_prompt if lines else None
             run_rounds(runner, args, lambda: prompts.shuffled(lines, args.shuffle_prompts), seeds, total)
     except UserError as exc:
-        print(f"gen_img.py: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"gen_img.py: error: {one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     print(runner.summary.line())
-    return 0
+    return results.exit_status(runner.summary)
 
 
-def prompt_lines(args, generator, networks) -> list[prompts.Line]:
+def prompt_lines(args, generator, networks) -> list:
     """The prompt lines of `--prompt`, `--from_file` or `--from_module` (or, with none of them,
     of the `--image_path` sources' metadata)."""
+    from library import img2img, prompts
+    from library.seeds import SeedSource
+
     if args.prompt is None and args.from_file is None and args.from_module is None:
         return img2img.metadata_lines(args.image_path)
     if args.prompt is not None:
@@ -68,8 +76,7 @@ def prompt_lines(args, generator, networks) -> list[prompts.Line]:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "huggingface_hub", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_third_party()
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ import sys
 from typing import NoReturn, Sequence
 
 from library.errors import UserError
+from library.messages import argparse_text
+from library.validation import check_options
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.stderr.write(f"{self.prog}: error: {argparse_text(message)} (see --help)\n")
         sys.exit(2)
 
 
@@ -278,6 +280,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--network_args has {len(args.network_args)} values but --network_module has {n}")
     if args.network_merge and args.network_pre_calc:
         raise UserError("--network_merge and --network_pre_calc exclude each other")
+    check_options(args)  # finite numbers, seeds, size and steps limits (library.validation)
 
 
 def vae_batch_size(value: float | None, batch_size: int) -> int:

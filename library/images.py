@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
 from library.errors import UserError
+from library.limits import MAX_SIDE, check_image_header
+from library.messages import exception_text, write_failure
 
 if TYPE_CHECKING:  # torch is imported lazily: tools/show_metadata.py should start fast
     import torch
@@ -117,7 +119,7 @@ def save_image(image: Image.Image, outdir: Path, name: str, text: Mapping[str, s
     except OSError as e:
         if e.errno is None:  # an encoder problem, not the file system: a bug
             raise
-        raise UserError(f"--outdir {outdir}: cannot write {name} ({e.strerror}); free space or fix permissions") from e
+        raise UserError(write_failure(outdir, name, e)) from e
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(outdir)
@@ -397,6 +399,7 @@ def read_generation_text(path: Path) -> dict[str, str]:
     """
     try:
         with Image.open(path) as im:
+            check_image_header(im.size, str(path))
             im.load()
             text = dict(getattr(im, "text", {}) or {})
             if not text:
@@ -479,15 +482,31 @@ def list_images(path: Path, option: str = "--image_path") -> list[Path]:
 
 
 def _open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image, EXIF rotation applied; damage -> UserError."""
+    """Open and fully decode an image, EXIF rotation applied; damage -> UserError.
+
+    The size is checked from the header first (`library.limits.MAX_SIDE`), before decoding."""
     try:
         with Image.open(path) as im:
+            check_image_header(im.size, str(path))
             im.load()
             return ImageOps.exif_transpose(im)
     except FileNotFoundError as e:
         raise UserError(f"{path}: no such file; check the path") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: not an image or damaged ({e}); replace or remove it") from e
+
+
+def check_image_file(path: Path) -> None:
+    """An image file's header is readable and its size within the limit (nothing decoded)."""
+    try:
+        with Image.open(path) as im:
+            check_image_header(im.size, str(path))
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: no such file; check the path") from e
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: far larger than {MAX_SIDE} pixels a side; make it smaller first") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: not an image or damaged ({exception_text(e)}); replace or remove it") from e
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -22,12 +22,13 @@ from typing import Callable
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from tqdm.auto import tqdm
 
 from library import img2img
 from library.controlnet import BatchControl, ControlNets
 from library.img2img import Img2ImgInput
 from library.jobs import Job
+from library.progress import progress as tqdm
+from library.results import check_latents
 from library.samplers import make_scheduler, noises_per_step
 from library.seeds import draw_image_noise
 from library.text_encoding import PromptEncoder
@@ -113,6 +114,7 @@ class Generator:
             extra = control.unet_kwargs(i, len(timesteps), model_input, t, embeddings) if control else {}
             out = self.unet(model_input, t, encoder_hidden_states=embeddings, **extra).sample
             latents = scheduler.step(guidance.combine(out), t, latents, **step_kwargs).prev_sample
+            check_latents(latents, i, len(timesteps))  # NaN/inf: stop, never save a black image
             if keep is not None:
                 latents = keep.after(scheduler, latents, timesteps, i)
         return latents

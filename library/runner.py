@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from tqdm.auto import tqdm
-
-from library import images
+from library import images, limits
+from library.progress import progress as tqdm
+from library.results import check_pixels, summary_line
 from library.controlnet import GuideImages
 from library.errors import UserError
 from library.highres_fix import HighresFix
@@ -57,9 +57,10 @@ class Summary:
     seconds: float = 0.0
     steps: int = 0
 
+    first_skip: str | None = None  # why the first skipped line was skipped
+
     def line(self) -> str:
-        rate = f", {self.seconds / self.steps:.2f} s/it" if self.steps else ""
-        return f"{len(self.written)} images written in {self.seconds:.1f} s{rate}"
+        return summary_line(self)
 
 
 class Runner:
@@ -86,12 +87,14 @@ class Runner:
         for line in lines:
             try:
                 made = jobs_for_line(line, self.defaults, seeds, iter_seed, self.generator.encoder.chunk_count)
+                limits.check_jobs(made, self.generator, self.highres)  # sizes and steps the model can make
                 if self.highres is not None:
                     for job in made:
                         self.highres.stages(job)  # a size too small for the 1st stage skips the line
             except UserError as exc:
                 logger.error("%s: skipped: %s", line.where, exc)
                 self.summary.skipped_lines += 1
+                self.summary.first_skip = self.summary.first_skip or f"{line.where}: {exc}"
                 continue
             for job in made:
                 if self.sources is not None:
@@ -109,7 +112,7 @@ class Runner:
                     self.before_batch(batch)
                 indices = list(range(self._sequence + 1, self._sequence + 1 + len(batch)))
                 self._sequence += len(batch)
-                pictures = images.tensor_to_pil(self._pixels(batch, indices))
+                pictures = images.tensor_to_pil(check_pixels(self._pixels(batch, indices)))
                 stage = "1" if self.highres is not None else ""
                 for job, picture, index in zip(batch, pictures, indices):
                     self.summary.written.append(self._save(job, picture, index, stage))
