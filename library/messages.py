@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 
 #: Longest one-line message, in characters, before it is cut at a word boundary.
@@ -40,7 +41,7 @@ def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
     space = cut.rfind(" ")
     if space >= limit // 2:
         cut = cut[:space]
-    return cut.rstrip(" ,;:(") + "..."
+    return cut.rstrip(" ,;:(.") + "..."
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -83,6 +84,8 @@ def quiet_third_party() -> None:
     ("An error occurred while trying to fetch ...", FutureWarnings) would only come first.
     Python warnings go to the `py.warnings` logger, shown only at DEBUG level.
     """
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):  # read when they are imported
+        os.environ.setdefault(variable, "critical")
     for name in _THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.captureWarnings(True)

@@ -61,8 +61,8 @@ def check_python_file(path: str, option: str) -> None:
         raise UserError(f"{option} {path}: cannot read it ({exc.strerror})") from None
     except (SyntaxError, ValueError) as exc:
         where = f", line {exc.lineno}" if getattr(exc, "lineno", None) else ""
-        raise UserError(f"{option} {path}: not a Python file ({type(exc).__name__}{where}: "
-                        f"{exception_text(exc, 80)})") from None
+        detail = exc.msg if isinstance(exc, SyntaxError) else exception_text(exc, 80)
+        raise UserError(f"{option} {path}: not a Python file ({type(exc).__name__}{where}: {detail})") from None
 
 
 def check_file(path: str, option: str) -> None:

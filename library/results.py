@@ -39,14 +39,17 @@ def check_pixels(pixels: "torch.Tensor") -> "torch.Tensor":
 
 
 def summary_line(summary) -> str:
-    """The last line of a run: images written, lines skipped and why, time per step."""
+    """The last line of a run: images written (or none), lines skipped and why, time per step."""
     count = len(summary.written)
-    rate = f", {summary.seconds / summary.steps:.2f} s/it" if summary.steps else ""
-    text = f"{count} image{'' if count == 1 else 's'} written in {summary.seconds:.1f} s{rate}"
+    skipped = ""
     if summary.skipped_lines:
         lines = f"{summary.skipped_lines} prompt line{'' if summary.skipped_lines == 1 else 's'}"
-        text += f"; {lines} skipped (first: {one_line(summary.first_skip or '', 200)})"
-    return text
+        skipped = f"{lines} skipped (first: {one_line(summary.first_skip or '', 240)})"
+    if not count and skipped:
+        return f"no image written: {skipped}"
+    rate = f", {summary.seconds / summary.steps:.2f} s/it" if summary.steps else ""
+    text = f"{count} image{'' if count == 1 else 's'} written in {summary.seconds:.1f} s{rate}"
+    return f"{text}; {skipped}" if skipped else text
 
 
 def exit_status(summary) -> int:
