@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate images with Stable Diffusion 1.x / 2.x: `python gen_img.py --ckpt MODEL --prompt "..."`.
 
-The whole flow of a run; every step lives in `library/` (see docs/ for the options).
+The whole flow of a run; every step lives in `library/` (docs/architecture.md shows where).
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library import build, prompts  # noqa: E402
 from library.cli import parse_options  # noqa: E402
 from library.errors import UserError  # noqa: E402
+from library.messages import one_line, quiet_third_party  # noqa: E402
 from library.options import Options  # noqa: E402
-from library.runner import run_rounds  # noqa: E402
-from library.seeds import SeedSource  # noqa: E402
 
 logger = logging.getLogger("gen_img")
 
@@ -26,11 +24,18 @@ logger = logging.getLogger("gen_img")
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
     configure_logging()
+    # torch/diffusers load only now: --help and argument errors come in a fraction of a second
+    from library import build, limits, preflight, prompts, results
+    from library.runner import run_rounds
+    from library.seeds import SeedSource
+
     try:
+        preflight.check_inputs(options.namespace)  # every input file and --outdir, before any model file opens
         runtime = build.Runtime.from_options(options.load)
         model = build.load(options.load, runtime)
         networks = build.networks(options, model)
         generator = build.generator(options, model, runtime, networks)
+        limits.check_defaults(options.namespace, generator)
         runner = build.runner(options, model, generator)
 
         rounds, per_prompt = options.rounds, options.generation.images_per_prompt
@@ -44,18 +49,21 @@ def main(argv: list[str] | None = None) -> int:
             total = len(lines) * per_prompt if lines else None
             run_rounds(runner, rounds, lambda: prompts.shuffled(lines, rounds.shuffle_prompts), seeds, total)
     except UserError as exc:
-        print(f"gen_img.py: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"gen_img.py: error: {one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     print(runner.summary.line())
-    return 0
+    return results.exit_status(runner.summary)
 
 
-def prompt_lines(options: Options, generator, networks) -> list[prompts.Line]:
+def prompt_lines(options: Options, generator, networks) -> list:
     """The prompt lines of `--prompt`, `--from_file` or `--from_module` (or, with none of them,
     of the `--image_path` sources' metadata)."""
+    from library import prompts
+    from library.seeds import SeedSource
+
     rounds = options.rounds
     if rounds.prompt is None and rounds.from_file is None and rounds.from_module is None:
         return prompts.metadata_lines(options.sources.image_path)
@@ -70,8 +78,7 @@ def prompt_lines(options: Options, generator, networks) -> list[prompts.Line]:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "huggingface_hub", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_third_party()
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ from typing import NoReturn, Sequence
 
 from library.errors import UserError
 from library.options import Options, from_namespace
+from library.messages import argparse_text
+from library.validation import check_options
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.stderr.write(f"{self.prog}: error: {argparse_text(message)} (see --help)\n")
         sys.exit(2)
 
 
@@ -302,7 +304,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--v1 and --v2 exclude each other")
     validate_img2img(args)
     validate_controlnet(args)
-    validate_high_resolution(args)
     for name in ("W", "H"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
@@ -325,6 +326,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--network_args has {len(args.network_args)} values but --network_module has {n}")
     if args.network_merge and args.network_pre_calc:
         raise UserError("--network_merge and --network_pre_calc exclude each other")
+    check_options(args)  # finite numbers, seeds, size and steps limits (library.validation)
+    validate_high_resolution(args)  # last: it imports torch
 
 
 def vae_batch_size(value: float | None, batch_size: int) -> int:

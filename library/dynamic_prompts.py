@@ -31,7 +31,10 @@ Decisions:
   ``{a|{e$$b|c}}`` expands to ``{a|b}`` and ``{a|c}``.
 - `pick_variants` on a line that still holds ``e$$`` groups picks one alternative of
   each at random (call `expand_enumerations` first to enumerate them).
-- Enumerating more than `MAX_ENUMERATED_PROMPTS` prompts is an error.
+- Enumerating more than `MAX_ENUMERATED_PROMPTS` prompts is an error, and so are groups
+  nested more than `MAX_NESTING` deep (the parser is recursive).
+- A count of more than 9 digits is read as 10**9: it is lowered to the number of
+  alternatives anyway, and Python cannot convert thousands of digits.
 
 Intended use: `expand_enumerations` once per prompt line, then `pick_variants` once per
 image with that image's seed. Written by hand, as a small recursive-descent parser.
@@ -53,6 +56,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_SEPARATOR = ", "
 #: The most prompts that `expand_enumerations` makes from one line.
 MAX_ENUMERATED_PROMPTS = 10_000
+#: The deepest nesting of ``{...}`` groups in one prompt.
+MAX_NESTING = 32
+_MAX_COUNT_DIGITS = 9
 
 _ESCAPABLE = "{}|"
 # Group prefix: "e$$", or a count "2$$" / "1-3$$" / "-3$$" / "2-$$" / "-$$" with an optional
@@ -127,13 +133,13 @@ def pick_variants(line: str, seed: int) -> str:
 
 def _parse(line: str) -> tuple[_Node, ...]:
     """Parse a whole line into text and group nodes."""
-    nodes, position = _parse_sequence(line, 0, in_group=False)
+    nodes, position = _parse_sequence(line, 0, in_group=False, depth=0)
     if position != len(line):  # pragma: no cover - _parse_sequence consumes all at top level
         raise AssertionError("top-level parse stopped early")
     return nodes
 
 
-def _parse_sequence(line: str, position: int, in_group: bool) -> tuple[tuple[_Node, ...], int]:
+def _parse_sequence(line: str, position: int, in_group: bool, depth: int) -> tuple[tuple[_Node, ...], int]:
     """Read text and groups from `position` up to the end, or to a ``|``/``}`` inside a group."""
     nodes: list[_Node] = []
     raw: list[str] = []
@@ -158,7 +164,7 @@ def _parse_sequence(line: str, position: int, in_group: bool) -> tuple[tuple[_No
             position += 2
         elif char == "{":
             flush()
-            group, position = _parse_group(line, position)
+            group, position = _parse_group(line, position, depth + 1)
             nodes.append(group)
         elif char == "}" and not in_group:
             raise DynamicPromptError(
@@ -175,8 +181,13 @@ def _parse_sequence(line: str, position: int, in_group: bool) -> tuple[tuple[_No
     return tuple(nodes), position
 
 
-def _parse_group(line: str, start: int) -> tuple[_Group, int]:
+def _parse_group(line: str, start: int, depth: int) -> tuple[_Group, int]:
     """Parse the group whose ``{`` is at `start`; return it and the position after its ``}``."""
+    if depth > MAX_NESTING:
+        raise DynamicPromptError(
+            f'the "{{" at column {start + 1} of the prompt nests variant groups more than {MAX_NESTING} deep; '
+            f'flatten them or write "\\{{" for a literal brace'
+        )
     position = start + 1
     prefix = _PREFIX.match(line, position)
     enumerate_all, low, high, separator, prefix_raw = False, 1, 1, DEFAULT_SEPARATOR, ""
@@ -188,7 +199,7 @@ def _parse_group(line: str, start: int) -> tuple[_Group, int]:
             separator = prefix.group("sep")
     alternatives: list[tuple[_Node, ...]] = []
     while True:
-        alternative, position = _parse_sequence(line, position, in_group=True)
+        alternative, position = _parse_sequence(line, position, in_group=True, depth=depth)
         alternatives.append(alternative)
         if position >= len(line):
             raise DynamicPromptError(
@@ -207,16 +218,22 @@ def _count_range(prefix: re.Match[str], prefix_raw: str) -> tuple[int, int | Non
     if prefix.group("enum"):
         return 1, 1, True
     if prefix.group("exact") is not None:
-        count = int(prefix.group("exact"))
+        count = _count(prefix.group("exact"))
         return count, count, False
-    low = int(prefix.group("low")) if prefix.group("low") else 1
-    high = int(prefix.group("high")) if prefix.group("high") else None
+    low = _count(prefix.group("low")) if prefix.group("low") else 1
+    high = _count(prefix.group("high")) if prefix.group("high") else None
     if high is not None and low > high:
         raise DynamicPromptError(
             f'the variant count range "{prefix_raw}" has its minimum above its maximum: '
             f'write "{high}-{low}$$"'
         )
     return low, high, False
+
+
+def _count(digits: str) -> int:
+    """A count's digits as a number; more than 9 digits (beyond any group's size) is 10**9."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= _MAX_COUNT_DIGITS else 10**_MAX_COUNT_DIGITS
 
 
 # --- enumeration ---------------------------------------------------------------------

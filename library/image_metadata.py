@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from library.errors import UserError
+from library.limits import check_image_header
 
 _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
@@ -213,6 +214,7 @@ def read_generation_text(path: Path) -> dict[str, str]:
     """
     try:
         with Image.open(path) as im:
+            check_image_header(im.size, str(path))
             im.load()
             text = dict(getattr(im, "text", {}) or {})
             if not text:

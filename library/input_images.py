@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-from library.errors import UserError
+from library.errors import UserError, first_line
+from library.limits import MAX_SIDE, check_image_header
 
 if TYPE_CHECKING:  # torch is imported lazily, where a tensor is made
     import torch
@@ -43,15 +44,31 @@ def list_images(path: Path, option: str = "--image_path") -> list[Path]:
 
 
 def _open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image, EXIF rotation applied; damage -> UserError."""
+    """Open and fully decode an image, EXIF rotation applied; damage -> UserError.
+
+    The size is checked from the header first (`library.limits.MAX_SIDE`), before decoding."""
     try:
         with Image.open(path) as im:
+            check_image_header(im.size, str(path))
             im.load()
             return ImageOps.exif_transpose(im)
     except FileNotFoundError as e:
         raise UserError(f"{path}: no such file; check the path") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: not an image or damaged ({e}); replace or remove it") from e
+
+
+def check_image_file(path: Path) -> None:
+    """An image file's header is readable and its size within the limit (nothing decoded)."""
+    try:
+        with Image.open(path) as im:
+            check_image_header(im.size, str(path))
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: no such file; check the path") from e
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: far larger than {MAX_SIDE} pixels a side; make it smaller first") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: not an image or damaged ({first_line(e)}); replace or remove it") from e
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

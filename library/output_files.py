@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 
 from library.errors import UserError
 from library.image_metadata import webp_exif
+from library.messages import write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def save_image(image: Image.Image, outdir: Path, name: str, text: Mapping[str, s
     except OSError as e:
         if e.errno is None:  # an encoder problem, not the file system: a bug
             raise
-        raise UserError(f"--outdir {outdir}: cannot write {name} ({e.strerror}); free space or fix permissions") from e
+        raise UserError(write_failure(outdir, name, e)) from e
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(outdir)

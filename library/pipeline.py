@@ -23,11 +23,12 @@ from typing import Callable
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from tqdm.auto import tqdm
 
 from library import img2img
 from library.img2img import Img2ImgInput
 from library.jobs import Job
+from library.progress import progress as tqdm
+from library.results import check_latents
 from library.schedulers import make_scheduler, noises_per_step
 from library.seeds import draw_image_noise
 from library.text_encoding import Conditioning, PromptEncoder
@@ -123,6 +124,7 @@ class Pipeline:
                 eps = run.after_guidance(ctx, latents, guidance.combine(run.unet_call(ctx, model_input, t, cond)))
                 step = lambda e, x, t=t: scheduler.step(e, t, x, **step_kwargs).prev_sample  # noqa: E731
                 latents = run.after_step(ctx, run.scheduler_step(ctx, eps, latents, step))
+                check_latents(latents, i, len(batch.timesteps))  # NaN/inf: stop, never save a black image
         return latents
 
     def _source_latents(self, init: Img2ImgInput, generators: list[torch.Generator]) -> torch.Tensor:

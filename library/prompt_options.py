@@ -24,8 +24,10 @@ Rules and decisions:
   comma-separated, spaces around items allowed, empty items not.
 - Width and height must be positive multiples of 8: an error, not a silent rounding,
   so the image size is always what the line says (the original's pipeline also
-  refuses other sizes). Steps >= 1, seeds >= 0, strength in [0, 1], Deep Shrink
-  depths in 0..8 (the manual's range), timesteps >= 0, Gradual Latent interval >= 1.
+  refuses other sizes), at most 8192. Steps 1..1000, seeds 0..2**32 - 1 (`library.limits`;
+  the sampler's own step range is checked when the line's images are made), strength in
+  [0, 1], Deep Shrink depths in 0..8 (the manual's range), timesteps >= 0, Gradual Latent
+  interval >= 1. Integers have at most 20 digits (checked before converting them).
 - An unknown option or a malformed value raises `PromptOptionError`; the caller
   reports it with the line and skips that line. (The original logged and ignored.)
 - An option given twice keeps the last value (as the original), with a warning.
@@ -41,6 +43,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Optional
 
 from library.errors import UserError
+from library.limits import MAX_DIGITS, MAX_SEED, MAX_SIDE, MAX_STEPS
+from library.messages import quoted
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +89,12 @@ class PromptOption:
 
 PROMPT_OPTIONS: tuple[PromptOption, ...] = (
     PromptOption("n", OptionKind.TEXT, "negative_prompt", "negative prompt", "lowres, bad hands"),
-    PromptOption("w", OptionKind.INT, "width", "image width", "768", minimum=8, multiple_of=8),
-    PromptOption("h", OptionKind.INT, "height", "image height", "512", minimum=8, multiple_of=8),
-    PromptOption("s", OptionKind.INT, "steps", "number of sampling steps", "28", minimum=1),
+    PromptOption("w", OptionKind.INT, "width", "image width", "768", minimum=8, maximum=MAX_SIDE, multiple_of=8),
+    PromptOption("h", OptionKind.INT, "height", "image height", "512", minimum=8, maximum=MAX_SIDE, multiple_of=8),
+    PromptOption("s", OptionKind.INT, "steps", "number of sampling steps", "28", minimum=1, maximum=MAX_STEPS),
     PromptOption(
-        "d", OptionKind.INT_LIST, "seeds", "seed of each image of the line", "1,2,3,4", minimum=0
+        "d", OptionKind.INT_LIST, "seeds", "seed of each image of the line", "1,2,3,4", minimum=0,
+        maximum=MAX_SEED,
     ),
     PromptOption("l", OptionKind.FLOAT, "scale", "guidance scale", "7.5"),
     PromptOption(
@@ -198,7 +203,7 @@ def parse_prompt_line(line: str) -> PromptLine:
         if option is None:
             known = ", ".join("--" + known.name for known in PROMPT_OPTIONS)
             raise PromptOptionError(
-                f'unknown prompt option --{name} (in "--{body.strip()}"): use one of {known}',
+                f'unknown prompt option --{quoted(name)} (in "--{quoted(body.strip())}"): use one of {known}',
                 option="--" + name,
                 value=raw_value.strip(),
             )
@@ -270,7 +275,11 @@ def _read_number(option: PromptOption, text: str, raw: str) -> int | float:
     pattern = _INT if integer else _FLOAT
     if not pattern.fullmatch(text):
         _fail(option, f"expects {option.kind.value}", raw)
-    number: int | float = int(text) if integer else float(text)
+    too_long = integer and len(text.lstrip("+-").lstrip("0")) > MAX_DIGITS
+    huge = (-1 if text.startswith("-") else 1) * 10**MAX_DIGITS  # stands in for a number too long to convert
+    number: int | float = huge if too_long else int(text) if integer else float(text)
+    if too_long and option.maximum is None:
+        _fail(option, f"expects {option.kind.value} of at most {MAX_DIGITS} digits", raw)
     if not math.isfinite(number):
         _fail(option, f"expects {option.kind.value}", raw)
     if option.multiple_of and (number <= 0 or number % option.multiple_of):
@@ -292,7 +301,7 @@ def _show(bound: float) -> str:
 def _fail(option: PromptOption, problem: str, raw: str) -> NoReturn:
     """Raise the one-line error for a malformed value of `option`."""
     raise PromptOptionError(
-        f'prompt option --{option.name} {problem}, got "{raw}" '
+        f'prompt option --{option.name} {problem}, got "{quoted(raw)}" '
         f"(e.g. --{option.name} {option.example})",
         option="--" + option.name,
         value=raw,

@@ -21,6 +21,11 @@ behaviour. Where its behaviour is a crash or an accident we differ, on purpose:
 - A weight that is not a number (``(a:1.2.3)``) is not a weight token: the ``:`` and
   the digits are text and the ``)`` closes the bracket with x1.1. (The web UI raises
   ``ValueError``.)
+- Weights are clamped to -`MAX_WEIGHT`..`MAX_WEIGHT` at every multiplication, so no
+  weight is ever infinite or NaN: ``(a:99...9)`` with 400 digits, or thousands of nested
+  brackets, would otherwise give ``inf`` (and ``inf * 0`` NaN), which turns the whole
+  text encoding into NaN and the image black. (The web UI does not clamp; any weight
+  past a few units already gives noise.)
 - A BREAK marker keeps its weight -1 inside brackets and is never merged with a
   neighbour. (The web UI multiplies it, e.g. to -1.1, after which its encoder no
   longer recognises it and encodes the word "BREAK" with a negative weight.)
@@ -40,6 +45,8 @@ logger = logging.getLogger(__name__)
 ROUND_BRACKET_MULTIPLIER = 1.1
 #: Factor of one pair of square brackets (multiplied by, not divided: float-exact as the web UI).
 SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
+#: Largest weight magnitude; weights beyond it are clamped (see the module docstring).
+MAX_WEIGHT = 100.0
 #: Text of the chunk-boundary marker entry.
 BREAK_TEXT = "BREAK"
 #: Weight of the chunk-boundary marker entry.
@@ -79,9 +86,10 @@ def parse_prompt_attention(text: str) -> list[list[str | float]]:
         is_marker.append(marker)
 
     def multiply_from(start: int, factor: float) -> None:
+        factor = _clamped(factor)
         for index in range(start, len(entries)):
             if not is_marker[index]:
-                entries[index][1] *= factor
+                entries[index][1] = _clamped(entries[index][1] * factor)
 
     for match in _TOKEN.finditer(text):
         token = match.group(0)
@@ -112,6 +120,11 @@ def parse_prompt_attention(text: str) -> list[list[str | float]]:
     if not entries:
         return [["", 1.0]]
     return _merge_equal_neighbours(entries, is_marker)
+
+
+def _clamped(weight: float) -> float:
+    """`weight` within -MAX_WEIGHT..MAX_WEIGHT (a finite weight, from finite or infinite input)."""
+    return max(-MAX_WEIGHT, min(MAX_WEIGHT, weight))
 
 
 def _merge_equal_neighbours(

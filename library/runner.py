@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from tqdm.auto import tqdm
-
-from library import image_metadata, input_images, output_files
+from library import image_metadata, input_images, limits, output_files
+from library.progress import progress as tqdm
+from library.results import check_pixels, summary_line
 from library.controlnet import GuideImages
 from library.errors import UserError
 from library.highres_fix import HighresFix
@@ -58,9 +58,10 @@ class Summary:
     seconds: float = 0.0
     steps: int = 0
 
+    first_skip: str | None = None  # why the first skipped line was skipped
+
     def line(self) -> str:
-        rate = f", {self.seconds / self.steps:.2f} s/it" if self.steps else ""
-        return f"{len(self.written)} images written in {self.seconds:.1f} s{rate}"
+        return summary_line(self)
 
 
 class Runner:
@@ -85,6 +86,7 @@ class Runner:
         for line in lines:
             try:
                 made = jobs_for_line(line, self.defaults, seeds, iter_seed, self.generator.encoder.chunk_count)
+                limits.check_jobs(made, self.generator, self.highres)  # sizes and steps the model can make
                 for job in made:
                     self.generator.check_job(job)
                     if self.highres is not None:
@@ -92,6 +94,7 @@ class Runner:
             except UserError as exc:
                 logger.error("%s: skipped: %s", line.where, exc)
                 self.summary.skipped_lines += 1
+                self.summary.first_skip = self.summary.first_skip or f"{line.where}: {exc}"
                 continue
             for job in made:
                 if self.sources is not None:
@@ -107,7 +110,7 @@ class Runner:
             for batch in batches(jobs, self.batch_size):
                 indices = list(range(self._sequence + 1, self._sequence + 1 + len(batch)))
                 self._sequence += len(batch)
-                pictures = input_images.tensor_to_pil(self._pixels(batch, indices))
+                pictures = input_images.tensor_to_pil(check_pixels(self._pixels(batch, indices)))
                 stage = "1" if self.highres is not None else ""
                 for job, picture, index in zip(batch, pictures, indices):
                     self.summary.written.append(self._save(job, picture, index, stage))

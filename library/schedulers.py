@@ -30,41 +30,41 @@ class SamplerSpec:
     class_name: str
     extra: tuple[tuple[str, object], ...] = ()
     noises_per_step: int = 1
+    karras: bool = False  # the class takes `use_karras_sigmas` (checked again when it is built)
 
 
 _BASE: dict[str, SamplerSpec] = {
     "ddim": SamplerSpec("DDIMScheduler"),
     "pndm": SamplerSpec("PNDMScheduler"),
-    "lms": SamplerSpec("LMSDiscreteScheduler"),
-    "euler": SamplerSpec("EulerDiscreteScheduler"),
+    "lms": SamplerSpec("LMSDiscreteScheduler", karras=True),
+    "euler": SamplerSpec("EulerDiscreteScheduler", karras=True),
     "euler_a": SamplerSpec("EulerAncestralDiscreteScheduler"),
-    "heun": SamplerSpec("HeunDiscreteScheduler"),
-    "dpm_2": SamplerSpec("KDPM2DiscreteScheduler"),
-    "dpm_2_a": SamplerSpec("KDPM2AncestralDiscreteScheduler", noises_per_step=2),
+    "heun": SamplerSpec("HeunDiscreteScheduler", karras=True),
+    "dpm_2": SamplerSpec("KDPM2DiscreteScheduler", karras=True),
+    "dpm_2_a": SamplerSpec("KDPM2AncestralDiscreteScheduler", noises_per_step=2, karras=True),
     # Newer diffusers refuse the default zero final sigma for first-order "dpmsolver".
     "dpmsolver": SamplerSpec(
-        "DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver"), ("final_sigmas_type", "sigma_min"))
+        "DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver"), ("final_sigmas_type", "sigma_min")),
+        karras=True,
     ),
-    "dpmsolver++": SamplerSpec("DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"),)),
-    "dpmsingle": SamplerSpec("DPMSolverSinglestepScheduler"),
-    "unipc": SamplerSpec("UniPCMultistepScheduler"),
+    "dpmsolver++": SamplerSpec("DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"),), karras=True),
+    "dpmsingle": SamplerSpec("DPMSolverSinglestepScheduler", karras=True),
+    "unipc": SamplerSpec("UniPCMultistepScheduler", karras=True),
     "lcm": SamplerSpec("LCMScheduler"),
 }
 ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
 
 
 def _karras_capable(spec: SamplerSpec) -> bool:
-    import diffusers
-
-    cls = getattr(diffusers, spec.class_name, None)
-    return cls is not None and "use_karras_sigmas" in inspect.signature(cls.__init__).parameters
+    return spec.karras
 
 
 def sampler_names() -> list[str]:
-    """Every accepted `--sampler` value, in the manual's order, aliases and Karras variants too."""
-    import diffusers
+    """Every accepted `--sampler` value, in the manual's order, aliases and Karras variants too.
 
-    names = [n for n, s in _BASE.items() if hasattr(diffusers, s.class_name)]
+    A static table: `--help` and argument errors must not wait for diffusers to import.
+    """
+    names = list(_BASE)
     names += list(ALIASES)
     names += [f"{n}_karras" for n, s in _BASE.items() if _karras_capable(s)]
     return names
@@ -101,6 +101,8 @@ def make_scheduler(name: str, v_prediction: bool):
     if "clip_sample" in accepted:
         kwargs["clip_sample"] = False
     if karras:
+        if "use_karras_sigmas" not in accepted:
+            raise UserError(f"--sampler {name}: this diffusers version has no Karras sigmas for {spec.class_name}")
         kwargs["use_karras_sigmas"] = True
     if spec.class_name == "LMSDiscreteScheduler":
         try:

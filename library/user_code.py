@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from library.errors import UserError
+from library.errors import UserError, first_line
 
 
 def import_file(path: str | Path, option: str) -> ModuleType:
@@ -19,7 +19,13 @@ def import_file(path: str | Path, option: str) -> ModuleType:
     if not file.is_file():
         raise UserError(f"{option} {path}: no such file")
     spec = importlib.util.spec_from_file_location(f"user_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise UserError(f"{option} {path}: not a Python file (name it .py)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except (SyntaxError, ValueError) as exc:  # not Python source at all (ValueError: null bytes)
+        sys.modules.pop(spec.name, None)
+        raise UserError(f"{option} {path}: not a Python file ({type(exc).__name__}: {first_line(exc, 80)})") from None
     return module

@@ -15,6 +15,7 @@ def test_first_line_of_empty_message_is_the_type_name():
 
 
 def test_first_line_limit():
-    assert first_line(RuntimeError("x" * 300)) == "x" * 200
-    assert first_line(RuntimeError("abcdef"), 3) == "abc"
+    assert first_line(RuntimeError("x" * 300)) == "x" * 197 + "..."
+    assert first_line(RuntimeError("bad thing happened here"), 16) == "bad thing..."  # cut at a word
     assert first_line(RuntimeError("y" * 300), None) == "y" * 300
+    assert first_line(RuntimeError("\x1b[1mbold\x1b[0m  text")) == "bold text"  # no escape codes left

@@ -137,7 +137,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch, exc):
 
 def test_disk_error_is_user_error(tmp_path, monkeypatch):
     monkeypatch.setitem(Image.SAVE, "PNG", _failing_png_writer(OSError(errno.ENOSPC, "No space left on device")))
-    with pytest.raises(UserError, match=r"cannot write a\.png \(No space left on device\); free space or fix permissions$"):
+    with pytest.raises(UserError, match=r"disk full while writing a\.png; free some space \(nothing partial was left\)$"):
         save_image(_img(), tmp_path, "a.png", {})
     assert list(tmp_path.iterdir()) == []
 

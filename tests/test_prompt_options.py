@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from library.errors import UserError
+from library.limits import MAX_DIGITS
 from library.prompt_options import (
     PROMPT_OPTIONS,
     OptionKind,
@@ -141,9 +142,9 @@ def test_an_option_given_twice_keeps_the_last(caplog: pytest.LogCaptureFixture) 
         ("a --h -64", 'prompt option --h expects a positive multiple of 8, got "-64" (e.g. --h 512)', "--h", "-64"),
         ("a --w 512.0", 'prompt option --w expects an integer, got "512.0" (e.g. --w 768)', "--w", "512.0"),
         ("a --w 5_12", 'prompt option --w expects an integer, got "5_12" (e.g. --w 768)', "--w", "5_12"),
-        ("a --s 0", 'prompt option --s expects a value of at least 1, got "0" (e.g. --s 28)', "--s", "0"),
+        ("a --s 0", 'prompt option --s expects a value from 1 to 1000, got "0" (e.g. --s 28)', "--s", "0"),
         ("a --s 1.5", 'prompt option --s expects an integer, got "1.5" (e.g. --s 28)', "--s", "1.5"),
-        ("a --d -1", 'prompt option --d expects each value of at least 0, got "-1" (e.g. --d 1,2,3,4)', "--d", "-1"),
+        ("a --d -1", 'prompt option --d expects each value from 0 to 4294967295, got "-1" (e.g. --d 1,2,3,4)', "--d", "-1"),
         ("a --d 1,,2", 'prompt option --d expects comma-separated integers, got "1,,2" (e.g. --d 1,2,3,4)', "--d", "1,,2"),
         ("a --d 1,2,", 'prompt option --d expects comma-separated integers, got "1,2," (e.g. --d 1,2,3,4)', "--d", "1,2,"),
         ("a --t 1.5", 'prompt option --t expects a value from 0 to 1, got "1.5" (e.g. --t 0.6)', "--t", "1.5"),
@@ -223,7 +224,8 @@ def _value(option: object) -> st.SearchStrategy[object]:
     if option.multiple_of:  # type: ignore[attr-defined]
         return st.integers(1, 512).map(lambda n: n * 8)
     if kind in (OptionKind.INT, OptionKind.INT_LIST):
-        numbers = st.integers(min_value=None if low is None else int(low), max_value=None if high is None else int(high))
+        numbers = st.integers(min_value=None if low is None else int(low),
+                              max_value=10**MAX_DIGITS - 1 if high is None else int(high))
     else:
         numbers = st.floats(min_value=low, max_value=high, allow_nan=False, allow_infinity=False)
     if kind in (OptionKind.INT_LIST, OptionKind.FLOAT_LIST):

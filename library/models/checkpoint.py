@@ -96,14 +96,10 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(
-            f"{path}: refused to load: this pickle file wants to run code or build objects other than "
-            "tensors, which could be unsafe ("
-            + first_line(exc, 120)
-            + "); convert it to .safetensors with a trusted tool, or get a .safetensors version"
-        ) from None
+        raise UserError(pickle_refusal(path, exc)) from None
     except Exception as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({first_line(exc)}); the file may be damaged") from None
+        raise UserError(f"{path}: damaged: not a readable checkpoint ({first_line(exc, 120)}); "
+                        "download it again") from None
     return _flatten(data, path)
 
 
@@ -194,3 +190,37 @@ def _populate(runs: list[tuple[int, int]]) -> None:
             if madvise(start, length, _MADV_POPULATE_READ) != 0:
                 logger.debug("madvise(MADV_POPULATE_READ) failed: %s", os.strerror(ctypes.get_errno()))
                 return
+
+
+def pickle_refusal(path: Path, exc: pickle.UnpicklingError) -> str:
+    """Why `torch.load(weights_only=True)` refused a pickle: it asks for code, or it is damaged.
+
+    torch words both alike ("Weights only load failed"). A refused "GLOBAL module.name" means
+    code; so does an unsupported opcode in a plain pickle whose opcodes (read with
+    `pickletools`, nothing executed) build objects. Anything else is damage.
+    """
+    wanted = _GLOBAL.search(str(exc))
+    if wanted is not None or (path.is_file() and _builds_objects(path)):
+        asks = f" ({wanted.group(1)})" if wanted else ""
+        return (f"{path}: refused to load: this pickle file wants to run code{asks}, which could be unsafe; "
+                "convert it to .safetensors with a trusted tool, or get a .safetensors version")
+    return f"{path}: damaged: not a readable checkpoint (the pickle data is broken); download it again"
+
+
+def _builds_objects(path: Path) -> bool:
+    """A plain (non-zip) pickle whose opcodes call or build objects; False for unreadable data."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return False  # torch's zip format: its data.pkl failed on an opcode, i.e. it is damaged
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(f))
+    except (ValueError, OSError, EOFError):
+        return False
+
+
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+_GLOBAL = re.compile(r"GLOBAL (\S+)")
+

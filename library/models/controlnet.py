@@ -25,6 +25,7 @@ clear `UserError` instead of a shape-mismatch traceback.
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -254,6 +255,8 @@ def _load_folder(path: Path, unet: UNet2DConditionModel, dtype: torch.dtype) -> 
             )
     try:
         return ControlNetModel.from_pretrained(path, torch_dtype=dtype)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{OPTION} {checkpoint.pickle_refusal(path, exc)}") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{OPTION} {path}: cannot load the Diffusers ControlNet ({first_line(exc)})") from None
 

@@ -14,6 +14,7 @@ import gc
 import itertools
 import json
 import logging
+import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -273,6 +274,8 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype):
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
         with _quiet_transformers_progress():
             te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, attn_implementation="sdpa")
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"--ckpt {checkpoint.pickle_refusal(path, exc)}") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"--ckpt {path}: cannot load the Diffusers model ({first_line(exc)})") from None
     family: Family = "sd2" if te.config.hidden_act == "gelu" else "sd1"
@@ -314,6 +317,8 @@ def load_vae(spec: str, dtype: torch.dtype) -> torch.nn.Module:
             raise UserError(f"--vae {path}: folder has no config.json (nor vae/config.json); not a Diffusers VAE")
         try:
             return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"--vae {checkpoint.pickle_refusal(path, exc)}") from None
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"--vae {path}: cannot load the Diffusers VAE ({first_line(exc)})") from None
     raw = checkpoint.read_state_dict(path)

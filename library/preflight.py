@@ -1,0 +1,145 @@
+"""Checks of every input file and of `--outdir` before any model file is opened.
+
+A run that would fail on a missing prompt file, an unreadable image or a read-only output
+folder should fail in a second, not after the model has loaded. `check_inputs` only looks:
+it reads prompt files and image headers (never decodes an image, never opens a model file,
+never runs a module's code: `--from_module` is compiled, not executed) and leaves no file
+behind (the `--outdir` write test removes its temporary file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from library.errors import NothingToDo, UserError, first_line
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every input named by `args` exists and can be read, and `--outdir` can be written."""
+    check_prompt_source(args)
+    for option in ("image_path", "mask_path", "guide_image_path"):
+        if getattr(args, option, None) is not None:
+            check_images(getattr(args, option), f"--{option}")
+    for option in ("ckpt", "vae"):
+        if getattr(args, option, None):
+            check_model(getattr(args, option), f"--{option}")
+    for spec in getattr(args, "control_net_models", None) or []:
+        check_model(spec, "--control_net_models")
+    for option in ("network_weights", "textual_inversion_embeddings", "XTI_embeddings"):
+        for path in getattr(args, option, None) or []:
+            check_file(path, f"--{option}")
+    check_network_modules(getattr(args, "network_module", None) or [])
+    check_outdir(args.outdir)
+
+
+def check_prompt_source(args: argparse.Namespace) -> None:
+    """`--from_file` readable with at least one prompt line; `--from_module` valid Python."""
+    from library.prompts import read_prompt_file
+
+    if args.from_file is not None and not read_prompt_file(args.from_file):
+        raise NothingToDo(f"--from_file {args.from_file}: no prompt lines (only blank lines and # comments); "
+                          "nothing to do")
+    if args.from_module is not None:
+        check_python_file(args.from_module, "--from_module")
+
+
+def check_python_file(path: str, option: str) -> None:
+    """`path` is a file of Python source (compiled to check it, not run)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{option} {path}: no such file")
+    try:
+        compile(file.read_bytes(), str(file), "exec", dont_inherit=True)
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+    except (SyntaxError, ValueError) as exc:
+        where = f", line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        detail = exc.msg if isinstance(exc, SyntaxError) else first_line(exc, 80)
+        raise UserError(f"{option} {path}: not a Python file ({type(exc).__name__}{where}: {detail})") from None
+
+
+def check_file(path: str, option: str) -> None:
+    """`path` is a regular file this process may read (opened and closed, nothing read)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UserError(f"{option} {path}: {_reason(exc)}") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{option} {path}: not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+
+
+def check_model(spec: str, option: str) -> None:
+    """A model spec resolves (file, folder, glob or cached Hugging Face ID) and is readable.
+
+    The file itself is not opened: that is the loader's job, after these checks.
+    """
+    from library.models.checkpoint import resolve_model_path
+
+    path = resolve_model_path(spec, option)
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{option} {spec}: cannot read it (permission denied)")
+
+
+def check_images(spec: str, option: str) -> None:
+    """The images of `spec` (a file or folder) are image files within the size limit (headers only)."""
+    from library.input_images import check_image_file, list_images
+
+    for path in list_images(Path(spec), option):
+        check_image_file(path)
+
+
+def check_network_modules(names: Iterable[str]) -> None:
+    """Each `--network_module` imports and has `create_network_from_weights`."""
+    for name in dict.fromkeys(names):
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"--network_module {name}: cannot import it ({first_line(exc)})") from None
+        if not callable(getattr(module, "create_network_from_weights", None)):
+            raise UserError(f"--network_module {name}: the module has no create_network_from_weights function "
+                            "(use networks.lora)")
+
+
+def check_outdir(outdir: str) -> None:
+    """`--outdir` is (or can become) a folder where files can be created.
+
+    An existing folder gets a temporary file created and removed in it; a missing one is
+    checked the same way in its nearest existing parent (the folder itself is made later,
+    when the first image is written, as before).
+    """
+    if not str(outdir).strip():
+        raise UserError("--outdir is empty: give the folder for the images (default: outputs)")
+    folder = Path(outdir)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():
+            raise UserError(f"--outdir {outdir}: {probe} is a broken symlink")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--outdir {outdir}: {'it' if probe == folder else probe} is not a folder; give a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".gen_img-write-test-"):
+            pass
+    except OSError as exc:
+        where = "" if probe == folder else f" (in {probe})"
+        raise UserError(f"--outdir {outdir}: cannot create files there{where} ({exc.strerror})") from None
+
+
+def _reason(exc: OSError) -> str:
+    """`no such file` / `permission denied` / the OS's words."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, PermissionError):
+        return "cannot read it (permission denied)"
+    return f"cannot read it ({exc.strerror})"
