@@ -135,8 +135,13 @@ class GradualLatentFeature:
         self.sampler = sampler
 
     def check_job(self, job) -> None:
-        if job.gradual_latent is not None and self.sampler not in SAMPLERS:
+        if job.gradual_latent is None:
+            return
+        if self.sampler not in SAMPLERS:
             raise UserError(f"Gradual Latent works with --sampler euler_a or k_euler_a, not {self.sampler}")
+        if job.guide_image is not None:
+            raise UserError("Gradual Latent with ControlNet is not supported: the ControlNet's hint would need "
+                            "resizing to every latent size")
 
     def for_batch(self, batch: Batch) -> "GrowLatents | None":
         settings = batch.jobs[0].gradual_latent
