@@ -37,6 +37,7 @@ class Job:
     init_image: str | None = None  # img2img source file
     mask_image: str | None = None  # inpainting mask file (white = repaint)
     guide_image: str | None = None  # ControlNet hint source file; None: no ControlNet for this image
+    prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
 
     def batch_key(self) -> tuple:
         """Images with equal keys can be generated in one batch."""
@@ -52,6 +53,7 @@ class Job:
             self.init_image is not None,
             self.mask_image is not None,
             self.guide_image is not None,
+            len(self.prompt_parts),
         )
 
 
