@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EPSILON = 1e-4  # the original's guard in the merge's denominator
+EPSILON = 1e-4  # guards the merge against pixels no region covers
 
 
 def prompt_rows(ctx: StepContext) -> slice:
@@ -107,7 +107,7 @@ class CouplePatch(Patch):
             parts = (self.cond,) if self.cond is not None else ()
         rows = prompt_rows(ctx)
         masks = self.token_masks(ctx, hidden.shape[1], hidden)  # (parts, tokens)
-        weights = masks / (masks.sum(0, keepdim=True) + EPSILON)
+        weights = masks / masks.sum(0, keepdim=True).clamp_min(EPSILON)
         out, merged = None, None
         for k, part in enumerate(parts):
             text = states.clone()
