@@ -103,15 +103,15 @@ class CouplePatch(Patch):
     def cross_attention_output(self, ctx: StepContext, layer: str, hidden: Tensor, states: Tensor,
                                attend: Attend) -> Tensor:
         parts = self.cond.parts if self.cond is not None else ()
-        if not parts:  # regional LoRA on a prompt of one part
-            parts = (self.cond,) if self.cond is not None else ()
         rows = prompt_rows(ctx)
         masks = self.token_masks(ctx, hidden.shape[1], hidden)  # (parts, tokens)
         weights = masks / masks.sum(0, keepdim=True).clamp_min(EPSILON)
         out, merged = None, None
-        for k, part in enumerate(parts):
-            text = states.clone()
-            text[rows] = part.layer_states(layer).to(states)
+        for k in range(max(1, len(parts))):  # regional LoRA on a prompt of one part: its own states
+            text = states
+            if parts:
+                text = states.clone()
+                text[rows] = parts[k].layer_states(layer).to(states)
             self.part = k
             try:
                 result = attend(text)
