@@ -256,3 +256,57 @@ def test_merge_formula_matches_a_direct_computation_at_one_layer(lora_model, hal
     assert torch.allclose(got[1:], merged[1:], atol=1e-5)
     assert torch.allclose(got[:1], outputs[0][:1], atol=1e-5)  # uncond: plain attention, no K/V/out LoRA
     assert (got[1:] - outputs[0][1:]).abs().max() > 1e-2  # the merge changed something
+
+
+def test_masks_follow_whatever_resolution_the_layer_meets():
+    """A 6x6 attention (what Deep Shrink 0.75 or Gradual Latent make of an 8x8 latent) gets the
+    regions bilinearly resized to 6x6: the merge of two parts whose attention outputs are the
+    constants 1 and 3 is exactly the resized, normalised masks' blend."""
+    from library.attention_couple import CouplePatch
+    from library.text_encoding import Conditioning
+    from library.unet_patches import BatchLayout, StepContext
+
+    regions = torch.zeros(2, 8, 8)
+    regions[0, :, :4] = 1
+    regions[1, :, 3:] = 1  # columns 3 overlap
+    patch = CouplePatch(regions)
+    parts = (Conditioning(torch.full((1, 77, 4), 1.0)), Conditioning(torch.full((1, 77, 4), 3.0)))
+    cond = Conditioning(torch.zeros(2, 77, 4), parts=parts)
+    ctx = StepContext(0, 1, 999, None, BatchLayout(images=1, copies=2, latent_height=8, latent_width=8))
+    states = patch.cross_attention_states(ctx, "IN01", cond.states, cond)
+    hidden = torch.zeros(2, 36, 4)
+    out = patch.cross_attention_output(ctx, "IN01", hidden, states,
+                                       lambda text: text.mean(dim=1, keepdim=True).expand(-1, 36, 4))
+    masks = F.interpolate(regions[None], (6, 6), mode="bilinear", align_corners=False)[0].flatten(1)
+    expected = (masks[0] * 1.0 + masks[1] * 3.0) / (masks[0] + masks[1])
+    assert torch.allclose(out[1, :, 0], expected, atol=1e-6)
+    assert out[1].view(6, 6, 4)[:, 0].eq(1.0).all() and out[1].view(6, 6, 4)[:, 5].eq(3.0).all()
+    assert out[0].eq(0.0).all()  # the unconditional row: its own (zero) text
+
+
+def _encode_with(model, prompts: list[str], loras) -> torch.Tensor:
+    """`prompts` encoded with only the text-encoder LoRA modules `loras` (test-only hooks)."""
+    from library.text_encoding import PromptEncoder
+
+    handles = [m.module.register_forward_hook(lambda mod, args, out, m=m: out + m.adapter.bypass(mod, args[0]))
+               for m in loras]
+    try:
+        encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
+        return encoder.conditioning(prompts, 1).states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_text_encoder_lora_k_encodes_part_k_only_and_never_the_negative(lora_model, halves):
+    model, nets = lora_model
+    regions = load_region_mask(str(halves), None, (WIDTH, HEIGHT))
+    gen = couple(model, regions, nets)
+    keep = KeepCond()
+    gen.patches.add(keep)
+    gen.latents([job("a cat AND a dog", steps=1)])
+    first, second = (net.text_encoder_loras for net in nets.loaded)
+    assert torch.allclose(keep.cond.parts[0].states, _encode_with(model, ["a cat"], first), atol=1e-6)
+    assert torch.allclose(keep.cond.parts[1].states, _encode_with(model, ["a dog"], second), atol=1e-6)
+    assert torch.equal(keep.cond.states[:1], _encode_with(model, ["blur"], []))
+    assert (keep.cond.parts[1].states - _encode_with(model, ["a dog"], [])).abs().max() > 1e-2

@@ -139,3 +139,14 @@ def test_it_combines_with_the_other_features(tiny_models, tmp_path, files, name,
     nets = () if name.startswith("attention couple") else tuple(networks(files))
     change = _change_of_part_2(tiny_models, tmp_path, "--mask_path", str(files["mask"]), *nets, *extra)
     assert change.max() > 0, name
+
+
+def test_with_highres_fix_the_mask_is_read_at_the_first_stage_size(tiny_models, tmp_path, files):
+    options = parse_options(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path), *networks(files),
+                             "--mask_path", str(files["mask"]), "--W", "192", "--H", "128",
+                             "--highres_fix_scale", "0.5", "--network_regional_mask_max_color_codes", "2", "--prompt", "a"])
+    mask = build.region_mask(options)
+    assert mask.pixels.shape == (64, 96, 3) and mask.mode == "colour codes (2)"
+    options = parse_options(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path), "--attention_couple",
+                             "--mask_path", str(files["mask"]), "--W", "128", "--prompt", "a"])
+    assert build.region_mask(options).pixels.shape == (64, 64, 3)  # --H not given: the mask's own size
