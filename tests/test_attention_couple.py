@@ -310,3 +310,29 @@ def test_text_encoder_lora_k_encodes_part_k_only_and_never_the_negative(lora_mod
     assert torch.allclose(keep.cond.parts[1].states, _encode_with(model, ["a dog"], second), atol=1e-6)
     assert torch.equal(keep.cond.states[:1], _encode_with(model, ["blur"], []))
     assert (keep.cond.parts[1].states - _encode_with(model, ["a dog"], [])).abs().max() > 1e-2
+
+
+def test_regional_deltas_are_masked_except_the_time_embedding_projections():
+    """Network 0's conv delta (rows, C, h, w) and token delta (rows, h*w, C) are multiplied by
+    region 0 at their own size; a time-embedding projection's (rows, C) is left alone."""
+    from types import SimpleNamespace
+
+    from library.attention_couple import RegionalLoRAPatch
+    from library.unet_patches import BatchLayout, StepContext
+
+    regions = torch.zeros(2, 8, 8)
+    regions[0, :, :4] = 1
+    regions[1, :, 4:] = 1
+    layer = SimpleNamespace(module=torch.nn.Linear(2, 2))
+    patch = RegionalLoRAPatch(regions, {}, {id(layer): 0}, {0: 1.0})
+    ctx = StepContext(0, 1, 999, None, BatchLayout(images=1, copies=2, latent_height=8, latent_width=8))
+    time = torch.ones(2, 5)
+    assert patch.lora_output(ctx, layer, time, time) is time
+    conv = patch.lora_output(ctx, layer, None, torch.ones(2, 3, 4, 4))
+    assert conv[:, :, :, :2].eq(1).all() and conv[:, :, :, 2:].eq(0).all()
+    tokens = patch.lora_output(ctx, layer, None, torch.ones(2, 64, 3)).view(2, 8, 8, 3)
+    assert tokens[:, :, :4].eq(1).all() and tokens[:, :, 4:].eq(0).all()
+    patch.text_encoding("negative", 0)
+    assert patch.lora_output(None, layer, time, time).eq(0).all()  # never on the negative prompt
+    patch.text_encoding("prompt", 0)
+    assert patch.lora_output(None, layer, time, time) is time
