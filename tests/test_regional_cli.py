@@ -144,7 +144,8 @@ def test_it_combines_with_the_other_features(tiny_models, tmp_path, files, name,
 def test_with_highres_fix_the_mask_is_read_at_the_first_stage_size(tiny_models, tmp_path, files):
     options = parse_options(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path), *networks(files),
                              "--mask_path", str(files["mask"]), "--W", "192", "--H", "128",
-                             "--highres_fix_scale", "0.5", "--network_regional_mask_max_color_codes", "2", "--prompt", "a"])
+                             "--highres_fix_scale", "0.5", "--network_regional_mask_max_color_codes", "2",
+                             "--prompt", "a"])
     mask = build.region_mask(options)
     assert mask.pixels.shape == (64, 96, 3) and mask.mode == "colour codes (2)"
     options = parse_options(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path), "--attention_couple",
