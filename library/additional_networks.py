@@ -55,6 +55,13 @@ class Networks:
                 self._set_multiplier(index, value)  # pre-calculated weights are rewritten by the network
         return NetworkLayers(layers) if layers else None
 
+    def regional_layers(self, batch: Batch) -> tuple[dict[int, int], dict[int, float]]:
+        """Regional LoRA (`library.attention_couple`): id(un-merged layer) -> its network's index,
+        and each network's multiplier in this batch (`--am`)."""
+        wanted = batch.jobs[0].network_multipliers or self.defaults
+        owners = {id(m): i for i, net in enumerate(self.loaded) if _owner_hooked(net) for m in net.unmerged_layers()}
+        return owners, {i: float(v) for i, v in enumerate(wanted)}
+
     def _set_multiplier(self, index: int, value: float) -> None:
         if self._current[index] != value:
             self.loaded[index].set_multiplier(value)
@@ -75,8 +82,11 @@ def _owner_hooked(network) -> bool:
     return callable(getattr(network, "unmerged_layers", None)) and callable(getattr(network, "use_unmerged", None))
 
 
-def load_networks(options, model) -> Networks:
-    """Load the networks of `options` (a `NetworkOptions`), then merge, pre-calculate or prepare them."""
+def load_networks(options, model, regional: bool = False) -> Networks:
+    """Load the networks of `options` (a `NetworkOptions`), then merge, pre-calculate or prepare them.
+
+    `regional` (networks + region mask): all un-merged, so each delta can be masked per region.
+    """
     muls = tuple(options.multipliers or [1.0] * len(options.modules))
     loaded = []
     for i, (module_name, weights) in enumerate(zip(options.modules, options.weights)):
@@ -87,6 +97,11 @@ def load_networks(options, model) -> Networks:
                 print(f"  {key}: {value}")
         loaded.append(network)
     merged = len(loaded) if options.merge else (options.merge_n_models or 0)
+    pre_calc = options.pre_calc
+    if regional and (merged or pre_calc):
+        logger.info("regional LoRA: --network_merge / --network_merge_n_models / --network_pre_calc ignored; "
+                    "the networks run un-merged so that each acts in its region only")
+        merged, pre_calc = 0, False
     for network in loaded[:merged]:
         network.merge_to()
     for network in loaded[merged:]:
@@ -94,7 +109,7 @@ def load_networks(options, model) -> Networks:
             network.use_unmerged()
         else:
             network.apply_to()
-        if options.pre_calc:
+        if pre_calc:
             network.pre_calculation()
     return Networks(loaded, muls, merged=merged)
 

@@ -95,7 +95,9 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
 
 def networks(options: Options, model: LoadedModel) -> Networks:
     """`--network_module/--network_weights` loaded, merged, pre-calculated or prepared."""
-    return load_networks(options.networks, model)
+    from library.regions import regional_lora
+
+    return load_networks(options.networks, model, regional=regional_lora(options))
 
 
 def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Networks) -> Pipeline:
@@ -105,7 +107,8 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
 
     encoder = prompt_encoder(options.text, model)
     control = controlnets(options.controlnet, model, runtime)
-    features = [f for f in (nets, xti_feature(encoder, model), control) if f is not None]
+    couple = attention_couple(options, model, nets)
+    features = [f for f in (nets, xti_feature(encoder, model), control, couple) if f is not None]
     deep_shrink = DeepShrinkFeature(len(model.unet.down_blocks))
     deep_shrink.check_settings(options.generation.deep_shrink)  # the command line's depth: exit 2 up front
     features += [deep_shrink, GradualLatentFeature(options.generation.sampler)]
@@ -150,6 +153,29 @@ def xti_feature(encoder: PromptEncoder, model: LoadedModel):
     return PerLayerText(model.unet, encoder.embeddings.layer_names)
 
 
+def region_mask(options: Options):
+    """The `--mask_path` region mask (`library.regions`), or None when it is not one."""
+    from library.regions import has_region_mask, load_region_mask
+
+    if not has_region_mask(options):
+        return None
+    g = options.generation
+    size = None
+    if g.width_given and g.height_given:
+        size = (g.width, g.height)
+        if options.highres.scale:
+            size = highres_fix.first_stage_size(g.width, g.height, options.highres.scale)
+    return load_region_mask(options.sources.mask_path, options.networks.regional_color_codes, size)
+
+
+def attention_couple(options: Options, model: LoadedModel, nets: Networks):
+    """The feature for ` AND ` prompts and regional LoRA (networks + region mask)."""
+    from library.attention_couple import AttentionCouple
+    from library.regions import regional_lora
+
+    return AttentionCouple(model.unet, region_mask(options), nets if regional_lora(options) else None)
+
+
 def controlnets(options: ControlNetOptions, model: LoadedModel, runtime: Runtime):
     """`--control_net_models` loaded for this model, with their preps, weights and ratios (or None)."""
     from library.controlnet import ControlNets, ControlUnit, parse_prep, per_model
@@ -173,6 +199,7 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
     """A Runner writing into `--outdir` with this run's metadata."""
     from library.controlnet import ControlNets
     from library.preview import preview_window
+    from library.regions import has_region_mask
 
     outdir = Path(options.output.outdir)
     try:
@@ -192,13 +219,25 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
         preview=preview_window() if options.output.preview else None,
         use_original_name=options.output.use_original_file_name,
         controlnet_metadata=control.metadata() if control is not None else (),
+        region_metadata=_region_metadata(gen),
     )
     s = options.sources
-    sources = SourceImages(s.image_path, s.mask_path) if s.image_path is not None else None
+    inpainting_masks = None if has_region_mask(options) else s.mask_path
+    sources = SourceImages(s.image_path, inpainting_masks) if s.image_path is not None else None
     guide_path = options.controlnet.guide_image_path
     guides = GuideImages(guide_path) if guide_path is not None else None
     return Runner(gen, Defaults.from_options(options), output, g.batch_size,
                   sources=sources, highres=highres_fix.from_options(options.highres), guides=guides)
+
+
+def _region_metadata(gen: Pipeline) -> tuple[tuple[str, str], ...]:
+    """("Region mask", file name), ("Region mode", rule) of the run's region mask, if any."""
+    from library.attention_couple import AttentionCouple
+
+    couple = next((f for f in gen.features if isinstance(f, AttentionCouple)), None)
+    if couple is None or couple.regions is None:
+        return ()
+    return (("Region mask", couple.regions.path.name), ("Region mode", couple.regions.mode))
 
 
 class ModelHash:

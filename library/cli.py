@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_merge_n_models", type=int, help="merge only the first N networks")
     g.add_argument("--network_pre_calc", action="store_true",
                    help="pre-compute network weights for each prompt (merged speed, --am still works)")
+    g.add_argument("--network_regional_mask_max_color_codes", type=int, default=None,
+                   help="regional LoRA: read the --mask_path regions as exact colour codes (red, green, yellow, "
+                   "blue, magenta, cyan, white) for the first N (1-7) parts, instead of R/G/B channels "
+                   "(docs/regional.md)")
     return p
 
 
@@ -121,7 +125,11 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strength", type=float, default=0.8,
                    help="img2img strength 0..1 (default 0.8): int(steps*strength) steps are run; --t per prompt")
     g.add_argument("--mask_path", "--mask_image", dest="mask_path",
-                   help="inpainting mask (white = repaint), or a folder of masks (the k-th for the k-th source)")
+                   help="inpainting mask (white = repaint), or a folder of masks (the k-th for the k-th source); "
+                   "with networks or --attention_couple the region mask of the ' AND ' parts (docs/regional.md)")
+    g.add_argument("--attention_couple", action="store_true",
+                   help="read --mask_path as the region mask of the prompt's ' AND ' parts (not for inpainting), "
+                   "also without networks")
     g.add_argument("--use_original_file_name", action="store_true",
                    help="img2img: name each output after its source image")
     g.add_argument("--highres_fix_scale", type=float, default=None,
@@ -243,10 +251,18 @@ def validate_img2img(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 1:
             raise UserError(f"--{name} {value}: must be between 0 and 1")
+    regions = args.mask_path is not None and (args.network_module or args.attention_couple)
     if args.image_path is None:
         for name in ("mask_path", "use_original_file_name"):
-            if getattr(args, name):
+            if getattr(args, name) and not (name == "mask_path" and regions):
                 raise UserError(f"--{name} needs --image_path (the images to work on)")
+    if args.attention_couple and args.mask_path is None:
+        raise UserError("--attention_couple needs --mask_path (the region mask); without a mask the ' AND ' parts "
+                        "share the whole image")
+    codes = args.network_regional_mask_max_color_codes
+    if codes is not None and not 1 <= codes <= 7:
+        raise UserError(f"--network_regional_mask_max_color_codes {codes}: must be 1 to 7 (the colour codes red, "
+                        "green, yellow, blue, magenta, cyan, white)")
     if args.highres_fix_scale is not None:
         if not 0 < args.highres_fix_scale <= 1:
             raise UserError(f"--highres_fix_scale {args.highres_fix_scale}: must be above 0 and at most 1 "

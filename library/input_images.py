@@ -98,6 +98,15 @@ def load_rgb(path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
+def load_rgb_dropping_alpha(path: Path) -> Image.Image:
+    """An image file as 8-bit RGB with any alpha channel dropped (region masks, as the original
+    reads them: the colour under transparent pixels counts)."""
+    image = _to_8bit(_open_image(path))
+    if image.mode in ("P", "PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
 def load_mask(path: Path) -> Image.Image:
     """A mask file as 8-bit greyscale "L" (white = repaint).
 

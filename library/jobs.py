@@ -43,6 +43,7 @@ class Job:
     guide_image: str | None = None  # ControlNet hint source file; None: no ControlNet for this image
     deep_shrink: "DeepShrink | None" = None  # `library.deep_shrink` settings of this image
     gradual_latent: "GradualLatent | None" = None  # `library.gradual_latent` settings of this image
+    prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
 
     def batch_key(self) -> tuple:
         """Images with equal keys can be generated in one batch."""
@@ -60,6 +61,7 @@ class Job:
             self.guide_image is not None,
             self.deep_shrink,
             self.gradual_latent,
+            len(self.prompt_parts),
         )
 
 

@@ -79,6 +79,7 @@ class SourceOptions:
 
     image_path: str | None
     mask_path: str | None
+    attention_couple: bool = False  # `--mask_path` is the region mask even without networks
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class NetworkOptions:
     merge: bool
     merge_n_models: int | None
     pre_calc: bool
+    regional_color_codes: int | None = None  # `--network_regional_mask_max_color_codes`
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,7 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                      a.steps, a.scale, a.negative_scale, a.images_per_prompt, a.sampler,
                                      a.ddim_eta, a.strength, a.batch_size, a.vae_batch_size,
                                      deep_shrink_of(a), gradual_latent_of(a)),
-        sources=SourceOptions(a.image_path, a.mask_path),
+        sources=SourceOptions(a.image_path, a.mask_path, a.attention_couple),
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,
                                a.highres_fix_upscaler_args, a.highres_fix_disable_control_net),
@@ -204,7 +206,8 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                      a.control_net_ratios and tuple(a.control_net_ratios)),
         networks=NetworkOptions(_tuple(a.network_module), _tuple(a.network_weights), _tuple(a.network_mul),
                                 _tuple(a.network_args), a.network_show_meta, a.network_merge,
-                                a.network_merge_n_models, a.network_pre_calc),
+                                a.network_merge_n_models, a.network_pre_calc,
+                                a.network_regional_mask_max_color_codes),
         output=OutputOptions(a.outdir, a.sequential_file_name, a.use_original_file_name,
                              a.interactive and not a.no_preview),
         rounds=RoundOptions(a.prompt, a.from_file, a.from_module, a.interactive, a.seed, a.n_iter,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -117,7 +117,7 @@ class Pipeline:
             latents = run.start(latents)
             if len(batch.timesteps) == 0:
                 return latents
-            cond = self._conditioning(batch.jobs, guidance)
+            cond = self._conditioning(batch.jobs, guidance, run)
             for i, t in enumerate(tqdm(batch.timesteps, desc="steps", leave=False, disable=not self.progress)):
                 ctx = run.context(i, t)
                 model_input = scheduler.scale_model_input(torch.cat([latents] * guidance.copies), t)
@@ -134,20 +134,28 @@ class Pipeline:
         latents = self.encode_images(init.images, generators, init.vae_batch_size)
         return latents.to(self.device, self.dtype)
 
-    def _conditioning(self, jobs: tuple[Job, ...], guidance: "Guidance") -> Conditioning:
-        """Text states of the batch's rows, in the order `guidance` combines them."""
+    def _conditioning(self, jobs: tuple[Job, ...], guidance: "Guidance", run=None) -> Conditioning:
+        """Text states of the batch's rows, in the order `guidance` combines them.
+
+        A prompt split at ` AND ` is encoded part by part (`Conditioning.parts`, part 0 in
+        the prompt rows of `states`); `run.text_encoding` tells the patches what is encoded.
+        """
         first = jobs[0]
         prompts = [j.prompt for j in jobs]
 
-        def encode(texts: list[str]) -> Conditioning:
+        def encode(texts: list[str], role: str = "prompt", part: int = 0) -> Conditioning:
+            if run is not None:
+                run.text_encoding(role, part)
             return self.encoder.conditioning(texts, first.chunks).to(self.device, self.dtype)
 
+        parts = tuple(encode([j.prompt_parts[k] for j in jobs], "prompt", k) for k in range(len(first.prompt_parts)))
+        prompt = parts[0] if parts else encode(prompts)
         if guidance.copies == 1:
-            return encode(prompts)
-        negatives = encode([j.negative_prompt for j in jobs])
+            return replace(prompt, parts=parts)
+        negatives = encode([j.negative_prompt for j in jobs], "negative")
         if guidance.copies == 3:
-            return Conditioning.cat([encode([""] * len(jobs)), encode(prompts), negatives])
-        return Conditioning.cat([negatives, encode(prompts)])
+            return replace(Conditioning.cat([encode([""] * len(jobs), "empty"), prompt, negatives]), parts=parts)
+        return replace(Conditioning.cat([negatives, prompt]), parts=parts)
 
     def _step_kwargs(self, scheduler, generators: list[torch.Generator]) -> dict:
         accepted = inspect.signature(scheduler.step).parameters

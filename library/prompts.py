@@ -53,6 +53,7 @@ class Defaults:
     strength: float | None = None  # None: txt2img, where `--t` means nothing
     deep_shrink: DeepShrink | None = None
     gradual_latent: GradualLatent | None = None
+    regional_networks: int = 0  # regional LoRA: networks that each need a prompt part (`library.regions`)
 
     @classmethod
     def from_options(cls, options: Options) -> "Defaults":
@@ -60,8 +61,11 @@ class Defaults:
         muls = tuple(options.networks.multipliers or [1.0] * len(options.networks.modules)) or None
         width = g.width if g.width_given or not img2img else None
         height = g.height if g.height_given or not img2img else None
+        from library.regions import regional_lora
+
+        regional = len(options.networks.modules) if regional_lora(options) else 0
         return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
-                   g.deep_shrink, g.gradual_latent)
+                   g.deep_shrink, g.gradual_latent, regional)
 
 
 def _strength(options: Options) -> float | None:
@@ -172,9 +176,6 @@ def jobs_for_line(
     parsed = parse_prompt_line(line.text)
     o = parsed.overrides
     _warn_not_implemented(o, line)
-    if len(split_and(parsed.prompt)) > 1:
-        logger.warning("%s: ' AND ' parts (attention couple) are not implemented yet; the prompt is used as one "
-                       "text, AND included", line.where)
     width, height = o.width or defaults.width, o.height or defaults.height
     for name, value in (("--w", width), ("--h", height)):
         if value is not None and value % 8:
@@ -189,6 +190,10 @@ def jobs_for_line(
         for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
             text = pick_variants(prompt, seed)
             negative = pick_variants(o.negative_prompt or "", seed)
+            parts = split_and(text)
+            if defaults.regional_networks > len(parts):
+                raise UserError(f"{defaults.regional_networks} networks are loaded for regional LoRA but the prompt "
+                                f"has {len(parts)} part(s); split it with ' AND ' into at least one part per network")
             jobs.append(
                 Job(
                     prompt=text,
@@ -199,7 +204,7 @@ def jobs_for_line(
                     steps=o.steps or defaults.steps,
                     scale=o.scale if o.scale is not None else defaults.scale,
                     negative_scale=o.negative_scale if o.negative_scale is not None else defaults.negative_scale,
-                    chunks=chunk_count(text, negative),
+                    chunks=chunk_count(*parts, negative),
                     raw_prompt=line.text if dynamic else None,
                     clip_prompt=o.clip_prompt,
                     file_name=o.file_name,
@@ -207,6 +212,7 @@ def jobs_for_line(
                     strength=strength,
                     deep_shrink=deep_shrink,
                     gradual_latent=gradual_latent,
+                    prompt_parts=tuple(parts) if len(parts) > 1 else (),
                 )
             )
     return jobs

@@ -47,6 +47,7 @@ class OutputSettings:
     preview: Callable[[list], None] | None = None
     use_original_name: bool = False  # `--use_original_file_name`: name after the img2img source
     controlnet_metadata: tuple[tuple[str, str], ...] = ()  # for images with a guide image
+    region_metadata: tuple[tuple[str, str], ...] = ()  # the region mask's file and mode (`library.regions`)
 
 
 @dataclass
@@ -151,6 +152,7 @@ class Runner:
         extra = self.highres.metadata(job) if stage == "1" else ()
         if job.guide_image is not None:
             extra = (*extra, *self.output.controlnet_metadata)
+        extra = (*extra, *self.output.region_metadata)
         record = image_metadata.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,

@@ -70,10 +70,17 @@ class Conditioning:
 
     states: torch.Tensor  # (rows, T, C)
     per_layer: Mapping[str, torch.Tensor] | None = None  # LDM layer name -> (rows, T, C)
+    # prompts split at ` AND `: each part's encoding of the prompt rows (`library.attention_couple`);
+    # `states` then holds part 0 in those rows
+    parts: tuple["Conditioning", ...] = ()
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Conditioning":
         layers = None if self.per_layer is None else {k: v.to(device, dtype) for k, v in self.per_layer.items()}
-        return Conditioning(self.states.to(device, dtype), layers)
+        return Conditioning(self.states.to(device, dtype), layers, tuple(p.to(device, dtype) for p in self.parts))
+
+    def layer_states(self, layer: str) -> torch.Tensor:
+        """The states cross-attention layer `layer` attends to (XTI: its own)."""
+        return self.states if self.per_layer is None else self.per_layer[layer]
 
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":

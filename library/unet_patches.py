@@ -13,6 +13,7 @@ U-Net). Points, in the order a step meets them:
 
 =========================  =================================================================
 ``start``                  the latents the loop starts from (inpainting's first blend)
+``text_encoding``          the text encoder is about to encode rows of one role / prompt part
 ``lora_layers``            LoRA modules hooked for this batch, with their multipliers
 ``lora_output``            a LoRA module's delta before it is added (regional masks)
 ``unet_kwargs``            extra U-Net arguments; residuals of several producers add up
@@ -34,7 +35,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +113,7 @@ class LoRALayer(Protocol):
 
 
 Attend = Callable[[Tensor], Tensor]
+TextRole = Literal["prompt", "negative", "empty"]
 
 
 class Patch:
@@ -119,6 +121,11 @@ class Patch:
 
     def start(self, latents: Tensor) -> Tensor:
         return latents
+
+    def text_encoding(self, role: TextRole, part: int) -> None:
+        """The loop is about to encode the batch's `role` rows ("prompt", "negative", or "empty"
+        with a negative scale); `part` is the prompt part (split at ` AND `; 0 otherwise).
+        The `lora_output` calls that follow (ctx None) belong to these texts."""
 
     def lora_layers(self) -> Sequence[tuple[LoRALayer, float]]:
         return ()
@@ -207,6 +214,11 @@ class BatchRun:
         for patch in self._with["start"]:
             latents = patch.start(latents)
         return latents
+
+    def text_encoding(self, role: TextRole, part: int = 0) -> None:
+        """Tell the patches which rows the text encoder encodes next (see `Patch.text_encoding`)."""
+        for patch in self._with["text_encoding"]:
+            patch.text_encoding(role, part)
 
     def context(self, step: int, timestep: Tensor) -> StepContext:
         """The context of U-Net call `step` (also what the hooks see until the next call)."""

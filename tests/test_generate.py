@@ -262,11 +262,13 @@ def test_prompt_options_without_their_feature_warn_and_change_nothing(tiny_model
     assert meta(with_options)["clip-prompt"] == "a red car"
 
 
-def test_and_parts_warn_that_attention_couple_is_not_implemented(tiny_models, tmp_path, caplog):
+def test_and_parts_are_an_attention_couple_without_a_warning(tiny_models, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="library.prompts"):
-        assert run(tiny_models, tmp_path, "--prompt", "a cat AND a dog --n blur") == 0
-    assert [r.getMessage() for r in caplog.records if r.name == "library.prompts"] == [
-        "--prompt: ' AND ' parts (attention couple) are not implemented yet; the prompt is used as one text, "
-        "AND included"
-    ]
-    assert meta(pngs(tmp_path)[0])["prompt"] == "a cat AND a dog"
+        assert run(tiny_models, tmp_path / "and", "--prompt", "a cat AND a dog --n blur", "--seed", "3") == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "library.prompts"] == []
+    assert meta(pngs(tmp_path / "and")[0])["prompt"] == "a cat AND a dog"
+    assert run(tiny_models, tmp_path / "cat", "--prompt", "a cat AND a cat --n blur", "--seed", "3") == 0
+    assert run(tiny_models, tmp_path / "one", "--prompt", "a cat --n blur", "--seed", "3") == 0
+    # two identical parts are the one prompt; other parts change the image
+    assert np.abs(pixels(pngs(tmp_path / "cat")[0]) - pixels(pngs(tmp_path / "one")[0])).max() <= 1
+    assert np.abs(pixels(pngs(tmp_path / "and")[0]) - pixels(pngs(tmp_path / "one")[0])).max() > 10

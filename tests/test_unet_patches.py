@@ -169,9 +169,10 @@ def _snapshot(*models: torch.nn.Module) -> list:
 
 
 def test_a_batch_with_every_feature_leaves_the_models_as_they_were(tiny_models, tmp_path):
-    """ControlNet + XTI + un-merged LoRA with --am + inpainting in one batch: afterwards the U-Net
-    and text encoder have exactly their modules, processors, weights and hooks of before the
-    batch, and the image equals a fresh process's."""
+    """ControlNet + XTI + un-merged LoRA with --am + img2img in one batch, the mask making it
+    regional LoRA (networks + --mask_path; inpainting alone is in tests/test_img2img.py):
+    afterwards the U-Net and text encoder have exactly their modules, processors, weights and
+    hooks of before the batch, and the image equals a fresh process's."""
     from library.embeddings import write_xti
 
     model = load_model(str(tiny_models["sd1"]))
@@ -234,3 +235,43 @@ def test_hooks_are_removed_when_the_batch_is_interrupted(sd1):
     assert torch.equal(_latents(sd1, None), plain.latents([
         Job("a cat", "blur", seed=5, width=64, height=64, steps=3, scale=5.0),
         Job("a dog", "blur", seed=6, width=64, height=64, steps=3, scale=5.0)]))
+
+
+class TextRoles(Patch):
+    """Records each `text_encoding` call and how many LoRA deltas the text encoder made after it."""
+
+    def __init__(self, layers) -> None:
+        self.layers, self.seen = layers, []
+
+    def lora_layers(self):
+        return self.layers
+
+    def text_encoding(self, role, part):
+        self.seen.append([role, part, 0])
+
+    def lora_output(self, ctx, layer, x, delta):
+        if ctx is None:
+            self.seen[-1][2] += 1
+        return delta
+
+
+@pytest.mark.parametrize("negative_scale,roles", [
+    (None, [["prompt", 0], ["prompt", 1], ["negative", 0]]),
+    (2.0, [["prompt", 0], ["prompt", 1], ["negative", 0], ["empty", 0]]),
+])
+def test_text_encoding_says_which_rows_the_text_encoder_encodes(tiny_models, negative_scale, roles):
+    from library.additional_networks import load_networks
+    from library.options import NetworkOptions
+
+    model = load_model(str(tiny_models["sd1"]))
+    nets = load_networks(NetworkOptions(("networks.lora",), (str(tiny_models["lora"]),), (1.0,), (), False, False,
+                                        None, False), model)
+    te_layers = [(m, 1.0) for m in nets.loaded[0].text_encoder_loras]
+    patch = TextRoles(te_layers)
+    gen = make_generator(model, "ddim")
+    gen.patches.add(Once(patch))
+    job = Job("a cat AND a dog", "blur", seed=5, width=64, height=64, steps=1, scale=5.0,
+              negative_scale=negative_scale, prompt_parts=("a cat", "a dog"))
+    gen.latents([job])
+    assert [s[:2] for s in patch.seen] == roles
+    assert {s[2] for s in patch.seen} == {len(te_layers)}  # every TE LoRA layer once per encoding
