@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Seconds of one U-Net call with and without Deep Shrink (depth 1, ratio 0.5, a gated step).
+
+    python tools/bench_deep_shrink.py [--ckpt FILE] [--sizes 512 768] [--repeats 2] [--dtype bf16]
+
+Without `--ckpt` it uses the full-size SD 1.5-shaped random checkpoint of tools/benchmark.py
+(written on first use). Calls are interleaved (off, on, off, on, ...); each line prints every
+repetition, so the first (warm-up) can be told apart. One image with CFG (2 rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from library.deep_shrink import DeepShrink, ShrinkDeepLayers  # noqa: E402
+from library.models import load_model  # noqa: E402
+from library.text_encoding import Conditioning  # noqa: E402
+from library.unet_patches import Batch, BatchLayout, PatchOwner  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Fixed:
+    def __init__(self, patch) -> None:
+        self.patch = patch
+
+    def for_batch(self, batch):
+        return self.patch
+
+
+def call_seconds(unet, pixels: int, shrink: bool, dtype: torch.dtype) -> float:
+    """One U-Net call at t=900 on a (2, 4, pixels/8, pixels/8) input."""
+    latent = pixels // 8
+    x = torch.randn(2, 4, latent, latent, dtype=dtype)
+    text = Conditioning(torch.randn(2, 77, unet.config.cross_attention_dim, dtype=dtype))
+    features = [_Fixed(ShrinkDeepLayers(DeepShrink(1, 650)))] if shrink else []
+    batch = Batch((), BatchLayout(1, 2, latent, latent), None, torch.tensor([900]), torch.device("cpu"), dtype)
+    t = torch.tensor(900)
+    with torch.no_grad(), PatchOwner(unet, features).installed(batch) as run:
+        start = time.perf_counter()
+        run.unet_call(run.context(0, t), x, t, text)
+        return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 768])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    args = parser.parse_args(argv)
+    if args.ckpt is None:
+        from tools.benchmark import full_size_checkpoint
+
+        args.ckpt = str(full_size_checkpoint(Path("~/.cache/sdgen-bench")))
+    unet = load_model(args.ckpt, dtype=DTYPES[args.dtype]).unet
+    for pixels in args.sizes:
+        times: dict[str, list[float]] = {"off": [], "deep_shrink": []}
+        for _ in range(args.repeats):
+            times["off"].append(call_seconds(unet, pixels, False, DTYPES[args.dtype]))
+            times["deep_shrink"].append(call_seconds(unet, pixels, True, DTYPES[args.dtype]))
+        print(pixels, {k: [round(v, 2) for v in vs] for k, vs in times.items()}, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
