@@ -119,3 +119,19 @@ class StepRecorder(Patch):
     def after_step(self, ctx, latents):
         self.record(ctx.step, ctx.timestep)
         return latents
+
+
+def assert_override_stays_on_its_line(tiny_models: dict[str, Path], tmp_path: Path, common: list[str],
+                                      override: str) -> None:
+    """A prompt file whose line 1 carries `override` and line 2 none: line 2 (batched with line 1
+    when the settings allowed it) is bit-identical to line 2 run alone, and line 1 differs from
+    itself without the override."""
+    lines = tmp_path / "prompts.txt"
+    lines.write_text(f"a cat --d 5 {override}\na dog --d 6\n")
+    assert run(tiny_models, tmp_path / "file", *common, "--from_file", str(lines), "--batch_size", "2",
+               "--sequential_file_name") == 0
+    assert run(tiny_models, tmp_path / "alone", *common, "--prompt", "a dog --d 6") == 0
+    assert run(tiny_models, tmp_path / "first", *common, "--prompt", "a cat --d 5") == 0
+    first, second = pngs(tmp_path / "file")
+    assert np.array_equal(pixels(second), pixels(pngs(tmp_path / "alone")[0]))
+    assert np.abs(pixels(first) - pixels(pngs(tmp_path / "first")[0])).max() > 0

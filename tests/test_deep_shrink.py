@@ -11,7 +11,7 @@ from library.deep_shrink import DeepShrink, ShrinkDeepLayers, from_values, with_
 from library.prompt_options import parse_prompt_line
 from library.unet_patches import Batch, BatchLayout, Patch, PatchOwner
 from library.text_encoding import Conditioning
-from tests.helpers import pixels, pngs, run
+from tests.helpers import assert_override_stays_on_its_line, pixels, pngs, run
 
 
 def test_gate_is_exact():
@@ -114,15 +114,7 @@ def test_command_line_gate_ratio_and_changes(tiny_models, tmp_path):
 
 
 def test_a_prompt_override_applies_to_its_line_only(tiny_models, tmp_path):
-    lines = tmp_path / "prompts.txt"
-    lines.write_text("a cat --d 5 --dsd1 1 --dsr 0.5\na dog --d 6\n")
-    assert run(tiny_models, tmp_path / "file", *FAST_DS, "--from_file", str(lines), "--batch_size", "2",
-               "--sequential_file_name") == 0
-    assert run(tiny_models, tmp_path / "alone", *FAST_DS, "--prompt", "a dog --d 6") == 0
-    assert run(tiny_models, tmp_path / "first", *FAST_DS, "--prompt", "a cat --d 5") == 0
-    first, second = pngs(tmp_path / "file")
-    assert np.array_equal(pixels(second), pixels(pngs(tmp_path / "alone")[0]))
-    assert np.abs(pixels(first) - pixels(pngs(tmp_path / "first")[0])).max() > 0
+    assert_override_stays_on_its_line(tiny_models, tmp_path, FAST_DS, "--dsd1 1 --dsr 0.5")
 
 
 def test_depth_outside_the_unet_is_one_line(tiny_models, tmp_path, capsys):

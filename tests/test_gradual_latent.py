@@ -15,7 +15,7 @@ from library.models import load_model
 from library.prompt_options import parse_prompt_line
 from library.schedulers import make_scheduler
 from library.unet_patches import Patch
-from tests.helpers import make_generator, pixels, pngs, run
+from tests.helpers import assert_override_stays_on_its_line, make_generator, pixels, pngs, run
 
 
 def _timesteps(steps: int) -> list[int]:
@@ -151,13 +151,7 @@ def test_other_samplers_are_refused_in_one_line(tiny_models, tmp_path, capsys):
 
 
 def test_a_prompt_override_applies_to_its_line_only(tiny_models, tmp_path):
-    lines = tmp_path / "prompts.txt"
-    lines.write_text("a cat --d 5 --glt 800 --glr 0.5\na dog --d 6\n")
-    assert run(tiny_models, tmp_path / "file", *FAST_GL, "--from_file", str(lines), "--batch_size", "2",
-               "--sequential_file_name") == 0
-    assert run(tiny_models, tmp_path / "alone", *FAST_GL, "--prompt", "a dog --d 6") == 0
-    first, second = pngs(tmp_path / "file")
-    assert np.array_equal(pixels(second), pixels(pngs(tmp_path / "alone")[0]))
+    assert_override_stays_on_its_line(tiny_models, tmp_path, FAST_GL, "--glt 800 --glr 0.5")
 
 
 @pytest.mark.parametrize("extra", [
