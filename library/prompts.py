@@ -206,7 +206,6 @@ _NOT_IMPLEMENTED = {
     **dict.fromkeys(("ds_depth_1", "ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio"), "Deep Shrink"),
     **dict.fromkeys(("gradual_latent_timesteps", "gradual_latent_ratio", "gradual_latent_ratio_step",
                      "gradual_latent_every_n_steps"), "Gradual Latent"),
-    "clip_prompt": "CLIP guidance (the text is only written to the image metadata)",
 }
 _OPTION_NAMES = {option.field: option.name for option in PROMPT_OPTIONS}
 

@@ -257,8 +257,7 @@ def test_prompt_options_without_their_feature_warn_and_change_nothing(tiny_model
     plain, with_options = pngs(out)
     assert np.array_equal(pixels(plain), pixels(with_options))
     assert [r.getMessage() for r in caplog.records if r.name == "library.prompts"] == [
-        f"{prompts}:2: --dsd1, --dst1, --glt, --c ignored: Deep Shrink, Gradual Latent, "
-        "CLIP guidance (the text is only written to the image metadata) not implemented yet"
+        f"{prompts}:2: --dsd1, --dst1, --glt ignored: Deep Shrink, Gradual Latent not implemented yet"
     ]
     assert meta(with_options)["clip-prompt"] == "a red car"
 
