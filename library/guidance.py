@@ -96,6 +96,11 @@ def _pil_tensor(picture: Image.Image, size: tuple[int, int]) -> Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
 
 
+def _wide(x: Tensor) -> Tensor:
+    """`x` in float32, or float64 if it is (half-precision models compute their losses in fp32)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _pooled(output) -> Tensor:
     """transformers 5 returns an output object from `get_*_features`; older versions a tensor."""
     return output if isinstance(output, Tensor) else output.pooler_output
@@ -140,7 +145,7 @@ class ClipGuide:
         if key not in self._cache:
             ids = torch.tensor([self.token_ids(text, weighted)], device=self.device)
             with torch.no_grad():
-                features = _pooled(self.model.get_text_features(input_ids=ids)).float()
+                features = _wide(_pooled(self.model.get_text_features(input_ids=ids)))
             self._cache[key] = features / features.norm(dim=-1, keepdim=True)
         return self._cache[key]
 
@@ -156,10 +161,10 @@ class ClipGuide:
 
     def image_features(self, image: Tensor) -> Tensor:
         """Normalised features of (1, 3, H, W) images in [0, 1] (differentiable)."""
-        x = F.interpolate(image.float(), size=(CLIP_SIZE, CLIP_SIZE), mode="bilinear", align_corners=False,
+        x = F.interpolate(_wide(image), size=(CLIP_SIZE, CLIP_SIZE), mode="bilinear", align_corners=False,
                           antialias=True)
         x = _normalise(x, CLIP_MEAN, CLIP_STD).to(self.dtype)
-        features = _pooled(self.model.get_image_features(pixel_values=x)).float()
+        features = _wide(_pooled(self.model.get_image_features(pixel_values=x)))
         return features / features.norm(dim=-1, keepdim=True)
 
     def loss(self, image: Tensor, target: Tensor, scale: float) -> Tensor:
@@ -179,7 +184,7 @@ class VggGuide:
 
     def _run(self, x: Tensor) -> Tensor:
         device = next(self.features.parameters()).device
-        return self.features(_normalise(x.float(), IMAGENET_MEAN, IMAGENET_STD).to(device, self.dtype)).float()
+        return _wide(self.features(_normalise(_wide(x), IMAGENET_MEAN, IMAGENET_STD).to(device, self.dtype)))
 
     def guide_features(self, path: str, width: int, height: int) -> Tensor:
         key = (path, width, height)
@@ -191,7 +196,7 @@ class VggGuide:
 
     def loss(self, image: Tensor, target: Tensor, scale: float) -> Tensor:
         size = (image.shape[-2] // VGG_DIVISOR, image.shape[-1] // VGG_DIVISOR)
-        x = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(_wide(image), size=size, mode="bilinear", align_corners=False, antialias=True)
         return scale * (self._run(x) - target.to(x.device)).pow(2).mean()
 
 
@@ -285,7 +290,7 @@ class GuidedBatch(Patch):
             vae.enable_gradient_checkpointing()
         try:
             scaled = (sample / vae.config.scaling_factor).to(vae.dtype)
-            image = vae.decode(scaled).sample.float()
+            image = _wide(vae.decode(scaled).sample)
         finally:
             if checkpointed:
                 vae.disable_gradient_checkpointing()
@@ -307,7 +312,7 @@ class GuidedBatch(Patch):
             x = x.detach().requires_grad_(True)
             loss = self.loss(ctx, timestep, x, unet, row, kind, target, scale)
             (grad,) = torch.autograd.grad(loss, x)
-        logger.debug("step %d: %s loss %.6g", ctx.step, kind, float(loss))
+        logger.debug("step %d: %s loss %.6g", ctx.step, kind, float(loss.detach()))
         return -grad.detach()
 
     def update(self, ctx: StepContext, timestep: Tensor, x: Tensor, e: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:

@@ -118,6 +118,11 @@ def tiny_vgg16_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         features = build_features(widths)
         classifier = nn.Sequential(nn.Linear(16 * 7 * 7, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 8), nn.ReLU(),
                                    nn.Dropout(), nn.Linear(8, 10))
+        with torch.no_grad():  # He-scaled, so that activations survive 13 random layers
+            for module in features:
+                if isinstance(module, nn.Conv2d):
+                    module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5)
+                    module.bias.normal_(0.0, 0.05)
     finally:
         torch.random.set_rng_state(generator_state)
     state = {f"features.{k}": v for k, v in features.state_dict().items()}
