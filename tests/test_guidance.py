@@ -148,6 +148,29 @@ def test_guidance_lowers_the_clip_loss_of_the_final_image(sd1, clip, sampler):
         assert guided < plain - 0.02, (sampler, seed, plain, guided)
 
 
+@pytest.mark.parametrize("sampler", ["pndm", "lms", "heun", "dpm_2_a", "unipc", "lcm"])
+def test_every_sampler_is_guided(sd1, clip, sampler):
+    """Beyond the original's DDIM / PNDM / LMS: each sampler's own x0 estimate and sigma."""
+    job = Job("a red car", "", seed=1, width=64, height=64, steps=4, scale=5.0)
+    assert _final_clip_loss(sd1, clip, sampler, 100.0, job) < _final_clip_loss(sd1, clip, sampler, 0.0, job) - 0.01
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_v_prediction_models_are_guided(tiny_models, sampler):
+    model = load_model(str(tiny_models["sd2-v"]))
+    clip = ClipGuide(load_clip_model(str(tiny_models["clip"]), CPU, torch.float32), model.tokenizer)
+    job = _job(seed=1)
+    losses = []
+    for scale in (0.0, 100.0):
+        gen = make_generator(model, sampler)
+        if scale:
+            gen.patches.add(GuidedGeneration(model.vae, Scales(clip_text=scale), clip, v_prediction=True))
+        image = (gen.decode(gen.latents([job]), 1) / 2 + 0.5).clamp(0, 1)
+        with torch.no_grad():
+            losses.append(float(clip.loss(image, clip.text_features(job), 1.0)))
+    assert losses[1] < losses[0] - 0.02, losses
+
+
 def test_image_and_vgg_guidance_lower_their_losses(tiny_models, sd1, clip, guide):
     vgg = VggGuide(load_vgg16_features(str(tiny_models["vgg16"]), CPU, torch.float32), 20)
     job = _job(guide_image=str(guide))
