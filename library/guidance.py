@@ -214,26 +214,21 @@ class GuidedGeneration:
     def for_batch(self, batch: Batch) -> "GuidedBatch | None":
         if not self.scales.enabled:
             return None
-        terms: list[list[tuple]] = []  # per image: (kind, target, scale)
+        terms: list[list[tuple]] = []  # per image: (name, target, scale)
         s = self.scales
         for job in batch.jobs:
             mine: list[tuple] = []
             if s.clip_text:
-                mine.append(("clip", self.clip.text_features(job), s.clip_text))
+                mine.append(("CLIP", self.clip.text_features(job), s.clip_text))
             if job.guide_image is not None:
                 if s.clip_image:
-                    mine.append(("clip", self.clip.guide_features(job.guide_image), s.clip_image))
+                    mine.append(("CLIP image", self.clip.guide_features(job.guide_image), s.clip_image))
                 if s.vgg16:
-                    mine.append(("vgg", self.vgg.guide_features(job.guide_image, job.width, job.height), s.vgg16))
+                    mine.append(("VGG16", self.vgg.guide_features(job.guide_image, job.width, job.height), s.vgg16))
             terms.append(mine)
         if not any(terms):
             return None
         return GuidedBatch(self, batch, terms)
-
-    def label(self) -> str:
-        s = self.scales
-        parts = [name for name, on in (("CLIP", s.clip_text), ("CLIP image", s.clip_image), ("VGG16", s.vgg16)) if on]
-        return " + ".join(parts) + " guidance"
 
 
 def sigma_scaled(scheduler) -> bool:
@@ -248,7 +243,8 @@ class GuidedBatch(Patch):
     def __init__(self, feature: GuidedGeneration, batch: Batch, terms: list[list[tuple]]) -> None:
         self.feature, self.batch, self.terms = feature, batch, terms
         self.sigma_space = sigma_scaled(batch.scheduler)
-        self.progress_label = feature.label()
+        names = dict.fromkeys(name for mine in terms for name, _, _ in mine)
+        self.progress_label = " + ".join(names) + " guidance"  # e.g. "CLIP + VGG16 guidance"
 
     def cond_row(self, layout: BatchLayout, image: int) -> int:
         """The layout row of image `image`'s conditional text ([uncond, cond] / [empty, cond, neg])."""
@@ -302,7 +298,7 @@ class GuidedBatch(Patch):
         model_input = x / (float(ctx.sigma) ** 2 + 1) ** 0.5 if self.sigma_space else x
         out = unet(model_input, [row])
         image = self.decode(self.decode_sample(ctx, timestep, x, out))
-        guide = self.feature.clip if kind == "clip" else self.feature.vgg
+        guide = self.feature.vgg if kind == "VGG16" else self.feature.clip
         return guide.loss(image, target, scale)
 
     def gradient(self, ctx: StepContext, timestep: Tensor, x: Tensor, unet: RowsUNet, row: int,

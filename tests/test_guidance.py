@@ -98,7 +98,7 @@ def test_scale_0_equals_off_bit_for_bit(tiny_models, tmp_path):
 # --- the gradient --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler,kind", [("ddim", "clip"), ("ddim", "vgg"), ("euler", "clip"), ("lms", "vgg")])
+@pytest.mark.parametrize("sampler,kind", [("ddim", "CLIP"), ("ddim", "VGG16"), ("euler", "CLIP"), ("lms", "VGG16")])
 def test_gradient_matches_finite_differences(tiny_models, guide, sampler, kind):
     """In float64: d loss / d x from autograd against a central difference along a random direction."""
     model = load_model(str(tiny_models["sd1"]))
@@ -121,7 +121,7 @@ def test_gradient_matches_finite_differences(tiny_models, guide, sampler, kind):
     def call(sample, rows):
         return unet(sample, t, encoder_hidden_states=states[list(rows)]).sample
 
-    target = clip.text_features(job).double() if kind == "clip" else vgg.guide_features(str(guide), 64, 64).double()
+    target = clip.text_features(job).double() if kind == "CLIP" else vgg.guide_features(str(guide), 64, 64).double()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64) * (sigma if patch.sigma_space else 1.0)
     direction = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
@@ -261,3 +261,20 @@ def test_missing_vgg16_weights_name_the_option_and_the_file(tiny_models, tmp_pat
         f"gen_img.py: error: --vgg16_guidance_scale needs VGG16 weights: no --vgg16_weights and no "
         f"{tmp_path / 'torch' / 'hub' / 'checkpoints' / 'vgg16-397923af.pth'}; get torchvision's "
         "https://download.pytorch.org/models/vgg16-397923af.pth and give its path with --vgg16_weights"]
+
+
+def test_progress_bar_names_the_guidance_of_the_batch(sd1, clip, guide):
+    from library.unet_patches import PatchOwner
+
+    feature = GuidedGeneration(sd1.vae, Scales(clip_text=100.0, clip_image=50.0), clip)
+    scheduler = make_scheduler("ddim", False)
+    scheduler.set_timesteps(2)
+
+    def label(job: Job) -> str:
+        batch = Batch((job,), BatchLayout(1, 2, 8, 8), scheduler, scheduler.timesteps, CPU, torch.float32)
+        with PatchOwner(sd1.unet, [feature]).installed(batch) as run:
+            return run.description("steps")
+
+    assert label(_job(guide_image=str(guide))) == "steps (CLIP + CLIP image guidance)"
+    assert label(_job()) == "steps (CLIP guidance)"  # no guide (Highres fix 2nd stage without ControlNet)
+    assert GuidedGeneration(sd1.vae, Scales(), clip).for_batch(None) is None
