@@ -204,12 +204,14 @@ class GuidedGeneration:
     """The guidance feature: every batch gets a `GuidedBatch` while some scale is not 0."""
 
     def __init__(self, vae: torch.nn.Module, scales: Scales, clip: ClipGuide | None = None,
-                 vgg: VggGuide | None = None, v_prediction: bool = False) -> None:
+                 vgg: VggGuide | None = None, v_prediction: bool = False, checkpoint_decoder: bool = True) -> None:
+        """`checkpoint_decoder`: recompute the decoder's activations in the backward pass (less memory)."""
         if (scales.clip_text or scales.clip_image) and clip is None:
             raise ValueError("CLIP guidance needs a CLIP model")
         if scales.vgg16 and vgg is None:
             raise ValueError("VGG16 guidance needs VGG16 features")
         self.vae, self.scales, self.clip, self.vgg, self.v_prediction = vae, scales, clip, vgg, v_prediction
+        self.checkpoint_decoder = checkpoint_decoder
 
     def for_batch(self, batch: Batch) -> "GuidedBatch | None":
         if not self.scales.enabled:
@@ -251,6 +253,7 @@ class GuidedBatch(Patch):
         return image if layout.copies == 1 else layout.images + image
 
     def guide(self, ctx: StepContext, latents: Tensor, eps: Tensor, unet: RowsUNet) -> tuple[Tensor, Tensor]:
+        """Each image's terms in turn (text, image, VGG16), each seeing the previous one's (x, eps)."""
         timestep = self.batch.timesteps[ctx.step]
         latent_rows, eps_rows = list(latents.unbind(0)), list(eps.unbind(0))
         for image, terms in enumerate(self.terms):
@@ -262,6 +265,7 @@ class GuidedBatch(Patch):
         return torch.stack(latent_rows), torch.stack(eps_rows)
 
     def _alpha_bar(self, timestep: Tensor) -> float:
+        """alpha_bar_t of the training schedule at the loop's timestep."""
         return float(self.batch.scheduler.alphas_cumprod[int(timestep)])
 
     def decode_sample(self, ctx: StepContext, timestep: Tensor, x: Tensor, out: Tensor) -> Tensor:
@@ -281,7 +285,8 @@ class GuidedBatch(Patch):
         """Pixels in [0, 1] of a latent sample, differentiable, decoder checkpointed."""
         vae = self.feature.vae
         decoder = getattr(vae, "decoder", None)
-        checkpointed = decoder is not None and getattr(vae, "_supports_gradient_checkpointing", False)
+        checkpointed = self.feature.checkpoint_decoder and decoder is not None and \
+            getattr(vae, "_supports_gradient_checkpointing", False)
         if checkpointed:
             vae.enable_gradient_checkpointing()
         try:

@@ -3,6 +3,7 @@
 
     python tools/guidance_bench.py [--tiny] [--ckpt FILE] [--size 512] [--steps 3] [--sampler ddim]
         [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--clip_model PATH] [--vgg16_weights FILE]
+        [--no_checkpointing] [--only clip|vgg]
 
 Without `--tiny`/`--ckpt` it uses the full-size SD 1.5-shaped random checkpoint of
 `tools/benchmark.py` (written once into its cache). Without `--clip_model` / `--vgg16_weights`
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--clip_model")
     p.add_argument("--vgg16_weights")
+    p.add_argument("--no_checkpointing", action="store_true", help="decoder backward without checkpointing")
+    p.add_argument("--only", choices=["clip", "vgg"], help="measure plain and this guidance only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -129,14 +132,18 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
     for name, scales in (("plain", None), ("CLIP text 100", Scales(clip_text=100.0)),
                          ("VGG16 100 (layer 20)", Scales(vgg16=100.0))):
         encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=1)
-        features = [GuidedGeneration(model.vae, scales, clip, vgg_guide)] if scales else []
+        if scales is not None and args.only and not (scales.clip_text if args.only == "clip" else scales.vgg16):
+            continue
+        features = [GuidedGeneration(model.vae, scales, clip, vgg_guide,
+                                     checkpoint_decoder=not args.no_checkpointing)] if scales else []
         gen = Pipeline(model.unet, model.vae, encoder, args.sampler, model.kind.v_prediction, device, dtype, device,
                        progress=False, features=features)
         seconds, peak = measure(gen, job, device)
         rows.append((name, seconds, peak))
         logger.info("%s: %.3f s/step, peak %.2f GB", name, seconds, peak)
     print(f"{'':24} s/step   x plain  peak GB   ({args.device}, {args.dtype}, {args.size}x{args.size}, "
-          f"{args.sampler}, {'tiny' if args.tiny else Path(ckpt).name})")
+          f"{args.sampler}, {'tiny' if args.tiny else Path(ckpt).name}"
+          f"{', no checkpointing' if args.no_checkpointing else ''})")
     for name, seconds, peak in rows:
         print(f"{name:24} {seconds:7.3f}  {seconds / rows[0][1]:7.1f}  {peak:7.2f}")
     return 0
