@@ -278,3 +278,13 @@ def test_progress_bar_names_the_guidance_of_the_batch(sd1, clip, guide):
     assert label(_job(guide_image=str(guide))) == "steps (CLIP + CLIP image guidance)"
     assert label(_job()) == "steps (CLIP guidance)"  # no guide (Highres fix 2nd stage without ControlNet)
     assert GuidedGeneration(sd1.vae, Scales(), clip).for_batch(None) is None
+
+
+def test_a_file_that_is_not_a_clip_model_is_one_line_exit_2(tiny_models, tmp_path, capsys):
+    vae = tiny_models["vae"]
+    code = run(tiny_models, tmp_path / "out", "--prompt", "a cat", "--clip_guidance_scale", "100", "--clip_model", str(vae))
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and err == [
+        f"gen_img.py: error: --clip_model {vae}: not a CLIPModel ('text_model.embeddings.token_embedding.weight'); "
+        "download laion/CLIP-ViT-B-32-laion2B-s34B-b79K (huggingface-cli download "
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K) and give its folder with --clip_model"]
