@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gen_img
-from library.guidance import ClipGuide, GuidedBatch, GuidedGeneration, Scales, VggGuide, spherical_loss
+from library.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide, spherical_loss
 from library.jobs import Job
 from library.models import load_model
 from library.models.clip_guidance import config_from_shapes, load_clip_model, tiny_clip_config
@@ -78,7 +78,8 @@ def test_clip_text_is_the_prompt_without_weights_cut_to_77_tokens(clip, sd1):
     assert plain[:5] == [49406, *tok("a red car", add_special_tokens=False).input_ids, 49407]
     assert len(plain) == 77 and plain[5:] == [tok.pad_token_id] * 72
     long = clip.token_ids("cat " * 100, weighted=True)
-    assert len(long) == 77 and long[-1] == 49407 and long[1:76] == [tok("cat", add_special_tokens=False).input_ids[0]] * 75
+    cat = tok("cat", add_special_tokens=False).input_ids
+    assert len(long) == 77 and long[-1] == 49407 and long[1:76] == cat * 75
     assert float(spherical_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))) == pytest.approx(
         2 * np.arcsin(2**0.5 / 2) ** 2)
 
@@ -282,9 +283,28 @@ def test_progress_bar_names_the_guidance_of_the_batch(sd1, clip, guide):
 
 def test_a_file_that_is_not_a_clip_model_is_one_line_exit_2(tiny_models, tmp_path, capsys):
     vae = tiny_models["vae"]
-    code = run(tiny_models, tmp_path / "out", "--prompt", "a cat", "--clip_guidance_scale", "100", "--clip_model", str(vae))
+    code = run(tiny_models, tmp_path / "out", "--prompt", "a cat", "--clip_guidance_scale", "100",
+               "--clip_model", str(vae))
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and err == [
         f"gen_img.py: error: --clip_model {vae}: not a CLIPModel ('text_model.embeddings.token_embedding.weight'); "
         "download laion/CLIP-ViT-B-32-laion2B-s34B-b79K (huggingface-cli download "
         "laion/CLIP-ViT-B-32-laion2B-s34B-b79K) and give its folder with --clip_model"]
+
+
+def test_guidance_with_controlnet_and_highres_fix(tiny_models, tmp_path, guide, monkeypatch):
+    """Both stages guided; ControlNet's hints follow the guidance's single-row U-Net calls; the
+    2nd stage without ControlNet has no guide image, so only CLIP text guidance runs there."""
+    from library.unet_patches import BatchRun
+
+    seen: list[str] = []
+    real = BatchRun.description
+    monkeypatch.setattr(BatchRun, "description", lambda self, base: seen.append(real(self, base)) or seen[-1])
+    assert run(tiny_models, tmp_path / "out", "--prompt", "a cat", "--W", "128", "--H", "128",
+               "--highres_fix_scale", "0.5", "--highres_fix_steps", "2", "--highres_fix_disable_control_net",
+               "--images_per_prompt", "2", "--batch_size", "2", "--sampler", "euler_a",
+               "--clip_guidance_scale", "100", "--vgg16_guidance_scale", "100",
+               "--clip_model", str(tiny_models["clip"]), "--vgg16_weights", str(tiny_models["vgg16"]),
+               "--control_net_models", str(tiny_models["controlnet-sd1"]), "--guide_image_path", str(guide)) == 0
+    assert seen == ["steps (CLIP + VGG16 guidance)", "steps (CLIP guidance)"]
+    assert len(pngs(tmp_path / "out")) == 2

@@ -51,16 +51,16 @@ def random_clip(tiny: bool):
                 num_attention_heads=8, max_position_embeddings=77, hidden_act="gelu", eos_token_id=49407)
     vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   image_size=224, patch_size=32, hidden_act="gelu")
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)).eval().requires_grad_(False)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=512))
+    return model.eval().requires_grad_(False)
 
 
 def random_vgg(tiny: bool) -> torch.nn.Sequential:
-    from library.models.vgg16 import LAYOUT, build_features, tiny_vgg16_state_dict
+    from library.models.vgg16 import LAYOUT, build_features, conv_indices, tiny_vgg16_state_dict
 
     if tiny:
         state = tiny_vgg16_state_dict()
-        features = build_features([int(state[f"features.{i}.weight"].shape[0]) for i in (0, 2, 5, 7, 10, 12, 14, 17,
-                                                                                         19, 21, 24, 26, 28)])
+        features = build_features([int(state[f"features.{i}.weight"].shape[0]) for i in conv_indices()])
         features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("f")})
         return features.eval().requires_grad_(False)
     return build_features([w for w in LAYOUT if w != "M"]).eval().requires_grad_(False)
