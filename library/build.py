@@ -20,7 +20,7 @@ from library.controlnet import GuideImages
 from library.errors import UserError, first_line
 from library.img2img import SourceImages
 from library.models import LoadedModel, load_model
-from library.options import ControlNetOptions, LoadOptions, Options, TextOptions
+from library.options import ControlNetOptions, GuidanceOptions, LoadOptions, Options, TextOptions
 from library.pipeline import Pipeline
 from library.prompts import Defaults
 from library.runner import OutputSettings, Runner
@@ -108,7 +108,8 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
     encoder = prompt_encoder(options.text, model)
     control = controlnets(options.controlnet, model, runtime)
     couple = attention_couple(options, model, nets)
-    features = [f for f in (nets, xti_feature(encoder, model), control, couple) if f is not None]
+    guided = guidance(options.guidance, model, runtime)
+    features = [f for f in (nets, xti_feature(encoder, model), control, couple, guided) if f is not None]
     deep_shrink = DeepShrinkFeature(len(model.unet.down_blocks))
     deep_shrink.check_settings(options.generation.deep_shrink)  # the command line's depth: exit 2 up front
     features += [deep_shrink, GradualLatentFeature(options.generation.sampler)]
@@ -193,6 +194,27 @@ def controlnets(options: ControlNetOptions, model: LoadedModel, runtime: Runtime
         units.append(ControlUnit(net, Path(name).name, prep, weight, ratio))
         logger.info("ControlNet %s: preprocessing %s, weight %g, ratio %g", Path(name).name, prep.label, weight, ratio)
     return ControlNets(units)
+
+
+def guidance(options: GuidanceOptions, model: LoadedModel, runtime: Runtime):
+    """CLIP text / image and VGG16 guidance with their local models, or None when every scale is 0."""
+    from library.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide
+
+    scales = Scales(options.clip_scale, options.clip_image_scale, options.vgg16_scale, options.vgg16_layer)
+    if not scales.enabled:
+        return None
+    clip = vgg = None
+    if scales.clip_text or scales.clip_image:
+        from library.models.clip_guidance import load_clip_model
+
+        clip = ClipGuide(load_clip_model(options.clip_model, runtime.device, runtime.dtype), model.tokenizer)
+    if scales.vgg16:
+        from library.models.vgg16 import load_vgg16_features
+
+        vgg = VggGuide(load_vgg16_features(options.vgg16_weights, runtime.device, runtime.dtype), scales.vgg16_layer)
+    logger.info("guidance: CLIP text %g, CLIP image %g, VGG16 %g (layer %d)", scales.clip_text, scales.clip_image,
+                scales.vgg16, scales.vgg16_layer)
+    return GuidedGeneration(model.vae, scales, clip, vgg, model.kind.v_prediction)
 
 
 def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:

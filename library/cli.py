@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_img2img_group(p)
     _add_high_resolution_group(p)
     _add_controlnet_group(p)
+    _add_guidance_group(p)
 
     g = p.add_argument_group("additional networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=[], help="module per network, e.g. networks.lora")
@@ -215,8 +216,9 @@ def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control_net_models", nargs="+", metavar="MODEL",
                    help="ControlNet 1.0 files (normal or diff) or Diffusers ControlNet folders; with several, "
                    "they take turns, one per step")
-    g.add_argument("--guide_image_path", metavar="PATH",
-                   help="hint image for ControlNet, or a folder of them (used in file-name order, in turn)")
+    g.add_argument("--guide_image_path", nargs="+", metavar="PATH",
+                   help="guide images for ControlNet and CLIP image / VGG16 guidance: files or folders (images "
+                   "used in file-name order, in turn)")
     g.add_argument("--control_net_preps", nargs="+", metavar="PREP",
                    help="preprocessing per model: none (default), canny, or canny_LOW_HIGH (e.g. canny_63_191)")
     g.add_argument("--control_net_weights", type=float, nargs="+", metavar="W",
@@ -225,13 +227,44 @@ def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
                    help="fraction of the steps, from the first, each model is used in (default 1.0)")
 
 
+def _add_guidance_group(p: argparse.ArgumentParser) -> None:
+    """CLIP text, CLIP image and VGG16 guidance (docs/guidance.md)."""
+    g = p.add_argument_group("CLIP and VGG16 guidance")
+    g.add_argument("--clip_guidance_scale", type=float, default=0.0,
+                   help="steer each step towards the prompt's (or --c text's) CLIP features (default 0: off; try 100)")
+    g.add_argument("--clip_image_guidance_scale", type=float, default=0.0,
+                   help="steer towards the CLIP features of the --guide_image_path image (default 0: off)")
+    g.add_argument("--vgg16_guidance_scale", type=float, default=0.0,
+                   help="steer towards the VGG16 features of the --guide_image_path image (default 0: off; try 100)")
+    g.add_argument("--vgg16_guidance_layer", "--vgg16_guidance_layerP", dest="vgg16_guidance_layer", type=int,
+                   default=20, help="index into VGG16's features compared (default 20: ReLU after conv4_2; 0..30)")
+    g.add_argument("--clip_model", metavar="PATH",
+                   help="CLIP model of CLIP guidance: transformers CLIPModel folder or file, or a Hugging Face ID "
+                   "in the local cache (default laion/CLIP-ViT-B-32-laion2B-s34B-b79K from the cache)")
+    g.add_argument("--vgg16_weights", metavar="FILE",
+                   help="torchvision's VGG16 weights (vgg16-397923af.pth) for VGG16 guidance (default: "
+                   "torchvision's cache, $TORCH_HOME/hub/checkpoints/)")
+
+
+def validate_guidance(args: argparse.Namespace) -> None:
+    """Guidance: a guide image for image / VGG guidance, the VGG16 layer's range."""
+    for name in ("clip_image_guidance_scale", "vgg16_guidance_scale"):
+        if getattr(args, name) and args.guide_image_path is None:
+            raise UserError(f"--{name} needs --guide_image_path (the image or folder to guide towards)")
+    if not 0 <= args.vgg16_guidance_layer <= 30:
+        raise UserError(f"--vgg16_guidance_layer {args.vgg16_guidance_layer}: must be 0..30 (VGG16's features)")
+
+
 def validate_controlnet(args: argparse.Namespace) -> None:
     """ControlNet options: a guide for the models, models for the guide, counts and ranges."""
     models = args.control_net_models or []
     if models and args.guide_image_path is None:
         raise UserError("--control_net_models needs --guide_image_path (the hint image or folder)")
     if not models:
-        for name in ("guide_image_path", "control_net_preps", "control_net_weights", "control_net_ratios"):
+        if args.guide_image_path is not None and not (args.clip_image_guidance_scale or args.vgg16_guidance_scale):
+            raise UserError("--guide_image_path needs --control_net_models, --clip_image_guidance_scale or "
+                            "--vgg16_guidance_scale")
+        for name in ("control_net_preps", "control_net_weights", "control_net_ratios"):
             if getattr(args, name) is not None:
                 raise UserError(f"--{name} needs --control_net_models")
         return  # --highres_fix_disable_control_net alone is harmless: accepted, as in the original
@@ -320,6 +353,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--v1 and --v2 exclude each other")
     validate_img2img(args)
     validate_controlnet(args)
+    validate_guidance(args)
     for name in ("W", "H"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):

@@ -110,8 +110,10 @@ class ControlUnit:
 class GuideImages:
     """The `--guide_image_path` images of a run, handed out in turn (image n gets n mod count)."""
 
-    def __init__(self, guide_path: str) -> None:
-        self.paths = image_io.list_images(Path(guide_path), "--guide_image_path")
+    def __init__(self, guide_path: str | Sequence[str]) -> None:
+        """`guide_path`: a file or folder, or several of them (their images one after the other)."""
+        given = [guide_path] if isinstance(guide_path, str) else list(guide_path)
+        self.paths = [p for g in given for p in image_io.list_images(Path(g), "--guide_image_path")]
         for path in self.paths:  # decode each once now: a damaged file stops the run before any output
             image_io.load_rgb(path)
         self._next = 0
@@ -178,8 +180,9 @@ class BatchControl(Patch):
         if index is None:
             return None
         unit = self.nets.units[index]
+        hint = self.hints[index] if ctx.rows is None else self.hints[index][list(ctx.rows)]
         down, mid = unit.model(
-            sample, timestep, encoder_hidden_states=cond.states, controlnet_cond=self.hints[index],
+            sample, timestep, encoder_hidden_states=cond.states, controlnet_cond=hint,
             conditioning_scale=unit.weight, return_dict=False,
         )
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

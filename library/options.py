@@ -101,10 +101,22 @@ class ControlNetOptions:
     """ControlNet models and guide images (`models` empty: off)."""
 
     models: tuple[str, ...]
-    guide_image_path: str | None
+    guide_image_path: tuple[str, ...] | None  # shared with CLIP image / VGG16 guidance
     preps: tuple[str, ...] | None
     weights: tuple[float, ...] | None
     ratios: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    """CLIP text / CLIP image / VGG16 guidance (scales 0: off) and their local models."""
+
+    clip_scale: float
+    clip_image_scale: float
+    vgg16_scale: float
+    vgg16_layer: int
+    clip_model: str | None
+    vgg16_weights: str | None
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,7 @@ class Options:
     sources: SourceOptions
     highres: HighresOptions
     controlnet: ControlNetOptions
+    guidance: GuidanceOptions
     networks: NetworkOptions
     output: OutputOptions
     rounds: RoundOptions
@@ -200,10 +213,12 @@ def from_namespace(a: argparse.Namespace) -> Options:
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,
                                a.highres_fix_upscaler_args, a.highres_fix_disable_control_net),
-        controlnet=ControlNetOptions(_tuple(a.control_net_models), a.guide_image_path,
+        controlnet=ControlNetOptions(_tuple(a.control_net_models), a.guide_image_path and tuple(a.guide_image_path),
                                      a.control_net_preps and tuple(a.control_net_preps),
                                      a.control_net_weights and tuple(a.control_net_weights),
                                      a.control_net_ratios and tuple(a.control_net_ratios)),
+        guidance=GuidanceOptions(a.clip_guidance_scale, a.clip_image_guidance_scale, a.vgg16_guidance_scale,
+                                 a.vgg16_guidance_layer, a.clip_model, a.vgg16_weights),
         networks=NetworkOptions(_tuple(a.network_module), _tuple(a.network_weights), _tuple(a.network_mul),
                                 _tuple(a.network_args), a.network_show_meta, a.network_merge,
                                 a.network_merge_n_models, a.network_pre_calc,

@@ -118,10 +118,12 @@ class Pipeline:
             if len(batch.timesteps) == 0:
                 return latents
             cond = self._conditioning(batch.jobs, guidance, run)
-            for i, t in enumerate(tqdm(batch.timesteps, desc="steps", leave=False, disable=not self.progress)):
+            desc = run.description("steps")
+            for i, t in enumerate(tqdm(batch.timesteps, desc=desc, leave=False, disable=not self.progress)):
                 ctx = run.context(i, t)
                 model_input = scheduler.scale_model_input(torch.cat([latents] * guidance.copies), t)
                 eps = run.after_guidance(ctx, latents, guidance.combine(run.unet_call(ctx, model_input, t, cond)))
+                latents, eps = run.guide(ctx, latents, eps, t)
                 step = lambda e, x, t=t: scheduler.step(e, t, x, **step_kwargs).prev_sample  # noqa: E731
                 latents = run.after_step(ctx, run.scheduler_step(ctx, eps, latents, step))
                 check_latents(latents, i, len(batch.timesteps))  # NaN/inf: stop, never save a black image

@@ -91,12 +91,14 @@ def check_model(spec: str, option: str) -> None:
         raise UserError(f"{option} {spec}: cannot read it (permission denied)")
 
 
-def check_images(spec: str, option: str) -> None:
-    """The images of `spec` (a file or folder) are image files within the size limit (headers only)."""
+def check_images(spec: str | list[str], option: str) -> None:
+    """The images of `spec` (a file or folder, or several) are image files within the size limit
+    (headers only)."""
     from library.input_images import check_image_file, list_images
 
-    for path in list_images(Path(spec), option):
-        check_image_file(path)
+    for one in [spec] if isinstance(spec, str) else spec:
+        for path in list_images(Path(one), option):
+            check_image_file(path)
 
 
 def check_network_modules(names: Iterable[str]) -> None:

@@ -31,7 +31,7 @@ from library.gradual_latent import with_overrides as gradual_latent_overrides
 from library.img2img import source_paths
 from library.jobs import Job
 from library.options import Options
-from library.prompt_options import PROMPT_OPTIONS, PromptOverrides, parse_prompt_line
+from library.prompt_options import parse_prompt_line
 from library.prompt_weighting import split_and
 from library.user_code import import_file
 from library.seeds import SeedSource, seeds_for_line
@@ -175,7 +175,6 @@ def jobs_for_line(
     """The Jobs of one prompt line; a malformed line raises `UserError` (caller skips it)."""
     parsed = parse_prompt_line(line.text)
     o = parsed.overrides
-    _warn_not_implemented(o, line)
     width, height = o.width or defaults.width, o.height or defaults.height
     for name, value in (("--w", width), ("--h", height)):
         if value is not None and value % 8:
@@ -216,23 +215,6 @@ def jobs_for_line(
                 )
             )
     return jobs
-
-
-#: Prompt-option fields parsed (so prompt files written for the original run) whose feature
-#: this tool does not have yet, and what that feature is.
-_NOT_IMPLEMENTED = {
-    "clip_prompt": "CLIP guidance (the text is only written to the image metadata)",
-}
-_OPTION_NAMES = {option.field: option.name for option in PROMPT_OPTIONS}
-
-
-def _warn_not_implemented(overrides: PromptOverrides, line: Line) -> None:
-    """Say which options of the line have no effect yet, instead of dropping them silently."""
-    given = [field for field in _NOT_IMPLEMENTED if getattr(overrides, field) is not None]
-    if given:
-        names = ", ".join("--" + _OPTION_NAMES[field] for field in given)
-        features = ", ".join(dict.fromkeys(_NOT_IMPLEMENTED[field] for field in given))
-        logger.warning("%s: %s ignored: %s not implemented yet", line.where, names, features)
 
 
 def _line_strength(given: float | None, default: float | None, line: Line) -> float | None:

@@ -22,9 +22,14 @@ U-Net). Points, in the order a step meets them:
 ``cross_attention_states`` the text states a cross-attention layer attends to (XTI)
 ``cross_attention_output`` a cross-attention layer's output; ``attend(states)`` runs it
 ``after_guidance``         the guided noise prediction (gradients may be enabled here)
+``guide``                  the latents and noise prediction before the scheduler step; may run
+                           the U-Net again on some rows (``unet(sample, rows)``, with grad)
 ``scheduler_step``         replaces the scheduler step (at most one patch per batch)
 ``after_step``             the latents after the scheduler step (inpainting)
 =========================  =================================================================
+
+A ``guide`` patch's extra U-Net call runs only some rows of the layout; its `StepContext` has
+``rows`` set, and a producer of per-row U-Net arguments (ControlNet's hints) takes those rows.
 
 Cross-attention layers and blocks are named as in the original LDM layout (``IN01``, ``MID``,
 ``OUT08``), from `library.models.unet_blocks`.
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Literal, Protocol, Sequence
 
 import torch
@@ -97,6 +102,8 @@ class StepContext:
     timestep: int  # the scheduler timestep passed to the U-Net (0..999)
     sigma: float | None  # the noise level of sigma schedulers (Euler, DPM, ...); None for DDIM/PNDM
     layout: BatchLayout
+    # the layout rows a U-Net call runs (a `guide` patch's extra call on some rows); None: all rows
+    rows: tuple[int, ...] | None = None
 
     @property
     def last(self) -> bool:
@@ -115,9 +122,16 @@ class LoRALayer(Protocol):
 Attend = Callable[[Tensor], Tensor]
 TextRole = Literal["prompt", "negative", "empty"]
 
+#: `unet(sample, rows)`: the U-Net's prediction for `sample` (one input row per entry of `rows`)
+#: with the text states of those layout rows, through every patch's arguments and hooks.
+RowsUNet = Callable[[Tensor, Sequence[int]], Tensor]
+
 
 class Patch:
     """One feature's changes to one batch. Override the points you need (module docstring)."""
+
+    #: shown in the progress bar of the batch's loop (e.g. "CLIP guidance"), or None
+    progress_label: str | None = None
 
     def start(self, latents: Tensor) -> Tensor:
         return latents
@@ -152,6 +166,11 @@ class Patch:
 
     def after_guidance(self, ctx: StepContext, latents: Tensor, eps: Tensor) -> Tensor:
         return eps
+
+    def guide(self, ctx: StepContext, latents: Tensor, eps: Tensor, unet: RowsUNet) -> tuple[Tensor, Tensor]:
+        """(latents, eps) for the scheduler step; `unet` runs the U-Net again on chosen rows
+        (CLIP / VGG guidance: its second pass, with gradients enabled by the patch)."""
+        return latents, eps
 
     def scheduler_step(self, ctx: StepContext, eps: Tensor, latents: Tensor,
                        default: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
@@ -220,6 +239,11 @@ class BatchRun:
         for patch in self._with["text_encoding"]:
             patch.text_encoding(role, part)
 
+    def description(self, base: str) -> str:
+        """The progress bar's text: `base` and the patches' labels, e.g. "steps (CLIP guidance)"."""
+        labels = [p.progress_label for p in self.patches if p.progress_label]
+        return f"{base} ({', '.join(labels)})" if labels else base
+
     def context(self, step: int, timestep: Tensor) -> StepContext:
         """The context of U-Net call `step` (also what the hooks see until the next call)."""
         self.ctx = StepContext(step, len(self.batch.timesteps), int(timestep), self._sigma(step), self.batch.layout)
@@ -237,6 +261,22 @@ class BatchRun:
         for patch in self._with["after_guidance"]:
             eps = patch.after_guidance(ctx, latents, eps)
         return eps
+
+    def guide(self, ctx: StepContext, latents: Tensor, eps: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:
+        """The `guide` patches in turn; their `unet(sample, rows)` runs `unet_call` on those rows."""
+        if not self._with["guide"]:
+            return latents, eps
+        cond = self.cond
+
+        def unet(sample: Tensor, rows: Sequence[int]) -> Tensor:
+            try:
+                return self.unet_call(replace(ctx, rows=tuple(rows)), sample, timestep, _rows(cond, rows))
+            finally:
+                self.ctx, self.cond = ctx, cond
+
+        for patch in self._with["guide"]:
+            latents, eps = patch.guide(ctx, latents, eps, unet)
+        return latents, eps
 
     def scheduler_step(self, ctx: StepContext, eps: Tensor, latents: Tensor,
                        default: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
@@ -305,7 +345,14 @@ class BatchRun:
         return float(sigmas[begin + step])
 
 
-_POINTS = [name for name in vars(Patch) if not name.startswith("_") and name != "lora_layers"]
+_POINTS = [name for name in vars(Patch) if not name.startswith("_") and name not in ("lora_layers", "progress_label")]
+
+
+def _rows(cond: "Conditioning", rows: Sequence[int]) -> "Conditioning":
+    """The text states of some layout rows (default and per-layer)."""
+    index = list(rows)
+    layers = None if cond.per_layer is None else {k: v[index] for k, v in cond.per_layer.items()}
+    return type(cond)(cond.states[index], layers)
 
 
 def _add_kwargs(total: dict, extra: dict) -> dict:

@@ -216,7 +216,8 @@ def test_highres_disable_control_net_drops_the_guide_of_the_2nd_stage() -> None:
 @pytest.mark.parametrize("extra,message", [
     (["--control_net_models", "c.safetensors"],
      "--control_net_models needs --guide_image_path (the hint image or folder)"),
-    (["--guide_image_path", "g.png"], "--guide_image_path needs --control_net_models"),
+    (["--guide_image_path", "g.png"],
+     "--guide_image_path needs --control_net_models, --clip_image_guidance_scale or --vgg16_guidance_scale"),
     (["--control_net_weights", "0.5"], "--control_net_weights needs --control_net_models"),
     (["--control_net_models", "a", "b", "--guide_image_path", "g", "--control_net_ratios", "1", "2", "3"],
      "--control_net_ratios has 3 values but --control_net_models has 2; give one value for all or one per model"),

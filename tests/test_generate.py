@@ -248,20 +248,6 @@ def test_dynamic_prompts_expand_per_image_and_record_the_raw_line(tiny_models, t
     assert meta(pngs(tmp_path / "b")[0])["prompt"] == expected[3][0]
 
 
-def test_prompt_options_without_their_feature_warn_and_change_nothing(tiny_models, tmp_path, caplog):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat --d 5\na cat --d 5 --c a red car\n")
-    out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="library.prompts"):
-        assert run(tiny_models, out, "--from_file", str(prompts), "--sequential_file_name") == 0
-    plain, with_options = pngs(out)
-    assert np.array_equal(pixels(plain), pixels(with_options))
-    assert [r.getMessage() for r in caplog.records if r.name == "library.prompts"] == [
-        f"{prompts}:2: --c ignored: CLIP guidance (the text is only written to the image metadata) not implemented yet"
-    ]
-    assert meta(with_options)["clip-prompt"] == "a red car"
-
-
 def test_and_parts_are_an_attention_couple_without_a_warning(tiny_models, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="library.prompts"):
         assert run(tiny_models, tmp_path / "and", "--prompt", "a cat AND a dog --n blur", "--seed", "3") == 0

@@ -108,6 +108,10 @@ class Recorder(Patch):
     def after_guidance(self, ctx, latents, eps):
         return eps * 0.9 if self._note("after_guidance", ctx, tuple(eps.shape)) else eps
 
+    def guide(self, ctx, latents, eps, unet):
+        return (latents, eps * 0.9) if self._note("guide", ctx, tuple(latents.shape), tuple(eps.shape)) else \
+            (latents, eps)
+
     def scheduler_step(self, ctx, eps, latents, default):
         out = default(eps, latents)
         return out + 0.01 if self._note("scheduler_step", ctx) else out
@@ -117,7 +121,7 @@ class Recorder(Patch):
 
 
 POINTS = ["start", "unet_kwargs", "down_block_input", "before_skip_concat", "cross_attention_states",
-          "cross_attention_output", "after_guidance", "scheduler_step", "after_step"]
+          "cross_attention_output", "after_guidance", "guide", "scheduler_step", "after_step"]
 
 
 def test_every_point_sees_the_context_of_its_call_and_passes_through_unchanged(sd1):
@@ -150,6 +154,59 @@ def test_each_point_changes_the_output(sd1, point):
     plain = _latents(sd1, None)
     changed = _latents(sd1, Recorder(point))
     assert (changed - plain).abs().max() > 1e-4, point
+
+
+class RowCalls(Patch):
+    """At `guide`, runs the U-Net on some rows and keeps what it saw and got."""
+
+    def __init__(self, rows: tuple[int, ...]) -> None:
+        self.rows, self.calls, self.contexts = rows, [], []
+
+    def unet_kwargs(self, ctx, sample, timestep, cond):
+        self.contexts.append((ctx.rows, tuple(sample.shape), tuple(cond.states.shape)))
+        return None
+
+    def guide(self, ctx, latents, eps, unet):
+        sample = torch.cat([latents] * ctx.layout.copies)[list(self.rows)]
+        with torch.enable_grad():
+            x = sample.clone().requires_grad_(True)
+            out = unet(x, self.rows)
+            (grad,) = torch.autograd.grad(out.sum(), x)
+        self.calls.append((ctx.step, out.detach(), grad))
+        return latents, eps
+
+
+def test_guide_runs_the_unet_on_chosen_rows_as_the_loop_does(tiny_models, sd1, tmp_path):
+    """`unet(sample, rows)` at `guide`: the rows' text states, ControlNet's hints for those rows,
+    gradients when enabled; its output equals those rows of the loop's own call."""
+    from library.controlnet import ControlNets, ControlUnit, Prep
+    from library.models.controlnet import load_controlnet
+
+    net = load_controlnet(str(tiny_models["controlnet-sd1"]), sd1.unet, torch.float32, torch.device("cpu"))
+    full_rows = []
+
+    class Full(Patch):
+        def guide(self, ctx, latents, eps, unet):
+            full_rows.append(unet(torch.cat([latents] * 2), range(4)).detach())
+            return latents, eps
+
+    rows = RowCalls((3, 1))
+    gen = make_generator(sd1, "ddim")
+    gen.patches.add(ControlNets([ControlUnit(net, "tiny", Prep("none"), 1.0, 1.0)]))
+    gen.patches.add(Once(Full()))
+    gen.patches.add(Once(rows))
+    guide = str(tmp_path / "guide.png")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(guide)
+    jobs = [Job(p, "blur", seed=s, width=64, height=64, steps=2, scale=5.0, guide_image=guide)
+            for p, s in (("a cat", 5), ("a dog", 6))]
+    plain = make_generator(sd1, "ddim")
+    plain.patches.add(ControlNets([ControlUnit(net, "tiny", Prep("none"), 1.0, 1.0)]))
+    assert torch.equal(gen.latents(jobs), plain.latents(jobs))  # a guide patch that changes nothing
+    assert [c[0] for c in rows.contexts] == [None, (0, 1, 2, 3), (3, 1)] * 2
+    assert rows.contexts[2][1:] == ((2, 4, 8, 8), (2, 77, 32))
+    for (step, out, grad), full in zip(rows.calls, full_rows):
+        assert torch.allclose(out, full[[3, 1]], atol=1e-5)
+        assert grad.abs().sum() > 0
 
 
 def _snapshot(*models: torch.nn.Module) -> list:

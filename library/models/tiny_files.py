@@ -17,6 +17,10 @@ random so that even the zero convolutions change the image): `tiny-controlnet-sd
 `tiny-controlnet-sd1-diff.safetensors` (the same network stored as a difference to the tiny
 SD1 U-Net, with a `difference` key) and, with sd2, `tiny-controlnet-sd2.safetensors`.
 
+Guidance models (with sd1): `tiny-clip/` (a transformers `CLIPModel` folder, random weights,
+ViT-B/32 geometry), `tiny-clip.safetensors` (the same tensors as one file, no config) and
+`tiny-vgg16.pth` (a narrow VGG16-shaped network in torchvision's state-dict layout).
+
 Existing outputs are kept, so calling it again is free. Takes a few seconds on a CPU.
 """
 
@@ -49,6 +53,7 @@ def make_tiny_models(outdir: Path, kinds: tuple[Kind, ...] = KINDS) -> dict[str,
     paths["vae"] = vae_path
     if "sd1" in kinds:
         paths.update(_extras(outdir))
+        paths.update(_guidance_models(outdir))
     paths.update(_controlnets(outdir, kinds))
     return paths
 
@@ -68,6 +73,23 @@ def _extras(outdir: Path) -> dict[str, Path]:
         write_embedding(embedding, vectors)
         write_kohya_lora(lora, c.text_encoder, c.unet, rank=4, seed=0)
     return {"embedding": embedding, "lora": lora}
+
+
+def _guidance_models(outdir: Path) -> dict[str, Path]:
+    """The tiny CLIP (folder and single file) and VGG16 of CLIP / VGG16 guidance."""
+    import torch
+
+    from library.models.clip_guidance import tiny_clip_model
+    from library.models.vgg16 import tiny_vgg16_state_dict
+
+    folder, single, vgg = outdir / "tiny-clip", outdir / "tiny-clip.safetensors", outdir / "tiny-vgg16.pth"
+    if not ((folder / "config.json").is_file() and single.is_file()):
+        clip = tiny_clip_model(seed=20)
+        clip.save_pretrained(folder, safe_serialization=True)
+        save_tensors({k: v.contiguous() for k, v in clip.state_dict().items()}, single)
+    if not vgg.is_file():
+        torch.save(tiny_vgg16_state_dict(seed=21), vgg)
+    return {"clip": folder, "clip-file": single, "vgg16": vgg}
 
 
 def _controlnets(outdir: Path, kinds: tuple[Kind, ...]) -> dict[str, Path]:
