@@ -278,6 +278,52 @@ def test_a_batch_with_every_feature_leaves_the_models_as_they_were(tiny_models, 
     assert not np.array_equal(np.asarray(Image.open(here)), np.asarray(Image.open(other)))
 
 
+def test_inpainting_with_every_feature_leaves_the_models_as_they_were(tiny_models, tmp_path):
+    """The issue's combination at the pipeline level (on the command line a mask with networks is a
+    region mask): ControlNet + XTI + un-merged LoRA at --am 0.6 + an inpainting mask in one batch.
+    The models keep their modules, processors, weights and hooks, and a second identical batch
+    gives the same latents bit for bit (nothing of the first one stayed behind)."""
+    from dataclasses import replace
+
+    from library.embeddings import write_xti
+    from library.img2img import SourceImages
+
+    model = load_model(str(tiny_models["sd1"]))
+    ids = model.tokenizer("cat", add_special_tokens=False).input_ids
+    cat = model.text_encoder.get_input_embeddings().weight[ids].detach()
+    xti = write_xti(tmp_path / "xcat.safetensors",
+                    {n: cat * (1 + 0.1 * i) for i, n in enumerate(("IN01", "MID", "OUT02", "OUT03"))})
+    source, mask, guide = tmp_path / "source.png", tmp_path / "mask.png", tmp_path / "guide.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(source)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(guide)
+    mask_pixels = np.zeros((64, 64), np.uint8)
+    mask_pixels[:, 32:] = 255
+    Image.fromarray(mask_pixels).save(mask)
+    options = parse_options([
+        "--ckpt", str(tiny_models["sd1"]), "--steps", "4", "--W", "64", "--H", "64", "--prompt", "x",
+        "--XTI_embeddings", str(xti), "--network_module", "networks.lora", "--network_weights",
+        str(tiny_models["lora"]), "--control_net_models", str(tiny_models["controlnet-sd1"]),
+        "--guide_image_path", str(guide), "--outdir", str(tmp_path / "o")])
+    runtime = build.Runtime.from_options(options.load)
+    model = build.load(options.load, runtime)
+    generator = build.generator(options, model, runtime, build.networks(options, model))
+    generator.progress = False
+    sources = SourceImages(str(source), str(mask))
+    job = Job("a xcat", "", seed=11, width=64, height=64, steps=4, scale=5.0, strength=0.75,
+              network_multipliers=(0.6,), guide_image=str(guide))
+    job = sources.assign(job)
+    before = _snapshot(model.unet, model.text_encoder)
+    init = sources.load([job])
+    first = generator.latents([job], init)
+    assert _snapshot(model.unet, model.text_encoder) == before
+    assert torch.equal(first[..., :3], init.source_latents[..., :3])  # outside the mask (and its edge): the source
+    again = generator.latents([job], sources.load([job]))
+    assert torch.equal(first, again)
+    full_strength = generator.latents([replace(job, network_multipliers=(1.0,))], sources.load([job]))
+    assert (full_strength - first).abs().max() > 1e-4  # --am reached the batch
+
+
 class Interrupts(Recorder):
     def after_step(self, ctx, latents):
         raise KeyboardInterrupt
