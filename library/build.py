@@ -114,6 +114,7 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
         noise_device=runtime.noise_device,
         ddim_eta=options.generation.ddim_eta,
         vae_slices=options.load.vae_slices,
+        zero_steps_offset=options.generation.zero_steps_offset,
         features=features,
     )
 

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_img2img_group(p)
     _add_controlnet_group(p)
+    _add_original_compat_group(p)
 
     g = p.add_argument_group("additional networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=[], help="module per network, e.g. networks.lora")
@@ -142,6 +143,14 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae_tiling", action="store_true",
                    help="decode/encode in overlapping tiles (diffusers): for images too large even for "
                    "--vae_slices; tiles are blended, so the image differs slightly")
+
+
+def _add_original_compat_group(p: argparse.ArgumentParser) -> None:
+    """Options of the original's command line that the manual leaves out (docs/compatibility.md)."""
+    g = p.add_argument_group("options of the original tool")
+    g.add_argument("--force_scheduler_zero_steps_offset", action="store_true",
+                   help="img2img / Highres fix 2nd stage: noise the source at the first step that runs "
+                   "(offset 0 in the original's start rule; by default one step stronger, as the original)")
 
 
 def _add_controlnet_group(p: argparse.ArgumentParser) -> None:

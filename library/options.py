@@ -64,6 +64,7 @@ class GenerationOptions:
     strength: float
     batch_size: int
     vae_batch_size: float | None
+    zero_steps_offset: bool = False  # --force_scheduler_zero_steps_offset (img2img start rule)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ def from_namespace(a: argparse.Namespace) -> Options:
                          _tuple(a.textual_inversion_embeddings), _tuple(a.XTI_embeddings)),
         generation=GenerationOptions(a.W or DEFAULT_SIZE, a.H or DEFAULT_SIZE, a.W is not None, a.H is not None,
                                      a.steps, a.scale, a.negative_scale, a.images_per_prompt, a.sampler,
-                                     a.ddim_eta, a.strength, a.batch_size, a.vae_batch_size),
+                                     a.ddim_eta, a.strength, a.batch_size, a.vae_batch_size,
+                                     zero_steps_offset=a.force_scheduler_zero_steps_offset),
         sources=SourceOptions(a.image_path, a.mask_path),
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,

@@ -54,6 +54,7 @@ class Pipeline:
     ddim_eta: float = 0.0
     progress: bool = True
     vae_slices: int | None = None  # `--vae_slices`: VAE in N horizontal bands (same result)
+    zero_steps_offset: bool = False  # `--force_scheduler_zero_steps_offset` (img2img start only)
     features: list[Feature] = field(default_factory=list)  # what the patch owner installs per batch
 
     def __post_init__(self) -> None:
@@ -88,17 +89,23 @@ class Pipeline:
         timesteps, source = scheduler.timesteps, None
         if from_source:
             latents = init.source_latents = self._source_latents(init, noise.generators)
-            begin = img2img.first_step(first.steps, init.strength) * scheduler.order
-            timesteps = timesteps[begin:]
-            img2img.set_begin_index(scheduler, begin)
+            start = img2img.start_indices(first.steps, init.strength, self._steps_offset(scheduler), scheduler.order)
+            timesteps = timesteps[start.begin:]
             source = SourceLatents(latents, noise.img2img.to(latents), init.masks)
-            latents = img2img.starting_latents(scheduler, latents, noise, timesteps, init.strength)
+            latents = img2img.starting_latents(scheduler, latents, noise, start, init.strength)
         else:
             latents = noise.initial.to(self.device) * scheduler.init_noise_sigma
         guidance = Guidance.of(first)
         layout = BatchLayout(len(jobs), guidance.copies, shape[1], shape[2])
         batch = Batch(tuple(jobs), layout, scheduler, timesteps, self.device, self.dtype, source)
         return self._denoise(batch, guidance, latents, self._step_kwargs(scheduler, noise.generators))
+
+    def _steps_offset(self, scheduler) -> int:
+        """The offset of the original's img2img start rule: the scheduler's `steps_offset`,
+        or 0 with `--force_scheduler_zero_steps_offset` (the scheduler itself keeps its own)."""
+        if self.zero_steps_offset:
+            return 0
+        return int(scheduler.config.get("steps_offset", 0) or 0)
 
     def _denoise(self, batch: Batch, guidance: "Guidance", latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:
         """The loop over the batch's timesteps, with the batch's patches installed."""

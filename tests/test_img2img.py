@@ -43,7 +43,9 @@ def test_strength_0_returns_the_vae_round_trip(model, tiny_models, tmp_path):
     gen = make_generator(model, "ddim")
     src = make_source(tmp_path / "src.png", (64, 48))
     expected = round_trip(gen, pil_to_tensor(Image.open(src)), seed=11, steps=6)
-    assert run(tiny_models, tmp_path / "out", "--image_path", str(src), "--strength", "0", "--prompt", "x --d 11") == 0
+    # with the original's default offset 1 strength 0 noises at the last timestep (issue 15); offset 0: none
+    assert run(tiny_models, tmp_path / "out", "--image_path", str(src), "--strength", "0", "--prompt", "x --d 11",
+               "--force_scheduler_zero_steps_offset") == 0
     (out,) = pngs(tmp_path / "out")
     want = np.asarray(((expected[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().numpy(), dtype=np.int16)
     assert np.abs(pixels(out) - want).max() <= 1
@@ -173,7 +175,8 @@ def test_inpainting_keeps_the_area_outside_the_mask(tiny_models, tmp_path, stren
     mask[16:40, 24:48] = 255
     Image.fromarray(mask, "L").save(tmp_path / "mask.png")
     common = ["--image_path", str(src), "--prompt", "x --d 9"]
-    assert run(tiny_models, tmp_path / "rt", *common, "--strength", "0") == 0
+    # the VAE round-trip: strength 0 with offset 0 (offset 1 would noise it at the last timestep)
+    assert run(tiny_models, tmp_path / "rt", *common, "--strength", "0", "--force_scheduler_zero_steps_offset") == 0
     assert run(tiny_models, tmp_path / "in", *common, "--strength", strength, "--mask_image",
                str(tmp_path / "mask.png")) == 0
     diff = np.abs(pixels(pngs(tmp_path / "in")[0]) - pixels(pngs(tmp_path / "rt")[0])).max(axis=2)
@@ -188,7 +191,8 @@ def test_mask_folder_masks_belong_to_sources_in_order(tiny_models, tmp_path):
     Image.new("L", (64, 64), 0).save(tmp_path / "masks" / "0.png")  # keep everything
     Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "1.png")  # repaint everything
     assert run(tiny_models, tmp_path / "rt", "--image_path", str(tmp_path / "src"), "--prompt", "x --d 3,3",
-               "--images_per_prompt", "2", "--strength", "0", "--sequential_file_name") == 0
+               "--images_per_prompt", "2", "--strength", "0", "--sequential_file_name",
+               "--force_scheduler_zero_steps_offset") == 0
     assert run(tiny_models, tmp_path / "in", "--image_path", str(tmp_path / "src"), "--prompt", "x --d 3,3",
                "--images_per_prompt", "2", "--mask_path", str(tmp_path / "masks"), "--sequential_file_name") == 0
     (kept, painted), (rt0, rt1) = pngs(tmp_path / "in"), pngs(tmp_path / "rt")
