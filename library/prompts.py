@@ -27,7 +27,7 @@ from library.errors import UserError
 from library.img2img import source_paths
 from library.jobs import Job
 from library.options import Options
-from library.prompt_options import PROMPT_OPTIONS, PromptOverrides, parse_prompt_line
+from library.prompt_options import PROMPT_OPTIONS, PromptOverrides, parse_prompt_line, unknown_option_message
 from library.prompt_weighting import split_and
 from library.user_code import import_file
 from library.seeds import SeedSource, seeds_for_line
@@ -165,6 +165,8 @@ def jobs_for_line(
     parsed = parse_prompt_line(line.text)
     o = parsed.overrides
     _warn_not_implemented(o, line)
+    for written in parsed.unknown:
+        logger.warning("%s: %s", line.where, unknown_option_message(written))
     if len(split_and(parsed.prompt)) > 1:
         logger.warning("%s: ' AND ' parts (attention couple) are not implemented yet; the prompt is used as one "
                        "text, AND included", line.where)
@@ -188,7 +190,8 @@ def jobs_for_line(
                     height=height,
                     steps=o.steps or defaults.steps,
                     scale=o.scale if o.scale is not None else defaults.scale,
-                    negative_scale=o.negative_scale if o.negative_scale is not None else defaults.negative_scale,
+                    negative_scale=_line_negative_scale(parsed.negative_scale_off, o.negative_scale,
+                                                        defaults.negative_scale),
                     chunks=chunk_count(text, negative),
                     raw_prompt=line.text if dynamic else None,
                     clip_prompt=o.clip_prompt,
@@ -218,6 +221,13 @@ def _warn_not_implemented(overrides: PromptOverrides, line: Line) -> None:
         names = ", ".join("--" + _OPTION_NAMES[field] for field in given)
         features = ", ".join(dict.fromkeys(_NOT_IMPLEMENTED[field] for field in given))
         logger.warning("%s: %s ignored: %s not implemented yet", line.where, names, features)
+
+
+def _line_negative_scale(off: bool, given: float | None, default: float | None) -> float | None:
+    """The line's negative scale: none with `--nl none`, else its `--nl`, else `--negative_scale`."""
+    if off:
+        return None
+    return given if given is not None else default
 
 
 def _line_strength(given: float | None, default: float | None, line: Line) -> float | None:

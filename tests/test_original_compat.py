@@ -11,7 +11,7 @@ from library.img2img import Img2ImgInput, StartIndices, start_indices
 from library.jobs import Job
 from library.models import load_model
 from library.pipeline import Pipeline
-from tests.helpers import make_generator, make_source, pngs, run, run_img2img
+from tests.helpers import make_generator, make_source, meta, pngs, run, run_img2img
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +115,19 @@ def test_highres_fix_2nd_stage_uses_the_same_rule(tiny_models, tmp_path, schedul
     assert first["noised"] == [] and len(first["ran"]) == 4
     assert [t for t, *_ in second["noised"]] == [noised]
     assert second["ran"] == DDIM_10[4:]
+
+
+# --- prompt options ---------------------------------------------------------------------------------
+
+
+def test_unknown_and_sdxl_prompt_options_keep_the_line(tiny_models, tmp_path, caplog):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first --zz 3 --d 1\nsecond --ow 1024 --d 2\nthird --nl none --d 3\n")
+    with caplog.at_level("WARNING"):
+        assert run(tiny_models, tmp_path / "o", "--from_file", str(prompts), "--negative_scale", "2",
+                   "--sequential_file_name") == 0
+    files = pngs(tmp_path / "o")
+    assert [meta(p)["prompt"] for p in files] == ["first", "second", "third"]
+    assert [meta(p).get("negative-scale") for p in files] == ["2.0", "2.0", None]
+    assert f'{prompts}:1: unknown prompt option --zz (in "--zz 3") ignored, the line runs without it' in caplog.text
+    assert f"{prompts}:2: --ow ignored: SDXL models are not supported" in caplog.text
