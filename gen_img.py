@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from library import build, prompts  # noqa: E402
 from library.cli import parse_options  # noqa: E402
+from library.console_log import configure_logging  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.options import Options  # noqa: E402
 from library.runner import run_rounds  # noqa: E402
@@ -25,7 +26,7 @@ logger = logging.getLogger("gen_img")
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    configure_logging()
+    log_file = configure_logging(options.namespace)
     try:
         runtime = build.Runtime.from_options(options.load)
         model = build.load(options.load, runtime)
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if log_file is not None:  # in-process callers (tests) run main() again
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
     print(runner.summary.line())
     return 0
 
@@ -66,12 +71,6 @@ def prompt_lines(options: Options, generator, networks) -> list[prompts.Line]:
     args = options.namespace  # the original's plugin signature takes the raw namespace
     prompter = prompts.load_prompter(rounds.from_module, args, generator, networks)
     return list(prompts.module_lines(prompter, args, generator, SeedSource(rounds.seed, False), None))
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "huggingface_hub", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -78,12 +78,7 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         v_parameterization=options.v_parameterization,
         tokenizer_cache_dir=options.tokenizer_cache_dir,
     )
-    if options.xformers:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise UserError("--xformers: xformers is not installed (pip install xformers), "
-                            "or leave it out to use PyTorch SDPA") from None
+    if options.xformers and xformers_usable():
         model.unet.enable_xformers_memory_efficient_attention()
         model.vae.enable_xformers_memory_efficient_attention()
     if options.channels_last:
@@ -91,6 +86,18 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
     if options.vae_tiling:
         model.vae.enable_tiling()
     return model
+
+
+def xformers_usable() -> bool:
+    """`--xformers` / `--diffusers_xformers`: True when xformers can be imported; otherwise a
+    warning, and the run goes on with PyTorch SDPA (every example of the manual passes --xformers)."""
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        logger.warning("--xformers: xformers is not installed; using PyTorch SDPA attention instead "
+                       "(the same speed on CPU; pip install xformers to use it on a GPU)")
+        return False
+    return True
 
 
 def networks(options: Options, model: LoadedModel) -> Networks:
@@ -115,8 +122,19 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
         ddim_eta=options.generation.ddim_eta,
         vae_slices=options.load.vae_slices,
         zero_steps_offset=options.generation.zero_steps_offset,
+        zero_terminal_snr=options.generation.zero_terminal_snr,
+        start_noise=start_noise(options),
         features=features,
     )
+
+
+def start_noise(options: Options):
+    """`--noise_offset_prob` / `--pyramid_noise_prob` as a start-noise change, or None when off."""
+    from library.start_noise import StartNoise
+
+    g = options.generation
+    change = StartNoise(g.noise_offset[0], g.noise_offset[1], g.pyramid_noise[0], g.pyramid_noise[1])
+    return change if change.active else None
 
 
 def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder:

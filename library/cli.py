@@ -15,6 +15,15 @@ from library.errors import UserError
 from library.options import Options, from_namespace
 
 
+#: The original's SDXL-only options (name, nargs, type): accepted by the parser, then refused in one line.
+SDXL_ONLY_OPTIONS: tuple[tuple[str, object, object], ...] = (
+    ("sdxl", 0, None), ("original_height", None, int), ("original_width", None, int),
+    ("original_height_negative", None, int), ("original_width_negative", None, int),
+    ("crop_top", None, int), ("crop_left", None, int), ("clip_vision_strength", None, float),
+    ("control_net_lllite_models", "*", str),
+)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
@@ -86,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true", help="compute in float16")
     g.add_argument("--bf16", action="store_true", help="compute in bfloat16 (also fast on CPUs with AMX)")
     g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
-    g.add_argument("--xformers", action="store_true", help="xformers attention (must be installed)")
+    g.add_argument("--xformers", action="store_true", help="xformers attention (without xformers installed: a warning, and PyTorch SDPA)")
     g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
     g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory layout for the U-Net")
     g.add_argument("--device", default=None, help="cuda, cpu, mps, ... (default: cuda if available)")
@@ -151,6 +160,29 @@ def _add_original_compat_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force_scheduler_zero_steps_offset", action="store_true",
                    help="img2img / Highres fix 2nd stage: noise the source at the first step that runs "
                    "(offset 0 in the original's start rule; by default one step stronger, as the original)")
+    g.add_argument("--console_log_level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="log level of the console (default INFO)")
+    g.add_argument("--console_log_file", metavar="FILE", help="write the log to this file instead of the console")
+    g.add_argument("--console_log_simple", action="store_true", help="plain log lines, without level and name")
+    g.add_argument("--prompter_module_args", metavar="TEXT",
+                   help="free text for the --from_module prompter (it reads args.prompter_module_args)")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="rescale the scheduler's betas to zero terminal SNR (ddim, euler, euler_a, dpmsolver, "
+                   "dpmsolver++ and others whose diffusers class supports it)")
+    g.add_argument("--noise_offset_prob", type=float, default=None, metavar="P",
+                   help="probability that an image's start noise gets an offset (drawn from the image's own seed)")
+    g.add_argument("--noise_offset_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="range of the noise offset (needed with --noise_offset_prob)")
+    g.add_argument("--pyramid_noise_prob", type=float, default=None, metavar="P",
+                   help="probability that an image's start noise is pyramid (multi-resolution) noise")
+    g.add_argument("--pyramid_noise_discount_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="range of the pyramid noise discount (needed with --pyramid_noise_prob)")
+    for name, nargs, kind in SDXL_ONLY_OPTIONS:
+        sdxl_help = "SDXL only: refused (SDXL models are not supported)"
+        if nargs == 0:
+            g.add_argument(f"--{name}", action="store_true", help=sdxl_help)
+        else:
+            g.add_argument(f"--{name}", nargs=nargs, type=kind, default=None, help=sdxl_help)
 
 
 def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
@@ -159,14 +191,39 @@ def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control_net_models", nargs="+", metavar="MODEL",
                    help="ControlNet 1.0 files (normal or diff) or Diffusers ControlNet folders; with several, "
                    "they take turns, one per step")
-    g.add_argument("--guide_image_path", metavar="PATH",
-                   help="hint image for ControlNet, or a folder of them (used in file-name order, in turn)")
+    g.add_argument("--guide_image_path", metavar="PATH", nargs="+",
+                   help="hint image for ControlNet, or a folder of them (used in file-name order, in turn); "
+                   "several paths are used one after the other")
     g.add_argument("--control_net_preps", nargs="+", metavar="PREP",
                    help="preprocessing per model: none (default), canny, or canny_LOW_HIGH (e.g. canny_63_191)")
-    g.add_argument("--control_net_weights", type=float, nargs="+", metavar="W",
+    g.add_argument("--control_net_weights", "--control_net_multipliers", type=float, nargs="+", metavar="W",
                    help="weight per model (default 1.0; 0.5 = half the influence)")
     g.add_argument("--control_net_ratios", type=float, nargs="+", metavar="R",
                    help="fraction of the steps, from the first, each model is used in (default 1.0)")
+
+
+def validate_original_compat(args: argparse.Namespace) -> None:
+    """The original's options beyond the manual: SDXL-only ones refused, noise options complete,
+    `--zero_terminal_snr` with a sampler that has it."""
+    from library.schedulers import make_scheduler
+
+    for name, nargs, _ in SDXL_ONLY_OPTIONS:
+        value = getattr(args, name)
+        if value not in (None, False):
+            raise UserError(f"--{name}: SDXL models are not supported (this tool runs SD 1.x/2.x models); "
+                            "leave it out")
+    for prob, rng in (("noise_offset_prob", "noise_offset_range"),
+                      ("pyramid_noise_prob", "pyramid_noise_discount_range")):
+        value = getattr(args, prob)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"--{prob} {value}: must be between 0 and 1")
+        if value and getattr(args, rng) is None:
+            raise UserError(f"--{prob} needs --{rng} MIN MAX")
+        bounds = getattr(args, rng)
+        if bounds is not None and bounds[0] > bounds[1]:
+            raise UserError(f"--{rng} {bounds[0]:g} {bounds[1]:g}: MIN must not be above MAX")
+    if args.zero_terminal_snr:
+        make_scheduler(args.sampler, False, zero_terminal_snr=True)
 
 
 def validate_controlnet(args: argparse.Namespace) -> None:
@@ -254,6 +311,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--fp16 and --bf16 exclude each other")
     if args.v1 and args.v2:
         raise UserError("--v1 and --v2 exclude each other")
+    validate_original_compat(args)
     validate_img2img(args)
     validate_controlnet(args)
     for name in ("W", "H"):

@@ -110,8 +110,9 @@ class ControlUnit:
 class GuideImages:
     """The `--guide_image_path` images of a run, handed out in turn (image n gets n mod count)."""
 
-    def __init__(self, guide_path: str) -> None:
-        self.paths = image_io.list_images(Path(guide_path), "--guide_image_path")
+    def __init__(self, guide_path: str | Sequence[str]) -> None:
+        names = [guide_path] if isinstance(guide_path, str) else list(guide_path)
+        self.paths = [p for name in names for p in image_io.list_images(Path(name), "--guide_image_path")]
         for path in self.paths:  # decode each once now: a damaged file stops the run before any output
             image_io.load_rgb(path)
         self._next = 0

@@ -65,6 +65,9 @@ class GenerationOptions:
     batch_size: int
     vae_batch_size: float | None
     zero_steps_offset: bool = False  # --force_scheduler_zero_steps_offset (img2img start rule)
+    zero_terminal_snr: bool = False  # --zero_terminal_snr (rescaled betas)
+    noise_offset: tuple[float | None, tuple[float, float] | None] = (None, None)  # --noise_offset_prob/_range
+    pyramid_noise: tuple[float | None, tuple[float, float] | None] = (None, None)  # --pyramid_noise_prob/_range
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class ControlNetOptions:
     """ControlNet models and guide images (`models` empty: off)."""
 
     models: tuple[str, ...]
-    guide_image_path: str | None
+    guide_image_path: tuple[str, ...] | None  # several paths are used one after the other
     preps: tuple[str, ...] | None
     weights: tuple[float, ...] | None
     ratios: tuple[float, ...] | None
@@ -169,12 +172,16 @@ def from_namespace(a: argparse.Namespace) -> Options:
         generation=GenerationOptions(a.W or DEFAULT_SIZE, a.H or DEFAULT_SIZE, a.W is not None, a.H is not None,
                                      a.steps, a.scale, a.negative_scale, a.images_per_prompt, a.sampler,
                                      a.ddim_eta, a.strength, a.batch_size, a.vae_batch_size,
-                                     zero_steps_offset=a.force_scheduler_zero_steps_offset),
+                                     zero_steps_offset=a.force_scheduler_zero_steps_offset,
+                                     zero_terminal_snr=a.zero_terminal_snr,
+                                     noise_offset=(a.noise_offset_prob, a.noise_offset_range and tuple(a.noise_offset_range)),
+                                     pyramid_noise=(a.pyramid_noise_prob, a.pyramid_noise_discount_range
+                                                    and tuple(a.pyramid_noise_discount_range))),
         sources=SourceOptions(a.image_path, a.mask_path),
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,
                                a.highres_fix_upscaler_args, a.highres_fix_disable_control_net),
-        controlnet=ControlNetOptions(_tuple(a.control_net_models), a.guide_image_path,
+        controlnet=ControlNetOptions(_tuple(a.control_net_models), a.guide_image_path and tuple(a.guide_image_path),
                                      a.control_net_preps and tuple(a.control_net_preps),
                                      a.control_net_weights and tuple(a.control_net_weights),
                                      a.control_net_ratios and tuple(a.control_net_ratios)),

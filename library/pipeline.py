@@ -55,6 +55,8 @@ class Pipeline:
     progress: bool = True
     vae_slices: int | None = None  # `--vae_slices`: VAE in N horizontal bands (same result)
     zero_steps_offset: bool = False  # `--force_scheduler_zero_steps_offset` (img2img start only)
+    zero_terminal_snr: bool = False  # `--zero_terminal_snr`: the scheduler's betas rescaled
+    start_noise: Callable | None = None  # `library.start_noise.StartNoise` (noise offset / pyramid noise)
     features: list[Feature] = field(default_factory=list)  # what the patch owner installs per batch
 
     def __post_init__(self) -> None:
@@ -73,7 +75,7 @@ class Pipeline:
         selects is run, starting from the noised source.
         """
         first = jobs[0]
-        scheduler = make_scheduler(self.sampler, self.v_prediction)
+        scheduler = make_scheduler(self.sampler, self.v_prediction, zero_terminal_snr=self.zero_terminal_snr)
         scheduler.set_timesteps(first.steps, device=self.device)
         shape = (LATENT_CHANNELS, first.height // self.vae_scale, first.width // self.vae_scale)
         from_source = init is not None and not init.ignores_source
@@ -85,6 +87,7 @@ class Pipeline:
             img2img=from_source,
             device=self.noise_device,
             dtype=self.dtype,
+            modify=self.start_noise,
         )
         timesteps, source = scheduler.timesteps, None
         if from_source:

@@ -131,3 +131,144 @@ def test_unknown_and_sdxl_prompt_options_keep_the_line(tiny_models, tmp_path, ca
     assert [meta(p).get("negative-scale") for p in files] == ["2.0", "2.0", None]
     assert f'{prompts}:1: unknown prompt option --zz (in "--zz 3") ignored, the line runs without it' in caplog.text
     assert f"{prompts}:2: --ow ignored: SDXL models are not supported" in caplog.text
+
+
+# --- the original's command line ----------------------------------------------------------------------
+
+#: Every option of the original's argparse (gen_img.py at HEAD) that applies to SD 1.x/2.x, except
+#: Deep Shrink (--ds_*), Gradual Latent (--gradual_latent_*) and regional masks
+#: (--network_regional_mask_max_color_codes), which issues 12-14 own.
+ORIGINAL_OPTIONS = (
+    "v1 v2 v_parameterization zero_terminal_snr pyramid_noise_prob pyramid_noise_discount_range noise_offset_prob "
+    "noise_offset_range prompt from_file from_module prompter_module_args interactive no_preview image_path "
+    "mask_path strength images_per_prompt outdir sequential_file_name use_original_file_name n_iter H W batch_size "
+    "vae_batch_size vae_slices no_half_vae steps sampler scale ckpt vae tokenizer_cache_dir seed iter_same_seed "
+    "shuffle_prompts fp16 bf16 xformers sdpa diffusers_xformers opt_channels_last network_module network_weights "
+    "network_mul network_args network_show_meta network_merge_n_models network_merge network_pre_calc "
+    "textual_inversion_embeddings clip_skip max_embeddings_multiples emb_normalize_mode "
+    "force_scheduler_zero_steps_offset guide_image_path highres_fix_scale highres_fix_steps highres_fix_strength "
+    "highres_fix_save_1st highres_fix_latents_upscaling highres_fix_upscaler highres_fix_upscaler_args "
+    "highres_fix_disable_control_net negative_scale control_net_models control_net_preps control_net_multipliers "
+    "control_net_ratios console_log_level console_log_file console_log_simple"
+).split()
+SDXL_ONLY = ["--sdxl"] + [f"--{n} 8" for n in ("original_height", "original_width", "original_height_negative",
+                                             "original_width_negative", "crop_top", "crop_left")] + [
+    "--clip_vision_strength 0.5", "--control_net_lllite_models a.safetensors"]
+
+
+def test_every_option_of_the_original_is_known():
+    from library.cli import build_parser
+
+    known = build_parser()._option_string_actions
+    assert [name for name in ORIGINAL_OPTIONS if f"--{name}" not in known] == []
+
+
+@pytest.mark.parametrize("option", SDXL_ONLY)
+def test_sdxl_only_options_are_one_clear_line(tiny_models, tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        run(tiny_models, tmp_path / "o", "--prompt", "x", *option.split())
+    assert exit_.value.code == 2
+    name = option.split()[0]
+    assert capsys.readouterr().err.strip() == (
+        f"gen_img.py: error: {name}: SDXL models are not supported (this tool runs SD 1.x/2.x models); "
+        "leave it out (see --help)")
+
+
+def test_xformers_without_xformers_warns_and_uses_sdpa(tiny_models, tmp_path, caplog):
+    pytest.importorskip("torch")
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers is installed here")
+    except ImportError:
+        pass
+    with caplog.at_level("WARNING"):
+        assert run(tiny_models, tmp_path / "x", "--prompt", "x --d 1", "--xformers") == 0
+        assert run(tiny_models, tmp_path / "d", "--prompt", "x --d 1", "--diffusers_xformers") == 0
+    assert run(tiny_models, tmp_path / "s", "--prompt", "x --d 1") == 0
+    assert caplog.text.count("--xformers: xformers is not installed; using PyTorch SDPA attention instead") == 2
+    import numpy as np
+    from tests.helpers import pixels
+    assert np.array_equal(pixels(pngs(tmp_path / "x")[0]), pixels(pngs(tmp_path / "s")[0]))
+
+
+def test_console_log_options(tiny_models, tmp_path):
+    log = tmp_path / "run.log"
+    assert run(tiny_models, tmp_path / "o", "--prompt", "x --zz 1 --d 1", "--console_log_file", str(log),
+               "--console_log_simple", "--console_log_level", "warning") == 0
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert lines == ['--prompt: unknown prompt option --zz (in "--zz 1") ignored, the line runs without it; known: '
+                     + ", ".join("--" + o.name for o in __import__("library.prompt_options").prompt_options.PROMPT_OPTIONS)]
+
+
+def test_prompter_module_args_reach_the_prompter(tiny_models, tmp_path):
+    module = tmp_path / "p.py"
+    module.write_text("def get_prompter(args, pipe, networks):\n"
+                      "    return iter([args.prompter_module_args + ' --d 1'])\n")
+    assert run(tiny_models, tmp_path / "o", "--from_module", str(module), "--prompter_module_args", "a lighthouse") == 0
+    assert [meta(p)["prompt"] for p in pngs(tmp_path / "o")] == ["a lighthouse"]
+
+
+def test_zero_terminal_snr(tiny_models, tmp_path, capsys):
+    from library.schedulers import make_scheduler
+
+    rescaled = make_scheduler("ddim", False, zero_terminal_snr=True)
+    assert float(rescaled.alphas_cumprod[-1]) < 1e-6 < float(make_scheduler("ddim", False).alphas_cumprod[-1])
+    assert run(tiny_models, tmp_path / "z", "--prompt", "x --d 1", "--zero_terminal_snr") == 0
+    assert run(tiny_models, tmp_path / "n", "--prompt", "x --d 1") == 0
+    import numpy as np
+    from tests.helpers import pixels
+    assert not np.array_equal(pixels(pngs(tmp_path / "z")[0]), pixels(pngs(tmp_path / "n")[0]))
+    with pytest.raises(SystemExit):
+        run(tiny_models, tmp_path / "e", "--prompt", "x", "--zero_terminal_snr", "--sampler", "pndm")
+    assert "--zero_terminal_snr: --sampler pndm does not support it; use one of ddim, euler, euler_a" in (
+        capsys.readouterr().err)
+
+
+def test_noise_offset_and_pyramid_noise_come_from_the_seed():
+    from library.seeds import draw_image_noise
+    from library.start_noise import StartNoise
+
+    def initial(change):
+        return draw_image_noise([5], (4, 16, 16), steps=2, noises_per_step=1, img2img=False,
+                                device=torch.device("cpu"), dtype=torch.float32, modify=change).initial[0]
+
+    plain = initial(None)
+    offset = StartNoise(offset_prob=1.0, offset_range=(0.5, 0.5))
+    assert torch.allclose(initial(offset), plain + 0.5)  # max - min = 0: the offset is exactly MIN
+    assert torch.equal(initial(StartNoise(offset_prob=0.0, offset_range=(1.0, 2.0))), plain)
+    pyramid = StartNoise(pyramid_prob=1.0, pyramid_range=(0.8, 0.8))
+    once, again = initial(pyramid), initial(pyramid)
+    assert torch.equal(once, again) and not torch.allclose(once, plain)
+    assert abs(float(once.std()) - 1.0) < 1e-5
+
+
+def test_noise_options_on_the_command_line(tiny_models, tmp_path, capsys):
+    import numpy as np
+    from tests.helpers import pixels
+
+    common = ["--prompt", "x --d 1", "--noise_offset_prob", "1", "--noise_offset_range", "0.3", "0.3"]
+    assert run(tiny_models, tmp_path / "a", *common) == 0
+    assert run(tiny_models, tmp_path / "b", *common) == 0
+    assert run(tiny_models, tmp_path / "c", "--prompt", "x --d 1") == 0
+    a, b, c = (pixels(pngs(tmp_path / n)[0]) for n in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(SystemExit):
+        run(tiny_models, tmp_path / "e", "--prompt", "x", "--pyramid_noise_prob", "0.5")
+    assert "--pyramid_noise_prob needs --pyramid_noise_discount_range MIN MAX" in capsys.readouterr().err
+
+
+def test_control_net_multipliers_and_several_guide_images(tmp_path):
+    from PIL import Image
+
+    from library.cli import parse_options
+    from library.controlnet import GuideImages
+
+    for name in ("a.png", "folder/b.png", "folder/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    options = parse_options(["--prompt", "x", "--control_net_models", "m", "--control_net_multipliers", "0.5",
+                             "--guide_image_path", str(tmp_path / "a.png"), str(tmp_path / "folder")])
+    assert options.controlnet.weights == (0.5,)
+    guides = GuideImages(options.controlnet.guide_image_path)
+    assert [guides.next_path() for _ in range(4)] == [str(tmp_path / n) for n in
+                                                      ("a.png", "folder/b.png", "folder/c.png", "a.png")]
