@@ -206,7 +206,8 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
         controlnet_metadata=control.metadata() if control is not None else (),
     )
     s = options.sources
-    sources = SourceImages(s.image_path, s.mask_path) if s.image_path is not None else None
+    resized = g.width_given and g.height_given  # --W and --H: sources and masks resized to them
+    sources = SourceImages(s.image_path, s.mask_path, resized) if s.image_path is not None else None
     guide_path = options.controlnet.guide_image_path
     guides = GuideImages(guide_path) if guide_path is not None else None
     return Runner(gen, Defaults.from_options(options), output, g.batch_size,

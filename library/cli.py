@@ -124,7 +124,7 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
     """img2img, inpainting, Highres fix and the VAE memory options (docs/img2img.md)."""
     g = p.add_argument_group("img2img, inpainting and Highres fix")
     g.add_argument("--image_path", help="img2img source image, or a folder of them (used in file-name order, in turn); "
-                   "without --W/--H the source's size (rounded down to multiples of 8) is kept")
+                   "without --W/--H the source's size (rounded down to multiples of 32) is kept")
     g.add_argument("--strength", type=float, default=0.8,
                    help="img2img strength 0..1 (default 0.8): int(steps*strength) steps are run; --t per prompt")
     g.add_argument("--mask_path", "--mask_image", dest="mask_path",

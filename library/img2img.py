@@ -8,10 +8,12 @@ sources). With `--images_per_prompt 2`, 2 prompts and 3 sources that is
 (prompt 1: s1, s2), (prompt 2: s3, s1). When the prompts come from the sources' own
 metadata (no prompt option given), each prompt's images use the source it was read from.
 The k-th mask (`--mask_path` folder) belongs to the k-th source (masks repeat when there
-are fewer; one mask file serves every source); a mask must have its source's size.
+are fewer; one mask file serves every source); a mask must have its source's size
+unless `--W/--H` resize both.
 
 Size: without `--W/--H` (or `--w/--h` on the prompt line) an image keeps its source's
-size, rounded down to multiples of 8; otherwise the source is resized to the given size
+size, rounded down to multiples of 32 as the original (with a warning; sides under 32
+pixels to multiples of 8); otherwise the source is resized to the given size
 first (Lanczos), which is "upscale using img2img". Masks are resized with their image.
 
 Strength s with `steps` steps: the scheduler is set up for `steps` steps; the original's
@@ -47,6 +49,7 @@ from library.unet_patches import Batch, Patch
 logger = logging.getLogger(__name__)
 
 SIZE_STEP = 8  # image sizes are multiples of the VAE's 8x downsampling
+SOURCE_SIZE_STEP = 32  # a source's own size is rounded down to this, as the original
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -214,7 +217,10 @@ def _checked(paths: list[Path], load) -> list[SourceFile]:
 class SourceImages:
     """The `--image_path` sources and `--mask_path` masks of a run, handed out in turn."""
 
-    def __init__(self, image_path: str, mask_path: str | None = None) -> None:
+    def __init__(self, image_path: str, mask_path: str | None = None, resized: bool = False) -> None:
+        """`resized`: `--W/--H` given, so every source and mask is resized to that size (masks
+        of another size than their source are then fine, as in the original)."""
+        self.resized = resized
         self.images = _checked(source_paths(image_path), image_io.load_rgb)
         masks = image_io.list_images(Path(mask_path), "--mask_path") if mask_path else []
         self.masks = _checked(masks, image_io.load_mask)
@@ -233,10 +239,10 @@ class SourceImages:
                            len(self.masks), len(self.images))
         for index, image in enumerate(self.images):
             mask = self.mask_for(index)
-            if mask is not None and mask.size != image.size:
+            if mask is not None and mask.size != image.size and not self.resized:
                 raise UserError(
                     f"--mask_path {mask.path} is {mask.size[0]}x{mask.size[1]} but its image {image.path} is "
-                    f"{image.size[0]}x{image.size[1]}; make the mask the same size as the image"
+                    f"{image.size[0]}x{image.size[1]}; make the mask the same size as the image, or give --W/--H to resize both"
                 )
 
     def mask_for(self, index: int) -> SourceFile | None:
@@ -255,12 +261,14 @@ class SourceImages:
                        width=width, height=height)
 
     def _size(self, source: SourceFile, width: int | None, height: int | None) -> tuple[int, int]:
-        """Given sizes win; otherwise the source's, rounded down to multiples of 8 (logged once)."""
+        """Given sizes win; otherwise the source's, rounded down to multiples of 32 as the
+        original (sides under 32 pixels to multiples of 8), with a warning once per source."""
         w, h = source.size
-        rounded = (w - w % SIZE_STEP, h - h % SIZE_STEP)
+        rounded = (_round_side(w), _round_side(h))
         if (width is None or height is None) and rounded != (w, h) and source.path not in self._logged:
             self._logged.add(source.path)
-            logger.info("%s: %dx%d rounded down to %dx%d (multiples of 8)", source.path.name, w, h, *rounded)
+            logger.warning("%s: %dx%d rounded down to %dx%d (multiples of 32, as the original)",
+                           source.path.name, w, h, *rounded)
         return width or rounded[0], height or rounded[1]
 
     def load(self, jobs: list[Job], vae_batch_size: int | None = None) -> Img2ImgInput:
@@ -277,6 +285,12 @@ class SourceImages:
         batch.pixel_masks = image_io.mask_to_tensor(masks)
         batch.masks = image_io.mask_to_tensor(masks, (size[0] // SIZE_STEP, size[1] // SIZE_STEP))
         return batch
+
+
+def _round_side(value: int) -> int:
+    """A source side without --W/--H: down to a multiple of 32, or of 8 below 32 pixels."""
+    step = SOURCE_SIZE_STEP if value >= SOURCE_SIZE_STEP else SIZE_STEP
+    return value - value % step
 
 
 def source_paths(image_path: str) -> list[Path]:
