@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                 runner.run(runner.jobs([line], seeds, None))
         else:
             lines = prompt_lines(options, generator, networks.loaded)
-            seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1)
+            # seed S itself only for one image in one round; otherwise Random(S) draws, in every round
+            seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1 and rounds.n_iter == 1)
             total = len(lines) * per_prompt if lines else None
             run_rounds(runner, rounds, lambda: prompts.shuffled(lines, rounds.shuffle_prompts), seeds, total)
     except UserError as exc:

@@ -272,3 +272,27 @@ def test_control_net_multipliers_and_several_guide_images(tmp_path):
     guides = GuideImages(options.controlnet.guide_image_path)
     assert [guides.next_path() for _ in range(4)] == [str(tmp_path / n) for n in
                                                       ("a.png", "folder/b.png", "folder/c.png", "a.png")]
+
+
+# --- sizes, masks, seeds ------------------------------------------------------------------------------
+
+
+def test_mask_of_another_size_is_resized_with_w_and_h(tiny_models, tmp_path):
+    from PIL import Image
+
+    src = make_source(tmp_path / "s.png", (64, 64))
+    Image.new("L", (32, 16), 255).save(tmp_path / "m.png")
+    assert run_img2img(tiny_models, tmp_path / "o", "--image_path", str(src), "--mask_path", str(tmp_path / "m.png"),
+                       "--W", "96", "--H", "64", "--prompt", "x --d 1") == 0
+    assert Image.open(pngs(tmp_path / "o")[0]).size == (96, 64)
+
+
+def test_n_iter_draws_new_seeds_in_every_round(tiny_models, tmp_path):
+    import random
+
+    assert run(tiny_models, tmp_path / "o", "--prompt", "x", "--seed", "42", "--n_iter", "3") == 0
+    draws = random.Random(42)
+    assert sorted(int(meta(p)["seed"]) for p in pngs(tmp_path / "o")) == sorted(
+        draws.randint(0, 2**32 - 1) for _ in range(3))
+    assert run(tiny_models, tmp_path / "one", "--prompt", "x", "--seed", "42") == 0
+    assert [meta(p)["seed"] for p in pngs(tmp_path / "one")] == ["42"]  # one image, one round: S itself
