@@ -208,6 +208,9 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
     s = options.sources
     resized = g.width_given and g.height_given  # --W and --H: sources and masks resized to them
     sources = SourceImages(s.image_path, s.mask_path, resized) if s.image_path is not None else None
+    if options.highres.strength is not None and sources is None:
+        logger.warning("--highres_fix_strength is the strength of an img2img 1st stage (with --image_path); "
+                       "ignored here: the 2nd stage takes --strength, as in the original")
     guide_path = options.controlnet.guide_image_path
     guides = GuideImages(guide_path) if guide_path is not None else None
     return Runner(gen, Defaults.from_options(options), output, g.batch_size,

@@ -136,11 +136,12 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
                    "with img2img")
     g.add_argument("--highres_fix_steps", type=int, default=28, help="Highres fix: steps of the 1st stage (default 28)")
     g.add_argument("--highres_fix_strength", type=float, default=None,
-                   help="Highres fix: strength of the 2nd stage (default: --strength)")
+                   help="Highres fix with --image_path: strength of the img2img 1st stage (default: --strength); "
+                   "the 2nd stage takes --strength, as the original")
     g.add_argument("--highres_fix_save_1st", action="store_true", help="Highres fix: also save the 1st-stage image")
-    g.add_argument("--highres_fix_latents_upscaling", nargs="?", const="bilinear", choices=["bilinear", "bicubic"],
-                   help="Highres fix: upscale the 1st stage's latents (bilinear when given alone, or bicubic) "
-                   "instead of its image (Lanczos)")
+    g.add_argument("--highres_fix_latents_upscaling", nargs="?", const="bicubic", choices=["bicubic", "bilinear"],
+                   help="Highres fix: upscale the 1st stage's latents (bicubic when given alone, as the original; "
+                   "or bilinear) instead of its image (Lanczos)")
     g.add_argument("--highres_fix_upscaler", metavar="MODULE",
                    help="Highres fix: upscaler module with create_upscaler(**kwargs), e.g. tools.latent_upscaler")
     g.add_argument("--highres_fix_upscaler_args", metavar='"k=v,..."',
@@ -260,9 +261,6 @@ def validate_img2img(args: argparse.Namespace) -> None:
         if not 0 < args.highres_fix_scale <= 1:
             raise UserError(f"--highres_fix_scale {args.highres_fix_scale}: must be above 0 and at most 1 "
                             "(the 1st stage's size as a fraction of --W/--H)")
-        if args.image_path is not None:
-            raise UserError("--highres_fix_scale and --image_path exclude each other (as in the original); for the "
-                            "2nd stage alone, run img2img on the 1st-stage images with --W/--H")
         if args.highres_fix_steps < 1:
             raise UserError(f"--highres_fix_steps {args.highres_fix_steps}: must be at least 1")
         if args.highres_fix_latents_upscaling and args.highres_fix_upscaler:

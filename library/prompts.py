@@ -58,12 +58,10 @@ class Defaults:
 
 
 def _strength(options: Options) -> float | None:
-    """`--strength` for img2img; for Highres fix `--highres_fix_strength` (else `--strength`)."""
-    strength = options.generation.strength
-    if options.sources.image_path is not None:
-        return strength
-    if options.highres.scale:
-        return options.highres.strength if options.highres.strength is not None else strength
+    """`--strength` for img2img and the Highres fix 2nd stage (as the original; its 1st stage,
+    when img2img, takes `--highres_fix_strength`, see `library.highres_fix`); None for txt2img."""
+    if options.sources.image_path is not None or options.highres.scale:
+        return options.generation.strength
     return None
 
 

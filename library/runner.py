@@ -85,6 +85,8 @@ class Runner:
         for line in lines:
             try:
                 made = jobs_for_line(line, self.defaults, seeds, iter_seed, self.generator.encoder.chunk_count)
+                if self.sources is not None:  # the size may come from the source
+                    made = [self.sources.assign(job, line.image) for job in made]
                 if self.highres is not None:
                     for job in made:
                         self.highres.stages(job)  # a size too small for the 1st stage skips the line
@@ -93,8 +95,6 @@ class Runner:
                 self.summary.skipped_lines += 1
                 continue
             for job in made:
-                if self.sources is not None:
-                    job = self.sources.assign(job, line.image)
                 if self.guides is not None:
                     job = replace(job, guide_image=self.guides.next_path())
                 yield job
@@ -124,7 +124,8 @@ class Runner:
                 for job, picture, index in zip(jobs, pictures, indices):
                     self.summary.written.append(self._save(job, picture, index, "0"))
 
-            return gen.decode(self.highres.generate(gen, batch, vae_batch_size, save_first), vae_batch_size)
+            return gen.decode(self.highres.generate(gen, batch, vae_batch_size, save_first, self.sources),
+                              vae_batch_size)
         if batch[0].init_image is None:
             return gen.decode(gen.latents(batch), vae_batch_size)
         init = self.sources.load(batch, vae_batch_size)

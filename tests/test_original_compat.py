@@ -296,3 +296,40 @@ def test_n_iter_draws_new_seeds_in_every_round(tiny_models, tmp_path):
         draws.randint(0, 2**32 - 1) for _ in range(3))
     assert run(tiny_models, tmp_path / "one", "--prompt", "x", "--seed", "42") == 0
     assert [meta(p)["seed"] for p in pngs(tmp_path / "one")] == ["42"]  # one image, one round: S itself
+
+
+# --- Highres fix ----------------------------------------------------------------------------------------
+
+
+def test_highres_fix_with_img2img(tiny_models, tmp_path, call_log):
+    from PIL import Image
+
+    src = make_source(tmp_path / "s.png", (128, 96))
+    assert run_img2img(tiny_models, tmp_path / "o", "--image_path", str(src), "--highres_fix_scale", "0.5",
+                       "--highres_fix_steps", "10", "--highres_fix_strength", "0.3", "--strength", "0.6",
+                       "--steps", "10", "--prompt", "x --d 5", "--highres_fix_save_1st") == 0
+    # 1st stage: img2img of the source at the 1st-stage size with --highres_fix_strength;
+    # 2nd stage: img2img of the upscaled 1st image with --strength, seed + 1
+    assert [(e["size"], e["steps"], e["strength"], e["ran"], e["seeds"]) for e in call_log] == [
+        ((64, 32), 10, 0.3, 3, [5]), ((128, 96), 10, 0.6, 6, [6])]
+    sizes = sorted(Image.open(p).size for p in pngs(tmp_path / "o"))
+    assert sizes == [(64, 32), (128, 96)]
+
+
+def test_highres_fix_img2img_1st_stage_strength_defaults_to_strength(tiny_models, tmp_path, call_log):
+    src = make_source(tmp_path / "s.png", (128, 96))
+    assert run_img2img(tiny_models, tmp_path / "o", "--image_path", str(src), "--highres_fix_scale", "0.5",
+                       "--highres_fix_steps", "10", "--strength", "0.5", "--steps", "10", "--prompt", "x --t 0.4") == 0
+    assert [(e["strength"], e["ran"]) for e in call_log] == [(0.4, 4), (0.4, 4)]
+
+
+def test_latents_upscaling_flag_alone_is_bicubic(tiny_models, tmp_path):
+    import numpy as np
+    from tests.helpers import pixels
+
+    common = ["--W", "128", "--H", "96", "--highres_fix_scale", "0.5", "--highres_fix_steps", "3", "--prompt", "x --d 1"]
+    assert run(tiny_models, tmp_path / "flag", *common, "--highres_fix_latents_upscaling") == 0
+    assert run(tiny_models, tmp_path / "cubic", *common, "--highres_fix_latents_upscaling", "bicubic") == 0
+    assert run(tiny_models, tmp_path / "linear", *common, "--highres_fix_latents_upscaling", "bilinear") == 0
+    flag, cubic, linear = (pixels(pngs(tmp_path / n)[0]) for n in ("flag", "cubic", "linear"))
+    assert np.array_equal(flag, cubic) and not np.array_equal(flag, linear)
