@@ -39,12 +39,19 @@ def main(argv: list[str] | None = None) -> int:
             seeds = SeedSource(rounds.seed, single_image=False)
             for line in prompts.interactive_lines():
                 runner.run(runner.jobs([line], seeds, None))
+        elif rounds.from_module is not None:
+            # the prompter is asked again in every --n_iter round, with the run's seed_random
+            seeds = SeedSource(rounds.seed, single_image=False)
+            args = options.namespace  # the original's plugin signature takes the raw namespace
+            prompter = prompts.load_prompter(rounds.from_module, args, generator, networks.loaded)
+            run_rounds(runner, rounds, lambda iter_seed: prompts.module_lines(
+                prompter, args, generator, seeds, iter_seed, per_prompt), seeds, None)
         else:
-            lines = prompt_lines(options, generator, networks.loaded)
+            lines = prompt_lines(options)
             # seed S itself only for one image in one round; otherwise Random(S) draws, in every round
             seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1 and rounds.n_iter == 1)
             total = len(lines) * per_prompt if lines else None
-            run_rounds(runner, rounds, lambda: prompts.shuffled(lines, rounds.shuffle_prompts), seeds, total)
+            run_rounds(runner, rounds, lambda _: prompts.shuffled(lines, rounds.shuffle_prompts), seeds, total)
     except UserError as exc:
         print(f"gen_img.py: error: {exc}", file=sys.stderr)
         return 2
@@ -59,19 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def prompt_lines(options: Options, generator, networks) -> list[prompts.Line]:
-    """The prompt lines of `--prompt`, `--from_file` or `--from_module` (or, with none of them,
-    of the `--image_path` sources' metadata)."""
+def prompt_lines(options: Options) -> list[prompts.Line]:
+    """The prompt lines of `--prompt` or `--from_file` (or, with neither, of the
+    `--image_path` sources' metadata); `--from_module` prompters are asked each round."""
     rounds = options.rounds
-    if rounds.prompt is None and rounds.from_file is None and rounds.from_module is None:
+    if rounds.prompt is None and rounds.from_file is None:
         return prompts.metadata_lines(options.sources.image_path)
     if rounds.prompt is not None:
         return [prompts.Line(rounds.prompt, "--prompt")]
-    if rounds.from_file is not None:
-        return prompts.read_prompt_file(rounds.from_file)
-    args = options.namespace  # the original's plugin signature takes the raw namespace
-    prompter = prompts.load_prompter(rounds.from_module, args, generator, networks)
-    return list(prompts.module_lines(prompter, args, generator, SeedSource(rounds.seed, False), None))
+    return prompts.read_prompt_file(rounds.from_file)
 
 
 if __name__ == "__main__":

@@ -111,18 +111,24 @@ def load_prompter(path: str, args: argparse.Namespace, pipe: object, networks: l
     module = import_file(path, "--from_module")
     if not hasattr(module, "get_prompter"):
         raise UserError(f"--from_module {path}: the module has no get_prompter(args, pipe, networks) function")
-    return module.get_prompter(args, pipe, networks)
+    prompter = module.get_prompter(args, pipe, networks)
+    return prompter if callable(prompter) else list(prompter)  # an iterable serves every round
 
 
-def module_lines(prompter, args, pipe, seeds: SeedSource, iter_seed: int | None) -> Iterator[Line]:
-    """Lines from a prompter: an iterable of strings, or a callable returning None to stop."""
+def module_lines(prompter, args, pipe, seeds: SeedSource, iter_seed: int | None,
+                 images_per_prompt: int = 1) -> Iterator[Line]:
+    """Lines from a prompter: an iterable of strings, or a callable returning None to stop,
+    called as the original calls it: `prompter(args, pipe, seed_random, iter_seed,
+    prompt_index, global_step)`, with the run's seed generator (a `random.Random`, so
+    `seed_random.randint(...)` works and shares the image seeds' sequence, as the original),
+    `prompt_index` counting this round's prompts from 0 and `global_step` the images asked for."""
     if not callable(prompter):
         for index, text in enumerate(prompter):
             yield Line(str(text), f"--from_module prompt {index + 1}")
         return
     index = 0
     while True:
-        text = prompter(args, pipe, seeds, iter_seed, index, index)
+        text = prompter(args, pipe, seeds.random, iter_seed, index, index * images_per_prompt)
         if text is None:
             return
         index += 1

@@ -170,11 +170,12 @@ class Runner:
         return output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record))
 
 
-def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[], Iterable[Line]],
+def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[int | None], Iterable[Line]],
                seeds, total: int | None) -> None:
-    """`--n_iter` rounds over the prompt lines; `--iter_same_seed` draws one seed per round."""
+    """`--n_iter` rounds over the prompt lines (`lines_for_round(iter_seed)` each round);
+    `--iter_same_seed` draws one seed per round."""
     for round_index in range(rounds.n_iter):
         if rounds.n_iter > 1:
             logger.info("iteration %d/%d", round_index + 1, rounds.n_iter)
         iter_seed = seeds.draw() if rounds.iter_same_seed else None
-        runner.run(runner.jobs(lines_for_round(), seeds, iter_seed), total)
+        runner.run(runner.jobs(lines_for_round(iter_seed), seeds, iter_seed), total)

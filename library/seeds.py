@@ -31,6 +31,11 @@ class SeedSource:
         self._fixed = seed if (seed is not None and single_image) else None
         self._random = random.Random(seed) if seed is not None else random.Random()
 
+    @property
+    def random(self) -> random.Random:
+        """The underlying `random.Random` (what the original hands `--from_module` prompters)."""
+        return self._random
+
     def draw(self) -> int:
         """The next seed: the fixed one for a single-image run, else the next random draw."""
         if self._fixed is not None:

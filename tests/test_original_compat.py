@@ -333,3 +333,27 @@ def test_latents_upscaling_flag_alone_is_bicubic(tiny_models, tmp_path):
     assert run(tiny_models, tmp_path / "linear", *common, "--highres_fix_latents_upscaling", "bilinear") == 0
     flag, cubic, linear = (pixels(pngs(tmp_path / n)[0]) for n in ("flag", "cubic", "linear"))
     assert np.array_equal(flag, cubic) and not np.array_equal(flag, linear)
+
+
+# --- --from_module ------------------------------------------------------------------------------------
+
+
+def test_from_module_prompter_gets_seed_random_and_is_asked_every_round(tiny_models, tmp_path):
+    import random
+
+    module = tmp_path / "p.py"
+    module.write_text(
+        "calls = []\n"
+        "def get_prompter(args, pipe, networks):\n"
+        "    def prompter(args, pipe, seed_random, iter_seed, prompt_index, global_step):\n"
+        "        if prompt_index >= 2:\n"
+        "            return None\n"
+        "        calls.append((prompt_index, global_step))\n"
+        "        return f'p{prompt_index} r{seed_random.randint(0, 9)} --d {len(calls)}'\n"
+        "    return prompter\n")
+    assert run(tiny_models, tmp_path / "o", "--from_module", str(module), "--n_iter", "2", "--seed", "3",
+               "--sequential_file_name") == 0
+    draws = random.Random(3)
+    expected = [f"p{i % 2} r{draws.randint(0, 9)}" for i in range(4)]
+    assert [meta(p)["prompt"] for p in pngs(tmp_path / "o")] == expected
+    assert [meta(p)["seed"] for p in pngs(tmp_path / "o")] == ["1", "2", "3", "4"]
