@@ -138,7 +138,7 @@ class Runner:
         original = Path(job.init_image).name if self.output.use_original_name and job.init_image else None
         name = output_files.output_file_name(
             timestamp=self._timestamp,
-            index=index,
+            index=index - 1,  # from 000, as the original (`sequential` counts from 1, as the original)
             seed=job.seed,
             highres_stage=stage,
             sequential=index if self.output.sequential else None,

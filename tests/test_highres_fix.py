@@ -39,7 +39,7 @@ def test_both_stages_run_with_their_sizes_steps_and_seeds(tiny_models, tmp_path,
         ((64, 32), 4, 4, [41], None),  # 1st stage: txt2img, --highres_fix_steps
         ((128, 96), 10, 5, [42], 0.5),  # 2nd stage: img2img, int(10 * 0.5) steps, seed + 1
     ]
-    first, final = sorted(out.glob("*_0001_41.png")), sorted(out.glob("*_1001_41.png"))
+    first, final = sorted(out.glob("*_0000_41.png")), sorted(out.glob("*_1000_41.png"))  # index from 000
     assert len(first) == len(final) == 1 and len(pngs(out)) == 2
     assert Image.open(first[0]).size == (64, 32) and Image.open(final[0]).size == (128, 96)
     meta1, meta2 = read_generation_text(first[0]), read_generation_text(final[0])

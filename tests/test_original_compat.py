@@ -357,3 +357,17 @@ def test_from_module_prompter_gets_seed_random_and_is_asked_every_round(tiny_mod
     expected = [f"p{i % 2} r{draws.randint(0, 9)}" for i in range(4)]
     assert [meta(p)["prompt"] for p in pngs(tmp_path / "o")] == expected
     assert [meta(p)["seed"] for p in pngs(tmp_path / "o")] == ["1", "2", "3", "4"]
+
+
+# --- files and metadata -------------------------------------------------------------------------------
+
+
+def test_file_index_counts_from_000(tiny_models, tmp_path):
+    import re
+
+    assert run(tiny_models, tmp_path / "o", "--prompt", "x --d 7,8", "--images_per_prompt", "2") == 0
+    assert [re.sub(r"im_\d{14}_", "im_<ts>_", p.name) for p in pngs(tmp_path / "o")] == [
+        "im_<ts>_000_7.png", "im_<ts>_001_8.png"]
+    assert run(tiny_models, tmp_path / "h", "--prompt", "x --d 7", "--W", "64", "--H", "64",
+               "--highres_fix_scale", "0.5", "--highres_fix_steps", "2") == 0
+    assert [re.sub(r"im_\d{14}_", "im_<ts>_", p.name) for p in pngs(tmp_path / "h")] == ["im_<ts>_1000_7.png"]

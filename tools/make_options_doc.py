@@ -50,7 +50,9 @@ the original's images at batch size 1. `--noise_device cpu` makes noise identica
 
 ## Output files
 
-`im_<YYYYmmddHHMMSS>_<index>_<seed>.png`, or `im_000001.png`... with `--sequential_file_name`,
+`im_<YYYYmmddHHMMSS>_<index>_<seed>.png` (index from `000`, as the original; one timestamp and one
+count for the whole run, where the original restarts both with every batch, so names stay unique and in
+order), or `im_000001.png`... with `--sequential_file_name`,
 or the `--f` name of the prompt line. Existing files are never overwritten (`_1`, `_2` is
 appended); files are written to a temporary name and renamed, so an interrupted run leaves only
 complete images. Text chunks: `prompt`, `seed`, `sampler`, `steps`, `scale`, `negative-prompt`,
