@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from library import image_metadata
-from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pick_variants
+from library.dynamic_prompts import expand_enumerations, pick_variants
 from library.errors import UserError
 from library.img2img import source_paths
 from library.jobs import Job
@@ -179,7 +179,6 @@ def jobs_for_line(
         if value is not None and value % 8:
             raise UserError(f"{name} {value}: must be a multiple of 8")
     strength = _line_strength(o.strength, defaults.strength, line)
-    dynamic = has_dynamic_syntax(parsed.prompt) or has_dynamic_syntax(o.negative_prompt or "")
     jobs = []
     for prompt in expand_enumerations(parsed.prompt):
         for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
@@ -197,7 +196,7 @@ def jobs_for_line(
                     negative_scale=_line_negative_scale(parsed.negative_scale_off, o.negative_scale,
                                                         defaults.negative_scale),
                     chunks=chunk_count(text, negative),
-                    raw_prompt=line.text if dynamic else None,
+                    raw_prompt=line.text,  # always written, as the original (the line as given)
                     clip_prompt=o.clip_prompt,
                     file_name=o.file_name,
                     network_multipliers=o.network_multipliers or defaults.network_multipliers,

@@ -371,3 +371,9 @@ def test_file_index_counts_from_000(tiny_models, tmp_path):
     assert run(tiny_models, tmp_path / "h", "--prompt", "x --d 7", "--W", "64", "--H", "64",
                "--highres_fix_scale", "0.5", "--highres_fix_steps", "2") == 0
     assert [re.sub(r"im_\d{14}_", "im_<ts>_", p.name) for p in pngs(tmp_path / "h")] == ["im_<ts>_1000_7.png"]
+
+
+def test_raw_prompt_is_always_written(tiny_models, tmp_path):
+    assert run(tiny_models, tmp_path / "o", "--prompt", "a cat --n dog --d 1") == 0
+    (png,) = pngs(tmp_path / "o")
+    assert (meta(png)["prompt"], meta(png)["raw-prompt"]) == ("a cat", "a cat --n dog --d 1")
