@@ -23,6 +23,7 @@ from library.models import LoadedModel, load_model
 from library.options import ControlNetOptions, LoadOptions, Options, TextOptions
 from library.pipeline import Pipeline
 from library.prompts import Defaults
+from library.run_metadata import run_parameters
 from library.runner import OutputSettings, Runner
 from library.text_encoding import PromptEncoder
 
@@ -204,6 +205,11 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
         preview=preview_window() if options.output.preview else None,
         use_original_name=options.output.use_original_file_name,
         controlnet_metadata=control.metadata() if control is not None else (),
+        run_metadata=run_parameters(
+            vae=options.load.vae, sampler=g.sampler, ddim_eta=g.ddim_eta, lora_files=options.networks.weights,
+            embedding_files=(*options.text.textual_inversion_embeddings, *options.text.xti_embeddings)),
+        lora_files=tuple(options.networks.weights),
+        lora_multipliers=tuple(options.networks.multipliers or [1.0] * len(options.networks.weights)),
     )
     s = options.sources
     resized = g.width_given and g.height_given  # --W and --H: sources and masks resized to them

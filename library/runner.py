@@ -29,6 +29,7 @@ from library.jobs import Job, batches
 from library.options import RoundOptions
 from library.pipeline import Pipeline
 from library.prompts import Defaults, Line, jobs_for_line
+from library.run_metadata import lora_tags
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class OutputSettings:
     preview: Callable[[list], None] | None = None
     use_original_name: bool = False  # `--use_original_file_name`: name after the img2img source
     controlnet_metadata: tuple[tuple[str, str], ...] = ()  # for images with a guide image
+    run_metadata: tuple[tuple[str, object], ...] = ()  # VAE, eta, Lora/TI hashes (`library.run_metadata`)
+    lora_files: tuple[str, ...] = ()  # for the `<lora:name:w>` tags of the A1111 prompt
+    lora_multipliers: tuple[float, ...] = ()  # defaults; a line's --am wins
 
 
 @dataclass
@@ -148,6 +152,8 @@ class Runner:
         extra = self.highres.metadata(job) if stage == "1" else ()
         if job.guide_image is not None:
             extra = (*extra, *self.output.controlnet_metadata)
+        extra = (*extra, *self.output.run_metadata)
+        tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
         record = image_metadata.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,
@@ -166,6 +172,7 @@ class Runner:
             strength=job.strength,
             karras=self.output.sampler.endswith("_karras"),
             extra=extra,
+            a1111_prompt_suffix=tags,
         )
         return output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record))
 

@@ -377,3 +377,40 @@ def test_raw_prompt_is_always_written(tiny_models, tmp_path):
     assert run(tiny_models, tmp_path / "o", "--prompt", "a cat --n dog --d 1") == 0
     (png,) = pngs(tmp_path / "o")
     assert (meta(png)["prompt"], meta(png)["raw-prompt"]) == ("a cat", "a cat --n dog --d 1")
+
+
+def test_a1111_parameters_name_loras_embeddings_vae_and_eta(tiny_models, tmp_path):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from library.image_metadata import parse_a1111_parameters
+    from networks.lora_files import write_kohya_lora
+
+    model = load_model(str(tiny_models["sd1"]))
+    lora = tmp_path / "my,style.safetensors"
+    write_kohya_lora(lora, model.text_encoder, model.unet, rank=4, seed=1)
+    emb = tmp_path / "shiny.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(emb))
+    vae = tmp_path / "vae.safetensors"
+    vae.write_bytes(b"x")  # only hashed and named here: --vae is not passed
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a shiny cat --d 1\na cat --am 0.25 --d 2\n")
+    assert run(tiny_models, tmp_path / "o", "--from_file", str(prompts), "--network_module", "networks.lora",
+               "--network_weights", str(lora), "--network_mul", "0.8", "--textual_inversion_embeddings", str(emb),
+               "--ddim_eta", "0.5", "--sequential_file_name") == 0
+    raw = lora.read_bytes()
+    header = int.from_bytes(raw[:8], "little") + 8
+    lora_hash = hashlib.sha256(raw[header:]).hexdigest()[:12]
+    emb_hash = hashlib.sha256(emb.read_bytes()).hexdigest()[:12]
+    first, second = (meta(p) for p in pngs(tmp_path / "o"))
+    assert first["parameters"].startswith("a shiny cat <lora:mystyle:0.8>\n")
+    assert second["parameters"].startswith("a cat <lora:mystyle:0.25>\n")
+    assert first["prompt"] == "a shiny cat"
+    params = parse_a1111_parameters(first["parameters"])
+    assert (params["Eta DDIM"], params["Lora hashes"], params["TI hashes"]) == (
+        "0.5", f"mystyle: {lora_hash}", f"shiny: {emb_hash}")
+
+    from library.run_metadata import run_parameters
+    assert run_parameters(vae=str(vae), sampler="euler", ddim_eta=0.5, lora_files=[], embedding_files=[]) == (
+        ("VAE hash", hashlib.sha256(b"x").hexdigest()[:10]), ("VAE", "vae.safetensors"))

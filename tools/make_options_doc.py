@@ -57,7 +57,10 @@ or the `--f` name of the prompt line. Existing files are never overwritten (`_1`
 appended); files are written to a temporary name and renamed, so an interrupted run leaves only
 complete images. Text chunks: `prompt`, `seed`, `sampler`, `steps`, `scale`, `negative-prompt`,
 `negative-scale`, `clip-prompt`, `raw-prompt` (the original's keys) and an A1111-style `parameters`
-chunk (`Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model hash: ..., Model: ...`).
+chunk (`Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model hash: ..., Model: ...`),
+which also names the run's extra models as the web UI does, so image sites identify them: `VAE hash`/`VAE`,
+`Eta DDIM` (with `--ddim_eta`), `Lora hashes`, `TI hashes`, and `<lora:name:weight>` tags after the prompt
+(in `parameters` only; the `prompt` key stays as typed). `raw-prompt` is the prompt line as given, on every image.
 """
 
 
