@@ -111,6 +111,7 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
     encoder = prompt_encoder(options.text, model)
     control = controlnets(options.controlnet, model, runtime)
     features = [f for f in (nets, xti_feature(encoder, model), control) if f is not None]
+    warn_unused_eta(options.generation.sampler, options.generation.ddim_eta)
     return Pipeline(
         unet=model.unet,
         vae=model.vae,
@@ -127,6 +128,16 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
         start_noise=start_noise(options),
         features=features,
     )
+
+
+def warn_unused_eta(sampler: str, eta: float) -> None:
+    """`--ddim_eta` with a sampler whose step has no eta: a warning instead of a silent no-op."""
+    import inspect
+
+    from library.schedulers import make_scheduler
+
+    if eta and "eta" not in inspect.signature(make_scheduler(sampler, False).step).parameters:
+        logger.warning("--ddim_eta %g ignored: --sampler %s has no eta (ddim has)", eta, sampler)
 
 
 def start_noise(options: Options):

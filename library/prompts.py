@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -47,6 +48,7 @@ class Defaults:
     images_per_prompt: int
     network_multipliers: tuple[float, ...] | None = None
     strength: float | None = None  # None: txt2img, where `--t` means nothing
+    merged_networks: int = 0  # networks merged into the model (`--am` cannot change them)
 
     @classmethod
     def from_options(cls, options: Options) -> "Defaults":
@@ -54,7 +56,10 @@ class Defaults:
         muls = tuple(options.networks.multipliers or [1.0] * len(options.networks.modules)) or None
         width = g.width if g.width_given or not img2img else None
         height = g.height if g.height_given or not img2img else None
-        return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options))
+        n = options.networks
+        merged = len(n.modules) if n.merge else min(n.merge_n_models or 0, len(n.modules))
+        return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
+                   merged_networks=merged)
 
 
 def _strength(options: Options) -> float | None:
@@ -171,6 +176,9 @@ def jobs_for_line(
     _warn_not_implemented(o, line)
     for written in parsed.unknown:
         logger.warning("%s: %s", line.where, unknown_option_message(written))
+    _warn_unsupported_tags(parsed.prompt, line)
+    if o.network_multipliers is not None:
+        _warn_inert_am(defaults, line)
     if len(split_and(parsed.prompt)) > 1:
         logger.warning("%s: ' AND ' parts (attention couple) are not implemented yet; the prompt is used as one "
                        "text, AND included", line.where)
@@ -224,6 +232,26 @@ def _warn_not_implemented(overrides: PromptOverrides, line: Line) -> None:
         names = ", ".join("--" + _OPTION_NAMES[field] for field in given)
         features = ", ".join(dict.fromkeys(_NOT_IMPLEMENTED[field] for field in given))
         logger.warning("%s: %s ignored: %s not implemented yet", line.where, names, features)
+
+
+_EXTRA_NETWORK_TAG = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+
+
+def _warn_unsupported_tags(prompt: str, line: Line) -> None:
+    """`<lora:name:w>` / `<hypernet:...>` in a prompt (the web UI's syntax): a warning, the text stays."""
+    tags = [m.group(0) for m in _EXTRA_NETWORK_TAG.finditer(prompt)]
+    if tags:
+        logger.warning("%s: %s not supported in prompts (they stay in the text); load LoRA with "
+                       "--network_module/--network_weights and set weights with --am", line.where, " ".join(tags))
+
+
+def _warn_inert_am(defaults: Defaults, line: Line) -> None:
+    """`--am` where it changes nothing: no networks, or (some) networks merged."""
+    if defaults.network_multipliers is None:
+        logger.warning("%s: --am ignored: no networks are loaded (--network_module/--network_weights)", line.where)
+    elif defaults.merged_networks:
+        logger.warning("%s: --am does not change the first %d network(s): they are merged into the model "
+                       "(--network_merge / --network_merge_n_models)", line.where, defaults.merged_networks)
 
 
 def _line_negative_scale(off: bool, given: float | None, default: float | None) -> float | None:
