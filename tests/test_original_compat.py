@@ -438,3 +438,20 @@ def test_silent_no_ops_are_warned(tiny_models, tmp_path, caplog):
     assert "--ddim_eta 0.3 ignored: --sampler euler has no eta (ddim has)" in text
     assert f"{prompts}:1: --am does not change the first 1 network(s): they are merged into the model" in text
     assert "--network_args bar, foo ignored: this LoRA module takes no network arguments" in text
+
+
+def test_the_originals_upscaler_file_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from library.errors import UserError
+    from library.highres_fix import load_upscaler
+
+    weights = tmp_path / "upscaler-v1-e100-220.safetensors"
+    save_file({"upsample.0.weight": torch.zeros(4, 4, 3, 3)}, str(weights))  # some other layout
+    with pytest.raises(UserError) as caught:
+        load_upscaler("tools.latent_upscaler", f"weights={weights}")
+    assert str(caught.value) == (
+        f"--highres_fix_upscaler_args weights={weights}: not a tools.latent_upscaler network (no conv_in.weight); "
+        "the original's upscaler-v1-e100-220.safetensors layout is not loaded (its network definition is not "
+        "available to this project), so make one with python tools/latent_upscaler.py or use "
+        "--highres_fix_latents_upscaling")
