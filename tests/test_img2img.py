@@ -227,8 +227,6 @@ def test_mask_of_another_size_names_both_sizes(tiny_models, tmp_path, capsys):
         (["--mask_path", "{src}", "--prompt", "x"], "--mask_path needs --image_path"),
         (["--image_path", "{tiny}", "--prompt", "x"], "4x12 is too small; images need at least 8x8 pixels"),
         (["--image_path", "{src}", "--prompt", "x", "--strength", "1.5"], "--strength 1.5: must be between 0 and 1"),
-        (["--image_path", "{src}", "--prompt", "x", "--highres_fix_scale", "0.5"],
-         "--highres_fix_scale and --image_path exclude each other"),
     ],
 )
 def test_img2img_mistakes_are_one_line(tiny_models, tmp_path, capsys, extra, message):
