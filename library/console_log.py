@@ -18,16 +18,16 @@ def configure_logging(args: argparse.Namespace | None = None) -> logging.Handler
     level_name = getattr(args, "console_log_level", None)
     level = getattr(logging, level_name or "INFO")
     log_file = getattr(args, "console_log_file", None)
-    formatter = logging.Formatter(SIMPLE_FORMAT if getattr(args, "console_log_simple", False) else FULL_FORMAT)
+    fmt = SIMPLE_FORMAT if getattr(args, "console_log_simple", False) else FULL_FORMAT
     root = logging.getLogger()
     handler: logging.Handler | None = None
     if log_file:
         handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(formatter)
+        handler.setFormatter(logging.Formatter(fmt))
         root.addHandler(handler)
         root.setLevel(level)
     else:
-        logging.basicConfig(level=level, format=formatter._fmt)
+        logging.basicConfig(level=level, format=fmt)
         if level_name:  # basicConfig leaves an already configured root alone; an explicit level still counts
             root.setLevel(level)
     for noisy in NOISY_LIBRARIES:
