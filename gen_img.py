@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from library.cli import parse_options  # noqa: E402
+from library.console_log import configure_logging  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.messages import one_line, quiet_third_party  # noqa: E402
 from library.options import Options  # noqa: E402
@@ -23,7 +24,9 @@ logger = logging.getLogger("gen_img")
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    configure_logging()
+    log_file = configure_logging(options.namespace)
+    if logging.getLogger().level > logging.DEBUG:
+        quiet_third_party()
     # torch/diffusers load only now: --help and argument errors come in a fraction of a second
     from library import build, limits, preflight, prompts, results
     from library.runner import run_rounds
@@ -43,42 +46,44 @@ def main(argv: list[str] | None = None) -> int:
             seeds = SeedSource(rounds.seed, single_image=False)
             for line in prompts.interactive_lines():
                 runner.run(runner.jobs([line], seeds, None))
+        elif rounds.from_module is not None:
+            # the prompter is asked again in every --n_iter round, with the run's seed_random
+            seeds = SeedSource(rounds.seed, single_image=False)
+            args = options.namespace  # the original's plugin signature takes the raw namespace
+            prompter = prompts.load_prompter(rounds.from_module, args, generator, networks.loaded)
+            run_rounds(runner, rounds, lambda iter_seed: prompts.module_lines(
+                prompter, args, generator, seeds, iter_seed, per_prompt), seeds, None)
         else:
-            lines = prompt_lines(options, generator, networks.loaded)
-            seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1)
+            lines = prompt_lines(options)
+            # seed S itself only for one image in one round; otherwise Random(S) draws, in every round
+            seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1 and rounds.n_iter == 1)
             total = len(lines) * per_prompt if lines else None
-            run_rounds(runner, rounds, lambda: prompts.shuffled(lines, rounds.shuffle_prompts), seeds, total)
+            run_rounds(runner, rounds, lambda _: prompts.shuffled(lines, rounds.shuffle_prompts), seeds, total)
     except UserError as exc:
         print(f"gen_img.py: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if log_file is not None:  # in-process callers (tests) run main() again
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
     print(runner.summary.line())
     return results.exit_status(runner.summary)
 
 
-def prompt_lines(options: Options, generator, networks) -> list:
-    """The prompt lines of `--prompt`, `--from_file` or `--from_module` (or, with none of them,
-    of the `--image_path` sources' metadata)."""
+def prompt_lines(options: Options) -> list:
+    """The prompt lines of `--prompt` or `--from_file` (or, with neither, of the
+    `--image_path` sources' metadata); `--from_module` prompters are asked each round."""
     from library import prompts
-    from library.seeds import SeedSource
 
     rounds = options.rounds
-    if rounds.prompt is None and rounds.from_file is None and rounds.from_module is None:
+    if rounds.prompt is None and rounds.from_file is None:
         return prompts.metadata_lines(options.sources.image_path)
     if rounds.prompt is not None:
         return [prompts.Line(rounds.prompt, "--prompt")]
-    if rounds.from_file is not None:
-        return prompts.read_prompt_file(rounds.from_file)
-    args = options.namespace  # the original's plugin signature takes the raw namespace
-    prompter = prompts.load_prompter(rounds.from_module, args, generator, networks)
-    return list(prompts.module_lines(prompter, args, generator, SeedSource(rounds.seed, False), None))
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_third_party()
+    return prompts.read_prompt_file(rounds.from_file)
 
 
 if __name__ == "__main__":

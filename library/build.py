@@ -23,6 +23,7 @@ from library.models import LoadedModel, load_model
 from library.options import ControlNetOptions, GuidanceOptions, LoadOptions, Options, TextOptions
 from library.pipeline import Pipeline
 from library.prompts import Defaults
+from library.run_metadata import run_parameters
 from library.runner import OutputSettings, Runner
 from library.text_encoding import PromptEncoder
 
@@ -78,12 +79,7 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         v_parameterization=options.v_parameterization,
         tokenizer_cache_dir=options.tokenizer_cache_dir,
     )
-    if options.xformers:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise UserError("--xformers: xformers is not installed (pip install xformers), "
-                            "or leave it out to use PyTorch SDPA") from None
+    if options.xformers and xformers_usable():
         model.unet.enable_xformers_memory_efficient_attention()
         model.vae.enable_xformers_memory_efficient_attention()
     if options.channels_last:
@@ -91,6 +87,18 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
     if options.vae_tiling:
         model.vae.enable_tiling()
     return model
+
+
+def xformers_usable() -> bool:
+    """`--xformers` / `--diffusers_xformers`: True when xformers can be imported; otherwise a
+    warning, and the run goes on with PyTorch SDPA (every example of the manual passes --xformers)."""
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        logger.warning("--xformers: xformers is not installed; using PyTorch SDPA attention instead "
+                       "(the same speed on CPU; pip install xformers to use it on a GPU)")
+        return False
+    return True
 
 
 def networks(options: Options, model: LoadedModel) -> Networks:
@@ -112,7 +120,8 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
     features = [f for f in (nets, xti_feature(encoder, model), control, couple, guided) if f is not None]
     deep_shrink = DeepShrinkFeature(len(model.unet.down_blocks))
     deep_shrink.check_settings(options.generation.deep_shrink)  # the command line's depth: exit 2 up front
-    features += [deep_shrink, GradualLatentFeature(options.generation.sampler)]
+    features += [deep_shrink, GradualLatentFeature(options.generation.sampler, control is not None)]
+    warn_unused_eta(options.generation.sampler, options.generation.ddim_eta)
     return Pipeline(
         unet=model.unet,
         vae=model.vae,
@@ -124,9 +133,31 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
         noise_device=runtime.noise_device,
         ddim_eta=options.generation.ddim_eta,
         vae_slices=options.load.vae_slices,
+        zero_steps_offset=options.generation.zero_steps_offset,
+        zero_terminal_snr=options.generation.zero_terminal_snr,
+        start_noise=start_noise(options),
         features=features,
         mirrors=[unit.model for unit in control.units] if control is not None else [],
     )
+
+
+def warn_unused_eta(sampler: str, eta: float) -> None:
+    """`--ddim_eta` with a sampler whose step has no eta: a warning instead of a silent no-op."""
+    import inspect
+
+    from library.schedulers import make_scheduler
+
+    if eta and "eta" not in inspect.signature(make_scheduler(sampler, False).step).parameters:
+        logger.warning("--ddim_eta %g ignored: --sampler %s has no eta (ddim has)", eta, sampler)
+
+
+def start_noise(options: Options):
+    """`--noise_offset_prob` / `--pyramid_noise_prob` as a start-noise change, or None when off."""
+    from library.start_noise import StartNoise
+
+    g = options.generation
+    change = StartNoise(g.noise_offset[0], g.noise_offset[1], g.pyramid_noise[0], g.pyramid_noise[1])
+    return change if change.active else None
 
 
 def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder:
@@ -242,10 +273,19 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
         use_original_name=options.output.use_original_file_name,
         controlnet_metadata=control.metadata() if control is not None else (),
         region_metadata=_region_metadata(gen),
+        run_metadata=run_parameters(
+            vae=options.load.vae, sampler=g.sampler, ddim_eta=g.ddim_eta, lora_files=options.networks.weights,
+            embedding_files=(*options.text.textual_inversion_embeddings, *options.text.xti_embeddings)),
+        lora_files=tuple(options.networks.weights),
+        lora_multipliers=tuple(options.networks.multipliers or [1.0] * len(options.networks.weights)),
     )
     s = options.sources
     inpainting_masks = None if has_region_mask(options) else s.mask_path
-    sources = SourceImages(s.image_path, inpainting_masks) if s.image_path is not None else None
+    resized = g.width_given and g.height_given  # --W and --H: sources and masks resized to them
+    sources = SourceImages(s.image_path, inpainting_masks, resized) if s.image_path is not None else None
+    if options.highres.strength is not None and sources is None:
+        logger.warning("--highres_fix_strength is the strength of an img2img 1st stage (with --image_path); "
+                       "ignored here: the 2nd stage takes --strength, as in the original")
     guide_path = options.controlnet.guide_image_path
     guides = GuideImages(guide_path) if guide_path is not None else None
     return Runner(gen, Defaults.from_options(options), output, g.batch_size,

@@ -17,6 +17,15 @@ from library.messages import argparse_text
 from library.validation import check_options
 
 
+#: The original's SDXL-only options (name, nargs, type): accepted by the parser, then refused in one line.
+SDXL_ONLY_OPTIONS: tuple[tuple[str, object, object], ...] = (
+    ("sdxl", 0, None), ("original_height", None, int), ("original_width", None, int),
+    ("original_height_negative", None, int), ("original_width_negative", None, int),
+    ("crop_top", None, int), ("crop_left", None, int), ("clip_vision_strength", None, float),
+    ("control_net_lllite_models", "*", str),
+)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {argparse_text(message)} (see --help)\n")
@@ -88,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true", help="compute in float16")
     g.add_argument("--bf16", action="store_true", help="compute in bfloat16 (also fast on CPUs with AMX)")
     g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
-    g.add_argument("--xformers", action="store_true", help="xformers attention (must be installed)")
+    g.add_argument("--xformers", action="store_true", help="xformers attention (without xformers installed: a warning, and PyTorch SDPA)")
     g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
     g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory layout for the U-Net")
     g.add_argument("--device", default=None, help="cuda, cpu, mps, ... (default: cuda if available)")
@@ -100,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_high_resolution_group(p)
     _add_controlnet_group(p)
     _add_guidance_group(p)
+    _add_original_compat_group(p)
 
     g = p.add_argument_group("additional networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=[], help="module per network, e.g. networks.lora")
@@ -122,7 +132,7 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
     """img2img, inpainting, Highres fix and the VAE memory options (docs/img2img.md)."""
     g = p.add_argument_group("img2img, inpainting and Highres fix")
     g.add_argument("--image_path", help="img2img source image, or a folder of them (used in file-name order, in turn); "
-                   "without --W/--H the source's size (rounded down to multiples of 8) is kept")
+                   "without --W/--H the source's size (rounded down to multiples of 32) is kept")
     g.add_argument("--strength", type=float, default=0.8,
                    help="img2img strength 0..1 (default 0.8): int(steps*strength) steps are run; --t per prompt")
     g.add_argument("--mask_path", "--mask_image", dest="mask_path",
@@ -138,11 +148,12 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
                    "with img2img")
     g.add_argument("--highres_fix_steps", type=int, default=28, help="Highres fix: steps of the 1st stage (default 28)")
     g.add_argument("--highres_fix_strength", type=float, default=None,
-                   help="Highres fix: strength of the 2nd stage (default: --strength)")
+                   help="Highres fix with --image_path: strength of the img2img 1st stage (default: --strength); "
+                   "the 2nd stage takes --strength, as the original")
     g.add_argument("--highres_fix_save_1st", action="store_true", help="Highres fix: also save the 1st-stage image")
-    g.add_argument("--highres_fix_latents_upscaling", nargs="?", const="bilinear", choices=["bilinear", "bicubic"],
-                   help="Highres fix: upscale the 1st stage's latents (bilinear when given alone, or bicubic) "
-                   "instead of its image (Lanczos)")
+    g.add_argument("--highres_fix_latents_upscaling", nargs="?", const="bicubic", choices=["bicubic", "bilinear"],
+                   help="Highres fix: upscale the 1st stage's latents (bicubic when given alone, as the original; "
+                   "or bilinear) instead of its image (Lanczos)")
     g.add_argument("--highres_fix_upscaler", metavar="MODULE",
                    help="Highres fix: upscaler module with create_upscaler(**kwargs), e.g. tools.latent_upscaler")
     g.add_argument("--highres_fix_upscaler_args", metavar='"k=v,..."',
@@ -210,6 +221,37 @@ def validate_high_resolution(args: argparse.Namespace) -> None:
                         "hint would need resizing to every latent size")
 
 
+def _add_original_compat_group(p: argparse.ArgumentParser) -> None:
+    """Options of the original's command line that the manual leaves out (docs/compatibility.md)."""
+    g = p.add_argument_group("options of the original tool")
+    g.add_argument("--force_scheduler_zero_steps_offset", action="store_true",
+                   help="img2img / Highres fix 2nd stage: noise the source at the first step that runs "
+                   "(offset 0 in the original's start rule; by default one step stronger, as the original)")
+    g.add_argument("--console_log_level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="log level of the console (default INFO)")
+    g.add_argument("--console_log_file", metavar="FILE", help="write the log to this file instead of the console")
+    g.add_argument("--console_log_simple", action="store_true", help="plain log lines, without level and name")
+    g.add_argument("--prompter_module_args", metavar="TEXT",
+                   help="free text for the --from_module prompter (it reads args.prompter_module_args)")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="rescale the scheduler's betas to zero terminal SNR (ddim, euler, euler_a, dpmsolver, "
+                   "dpmsolver++ and others whose diffusers class supports it)")
+    g.add_argument("--noise_offset_prob", type=float, default=None, metavar="P",
+                   help="probability that an image's start noise gets an offset (drawn from the image's own seed)")
+    g.add_argument("--noise_offset_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="range of the noise offset (needed with --noise_offset_prob)")
+    g.add_argument("--pyramid_noise_prob", type=float, default=None, metavar="P",
+                   help="probability that an image's start noise is pyramid (multi-resolution) noise")
+    g.add_argument("--pyramid_noise_discount_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="range of the pyramid noise discount (needed with --pyramid_noise_prob)")
+    for name, nargs, kind in SDXL_ONLY_OPTIONS:
+        sdxl_help = "SDXL only: refused (SDXL models are not supported)"
+        if nargs == 0:
+            g.add_argument(f"--{name}", action="store_true", help=sdxl_help)
+        else:
+            g.add_argument(f"--{name}", nargs=nargs, type=kind, default=None, help=sdxl_help)
+
+
 def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
     """ControlNet options (docs/controlnet.md); one value for all models or one per model."""
     g = p.add_argument_group("ControlNet")
@@ -218,10 +260,10 @@ def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
                    "they take turns, one per step")
     g.add_argument("--guide_image_path", nargs="+", metavar="PATH",
                    help="guide images for ControlNet and CLIP image / VGG16 guidance: files or folders (images "
-                   "used in file-name order, in turn)")
+                   "used in file-name order, in turn; several paths one after the other)")
     g.add_argument("--control_net_preps", nargs="+", metavar="PREP",
                    help="preprocessing per model: none (default), canny, or canny_LOW_HIGH (e.g. canny_63_191)")
-    g.add_argument("--control_net_weights", type=float, nargs="+", metavar="W",
+    g.add_argument("--control_net_weights", "--control_net_multipliers", type=float, nargs="+", metavar="W",
                    help="weight per model (default 1.0; 0.5 = half the influence)")
     g.add_argument("--control_net_ratios", type=float, nargs="+", metavar="R",
                    help="fraction of the steps, from the first, each model is used in (default 1.0)")
@@ -253,6 +295,30 @@ def validate_guidance(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} needs --guide_image_path (the image or folder to guide towards)")
     if not 0 <= args.vgg16_guidance_layer <= 30:
         raise UserError(f"--vgg16_guidance_layer {args.vgg16_guidance_layer}: must be 0..30 (VGG16's features)")
+
+
+def validate_original_compat(args: argparse.Namespace) -> None:
+    """The original's options beyond the manual: SDXL-only ones refused, noise options complete,
+    `--zero_terminal_snr` with a sampler that has it."""
+    from library.schedulers import make_scheduler
+
+    for name, nargs, _ in SDXL_ONLY_OPTIONS:
+        value = getattr(args, name)
+        if value not in (None, False):
+            raise UserError(f"--{name}: SDXL models are not supported (this tool runs SD 1.x/2.x models); "
+                            "leave it out")
+    for prob, rng in (("noise_offset_prob", "noise_offset_range"),
+                      ("pyramid_noise_prob", "pyramid_noise_discount_range")):
+        value = getattr(args, prob)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"--{prob} {value}: must be between 0 and 1")
+        if value and getattr(args, rng) is None:
+            raise UserError(f"--{prob} needs --{rng} MIN MAX")
+        bounds = getattr(args, rng)
+        if bounds is not None and bounds[0] > bounds[1]:
+            raise UserError(f"--{rng} {bounds[0]:g} {bounds[1]:g}: MIN must not be above MAX")
+    if args.zero_terminal_snr:
+        make_scheduler(args.sampler, False, zero_terminal_snr=True)
 
 
 def validate_controlnet(args: argparse.Namespace) -> None:
@@ -300,9 +366,6 @@ def validate_img2img(args: argparse.Namespace) -> None:
         if not 0 < args.highres_fix_scale <= 1:
             raise UserError(f"--highres_fix_scale {args.highres_fix_scale}: must be above 0 and at most 1 "
                             "(the 1st stage's size as a fraction of --W/--H)")
-        if args.image_path is not None:
-            raise UserError("--highres_fix_scale and --image_path exclude each other (as in the original); for the "
-                            "2nd stage alone, run img2img on the 1st-stage images with --W/--H")
         if args.highres_fix_steps < 1:
             raise UserError(f"--highres_fix_steps {args.highres_fix_steps}: must be at least 1")
         if args.highres_fix_latents_upscaling and args.highres_fix_upscaler:
@@ -351,6 +414,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--fp16 and --bf16 exclude each other")
     if args.v1 and args.v2:
         raise UserError("--v1 and --v2 exclude each other")
+    validate_original_compat(args)
     validate_img2img(args)
     validate_controlnet(args)
     validate_guidance(args)

@@ -3,15 +3,17 @@
 Sizes: the 1st stage is `int(size * scale + 0.5)` rounded down to a multiple of 32 in each
 direction (1024 x 0.5 -> 512, as the manual's example); the 2nd stage has the final
 `--W/--H` size. Steps: the 1st stage runs `--highres_fix_steps`; the 2nd is img2img with
-`--steps` and `--highres_fix_strength` (default `--strength`, `--t` per prompt), running
-int(steps * strength) steps. Seeds: the 1st stage uses the image's seed, the 2nd seed + 1
+`--steps` and `--strength` (`--t` per prompt), started by the original's img2img rule
+(`library.img2img.start_indices`). As the original, `--highres_fix_strength` is the 1st
+stage's strength, which only counts when the 1st stage is img2img (default: `--strength`). Seeds: the 1st stage uses the image's seed, the 2nd seed + 1
 (as the original); files and metadata show the image's seed. File names carry the stage,
 "0" for the 1st and "1" for the final image.
 
 Upscaling the 1st stage (one of):
 * default: decode, resize the image with Lanczos, encode again (posterior sample from the
   2nd stage's generator);
-* `--highres_fix_latents_upscaling [bilinear|bicubic]`: interpolate the latents;
+* `--highres_fix_latents_upscaling [bicubic|bilinear]`: interpolate the latents (bicubic when
+  given alone, as the original's flag; the mode argument is ours);
 * `--highres_fix_upscaler MODULE --highres_fix_upscaler_args "k=v,..."`: a module with
   `create_upscaler(**kwargs)` returning an object with
 
@@ -27,8 +29,10 @@ Upscaling the 1st stage (one of):
 ControlNet guides both stages (its hint made at each stage's size) unless
 `--highres_fix_disable_control_net` is given, which leaves the 2nd stage without it.
 
-Highres fix with img2img (`--image_path`) is refused, as in the original: the 2nd stage
-alone is img2img with `--W/--H` on the 1st-stage images.
+Highres fix with img2img (`--image_path`), as the original's code allows: the 1st stage is
+img2img of the source (and inpainting with its mask) at the 1st-stage size with
+`--highres_fix_strength` (default `--strength`); the 2nd stage is img2img of the upscaled 1st
+image with `--strength`, without the mask (as the original).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class HighresSettings:
     upscaler: object | None = None
     upscaler_name: str | None = None
     control_net_2nd: bool = True  # False: `--highres_fix_disable_control_net`
+    first_strength: float | None = None  # `--highres_fix_strength`: the 1st stage's, when it is img2img
 
     @property
     def upscaler_label(self) -> str:
@@ -92,10 +97,14 @@ class HighresFix:
         self.settings = settings
 
     def stages(self, job: Job) -> tuple[Job, Job]:
-        """The 1st-stage job (small, txt2img) and the 2nd-stage job (img2img, seed + 1)."""
+        """The 1st-stage job (small; txt2img, or img2img of the job's source) and the
+        2nd-stage job (img2img of the upscaled 1st image, seed + 1, no mask)."""
         width, height = first_stage_size(job.width, job.height, self.settings.scale)
-        first = replace(job, width=width, height=height, steps=self.settings.steps, strength=None)
-        second = replace(job, seed=job.seed + 1)
+        strength = None
+        if job.init_image is not None:
+            strength = self.settings.first_strength if self.settings.first_strength is not None else job.strength
+        first = replace(job, width=width, height=height, steps=self.settings.steps, strength=strength)
+        second = replace(job, seed=job.seed + 1, mask_image=None)
         if not self.settings.control_net_2nd:
             second = replace(second, guide_image=None)
         return first, second
@@ -107,10 +116,13 @@ class HighresFix:
                 ("Hires upscaler", self.settings.upscaler_label))
 
     def generate(self, gen, batch: list[Job], vae_batch_size: int,
-                 on_first: Callable[[list[Job], list[Image.Image]], None] | None = None) -> torch.Tensor:
-        """Final latents of `batch`; `on_first` receives the 1st-stage jobs and images."""
+                 on_first: Callable[[list[Job], list[Image.Image]], None] | None = None,
+                 sources=None) -> torch.Tensor:
+        """Final latents of `batch`; `on_first` receives the 1st-stage jobs and images;
+        `sources` (`library.img2img.SourceImages`) loads the 1st stage's img2img sources."""
         firsts, seconds = zip(*(self.stages(job) for job in batch))
-        latents = gen.latents(list(firsts))
+        first_init = sources.load(list(firsts), vae_batch_size) if firsts[0].init_image is not None else None
+        latents = gen.latents(list(firsts), first_init)
         pictures = None
         if self.settings.save_1st or not self.settings.latents_upscaling:
             pictures = image_io.tensor_to_pil(gen.decode(latents, vae_batch_size))
@@ -192,5 +204,6 @@ def from_options(options: HighresOptions) -> HighresFix | None:
         return None
     upscaler = load_upscaler(options.upscaler, options.upscaler_args) if options.upscaler else None
     settings = HighresSettings(options.scale, options.steps, options.save_1st, options.latents_upscaling, upscaler,
-                               options.upscaler, control_net_2nd=not options.disable_control_net)
+                               options.upscaler, control_net_2nd=not options.disable_control_net,
+                               first_strength=options.strength)
     return HighresFix(settings)

@@ -92,6 +92,7 @@ class ImageRecord:
     strength: float | None = None
     karras: bool = False
     extra: tuple[tuple[str, object], ...] = ()
+    a1111_prompt_suffix: str = ""  # e.g. `<lora:name:0.8>` tags: in `parameters` only, not in `prompt`
 
     def __post_init__(self) -> None:
         if isinstance(self.extra, Mapping):
@@ -142,7 +143,7 @@ def a1111_parameters(record: ImageRecord) -> str:
         shown = _number(value)
         items.append(key if key == shown else f"{key}: {a1111_quote(shown)}")
     negative = f"\nNegative prompt: {record.negative_prompt}" if record.negative_prompt else ""
-    return f"{record.prompt}{negative}\n{', '.join(items)}".strip()
+    return f"{record.prompt}{record.a1111_prompt_suffix}{negative}\n{', '.join(items)}".strip()
 
 
 def webp_exif(text: Mapping[str, str]) -> bytes:

@@ -8,18 +8,21 @@ sources). With `--images_per_prompt 2`, 2 prompts and 3 sources that is
 (prompt 1: s1, s2), (prompt 2: s3, s1). When the prompts come from the sources' own
 metadata (no prompt option given), each prompt's images use the source it was read from.
 The k-th mask (`--mask_path` folder) belongs to the k-th source (masks repeat when there
-are fewer; one mask file serves every source); a mask must have its source's size.
+are fewer; one mask file serves every source); a mask must have its source's size
+unless `--W/--H` resize both.
 
 Size: without `--W/--H` (or `--w/--h` on the prompt line) an image keeps its source's
-size, rounded down to multiples of 8; otherwise the source is resized to the given size
+size, rounded down to multiples of 32 as the original (with a warning; sides under 32
+pixels to multiples of 8); otherwise the source is resized to the given size
 first (Lanczos), which is "upscale using img2img". Masks are resized with their image.
 
-Strength s with `steps` steps: the scheduler is set up for `steps` steps and only its last
-int(steps * s) run (index steps - int(steps*s) onwards, times the scheduler's order), from
-the VAE-encoded source noised to the first of those timesteps with the image's own img2img
-noise (draw 3 of `library.seeds`; the VAE posterior sample is draw 4). s = 0 gives the VAE
-round-trip of the source; s = 1 ignores the source entirely (the image is the txt2img image
-of the same seed), except where a mask keeps parts of it.
+Strength s with `steps` steps: the scheduler is set up for `steps` steps; the original's
+start rule (`start_indices`) picks the timestep the VAE-encoded source is noised at (with
+the image's own img2img noise, draw 3 of `library.seeds`; the VAE posterior sample is draw
+4) and the tail of the schedule that runs: with the default offset 1 the source is noised
+one step stronger than the first step run, with `--force_scheduler_zero_steps_offset` at
+that step. s = 1 ignores the source entirely (the image is the txt2img image of the same
+seed), except where a mask keeps parts of it.
 
 Inpainting works on any model: after every step, the area outside the mask (mask 0) is
 replaced by the source latents noised to the next step's noise level with the same img2img
@@ -47,19 +50,57 @@ from library.unet_patches import Batch, Patch
 logger = logging.getLogger(__name__)
 
 SIZE_STEP = 8  # image sizes are multiples of the VAE's 8x downsampling
+SOURCE_SIZE_STEP = 32  # a source's own size is rounded down to this, as the original
 
 
 # ----------------------------------------------------------------------------- schedule
 
 
 def steps_to_run(steps: int, strength: float) -> int:
-    """Denoising steps img2img runs: int(steps * strength), as the original."""
+    """Denoising steps img2img runs: int(steps * strength), as the original (below strength 1)."""
     return min(int(steps * strength), steps)
 
 
 def first_step(steps: int, strength: float) -> int:
     """Index (in steps, before multiplying by the scheduler's order) of the first step run."""
     return steps - steps_to_run(steps, strength)
+
+
+@dataclass(frozen=True)
+class StartIndices:
+    """Where img2img starts, as indices into `scheduler.timesteps`.
+
+    `noise`: the timestep the source is noised at (None: not noised, strength 0 with
+    offset 0); `begin`: the first timestep the loop runs.
+    """
+
+    noise: int | None
+    begin: int
+
+
+def start_indices(steps: int, strength: float, offset: int, order: int = 1) -> StartIndices:
+    """The original's img2img start rule, `offset` = the scheduler's `steps_offset`
+    (0 with `--force_scheduler_zero_steps_offset`):
+
+        init = min(int(steps * strength) + offset, steps)
+        noised at timesteps[-init], the loop runs timesteps[max(steps - init + offset, 0):]
+
+    With offset 1 the source is noised one step stronger than the first step that runs
+    (strength 0.6, 10 steps: noised at the 7th-from-last timestep, the last 6 run); with 0 it
+    is noised at the first step that runs. Ours counts in sampler steps, so for 2nd-order
+    samplers (heun, dpm_2: `order` 2) both indices are multiplied by the order and whole
+    steps run (the original indexes the doubled list directly). Where `init` is 0 (strength
+    0, offset 0) the source is used as it is: the original's `timesteps[-0]` would noise it
+    fully and then run no step. Strength 1 is txt2img from pure noise over every step (the
+    source only counts where a mask keeps it); the original would noise the source at the
+    first timestep and, with offset 1, skip that step.
+    """
+    if strength >= 1:
+        return StartIndices(None, 0)
+    init = min(int(steps * strength) + offset, steps)
+    begin = min(max(steps - init + offset, 0), steps) * order
+    noise = (steps - init) * order if init > 0 else None
+    return StartIndices(noise, begin)
 
 
 def set_begin_index(scheduler, index: int) -> None:
@@ -98,7 +139,9 @@ class Inpainting:
         source = batch.source
         if source is None or source.masks is None:
             return None
-        return KeepUnmasked(batch.scheduler, batch.timesteps, source.latents, source.noise, source.masks)
+        keep = KeepUnmasked(batch.scheduler, batch.timesteps, source.latents, source.noise, source.masks)
+        keep.from_noise = (batch.jobs[0].strength or 0) >= 1
+        return keep
 
 
 class KeepUnmasked(Patch):
@@ -109,6 +152,7 @@ class KeepUnmasked(Patch):
         self.scheduler, self.timesteps = scheduler, timesteps
         self.source, self.noise = source, noise.to(source)
         self.masks = masks.to(source)
+        self.from_noise = True  # the loop starts from pure noise (strength 1)
 
     def blend(self, latents: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
         """`known` outside the mask; masks and source follow a latent of another size (Gradual
@@ -121,7 +165,10 @@ class KeepUnmasked(Patch):
         return known * (1 - masks) + latents * masks
 
     def start(self, latents: torch.Tensor) -> torch.Tensor:
-        """Before the first step (only changes anything at strength 1, which starts from noise)."""
+        """Before the first step: at strength 1 (pure noise) the source noised to the first
+        step's level outside the mask; below 1 the loop already starts from the noised source."""
+        if not self.from_noise:
+            return latents
         return self.blend(latents, self._known(0))
 
     def after_step(self, ctx, latents: torch.Tensor) -> torch.Tensor:
@@ -134,13 +181,19 @@ class KeepUnmasked(Patch):
         return noised(self.scheduler, self.source, self.noise, self.timesteps[index])
 
 
-def starting_latents(scheduler, source: torch.Tensor, noise, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
-    """The latents the loop starts from: the noised source, or pure noise at strength 1."""
+def starting_latents(scheduler, source: torch.Tensor, noise, start: StartIndices, strength: float) -> torch.Tensor:
+    """The latents the loop starts from: the source noised at `start.noise` (the scheduler is
+    then told the loop begins at `start.begin`), or pure noise at strength 1."""
     if strength >= 1:
+        set_begin_index(scheduler, start.begin)
         return noise.initial.to(source) * scheduler.init_noise_sigma
-    if len(timesteps) == 0:
+    if start.noise is None:
+        set_begin_index(scheduler, start.begin)
         return source
-    return noised(scheduler, source, noise.img2img.to(source), timesteps[0])
+    set_begin_index(scheduler, start.noise)  # sigma schedulers read the noise level from it
+    latents = noised(scheduler, source, noise.img2img.to(source), scheduler.timesteps[start.noise])
+    set_begin_index(scheduler, start.begin)
+    return latents
 
 
 def composite(pixels: torch.Tensor, round_trip: torch.Tensor, pixel_masks: torch.Tensor) -> torch.Tensor:
@@ -172,7 +225,10 @@ def _checked(paths: list[Path], load) -> list[SourceFile]:
 class SourceImages:
     """The `--image_path` sources and `--mask_path` masks of a run, handed out in turn."""
 
-    def __init__(self, image_path: str, mask_path: str | None = None) -> None:
+    def __init__(self, image_path: str, mask_path: str | None = None, resized: bool = False) -> None:
+        """`resized`: `--W/--H` given, so every source and mask is resized to that size (masks
+        of another size than their source are then fine, as in the original)."""
+        self.resized = resized
         self.images = _checked(source_paths(image_path), image_io.load_rgb)
         masks = image_io.list_images(Path(mask_path), "--mask_path") if mask_path else []
         self.masks = _checked(masks, image_io.load_mask)
@@ -191,10 +247,10 @@ class SourceImages:
                            len(self.masks), len(self.images))
         for index, image in enumerate(self.images):
             mask = self.mask_for(index)
-            if mask is not None and mask.size != image.size:
+            if mask is not None and mask.size != image.size and not self.resized:
                 raise UserError(
                     f"--mask_path {mask.path} is {mask.size[0]}x{mask.size[1]} but its image {image.path} is "
-                    f"{image.size[0]}x{image.size[1]}; make the mask the same size as the image"
+                    f"{image.size[0]}x{image.size[1]}; make the mask the same size as the image, or give --W/--H to resize both"
                 )
 
     def mask_for(self, index: int) -> SourceFile | None:
@@ -213,12 +269,14 @@ class SourceImages:
                        width=width, height=height)
 
     def _size(self, source: SourceFile, width: int | None, height: int | None) -> tuple[int, int]:
-        """Given sizes win; otherwise the source's, rounded down to multiples of 8 (logged once)."""
+        """Given sizes win; otherwise the source's, rounded down to multiples of 32 as the
+        original (sides under 32 pixels to multiples of 8), with a warning once per source."""
         w, h = source.size
-        rounded = (w - w % SIZE_STEP, h - h % SIZE_STEP)
+        rounded = (_round_side(w), _round_side(h))
         if (width is None or height is None) and rounded != (w, h) and source.path not in self._logged:
             self._logged.add(source.path)
-            logger.info("%s: %dx%d rounded down to %dx%d (multiples of 8)", source.path.name, w, h, *rounded)
+            logger.warning("%s: %dx%d rounded down to %dx%d (multiples of 32, as the original)",
+                           source.path.name, w, h, *rounded)
         return width or rounded[0], height or rounded[1]
 
     def load(self, jobs: list[Job], vae_batch_size: int | None = None) -> Img2ImgInput:
@@ -235,6 +293,12 @@ class SourceImages:
         batch.pixel_masks = image_io.mask_to_tensor(masks)
         batch.masks = image_io.mask_to_tensor(masks, (size[0] // SIZE_STEP, size[1] // SIZE_STEP))
         return batch
+
+
+def _round_side(value: int) -> int:
+    """A source side without --W/--H: down to a multiple of 32, or of 8 below 32 pixels."""
+    step = SOURCE_SIZE_STEP if value >= SOURCE_SIZE_STEP else SIZE_STEP
+    return value - value % step
 
 
 def source_paths(image_path: str) -> list[Path]:

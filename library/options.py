@@ -71,6 +71,10 @@ class GenerationOptions:
     vae_batch_size: float | None
     deep_shrink: "DeepShrink | None" = None  # `--ds_*` (prompt lines override it)
     gradual_latent: "GradualLatent | None" = None  # `--gradual_latent_*` (prompt lines override it)
+    zero_steps_offset: bool = False  # --force_scheduler_zero_steps_offset (img2img start rule)
+    zero_terminal_snr: bool = False  # --zero_terminal_snr (rescaled betas)
+    noise_offset: tuple[float | None, tuple[float, float] | None] = (None, None)  # --noise_offset_prob/_range
+    pyramid_noise: tuple[float | None, tuple[float, float] | None] = (None, None)  # --pyramid_noise_prob/_range
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,12 @@ def from_namespace(a: argparse.Namespace) -> Options:
         generation=GenerationOptions(a.W or DEFAULT_SIZE, a.H or DEFAULT_SIZE, a.W is not None, a.H is not None,
                                      a.steps, a.scale, a.negative_scale, a.images_per_prompt, a.sampler,
                                      a.ddim_eta, a.strength, a.batch_size, a.vae_batch_size,
-                                     deep_shrink_of(a), gradual_latent_of(a)),
+                                     deep_shrink=deep_shrink_of(a), gradual_latent=gradual_latent_of(a),
+                                     zero_steps_offset=a.force_scheduler_zero_steps_offset,
+                                     zero_terminal_snr=a.zero_terminal_snr,
+                                     noise_offset=(a.noise_offset_prob, a.noise_offset_range and tuple(a.noise_offset_range)),
+                                     pyramid_noise=(a.pyramid_noise_prob, a.pyramid_noise_discount_range
+                                                    and tuple(a.pyramid_noise_discount_range))),
         sources=SourceOptions(a.image_path, a.mask_path, a.attention_couple),
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,

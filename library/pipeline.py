@@ -55,6 +55,9 @@ class Pipeline:
     ddim_eta: float = 0.0
     progress: bool = True
     vae_slices: int | None = None  # `--vae_slices`: VAE in N horizontal bands (same result)
+    zero_steps_offset: bool = False  # `--force_scheduler_zero_steps_offset` (img2img start only)
+    zero_terminal_snr: bool = False  # `--zero_terminal_snr`: the scheduler's betas rescaled
+    start_noise: Callable | None = None  # `library.start_noise.StartNoise` (noise offset / pyramid noise)
     features: list[Feature] = field(default_factory=list)  # what the patch owner installs per batch
     mirrors: list[torch.nn.Module] = field(default_factory=list)  # ControlNets (their down path mirrors the U-Net's)
 
@@ -81,7 +84,7 @@ class Pipeline:
         selects is run, starting from the noised source.
         """
         first = jobs[0]
-        scheduler = make_scheduler(self.sampler, self.v_prediction)
+        scheduler = make_scheduler(self.sampler, self.v_prediction, zero_terminal_snr=self.zero_terminal_snr)
         scheduler.set_timesteps(first.steps, device=self.device)
         shape = (LATENT_CHANNELS, first.height // self.vae_scale, first.width // self.vae_scale)
         from_source = init is not None and not init.ignores_source
@@ -93,15 +96,15 @@ class Pipeline:
             img2img=from_source,
             device=self.noise_device,
             dtype=self.dtype,
+            modify=self.start_noise,
         )
         timesteps, source = scheduler.timesteps, None
         if from_source:
             latents = init.source_latents = self._source_latents(init, noise.generators)
-            begin = img2img.first_step(first.steps, init.strength) * scheduler.order
-            timesteps = timesteps[begin:]
-            img2img.set_begin_index(scheduler, begin)
+            start = img2img.start_indices(first.steps, init.strength, self._steps_offset(scheduler), scheduler.order)
+            timesteps = timesteps[start.begin:]
             source = SourceLatents(latents, noise.img2img.to(latents), init.masks)
-            latents = img2img.starting_latents(scheduler, latents, noise, timesteps, init.strength)
+            latents = img2img.starting_latents(scheduler, latents, noise, start, init.strength)
         else:
             latents = noise.initial.to(self.device) * scheduler.init_noise_sigma
         guidance = Guidance.of(first)
@@ -109,6 +112,13 @@ class Pipeline:
         batch = Batch(tuple(jobs), layout, scheduler, timesteps, self.device, self.dtype, source,
                       tuple(noise.generators))
         return self._denoise(batch, guidance, latents, self._step_kwargs(scheduler, noise.generators))
+
+    def _steps_offset(self, scheduler) -> int:
+        """The offset of the original's img2img start rule: the scheduler's `steps_offset`,
+        or 0 with `--force_scheduler_zero_steps_offset` (the scheduler itself keeps its own)."""
+        if self.zero_steps_offset:
+            return 0
+        return int(scheduler.config.get("steps_offset", 0) or 0)
 
     def _denoise(self, batch: Batch, guidance: "Guidance", latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:
         """The loop over the batch's timesteps, with the batch's patches installed."""

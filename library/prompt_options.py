@@ -28,8 +28,12 @@ Rules and decisions:
   the sampler's own step range is checked when the line's images are made), strength in
   [0, 1], Deep Shrink depths in 0..8 (the manual's range), timesteps >= 0, Gradual Latent
   interval >= 1. Integers have at most 20 digits (checked before converting them).
-- An unknown option or a malformed value raises `PromptOptionError`; the caller
-  reports it with the line and skips that line. (The original logged and ignored.)
+- A malformed value raises `PromptOptionError`; the caller reports it with the line and
+  skips that line. An unknown option is kept in `PromptLine.unknown` (the caller warns
+  with the file and line, and the line runs without it, as the original, which ignores
+  it silently); the SDXL-only options of the original (`SDXL_PROMPT_OPTIONS`) likewise.
+- ``--nl none`` (the original's) turns the negative scale off for the line
+  (`PromptLine.negative_scale_off`).
 - An option given twice keeps the last value (as the original), with a warning.
 """
 
@@ -150,6 +154,9 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
 
 _BY_NAME: dict[str, PromptOption] = {option.name: option for option in PROMPT_OPTIONS}
 
+#: The original's prompt options for SDXL's size conditioning: accepted and ignored, with a warning.
+SDXL_PROMPT_OPTIONS = ("ow", "oh", "nw", "nh", "ct", "cl")
+
 
 @dataclass(frozen=True)
 class PromptOverrides:
@@ -185,6 +192,8 @@ class PromptLine:
 
     prompt: str
     overrides: PromptOverrides
+    unknown: tuple[str, ...] = ()  # options not in the table, as written ("--zz 3"), in order
+    negative_scale_off: bool = False  # `--nl none`: no negative scale for this line
 
 
 _INT = re.compile(r"[+-]?[0-9]+")
@@ -196,21 +205,35 @@ def parse_prompt_line(line: str) -> PromptLine:
     starts = _option_starts(line)
     prompt = line[: starts[0]] if starts else line
     values: dict[str, Any] = {}
+    unknown: list[str] = []
+    negative_scale_off = False
     for start, end in zip(starts, starts[1:] + [len(line)]):
         body = line[start + 2 : end]
         name, raw_value = _split_name(body)
         option = _BY_NAME.get(name.lower())
         if option is None:
-            known = ", ".join("--" + known.name for known in PROMPT_OPTIONS)
-            raise PromptOptionError(
-                f'unknown prompt option --{quoted(name)} (in "--{quoted(body.strip())}"): use one of {known}',
-                option="--" + name,
-                value=raw_value.strip(),
-            )
-        if option.field in values:
+            unknown.append("--" + body.strip())
+            continue
+        if option.field in values or (option.name == "nl" and negative_scale_off):
             logger.warning("prompt option --%s given twice; the last value is used", option.name)
+        if option.name == "nl" and raw_value.strip().lower() == "none":
+            values.pop(option.field, None)
+            negative_scale_off = True
+            continue
+        if option.name == "nl":
+            negative_scale_off = False
         values[option.field] = _read_value(option, raw_value.strip())
-    return PromptLine(prompt.strip(), PromptOverrides(**values))
+    return PromptLine(prompt.strip(), PromptOverrides(**values), tuple(unknown), negative_scale_off)
+
+
+def unknown_option_message(written: str) -> str:
+    """The warning for an option `parse_prompt_line` did not know (`written` as "--zz 3")."""
+    name = written.split(None, 1)[0]
+    if name[2:].lower() in SDXL_PROMPT_OPTIONS:
+        return (f"{name} ignored: SDXL models are not supported (this tool runs SD 1.x/2.x); "
+                "the line runs without it")
+    known = ", ".join("--" + option.name for option in PROMPT_OPTIONS)
+    return f'unknown prompt option {name} (in "{written}") ignored, the line runs without it; known: {known}'
 
 
 def _split_name(body: str) -> tuple[str, str]:
@@ -320,6 +343,8 @@ def format_prompt_line(line: PromptLine) -> str:
         if value is None:
             continue
         parts.append(f"--{option.name} {_format_value(value)}".rstrip())
+    if line.negative_scale_off:
+        parts.append("--nl none")
     return " ".join(parts)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,14 +25,14 @@ from typing import Callable, Iterator
 from library import image_metadata
 from library.deep_shrink import DeepShrink
 from library.deep_shrink import with_overrides as deep_shrink_overrides
-from library.dynamic_prompts import expand_enumerations, has_dynamic_syntax, pick_variants
+from library.dynamic_prompts import expand_enumerations, pick_variants
 from library.errors import UserError
 from library.gradual_latent import GradualLatent, parse_unsharp
 from library.gradual_latent import with_overrides as gradual_latent_overrides
 from library.img2img import source_paths
 from library.jobs import Job
 from library.options import Options
-from library.prompt_options import parse_prompt_line
+from library.prompt_options import parse_prompt_line, unknown_option_message
 from library.prompt_weighting import split_and
 from library.user_code import import_file
 from library.seeds import SeedSource, seeds_for_line
@@ -54,6 +55,7 @@ class Defaults:
     deep_shrink: DeepShrink | None = None
     gradual_latent: GradualLatent | None = None
     regional_networks: int = 0  # regional LoRA: networks that each need a prompt part (`library.regions`)
+    merged_networks: int = 0  # networks merged into the model (`--am` cannot change them)
 
     @classmethod
     def from_options(cls, options: Options) -> "Defaults":
@@ -64,17 +66,18 @@ class Defaults:
         from library.regions import regional_lora
 
         regional = len(options.networks.modules) if regional_lora(options) else 0
+        n = options.networks
+        merged = len(n.modules) if n.merge else min(n.merge_n_models or 0, len(n.modules))
         return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
-                   g.deep_shrink, g.gradual_latent, regional)
+                   deep_shrink=g.deep_shrink, gradual_latent=g.gradual_latent, regional_networks=regional,
+                   merged_networks=merged)
 
 
 def _strength(options: Options) -> float | None:
-    """`--strength` for img2img; for Highres fix `--highres_fix_strength` (else `--strength`)."""
-    strength = options.generation.strength
-    if options.sources.image_path is not None:
-        return strength
-    if options.highres.scale:
-        return options.highres.strength if options.highres.strength is not None else strength
+    """`--strength` for img2img and the Highres fix 2nd stage (as the original; its 1st stage,
+    when img2img, takes `--highres_fix_strength`, see `library.highres_fix`); None for txt2img."""
+    if options.sources.image_path is not None or options.highres.scale:
+        return options.generation.strength
     return None
 
 
@@ -124,18 +127,24 @@ def load_prompter(path: str, args: argparse.Namespace, pipe: object, networks: l
     module = import_file(path, "--from_module")
     if not hasattr(module, "get_prompter"):
         raise UserError(f"--from_module {path}: the module has no get_prompter(args, pipe, networks) function")
-    return module.get_prompter(args, pipe, networks)
+    prompter = module.get_prompter(args, pipe, networks)
+    return prompter if callable(prompter) else list(prompter)  # an iterable serves every round
 
 
-def module_lines(prompter, args, pipe, seeds: SeedSource, iter_seed: int | None) -> Iterator[Line]:
-    """Lines from a prompter: an iterable of strings, or a callable returning None to stop."""
+def module_lines(prompter, args, pipe, seeds: SeedSource, iter_seed: int | None,
+                 images_per_prompt: int = 1) -> Iterator[Line]:
+    """Lines from a prompter: an iterable of strings, or a callable returning None to stop,
+    called as the original calls it: `prompter(args, pipe, seed_random, iter_seed,
+    prompt_index, global_step)`, with the run's seed generator (a `random.Random`, so
+    `seed_random.randint(...)` works and shares the image seeds' sequence, as the original),
+    `prompt_index` counting this round's prompts from 0 and `global_step` the images asked for."""
     if not callable(prompter):
         for index, text in enumerate(prompter):
             yield Line(str(text), f"--from_module prompt {index + 1}")
         return
     index = 0
     while True:
-        text = prompter(args, pipe, seeds, iter_seed, index, index)
+        text = prompter(args, pipe, seeds.random, iter_seed, index, index * images_per_prompt)
         if text is None:
             return
         index += 1
@@ -175,6 +184,11 @@ def jobs_for_line(
     """The Jobs of one prompt line; a malformed line raises `UserError` (caller skips it)."""
     parsed = parse_prompt_line(line.text)
     o = parsed.overrides
+    for written in parsed.unknown:
+        logger.warning("%s: %s", line.where, unknown_option_message(written))
+    _warn_unsupported_tags(parsed.prompt, line)
+    if o.network_multipliers is not None:
+        _warn_inert_am(defaults, line)
     width, height = o.width or defaults.width, o.height or defaults.height
     for name, value in (("--w", width), ("--h", height)):
         if value is not None and value % 8:
@@ -183,7 +197,6 @@ def jobs_for_line(
     deep_shrink = deep_shrink_overrides(defaults.deep_shrink, o)
     unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
     gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
-    dynamic = has_dynamic_syntax(parsed.prompt) or has_dynamic_syntax(o.negative_prompt or "")
     jobs = []
     for prompt in expand_enumerations(parsed.prompt):
         for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
@@ -202,9 +215,10 @@ def jobs_for_line(
                     height=height,
                     steps=o.steps or defaults.steps,
                     scale=o.scale if o.scale is not None else defaults.scale,
-                    negative_scale=o.negative_scale if o.negative_scale is not None else defaults.negative_scale,
+                    negative_scale=_line_negative_scale(parsed.negative_scale_off, o.negative_scale,
+                                                        defaults.negative_scale),
                     chunks=chunk_count(*parts, negative),
-                    raw_prompt=line.text if dynamic else None,
+                    raw_prompt=line.text,  # always written, as the original (the line as given)
                     clip_prompt=o.clip_prompt,
                     file_name=o.file_name,
                     network_multipliers=o.network_multipliers or defaults.network_multipliers,
@@ -215,6 +229,33 @@ def jobs_for_line(
                 )
             )
     return jobs
+
+
+_EXTRA_NETWORK_TAG = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+
+
+def _warn_unsupported_tags(prompt: str, line: Line) -> None:
+    """`<lora:name:w>` / `<hypernet:...>` in a prompt (the web UI's syntax): a warning, the text stays."""
+    tags = [m.group(0) for m in _EXTRA_NETWORK_TAG.finditer(prompt)]
+    if tags:
+        logger.warning("%s: %s not supported in prompts (they stay in the text); load LoRA with "
+                       "--network_module/--network_weights and set weights with --am", line.where, " ".join(tags))
+
+
+def _warn_inert_am(defaults: Defaults, line: Line) -> None:
+    """`--am` where it changes nothing: no networks, or (some) networks merged."""
+    if defaults.network_multipliers is None:
+        logger.warning("%s: --am ignored: no networks are loaded (--network_module/--network_weights)", line.where)
+    elif defaults.merged_networks:
+        logger.warning("%s: --am does not change the first %d network(s): they are merged into the model "
+                       "(--network_merge / --network_merge_n_models)", line.where, defaults.merged_networks)
+
+
+def _line_negative_scale(off: bool, given: float | None, default: float | None) -> float | None:
+    """The line's negative scale: none with `--nl none`, else its `--nl`, else `--negative_scale`."""
+    if off:
+        return None
+    return given if given is not None else default
 
 
 def _line_strength(given: float | None, default: float | None, line: Line) -> float | None:

@@ -29,6 +29,7 @@ from library.jobs import Job, batches
 from library.options import RoundOptions
 from library.pipeline import Pipeline
 from library.prompts import Defaults, Line, jobs_for_line
+from library.run_metadata import lora_tags
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class OutputSettings:
     use_original_name: bool = False  # `--use_original_file_name`: name after the img2img source
     controlnet_metadata: tuple[tuple[str, str], ...] = ()  # for images with a guide image
     region_metadata: tuple[tuple[str, str], ...] = ()  # the region mask's file and mode (`library.regions`)
+    run_metadata: tuple[tuple[str, object], ...] = ()  # VAE, eta, Lora/TI hashes (`library.run_metadata`)
+    lora_files: tuple[str, ...] = ()  # for the `<lora:name:w>` tags of the A1111 prompt
+    lora_multipliers: tuple[float, ...] = ()  # defaults; a line's --am wins
 
 
 @dataclass
@@ -87,6 +91,8 @@ class Runner:
         for line in lines:
             try:
                 made = jobs_for_line(line, self.defaults, seeds, iter_seed, self.generator.encoder.chunk_count)
+                if self.sources is not None:  # the size may come from the source
+                    made = [self.sources.assign(job, line.image) for job in made]
                 limits.check_jobs(made, self.generator, self.highres)  # sizes and steps the model can make
                 for job in made:
                     self.generator.check_job(job)
@@ -98,8 +104,6 @@ class Runner:
                 self.summary.first_skip = self.summary.first_skip or f"{line.where}: {exc}"
                 continue
             for job in made:
-                if self.sources is not None:
-                    job = self.sources.assign(job, line.image)
                 if self.guides is not None:
                     job = replace(job, guide_image=self.guides.next_path())
                 yield job
@@ -129,7 +133,8 @@ class Runner:
                 for job, picture, index in zip(jobs, pictures, indices):
                     self.summary.written.append(self._save(job, picture, index, "0"))
 
-            return gen.decode(self.highres.generate(gen, batch, vae_batch_size, save_first), vae_batch_size)
+            return gen.decode(self.highres.generate(gen, batch, vae_batch_size, save_first, self.sources),
+                              vae_batch_size)
         if batch[0].init_image is None:
             return gen.decode(gen.latents(batch), vae_batch_size)
         init = self.sources.load(batch, vae_batch_size)
@@ -142,7 +147,7 @@ class Runner:
         original = Path(job.init_image).name if self.output.use_original_name and job.init_image else None
         name = output_files.output_file_name(
             timestamp=self._timestamp,
-            index=index,
+            index=index - 1,  # from 000, as the original (`sequential` counts from 1, as the original)
             seed=job.seed,
             highres_stage=stage,
             sequential=index if self.output.sequential else None,
@@ -153,6 +158,8 @@ class Runner:
         if job.guide_image is not None:
             extra = (*extra, *self.output.controlnet_metadata)
         extra = (*extra, *self.output.region_metadata)
+        extra = (*extra, *self.output.run_metadata)
+        tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
         record = image_metadata.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,
@@ -171,15 +178,17 @@ class Runner:
             strength=job.strength,
             karras=self.output.sampler.endswith("_karras"),
             extra=extra,
+            a1111_prompt_suffix=tags,
         )
         return output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record))
 
 
-def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[], Iterable[Line]],
+def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[int | None], Iterable[Line]],
                seeds, total: int | None) -> None:
-    """`--n_iter` rounds over the prompt lines; `--iter_same_seed` draws one seed per round."""
+    """`--n_iter` rounds over the prompt lines (`lines_for_round(iter_seed)` each round);
+    `--iter_same_seed` draws one seed per round."""
     for round_index in range(rounds.n_iter):
         if rounds.n_iter > 1:
             logger.info("iteration %d/%d", round_index + 1, rounds.n_iter)
         iter_seed = seeds.draw() if rounds.iter_same_seed else None
-        runner.run(runner.jobs(lines_for_round(), seeds, iter_seed), total)
+        runner.run(runner.jobs(lines_for_round(iter_seed), seeds, iter_seed), total)

@@ -86,8 +86,10 @@ def noises_per_step(name: str) -> int:
     return resolve(name)[0].noises_per_step
 
 
-def make_scheduler(name: str, v_prediction: bool):
-    """A fresh scheduler for `name`, configured as the original tool configures it."""
+def make_scheduler(name: str, v_prediction: bool, zero_terminal_snr: bool = False):
+    """A fresh scheduler for `name`, configured as the original tool configures it;
+    `zero_terminal_snr` passes `rescale_betas_zero_snr=True` (`--zero_terminal_snr`), which
+    only some diffusers classes accept: the others are a `UserError` naming those that do."""
     import diffusers
 
     spec, karras = resolve(name)
@@ -104,9 +106,26 @@ def make_scheduler(name: str, v_prediction: bool):
         if "use_karras_sigmas" not in accepted:
             raise UserError(f"--sampler {name}: this diffusers version has no Karras sigmas for {spec.class_name}")
         kwargs["use_karras_sigmas"] = True
+    if zero_terminal_snr:
+        if "rescale_betas_zero_snr" not in accepted:
+            raise UserError(f"--zero_terminal_snr: --sampler {name} does not support it; use one of "
+                            + ", ".join(zero_terminal_snr_samplers()))
+        kwargs["rescale_betas_zero_snr"] = True
     if spec.class_name == "LMSDiscreteScheduler":
         try:
             import scipy  # noqa: F401  (LMS integrates its coefficients with scipy)
         except ImportError:
             raise UserError("--sampler lms needs scipy: pip install scipy") from None
     return cls(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def zero_terminal_snr_samplers() -> list[str]:
+    """The base sampler names whose diffusers class accepts `rescale_betas_zero_snr`."""
+    import diffusers
+
+    names = []
+    for name, spec in _BASE.items():
+        cls = getattr(diffusers, spec.class_name, None)
+        if cls is not None and "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters:
+            names.append(name)
+    return names

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,11 @@ class SeedSource:
     def __init__(self, seed: int | None, single_image: bool) -> None:
         self._fixed = seed if (seed is not None and single_image) else None
         self._random = random.Random(seed) if seed is not None else random.Random()
+
+    @property
+    def random(self) -> random.Random:
+        """The underlying `random.Random` (what the original hands `--from_module` prompters)."""
+        return self._random
 
     def draw(self) -> int:
         """The next seed: the fixed one for a single-image run, else the next random draw."""
@@ -74,8 +80,10 @@ def draw_image_noise(
     img2img: bool,
     device: torch.device,
     dtype: torch.dtype,
+    modify: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> ImageNoise:
-    """Seed one generator per image and make its up-front draws in the original's order."""
+    """Seed one generator per image and make its up-front draws in the original's order;
+    `modify` (`library.start_noise`) then changes each start noise with draws from its stream."""
     generators, initial, extra = [], [], []
     for seed in seeds:
         g = torch.Generator(device=device).manual_seed(seed)
@@ -84,5 +92,7 @@ def draw_image_noise(
             torch.randn(latent_shape, generator=g, device=device, dtype=dtype)
         if img2img:
             extra.append(torch.randn(latent_shape, generator=g, device=device, dtype=dtype))
+        if modify is not None:
+            initial[-1] = modify(initial[-1], g)
         generators.append(g)
     return ImageNoise(generators, torch.stack(initial), torch.stack(extra) if img2img else None)

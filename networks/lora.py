@@ -299,13 +299,14 @@ def create_network_from_weights(
     """Load a LoRA / LyCORIS file (or `weights_sd`) for `text_encoder` + `unet`.
 
     `vae` and `for_inference` exist for kohya's call signature (this network is always an
-    inference network; the VAE is never patched). Unknown `network_args` are ignored.
+    inference network; the VAE is never patched). `network_args` are ignored, with a warning.
     Raises `UserError` for a missing / unreadable file, a file without LoRA weights, or one
     made for a different base model.
     """
     del vae, for_inference
     if network_args:
-        logger.debug("ignoring network args %s", sorted(network_args))
+        logger.warning("--network_args %s ignored: this LoRA module takes no network arguments",
+                       ", ".join(sorted(network_args)))
     label = str(file) if file is not None else "<state dict>"
     metadata: dict[str, str] = {}
     if weights_sd is None:

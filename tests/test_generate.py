@@ -186,7 +186,6 @@ def test_killed_run_leaves_only_complete_pngs(tiny_models, tmp_path):
         ([], "no prompt: give --prompt, --from_file, --from_module or --interactive"),
         (["--prompt", "x", "--v2"], "--v2 was given but tiny-sd1.safetensors is an SD 1.x model"),
         (["--from_file", "/nonexistent/p.txt"], "--from_file /nonexistent/p.txt: cannot read it"),
-        (["--prompt", "x", "--xformers"], "--xformers: xformers is not installed"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(tiny_models, tmp_path, capsys, extra, message):

@@ -39,15 +39,16 @@ def test_both_stages_run_with_their_sizes_steps_and_seeds(tiny_models, tmp_path,
         ((64, 32), 4, 4, [41], None),  # 1st stage: txt2img, --highres_fix_steps
         ((128, 96), 10, 5, [42], 0.5),  # 2nd stage: img2img, int(10 * 0.5) steps, seed + 1
     ]
-    first, final = sorted(out.glob("*_0001_41.png")), sorted(out.glob("*_1001_41.png"))
+    first, final = sorted(out.glob("*_0000_41.png")), sorted(out.glob("*_1000_41.png"))  # index from 000
     assert len(first) == len(final) == 1 and len(pngs(out)) == 2
     assert Image.open(first[0]).size == (64, 32) and Image.open(final[0]).size == (128, 96)
     meta1, meta2 = read_generation_text(first[0]), read_generation_text(final[0])
     assert (meta1["seed"], meta1["steps"], meta2["seed"], meta2["steps"]) == ("41", "4", "41", "10")
     a1111 = parse_a1111_parameters(meta2["parameters"])
     assert a1111["Denoising strength"] == "0.5" and "Hires 1st pass size: 64x32" in meta2["parameters"]
+    # the flag alone is bicubic, as the original (issue 15)
     assert a1111["Hires upscaler"] == (f"Latent ({upscaling[-1]})" if len(upscaling) == 2 else
-                                       "Latent (bilinear)" if upscaling else "Lanczos")
+                                       "Latent (bicubic)" if upscaling else "Lanczos")
 
 
 def test_without_save_1st_only_final_images_are_written(tiny_models, tmp_path, call_log):
@@ -66,11 +67,15 @@ def test_sequential_names_of_both_stages(tiny_models, tmp_path):
     assert [p.name for p in pngs(out)] == ["im_0000001.png", "im_0000002.png", "im_1000001.png", "im_1000002.png"]
 
 
-def test_strength_of_the_2nd_stage(tiny_models, tmp_path, call_log):
+def test_strength_of_the_2nd_stage(tiny_models, tmp_path, call_log, caplog):
+    # as the original (issue 15): the 2nd stage takes --strength / --t; --highres_fix_strength is the
+    # strength of an img2img 1st stage only, so here it is ignored with a warning
     prompts = tmp_path / "p.txt"
     prompts.write_text("default --d 1\nper prompt --t 0.7 --d 2\n")
-    assert run(tiny_models, tmp_path / "o", *HIGHRES, "--highres_fix_strength", "0.3", "--from_file", str(prompts)) == 0
+    assert run(tiny_models, tmp_path / "o", *HIGHRES, "--strength", "0.3", "--highres_fix_strength", "0.9",
+               "--from_file", str(prompts)) == 0
     assert [(e["strength"], e["ran"]) for e in call_log if e["strength"] is not None] == [(0.3, 3), (0.7, 7)]
+    assert "--highres_fix_strength is the strength of an img2img 1st stage (with --image_path); ignored" in caplog.text
 
 
 def test_lanczos_path_re_encodes_and_latent_path_does_not(tiny_models, tmp_path, monkeypatch):
@@ -94,7 +99,7 @@ def test_latent_upscaler_module(tiny_models, tmp_path):
     module = ["--highres_fix_upscaler", "tools.latent_upscaler", "--highres_fix_upscaler_args", f"weights={weights}"]
     prompt = ["--prompt", "a boat --d 3", *HIGHRES]
     assert run(tiny_models, tmp_path / "module", *prompt, *module) == 0
-    assert run(tiny_models, tmp_path / "bilinear", *prompt, "--highres_fix_latents_upscaling") == 0
+    assert run(tiny_models, tmp_path / "bilinear", *prompt, "--highres_fix_latents_upscaling", "bilinear") == 0
     # zero correction: the shipped network starts out as bilinear latent upscaling
     assert np.abs(pixels(pngs(tmp_path / "module")[0]) - pixels(pngs(tmp_path / "bilinear")[0])).max() <= 1
 

@@ -41,9 +41,11 @@ def round_trip(gen: Pipeline, source: torch.Tensor, seed: int, steps: int, per_s
 
 def test_strength_0_returns_the_vae_round_trip(model, tiny_models, tmp_path):
     gen = make_generator(model, "ddim")
-    src = make_source(tmp_path / "src.png", (64, 48))
+    src = make_source(tmp_path / "src.png", (64, 96))
     expected = round_trip(gen, pil_to_tensor(Image.open(src)), seed=11, steps=6)
-    assert run(tiny_models, tmp_path / "out", "--image_path", str(src), "--strength", "0", "--prompt", "x --d 11") == 0
+    # with the original's default offset 1 strength 0 noises at the last timestep (issue 15); offset 0: none
+    assert run(tiny_models, tmp_path / "out", "--image_path", str(src), "--strength", "0", "--prompt", "x --d 11",
+               "--force_scheduler_zero_steps_offset") == 0
     (out,) = pngs(tmp_path / "out")
     want = np.asarray(((expected[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().numpy(), dtype=np.int16)
     assert np.abs(pixels(out) - want).max() <= 1
@@ -109,7 +111,7 @@ def test_cli_strength_and_the_t_prompt_option(tiny_models, tmp_path, call_log):
 
 def test_folder_sources_are_used_in_turn_across_prompts(tiny_models, tmp_path):
     folder = tmp_path / "src"
-    for i, width in enumerate((64, 72, 80)):  # the size tells which source an image used
+    for i, width in enumerate((64, 96, 128)):  # the size tells which source an image used
         make_source(folder / f"{i:02d}.png", (width, 64), seed=i)
     (folder / "notes.txt").write_text("not an image")
     prompts = tmp_path / "p.txt"
@@ -119,7 +121,7 @@ def test_folder_sources_are_used_in_turn_across_prompts(tiny_models, tmp_path):
                "--sequential_file_name", "--batch_size", "2") == 0
     files = pngs(out)
     assert [p.name for p in files] == [f"im_{i:06d}.png" for i in range(1, 5)]
-    assert [Image.open(p).size[0] for p in files] == [64, 72, 80, 64]
+    assert [Image.open(p).size[0] for p in files] == [64, 96, 128, 64]
     assert [read_generation_text(p)["prompt"] for p in files] == ["alpha", "alpha", "beta", "beta"]
 
 
@@ -140,7 +142,7 @@ def test_batches_do_not_change_img2img_images(tiny_models, tmp_path):
 def test_prompts_come_from_the_sources_metadata(tiny_models, tmp_path):
     made = tmp_path / "made"
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red cube --n blurry --w 64 --d 1\na blue ball --w 72 --d 2\n")
+    prompts.write_text("a red cube --n blurry --w 64 --d 1\na blue ball --w 96 --d 2\n")
     assert run(tiny_models, made, "--from_file", str(prompts), "--H", "64", "--sequential_file_name") == 0
     out = tmp_path / "out"
     assert run(tiny_models, out, "--image_path", str(made), "--images_per_prompt", "2", "--strength", "0.5",
@@ -148,19 +150,19 @@ def test_prompts_come_from_the_sources_metadata(tiny_models, tmp_path):
     got = [(read_generation_text(p)["prompt"], read_generation_text(p).get("negative-prompt"), Image.open(p).size[0])
            for p in pngs(out)]
     # each source's prompt, twice, each time with its own source (the widths tell)
-    assert got == [("a red cube", "blurry", 64)] * 2 + [("a blue ball", "", 72)] * 2
+    assert got == [("a red cube", "blurry", 64)] * 2 + [("a blue ball", "", 96)] * 2
 
 
 def test_size_is_rounded_down_or_resized(tiny_models, tmp_path, caplog):
     src = make_source(tmp_path / "odd.png", (70, 61), mode="RGBA")
     with caplog.at_level(logging.INFO, logger="library.img2img"):
         assert run(tiny_models, tmp_path / "a", "--image_path", str(src), "--prompt", "x") == 0
-    assert Image.open(pngs(tmp_path / "a")[0]).size == (64, 56)
-    assert "70x61 rounded down to 64x56" in caplog.text
+    assert Image.open(pngs(tmp_path / "a")[0]).size == (64, 32)  # multiples of 32, as the original (issue 15)
+    assert "odd.png: 70x61 rounded down to 64x32 (multiples of 32, as the original)" in caplog.text
     assert run(tiny_models, tmp_path / "b", "--image_path", str(src), "--prompt", "x", "--W", "96", "--H", "64") == 0
     assert Image.open(pngs(tmp_path / "b")[0]).size == (96, 64)
     assert run(tiny_models, tmp_path / "c", "--image_path", str(src), "--prompt", "x --w 32") == 0
-    assert Image.open(pngs(tmp_path / "c")[0]).size == (32, 56)
+    assert Image.open(pngs(tmp_path / "c")[0]).size == (32, 32)
 
 
 # --- inpainting -----------------------------------------------------------------------------------
@@ -173,7 +175,8 @@ def test_inpainting_keeps_the_area_outside_the_mask(tiny_models, tmp_path, stren
     mask[16:40, 24:48] = 255
     Image.fromarray(mask, "L").save(tmp_path / "mask.png")
     common = ["--image_path", str(src), "--prompt", "x --d 9"]
-    assert run(tiny_models, tmp_path / "rt", *common, "--strength", "0") == 0
+    # the VAE round-trip: strength 0 with offset 0 (offset 1 would noise it at the last timestep)
+    assert run(tiny_models, tmp_path / "rt", *common, "--strength", "0", "--force_scheduler_zero_steps_offset") == 0
     assert run(tiny_models, tmp_path / "in", *common, "--strength", strength, "--mask_image",
                str(tmp_path / "mask.png")) == 0
     diff = np.abs(pixels(pngs(tmp_path / "in")[0]) - pixels(pngs(tmp_path / "rt")[0])).max(axis=2)
@@ -188,7 +191,8 @@ def test_mask_folder_masks_belong_to_sources_in_order(tiny_models, tmp_path):
     Image.new("L", (64, 64), 0).save(tmp_path / "masks" / "0.png")  # keep everything
     Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "1.png")  # repaint everything
     assert run(tiny_models, tmp_path / "rt", "--image_path", str(tmp_path / "src"), "--prompt", "x --d 3,3",
-               "--images_per_prompt", "2", "--strength", "0", "--sequential_file_name") == 0
+               "--images_per_prompt", "2", "--strength", "0", "--sequential_file_name",
+               "--force_scheduler_zero_steps_offset") == 0
     assert run(tiny_models, tmp_path / "in", "--image_path", str(tmp_path / "src"), "--prompt", "x --d 3,3",
                "--images_per_prompt", "2", "--mask_path", str(tmp_path / "masks"), "--sequential_file_name") == 0
     (kept, painted), (rt0, rt1) = pngs(tmp_path / "in"), pngs(tmp_path / "rt")
@@ -223,8 +227,6 @@ def test_mask_of_another_size_names_both_sizes(tiny_models, tmp_path, capsys):
         (["--mask_path", "{src}", "--prompt", "x"], "--mask_path needs --image_path"),
         (["--image_path", "{tiny}", "--prompt", "x"], "4x12 is too small; images need at least 8x8 pixels"),
         (["--image_path", "{src}", "--prompt", "x", "--strength", "1.5"], "--strength 1.5: must be between 0 and 1"),
-        (["--image_path", "{src}", "--prompt", "x", "--highres_fix_scale", "0.5"],
-         "--highres_fix_scale and --image_path exclude each other"),
     ],
 )
 def test_img2img_mistakes_are_one_line(tiny_models, tmp_path, capsys, extra, message):

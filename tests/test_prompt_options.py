@@ -20,6 +20,7 @@ from library.prompt_options import (
     format_prompt_line,
     parse_prompt_line,
     prompt_options_help,
+    unknown_option_message,
 )
 
 KNOWN = (
@@ -134,9 +135,6 @@ def test_an_option_given_twice_keeps_the_last(caplog: pytest.LogCaptureFixture) 
         ("a --d 1,x", 'prompt option --d expects comma-separated integers, got "1,x" (e.g. --d 1,2,3,4)', "--d", "1,x"),
         ("a --s", "prompt option --s needs a value (e.g. --s 28)", "--s", None),
         ("a --s   ", "prompt option --s needs a value (e.g. --s 28)", "--s", None),
-        ("a --zz 3", f'unknown prompt option --zz (in "--zz 3"): use one of {KNOWN}', "--zz", "3"),
-        ("a --w=512", f'unknown prompt option --w=512 (in "--w=512"): use one of {KNOWN}', "--w=512", ""),
-        ("a ---w 5", f'unknown prompt option ---w (in "---w 5"): use one of {KNOWN}', "---w", "5"),
         ("a --w 500", 'prompt option --w expects a positive multiple of 8, got "500" (e.g. --w 768)', "--w", "500"),
         ("a --h 0", 'prompt option --h expects a positive multiple of 8, got "0" (e.g. --h 512)', "--h", "0"),
         ("a --h -64", 'prompt option --h expects a positive multiple of 8, got "-64" (e.g. --h 512)', "--h", "-64"),
@@ -258,3 +256,35 @@ def test_arbitrary_lines_give_a_line_or_a_user_error(text: str) -> None:
         return
     assert parsed.prompt == parsed.prompt.strip()
     assert parsed.prompt in text
+
+
+# --- the original's leniency (issue 15) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, prompt, overrides, unknown",
+    [
+        ("a --zz 3 --w 64", "a", PromptOverrides(width=64), ("--zz 3",)),
+        ("a --w=512", "a", PromptOverrides(), ("--w=512",)),
+        ("a ---w 5", "a", PromptOverrides(), ("---w 5",)),
+        ("a --ow 1024 --oh 768 --nw 512 --nh 512 --ct 0 --cl 8 --s 3", "a", PromptOverrides(steps=3),
+         ("--ow 1024", "--oh 768", "--nw 512", "--nh 512", "--ct 0", "--cl 8")),
+    ],
+)
+def test_unknown_options_are_kept_for_a_warning(line, prompt, overrides, unknown) -> None:
+    assert parse_prompt_line(line) == PromptLine(prompt, overrides, unknown)
+
+
+def test_unknown_option_messages() -> None:
+    assert unknown_option_message("--zz 3") == (
+        f'unknown prompt option --zz (in "--zz 3") ignored, the line runs without it; known: {KNOWN}')
+    assert unknown_option_message("--OW 1024") == (
+        "--OW ignored: SDXL models are not supported (this tool runs SD 1.x/2.x); the line runs without it")
+
+
+def test_nl_none_turns_the_negative_scale_off() -> None:
+    line = parse_prompt_line("a --nl none --s 4")
+    assert line == PromptLine("a", PromptOverrides(steps=4), negative_scale_off=True)
+    assert parse_prompt_line(format_prompt_line(line)) == line
+    assert parse_prompt_line("a --nl None --nl 2").overrides.negative_scale == 2.0
+    assert not parse_prompt_line("a --nl None --nl 2").negative_scale_off

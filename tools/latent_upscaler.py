@@ -97,7 +97,9 @@ def network_from_state_dict(state: dict[str, torch.Tensor], path: Path) -> Laten
     """A network shaped after `state` (channels and block count), with its weights."""
     if "conv_in.weight" not in state:
         raise UserError(f"--highres_fix_upscaler_args weights={path}: not a tools.latent_upscaler network "
-                        "(no conv_in.weight); see python tools/latent_upscaler.py --help")
+                        "(no conv_in.weight); the original's upscaler-v1-e100-220.safetensors layout is not loaded "
+                        "(its network definition is not available to this project), so make one with "
+                        "python tools/latent_upscaler.py or use --highres_fix_latents_upscaling")
     channels, latent_channels = state["conv_in.weight"].shape[:2]
     blocks = len({m.group(1) for m in map(_BLOCK_KEY.match, state) if m})
     net = LatentUpscalerNet(channels, blocks, latent_channels)
