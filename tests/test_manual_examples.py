@@ -4,10 +4,10 @@ run unchanged (issue 15): every line generates, nothing is skipped, exit status 
 
 Each command is the manual's, with the model, image and network files replaced by tiny test
 files and the sizes, steps and image counts scaled down (`scaled`) so that the test runs on a
-CPU in seconds; every option and prompt option stays as the manual writes it. Not here: the
-examples of CLIP guidance (`--clip_guidance_scale`, `--clip_image_guidance_scale`) and VGG16
-guidance (issue 14), Deep Shrink / Gradual Latent (issue 12) and regional masks (issue 13);
-their prompt options (`--dsd1 ... --glt ...`) are left out of the prompt file for the same reason.
+CPU in seconds; every option and prompt option stays as the manual writes it. The examples of
+guidance, Deep Shrink / Gradual Latent and regional masks have their own tests
+(tests/test_guidance.py, test_deep_shrink.py, test_gradual_latent.py, test_regional_cli.py);
+their prompt options are in the prompt file here too.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ a dog --nl none --t 0.5 --d 4
 a bird --am 0.5,0.25 --c a small bird --d 5
 a tree --f tree_file.png --d 6
 a car --ow 1024 --oh 1024 --nw 512 --nh 512 --ct 0 --cl 0 --d 7
+a hill --dsd1 1 --dst1 600 --dsd2 0 --dst2 300 --dsr 0.5 --d 8
+a lake --glt 800 --glr 0.5 --gls 0.25 --gle 1 --glsn 1.0 --glus 3,0.5,0.5,1 --d 9
 """
 
 
@@ -173,6 +175,7 @@ def test_a_prompt_file_with_every_prompt_option(files, tmp_path, monkeypatch, ca
     prompts = tmp_path / "every_option.txt"
     prompts.write_text(PROMPT_FILE, encoding="utf-8")
     argv = ["--ckpt", files["<model_name>"], "--xformers", "--from_file", str(prompts), "--steps", "4",
+            "--sampler", "k_euler_a",
             "--W", "64", "--H", "64", "--highres_fix_scale", "0.5", "--highres_fix_steps", "2",
             "--network_module", "networks.lora", "networks.lora",
             "--network_weights", files["model1.safetensors"], files["model2.safetensors"]]
@@ -180,8 +183,8 @@ def test_a_prompt_file_with_every_prompt_option(files, tmp_path, monkeypatch, ca
         assert _run(argv, tmp_path / "out", monkeypatch, []) == 0
     assert "skipped" not in caplog.text
     written = pngs(tmp_path / "out")
-    assert len(written) == 6  # one image per line
-    assert sorted(meta(p)["seed"] for p in written) == ["1", "2", "4", "5", "6", "7"]
+    assert len(written) == 8  # one image per line
+    assert sorted(meta(p)["seed"] for p in written) == ["1", "2", "4", "5", "6", "7", "8", "9"]
     assert (tmp_path / "out" / "tree_file.png").exists()
     by_seed = {meta(p)["seed"]: meta(p) for p in written}
     assert (by_seed["1"]["steps"], by_seed["1"]["scale"], by_seed["1"]["negative-prompt"]) == ("3", "6.5",
