@@ -76,6 +76,7 @@ def load(args: argparse.Namespace, runtime: Runtime) -> LoadedModel:
         v2=args.v2,
         v_parameterization=args.v_parameterization,
         tokenizer_cache_dir=args.tokenizer_cache_dir,
+        attention="sdpa" if args.sdpa else "auto",  # library.attention: blocked on CPU bf16 unless --sdpa
     )
 
 

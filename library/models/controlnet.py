@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from library.attention import set_attention
 from library.errors import UserError
 from library.models import checkpoint
 from library.models.loader import _assign, _empty_modules, _first_line, _move
@@ -68,7 +69,9 @@ def load_controlnet(
     else:
         controlnet = _load_single_file(path, unet, dtype)
     logger.debug("ControlNet from %s", path.name)
-    return _move(controlnet, torch.device(device)).eval().requires_grad_(False)
+    controlnet = _move(controlnet, torch.device(device)).eval().requires_grad_(False)
+    set_attention(controlnet, "auto")  # the U-Net's choice, made the same way (library.attention)
+    return controlnet
 
 
 # --- single files -------------------------------------------------------------------------

@@ -79,12 +79,16 @@ def load_model(
     v2: bool = False,
     v_parameterization: bool = False,
     tokenizer_cache_dir: str | Path | None = None,
+    attention: str = "auto",
 ) -> LoadedModel:
     """Load text encoder, tokenizer, U-Net and VAE of `ckpt`, plus its detected kind.
 
     `v1`/`v2` must agree with what the weights are (a mismatch is a `UserError`);
     `v_parameterization` forces v-prediction, otherwise it comes from the checkpoint.
+    `attention` picks the U-Net's attention processor for the run (`library.attention`:
+    "auto" = blocked attention on CPU in bf16, diffusers' SDPA processor elsewhere).
     """
+    from library.attention import set_attention
 
     from library.models.tokenizer import load_tokenizer
 
@@ -110,6 +114,7 @@ def load_model(
         tokenizer = load_tokenizer(family, diffusers_dir=diffusers_dir, cache_dir=tokenizer_cache_dir)
         for module in (te, unet, vae_model):
             _move(module, torch.device(device)).eval().requires_grad_(False)
+        set_attention(unet, attention)
     return LoadedModel(te, tokenizer, unet, vae_model, kind, path, path.stem if path.is_file() else path.name)
 
 
