@@ -20,11 +20,11 @@ def _qkv(tokens: int, keys: int, dim: int, dtype: torch.dtype, logit_scale: floa
     return (q * logit_scale).to(dtype), k, v
 
 
-@pytest.mark.parametrize("tokens,keys,dim,block", [(300, 300, 40, 128), (64, 77, 80, 512), (257, 1000, 16, 100)])
+@pytest.mark.parametrize("tokens,keys,dim,block", [(300, 300, 40, 128 * 300), (64, 77, 80, 1 << 21), (257, 1000, 16, 100 * 1000)])
 def test_blocked_attention_equals_sdpa_in_fp32(tokens, keys, dim, block):
     q, k, v = _qkv(tokens, keys, dim, torch.float32, logit_scale=3.0)
     expected = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    got = blocked_attention(q, k, v, query_block=block)
+    got = blocked_attention(q, k, v, block_scores=block)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 2e-5  # fp32 rounding of differently ordered sums
 
@@ -41,7 +41,7 @@ def test_blocked_attention_in_bf16_is_close_to_the_exact_result():
     flash = _relative_rms(F.scaled_dot_product_attention(q, k, v).transpose(1, 2), truth)
     plain = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * 40**-0.5, dim=-1) @ v
     plain_error = _relative_rms(plain.transpose(1, 2), truth)
-    blocked_error = _relative_rms(blocked_attention(q, k, v, 256), truth)
+    blocked_error = _relative_rms(blocked_attention(q, k, v, 256 * 1024), truth)
     assert blocked_error < 2.5 * flash
     assert blocked_error < 0.5 * plain_error
 
@@ -59,7 +59,7 @@ def test_processor_in_the_unet_gives_the_sdpa_result(tiny_models):
     unet = model.unet
     unet.set_attn_processor(AttnProcessor2_0())
     expected = _unet_output(unet, torch.float32)
-    unet.set_attn_processor(BlockedAttnProcessor(query_block=100, min_tokens=1, dtypes=(torch.float32,)))
+    unet.set_attn_processor(BlockedAttnProcessor(block_scores=100 * 77, min_tokens=1, dtypes=(torch.float32,)))
     assert (_unet_output(unet, torch.float32) - expected).abs().max().item() < 1e-5
 
 
@@ -116,7 +116,7 @@ def test_fp32_images_with_blocked_attention_are_within_one_level(tiny_models):
     model = load_model(str(tiny_models["sd1"]))
     images = _images(model, torch.float32, {
         "sdpa": AttnProcessor2_0(),
-        "blocked": BlockedAttnProcessor(query_block=96, min_tokens=1, dtypes=(torch.float32,)),
+        "blocked": BlockedAttnProcessor(block_scores=96 * 256, min_tokens=1, dtypes=(torch.float32,)),
     })
     assert (images["blocked"] - images["sdpa"]).abs().max().item() <= 1 / 255
 
@@ -129,7 +129,7 @@ def test_bf16_images_with_blocked_attention_are_as_close_to_exact_as_sdpa(tiny_m
     images = _images(model, torch.bfloat16, {
         "exact": _ExactAttention(),
         "sdpa": AttnProcessor2_0(),
-        "blocked": BlockedAttnProcessor(query_block=96, min_tokens=1),
+        "blocked": BlockedAttnProcessor(block_scores=96 * 256, min_tokens=1),
     })
     error = {name: (images[name] - images["exact"]).abs() for name in ("sdpa", "blocked")}
     assert error["blocked"].mean().item() <= 1.25 * error["sdpa"].mean().item()
