@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from library import highres_fix, images
+from library import highres_fix
 from library.cli import vae_batch_size
 from library.controlnet import GuideImages
 from library.errors import UserError
@@ -66,8 +66,10 @@ def checkpoint_path(args: argparse.Namespace) -> str:
 
 def load(args: argparse.Namespace, runtime: Runtime) -> LoadedModel:
     """The model of `--ckpt` (and `--vae`), on the run's device and dtypes."""
+    ckpt = checkpoint_path(args)
+    _start_hash(ckpt)
     return load_model(
-        checkpoint_path(args),
+        ckpt,
         vae=args.vae,
         dtype=runtime.dtype,
         vae_dtype=runtime.vae_dtype,
@@ -190,15 +192,28 @@ def vae_memory(args: argparse.Namespace, model: LoadedModel, gen: Generator) -> 
 
 
 class ModelHash:
-    """A1111's `Model hash` (SHA-256 of the file, 10 hex); folders have none."""
+    """A1111's `Model hash` (SHA-256 of the file, 10 hex); folders have none.
 
-    _pool = ThreadPoolExecutor(max_workers=1)
+    Computed in the background and remembered per file version (`library.models.hash_cache`).
+    """
 
     def __init__(self, path: Path) -> None:
-        self._future: Future | None = self._pool.submit(images.model_hash, path) if path.is_file() else None
+        from library.models.hash_cache import start_model_hash
+
+        self._future: Future | None = start_model_hash(path) if path.is_file() else None
 
     def get(self) -> str | None:
         return self._future.result() if self._future is not None else None
+
+
+def _start_hash(ckpt: str) -> None:
+    """Start hashing the checkpoint file now, so it overlaps the load (`runner` collects it)."""
+    from library.models.checkpoint import resolve_model_path
+
+    try:
+        ModelHash(resolve_model_path(ckpt))
+    except UserError:
+        pass  # load_model reports it
 
 
 def preview_window():
