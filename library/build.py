@@ -94,6 +94,10 @@ def optimize(args: argparse.Namespace, model: LoadedModel) -> None:
         model.vae.enable_xformers_memory_efficient_attention()
     if args.opt_channels_last:
         model.unet.to(memory_format=torch.channels_last)
+    if getattr(args, "compile", False):
+        from library.models.compiling import compile_networks
+
+        compile_networks(model.unet, model.vae, next(model.unet.parameters()).device)
 
 
 def generator(args: argparse.Namespace, model: LoadedModel, runtime: Runtime) -> Generator:

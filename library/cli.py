@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--xformers", action="store_true", help="xformers attention (must be installed)")
     g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
     g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory layout for the U-Net")
+    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net and VAE decoder (compiles on the "
+                   "first image of each size, minutes on a CPU; cached on disk for later runs)")
     g.add_argument("--device", default=None, help="cuda, cpu, mps, ... (default: cuda if available)")
     g.add_argument("--noise_device", choices=["cpu", "device"], default="device",
                    help="where seeds' noise is drawn: 'cpu' gives the same noise on every machine "

@@ -89,12 +89,14 @@ def load_model(
     "auto" = blocked attention on CPU in bf16, diffusers' SDPA processor elsewhere).
     """
     from library.attention import set_attention
+    from library.models.heap import limit_heap_retention
 
     from library.models.tokenizer import load_tokenizer
 
     if v1 and v2:
         raise UserError("--v1 and --v2 contradict each other; give at most one")
     path = checkpoint.resolve_model_path(ckpt)
+    limit_heap_retention()
     with _collector_paused(), contextlib.ExitStack() as background:  # exit: background page-in done
         if path.is_dir():
             te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype)
