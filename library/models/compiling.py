@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,6 +45,8 @@ def compile_networks(unet: torch.nn.Module, vae: torch.nn.Module, device: torch.
         logger.warning("--compile: not compiling (%s); running uncompiled", reason)
         return False
     _use_persistent_cache()
+    # diffusers' upsampler calls an lru_cache'd version check; dynamo warns about it once per graph
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
     _exclude_blocked_attention()
     for name, module in (("U-Net", unet), ("VAE decoder", vae.decoder)):
         _compile_with_fallback(module, name)
