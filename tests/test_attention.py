@@ -148,3 +148,19 @@ def test_set_attention_modes(tiny_models):
     assert {type(p).__name__ for p in bf16.unet.attn_processors.values()} == {"BlockedAttnProcessor"}
     kept = load_model(str(tiny_models["sd1"]), dtype=torch.bfloat16, attention="sdpa")
     assert {type(p).__name__ for p in kept.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_worker_threads_give_the_single_thread_result():
+    """With 2 torch threads the heads are shared by 2 Python threads (ops single-threaded):
+    the same numbers as one thread, and the thread count is restored."""
+    q, k, v = _qkv(600, 600, 40, torch.bfloat16, logit_scale=2.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = blocked_attention(q, k, v, 200 * 600)
+        torch.set_num_threads(2)
+        shared = blocked_attention(q, k, v, 200 * 600)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(alone, shared)
