@@ -7,13 +7,13 @@ Each function takes the records it needs (`library.options`) and returns one rea
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from library import file_hashes, highres_fix
+from library import highres_fix
 from library.additional_networks import Networks, load_networks
 from library.cli import vae_batch_size
 from library.controlnet import GuideImages
@@ -68,8 +68,10 @@ def checkpoint_path(options: LoadOptions) -> str:
 def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
     """The model of `--ckpt` (and `--vae`), on the run's device and dtypes, with its attention
     backend and memory layout set (SDPA by default, xformers on request)."""
+    ckpt = checkpoint_path(options)
+    _start_hash(ckpt)
     model = load_model(
-        checkpoint_path(options),
+        ckpt,
         vae=options.vae,
         dtype=runtime.dtype,
         vae_dtype=runtime.vae_dtype,
@@ -78,6 +80,7 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         v2=options.v2,
         v_parameterization=options.v_parameterization,
         tokenizer_cache_dir=options.tokenizer_cache_dir,
+        attention="sdpa" if options.sdpa else "auto",  # library.attention: blocked on CPU bf16 unless --sdpa
     )
     if options.xformers and xformers_usable():
         model.unet.enable_xformers_memory_efficient_attention()
@@ -86,6 +89,10 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         model.unet.to(memory_format=torch.channels_last)
     if options.vae_tiling:
         model.vae.enable_tiling()
+    if options.compile:
+        from library.models.compiling import compile_networks
+
+        compile_networks(model.unet, model.vae, next(model.unet.parameters()).device)
     return model
 
 
@@ -303,12 +310,26 @@ def _region_metadata(gen: Pipeline) -> tuple[tuple[str, str], ...]:
 
 
 class ModelHash:
-    """A1111's `Model hash` (SHA-256 of the file, 10 hex); folders have none."""
+    """A1111's `Model hash` (SHA-256 of the file, 10 hex); folders have none.
 
-    _pool = ThreadPoolExecutor(max_workers=1)
+    Computed in the background and remembered per file version (`library.models.hash_cache`).
+    """
 
     def __init__(self, path: Path) -> None:
-        self._future: Future | None = self._pool.submit(file_hashes.model_hash, path) if path.is_file() else None
+        from library.models.hash_cache import start_model_hash
+
+        self._future: Future | None = start_model_hash(path) if path.is_file() else None
 
     def get(self) -> str | None:
         return self._future.result() if self._future is not None else None
+
+
+def _start_hash(ckpt: str) -> None:
+    """Start hashing the checkpoint file now, so it overlaps the load (`runner` collects it)."""
+    from library.models.checkpoint import resolve_model_path
+
+    try:
+        ModelHash(resolve_model_path(ckpt))
+    except UserError:
+        pass  # load_model reports it
+

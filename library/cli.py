@@ -96,10 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_half_vae", action="store_true", help="run the VAE in fp32")
     g.add_argument("--fp16", action="store_true", help="compute in float16")
     g.add_argument("--bf16", action="store_true", help="compute in bfloat16 (also fast on CPUs with AMX)")
-    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention everywhere (default: "
+                   "the same, except blocked exact attention for CPU bf16 self-attention, docs/performance.md)")
     g.add_argument("--xformers", action="store_true", help="xformers attention (without xformers installed: a warning, and PyTorch SDPA)")
     g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
     g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory layout for the U-Net")
+    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net and VAE decoder (compiles on the "
+                   "first image of each size, minutes on a CPU; cached on disk for later runs)")
     g.add_argument("--device", default=None, help="cuda, cpu, mps, ... (default: cuda if available)")
     g.add_argument("--noise_device", choices=["cpu", "device"], default="device",
                    help="where seeds' noise is drawn: 'cpu' gives the same noise on every machine "

@@ -19,6 +19,8 @@ disk (~2 GB), in the LDM single-file layout via `library.models.ldm_export`. The
   per minute, time outside the three networks, peak memory (RSS on CPU via /proc VmHWM,
   reset per run; `max_memory_allocated` on CUDA);
 * the U-Net called directly in a loop (same module, dtype and memory format);
+  our pipeline and the direct loop run with the attention processor `load_model` set for the
+  run (`library.attention`), diffusers' pipeline with diffusers' default `AttnProcessor2_0`;
 * U-Net FLOPs per step (`FlopCounterMode`, CPU SDPA counted too) and achieved FLOP/s.
 
 Times come from forward hooks on the shared networks, so both pipelines are timed the same
@@ -31,7 +33,6 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -48,14 +49,13 @@ if __package__ in (None, ""):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from library.jobs import Job  # noqa: E402
-from library.models.ldm_export import to_ldm_checkpoint  # noqa: E402
 from library.schedulers import make_scheduler  # noqa: E402
+from tools.bench_model import CHECKPOINT_NAME, full_size_checkpoint  # noqa: E402,F401  (re-exported)
 
 logger = logging.getLogger("benchmark")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_CACHE = Path("~/.cache/sdgen-bench")
-CHECKPOINT_NAME = "sd15-shaped-random-v1-fp16.safetensors"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 SEED = 1234
 GUIDANCE = 7.5
@@ -74,71 +74,6 @@ FIGURES = {
 }
 LOAD_FIGURES = ("ours_s", "ours_resident_s", "safetensors_s", "safetensors_resident_s", "ours_peak_gb",
                 "safetensors_peak_gb")
-
-# SD 1.5 shapes: U-Net 320/640/1280/1280, VAE 128/256/512/512, CLIP ViT-L/14 text encoder.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-)
-SD15_TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-    projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-)
-
-
-# --- the full-size checkpoint ---------------------------------------------------------------
-
-
-def full_size_checkpoint(cache_dir: Path) -> Path:
-    """The SD 1.5-shaped random checkpoint in `cache_dir`, written on first use (~2 GB fp16)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    path = cache_dir.expanduser() / CHECKPOINT_NAME
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("writing the full-size random checkpoint %s (once)", path)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
-        vae = AutoencoderKL(**SD15_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
-    generator = torch.Generator().manual_seed(0)
-    tensors = to_ldm_checkpoint(
-        _random_weights(unet, generator), _random_weights(vae, generator),
-        _random_weights(text_encoder, generator), dict(unet.config), "sd1",
-    )
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-    return path
-
-
-def _random_weights(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """fp16 weights for a meta-device module: norm scales near 1, small biases, matrices and
-    convolutions scaled by 1/sqrt(fan-in) so activations stay finite through the network."""
-    out = {}
-    for name, meta in module.state_dict().items():
-        if not meta.is_floating_point():
-            continue  # position-id buffers: the loader makes its own
-        value = torch.randn(meta.shape, generator=generator)
-        if meta.ndim == 1:
-            value = 1.0 + 0.1 * value if name.endswith("weight") else 0.02 * value
-        else:
-            value /= math.sqrt(meta[0].numel())
-        out[name] = value.to(torch.float16)
-    return out
-
 
 # --- devices and memory ---------------------------------------------------------------------
 
@@ -407,6 +342,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                    unet=model.unet, scheduler=make_scheduler(args.sampler, v_pred),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    use_attention = attention_switch(model.unet)
     rec = Recorder(device)
     rec.attach(model.text_encoder, model.unet, model.vae)
     scheduler = make_scheduler(args.sampler, v_pred)
@@ -415,9 +351,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     warm = min(2, args.steps)
     logger.info("warm-up (%d steps each)", warm)
-    run_ours(gen, rec, args, warm)
+    use_attention("diffusers")
     run_diffusers(pipe, rec, args, warm, v_pred)
+    use_attention("ours")
+    run_ours(gen, rec, args, warm)
     run_direct(model.unet, rec, inputs, scheduler.timesteps[:warm])
+    use_attention("diffusers")  # FLOPs of the standard computation (the same for both sides)
     flops = count_unet_flops(model.unet, inputs, scheduler.timesteps[0])
 
     # Interleaved, and which pipeline goes first alternates (ours, diffusers | diffusers, ours | ...)
@@ -426,6 +365,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for run in range(args.runs):
         for side in ("ours", "diffusers")[:: 1 if run % 2 == 0 else -1]:
             logger.info("run %d/%d: %s", run + 1, args.runs, side)
+            use_attention(side)
             if side == "ours":
                 figures, ours_images = run_ours(gen, rec, args, args.steps)
                 ours_runs.append(figures)
@@ -433,6 +373,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 figures, theirs_images = run_diffusers(pipe, rec, args, args.steps, v_pred)
                 theirs_runs.append(figures)
         logger.info("run %d/%d: U-Net called directly", run + 1, args.runs)
+        use_attention("ours")
         direct.append(run_direct(model.unet, rec, inputs, scheduler.timesteps))
 
     ours, theirs = median_figures(ours_runs, flops), median_figures(theirs_runs, flops)
@@ -464,6 +405,20 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "checks": checks,
         "runs": {"ours": ours_runs, "diffusers": theirs_runs, "unet_direct_calls_s": direct},
     }
+
+
+def attention_switch(unet):
+    """A function setting the shared U-Net's attention processors for one side of the comparison:
+    "ours" = what `load_model` chose for the run (library.attention), "diffusers" = diffusers'
+    default `AttnProcessor2_0` (what `StableDiffusionPipeline` uses on PyTorch 2)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    ours = unet.attn_processors
+
+    def use(side: str) -> None:
+        unet.set_attn_processor(dict(ours) if side == "ours" else AttnProcessor2_0())  # it pops the dict
+
+    return use
 
 
 def load_ratios(load: dict[str, float]) -> dict[str, float]:

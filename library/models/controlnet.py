@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from library.attention import set_attention
 from library.errors import UserError, first_line
 from library.models import checkpoint
 from library.models.loader import _assign, _empty_modules, _move
@@ -69,7 +70,9 @@ def load_controlnet(
     else:
         controlnet = _load_single_file(path, unet, dtype)
     logger.debug("ControlNet from %s", path.name)
-    return _move(controlnet, torch.device(device)).eval().requires_grad_(False)
+    controlnet = _move(controlnet, torch.device(device)).eval().requires_grad_(False)
+    set_attention(controlnet, "auto")  # the U-Net's choice, made the same way (library.attention)
+    return controlnet
 
 
 # --- single files -------------------------------------------------------------------------
@@ -79,13 +82,14 @@ def _load_single_file(path: Path, unet: UNet2DConditionModel, dtype: torch.dtype
     """A ControlNet from one file in the ControlNet 1.0 layout (full or difference)."""
     raw = checkpoint.read_state_dict(path)
     ldm = _controlnet_keys(raw)
-    # Weights kept as stored are mapped in the background while the network is built (loader.load_model).
+    # Weights kept as stored are mapped in the background while the network is built (loader.load_model);
+    # pages of weights cast to another dtype are dropped as they are copied.
     with checkpoint.paging_in(t for t in ldm.values() if t.dtype == dtype):
-        return _build(path, ldm, DIFFERENCE_KEY in raw, unet, dtype)
+        return _build(path, ldm, DIFFERENCE_KEY in raw, unet, dtype, checkpoint.FilePages(path))
 
 
 def _build(path: Path, ldm: Mapping[str, torch.Tensor], is_difference: bool, unet: UNet2DConditionModel,
-           dtype: torch.dtype) -> ControlNetModel:
+           dtype: torch.dtype, pages: checkpoint.FilePages | None = None) -> ControlNetModel:
     """The ControlNet of a file's prefix-less ControlNet 1.0 tensors `ldm`."""
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
@@ -115,7 +119,7 @@ def _build(path: Path, ldm: Mapping[str, torch.Tensor], is_difference: bool, une
     if is_difference:
         logger.info("%s is a difference ControlNet: adding the model's U-Net weights to it", path.name)
         state = _add_unet_weights(state, unet)
-    _assign(controlnet, state, dtype, f"{OPTION} {path}: ControlNet")
+    _assign(controlnet, state, dtype, f"{OPTION} {path}: ControlNet", pages)
     return controlnet
 
 

@@ -80,23 +80,31 @@ def load_model(
     v2: bool = False,
     v_parameterization: bool = False,
     tokenizer_cache_dir: str | Path | None = None,
+    attention: str = "auto",
 ) -> LoadedModel:
     """Load text encoder, tokenizer, U-Net and VAE of `ckpt`, plus its detected kind.
 
     `v1`/`v2` must agree with what the weights are (a mismatch is a `UserError`);
     `v_parameterization` forces v-prediction, otherwise it comes from the checkpoint.
+    `attention` picks the U-Net's attention processor for the run (`library.attention`:
+    "auto" = blocked attention on CPU in bf16, diffusers' SDPA processor elsewhere).
     """
+    from library.attention import set_attention
+    from library.models.heap import limit_heap_retention
+
     from library.models.tokenizer import load_tokenizer
 
     if v1 and v2:
         raise UserError("--v1 and --v2 contradict each other; give at most one")
     path = checkpoint.resolve_model_path(ckpt)
+    limit_heap_retention()
     with _collector_paused(), contextlib.ExitStack() as background:  # exit: background page-in done
         if path.is_dir():
             te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype)
             diffusers_dir: Path | None = path
         else:
-            te, unet, vae_model, family, v_pred_source = _load_single_file(path, dtype, background)
+            te, unet, vae_model, family, v_pred_source = _load_single_file(
+                path, dtype, background, vae_dtype if vae is None else None)
             diffusers_dir = None
         _check_family_flags(path, family, v1, v2)
         v_pred = _decide_v_prediction(v_parameterization, v_pred_source)
@@ -109,6 +117,7 @@ def load_model(
         tokenizer = load_tokenizer(family, diffusers_dir=diffusers_dir, cache_dir=tokenizer_cache_dir)
         for module in (te, unet, vae_model):
             _move(module, torch.device(device)).eval().requires_grad_(False)
+        set_attention(unet, attention)
     return LoadedModel(te, tokenizer, unet, vae_model, kind, path, path.stem if path.is_file() else path.name)
 
 
@@ -140,25 +149,34 @@ def _move(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 # --- single files -------------------------------------------------------------------------
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, background: contextlib.ExitStack):
+def _load_single_file(path: Path, dtype: torch.dtype, background: contextlib.ExitStack,
+                      vae_dtype: torch.dtype | None = None):
     """Networks from one LDM-layout file; pages of weights used as stored map in `background`."""
     raw = checkpoint.read_state_dict(path)
+    pages = checkpoint.FilePages(path)
     v_flag = raw.get("v_pred")
     rename = normalize_keys(list(raw))
     sd = {new: raw[old] for old, new in rename.items()}
-    background.enter_context(checkpoint.paging_in(t for t in sd.values() if t.dtype == dtype))
+    vae_dtype = vae_dtype or dtype
+    kept = (t for k, t in sd.items() if t.dtype == (vae_dtype if k.startswith("first_stage_model.") else dtype))
+    background.enter_context(checkpoint.paging_in(kept))
     try:
         spec = detect_model({k: tuple(v.shape) for k, v in sd.items()})
     except DetectionError as exc:
         raise UserError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint ({exc})") from None
     logger.debug("detected %s", spec)
-    unet, vae, te = build_from_ldm(sd, spec, dtype, path)
+    unet, vae, te = build_from_ldm(sd, spec, dtype, path, pages, vae_dtype)
     source = _v_pred_from_file(path, v_flag)
     return te, unet, vae, spec.family, source
 
 
-def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, path: Path):
-    """U-Net, VAE and text encoder from a canonical LDM state dict and its detected spec."""
+def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, path: Path,
+                   pages: checkpoint.FilePages | None = None, vae_dtype: torch.dtype | None = None):
+    """U-Net, VAE and text encoder from a canonical LDM state dict and its detected spec.
+
+    `pages` (the file's mappings) lets the cast drop each source tensor's pages once copied;
+    the VAE is made in `vae_dtype` (default `dtype`).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -180,8 +198,9 @@ def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dt
         te_sd = convert_open_clip_checkpoint(te, _without_last_block(sd, spec))
         te_sd = {k: v for k, v in te_sd.items() if not k.startswith("text_projection")}
     te_sd = _match_text_model_prefix(te_sd, te)
-    for name, module, state in (("U-Net", unet, unet_sd), ("VAE", vae, vae_sd), ("text encoder", te, te_sd)):
-        _assign(module, state, dtype, f"{path}: {name}")
+    parts = (("U-Net", unet, unet_sd, dtype), ("VAE", vae, vae_sd, vae_dtype or dtype), ("text encoder", te, te_sd, dtype))
+    for name, module, state, part_dtype in parts:
+        _assign(module, state, part_dtype, f"{path}: {name}", pages)
     max_positions = te.config.max_position_embeddings
     text_model(te).embeddings.register_buffer(
         "position_ids", torch.arange(max_positions).unsqueeze(0), persistent=False
@@ -226,9 +245,14 @@ def _without_last_block(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[st
     return {k: v for k, v in sd.items() if k.startswith(SD2_TE_PREFIX) and not k.startswith(last)}
 
 
-def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> None:
-    """Load `state` into a meta-device module without copies where dtypes already match."""
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str,
+            pages: checkpoint.FilePages | None = None) -> None:
+    """Load `state` into a meta-device module without copies where dtypes already match.
+
+    Tensors in another dtype are cast one at a time in file order; with `pages`, each source's
+    mapped file pages are dropped right after its copy is made (`checkpoint.FilePages`).
+    """
+    state = cast_state(state, dtype, pages)
     expected = set(module.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing:
@@ -240,6 +264,20 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torc
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise UserError(f"{what}: tensor shapes do not fit together ({str(exc).splitlines()[1][:160]})") from None
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype,
+               pages: checkpoint.FilePages | None = None) -> dict[str, torch.Tensor]:
+    """`state` with floating-point tensors in `dtype`, cast one by one (sources released by `pages`)."""
+    out = dict(state)
+    order = sorted((k for k, v in state.items() if v.is_floating_point() and v.dtype != dtype),
+                   key=lambda k: state[k].data_ptr())
+    for key in order:
+        source = state[key]
+        out[key] = source.to(dtype)
+        if pages is not None:
+            pages.release(source)
+    return out
 
 
 def _v_pred_from_file(path: Path, v_flag: torch.Tensor | None) -> tuple[bool, str] | None:
@@ -322,6 +360,7 @@ def load_vae(spec: str, dtype: torch.dtype) -> torch.nn.Module:
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"--vae {path}: cannot load the Diffusers VAE ({first_line(exc)})") from None
     raw = checkpoint.read_state_dict(path)
+    pages = checkpoint.FilePages(path)
     rename = normalize_keys(list(raw))
     sd = {new: raw[old] for old, new in rename.items() if new.startswith("first_stage_model.")}
     if not sd:
@@ -332,7 +371,7 @@ def load_vae(spec: str, dtype: torch.dtype) -> torch.nn.Module:
         raise UserError(f"--vae {path}: not a Stable Diffusion VAE ({exc})") from None
     with _empty_modules():
         vae = AutoencoderKL(**config)
-    _assign(vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)), dtype, f"--vae {path}")
+    _assign(vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)), dtype, f"--vae {path}", pages)
     logger.info("VAE from %s", path.name)
     return vae
 

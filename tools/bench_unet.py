@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""U-Net call time with our attention processor vs diffusers' default, interleaved, plus per-op profiles.
+
+    python tools/bench_unet.py --dtype bf16 --size 512 [--calls 5] [--profile] [--json PATH]
+        [--batch_size 1] [--ckpt FILE | --cache_dir DIR] [--channels_last]
+
+Loads the model with `load_model` (which sets our processor for the run, `library.attention`),
+then calls the U-Net the way one guided step does (2 x batch rows, random inputs), alternating
+"ours" and "diffusers" (`AttnProcessor2_0`, diffusers' default on PyTorch 2) call by call, so
+a change in machine speed weighs on both alike. Reports per side the median, minimum and
+spread of the calls and the ratio ours / diffusers of the medians and of the minima. With
+`--profile`, one call each under `torch.profiler` gives the table of operators by self CPU
+time (docs/performance.md shows them). Other processes on the machine slow both sides; the
+minimum is the better estimate of the uncontended speed, the median of a typical call. With
+`--threads 1 --clock cpu` each call is timed by the CPU time of the one computing thread,
+which other processes barely change (they still share caches and memory bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.benchmark import DEFAULT_CACHE, DTYPES, full_size_checkpoint, machine_info  # noqa: E402
+
+logger = logging.getLogger("bench_unet")
+
+
+def unet_call(unet, rows: int, side: int, dtype: torch.dtype):
+    """A function making one U-Net call on fixed random inputs (one guided step's shapes)."""
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(rows, unet.config.in_channels, side, side, generator=g).to(dtype)
+    context = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=g).to(dtype)
+    t = torch.tensor(500)
+    if next(unet.parameters()).is_contiguous(memory_format=torch.channels_last) and unet.conv_in.weight.ndim == 4:
+        sample = sample.contiguous(memory_format=torch.channels_last)
+
+    def call() -> torch.Tensor:
+        with torch.no_grad():
+            return unet(sample, t, encoder_hidden_states=context).sample
+
+    return call
+
+
+def profile_table(call, rows: int = 14) -> str:
+    """Operators of one call by self CPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Interleaved calls (and profiles); the JSON-ready result."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from library.models import load_model
+
+    dtype = DTYPES[args.dtype]
+    path = Path(args.ckpt) if args.ckpt else full_size_checkpoint(Path(args.cache_dir))
+    model = load_model(str(path), dtype=dtype, attention=args.attention)
+    unet = model.unet
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    ours = unet.attn_processors
+    processors = {"ours": lambda: dict(ours), "diffusers": AttnProcessor2_0}  # set_attn_processor pops a dict
+    call = unet_call(unet, 2 * args.batch_size, args.size // 8, dtype)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    outputs = {}
+    for side in times:  # warm-up, and the outputs to compare
+        unet.set_attn_processor(processors[side]())
+        outputs[side] = call().float()
+    for i in range(args.calls):
+        for side in list(times)[:: 1 if i % 2 == 0 else -1]:
+            unet.set_attn_processor(processors[side]())
+            start = clock()
+            call()
+            times[side].append(clock() - start)
+            logger.info("call %d %s: %.3f s", i + 1, side, times[side][-1])
+    result = {
+        "config": vars(args) | {"checkpoint": str(path)},
+        "machine": machine_info(),
+        "calls_s": times,
+        "median_s": {side: statistics.median(ts) for side, ts in times.items()},
+        "min_s": {side: min(ts) for side, ts in times.items()},
+        "output_max_abs_diff": float((outputs["ours"] - outputs["diffusers"]).abs().max()),
+        "output_scale": float(outputs["diffusers"].abs().max()),
+    }
+    result["ratio_median"] = result["median_s"]["ours"] / result["median_s"]["diffusers"]
+    result["ratio_min"] = result["min_s"]["ours"] / result["min_s"]["diffusers"]
+    if args.profile:
+        result["profiles"] = {}
+        for side in times:
+            unet.set_attn_processor(processors[side]())
+            result["profiles"][side] = profile_table(call)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, run, print the summary (and profiles)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per side (default 5)")
+    parser.add_argument("--attention", default="auto", help="our processor: auto, blocked or sdpa (default auto)")
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads (default: PyTorch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this thread's CPU time (with --threads 1: robust against other busy processes)")
+    parser.add_argument("--profile", action="store_true", help="also profile one call per side")
+    parser.add_argument("--ckpt")
+    parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE))
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "library"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread: give --threads 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args)
+    for side in ("ours", "diffusers"):
+        ts = result["calls_s"][side]
+        logger.info("%-9s median %.3f s, min %.3f s, spread %.3f-%.3f s", side, statistics.median(ts), min(ts),
+                    min(ts), max(ts))
+    logger.info("ours / diffusers: %.3f (medians), %.3f (minima); outputs differ by at most %.3g (scale %.3g)",
+                result["ratio_median"], result["ratio_min"], result["output_max_abs_diff"], result["output_scale"])
+    for side, table in result.get("profiles", {}).items():
+        print(f"--- {side} ---\n{table}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
