@@ -225,11 +225,9 @@ def _snapshot(*models: torch.nn.Module) -> list:
     return state
 
 
-def test_a_batch_with_every_feature_leaves_the_models_as_they_were(tiny_models, tmp_path):
-    """ControlNet + XTI + un-merged LoRA with --am + img2img in one batch, the mask making it
-    regional LoRA (networks + --mask_path; inpainting alone is in tests/test_img2img.py):
-    afterwards the U-Net and text encoder have exactly their modules, processors, weights and
-    hooks of before the batch, and the image equals a fresh process's."""
+def _feature_files(tiny_models, tmp_path):
+    """An XTI file whose layers hold scaled "cat" vectors, a random source and guide image, and a
+    mask whose right half is white (64x64)."""
     from library.embeddings import write_xti
 
     model = load_model(str(tiny_models["sd1"]))
@@ -244,6 +242,15 @@ def test_a_batch_with_every_feature_leaves_the_models_as_they_were(tiny_models, 
     mask_pixels = np.zeros((64, 64), np.uint8)
     mask_pixels[:, 32:] = 255
     Image.fromarray(mask_pixels).save(mask)
+    return xti, source, mask, guide
+
+
+def test_a_batch_with_every_feature_leaves_the_models_as_they_were(tiny_models, tmp_path):
+    """ControlNet + XTI + un-merged LoRA with --am + img2img in one batch, the mask making it
+    regional LoRA (networks + --mask_path; inpainting alone is in tests/test_img2img.py):
+    afterwards the U-Net and text encoder have exactly their modules, processors, weights and
+    hooks of before the batch, and the image equals a fresh process's."""
+    xti, source, mask, guide = _feature_files(tiny_models, tmp_path)
     argv = ["--ckpt", str(tiny_models["sd1"]), "--steps", "4", "--W", "64", "--H", "64", "--seed", "11",
             "--prompt", "a xcat --am 0.6", "--XTI_embeddings", str(xti),
             "--network_module", "networks.lora", "--network_weights", str(tiny_models["lora"]),
@@ -285,21 +292,9 @@ def test_inpainting_with_every_feature_leaves_the_models_as_they_were(tiny_model
     gives the same latents bit for bit (nothing of the first one stayed behind)."""
     from dataclasses import replace
 
-    from library.embeddings import write_xti
     from library.img2img import SourceImages
 
-    model = load_model(str(tiny_models["sd1"]))
-    ids = model.tokenizer("cat", add_special_tokens=False).input_ids
-    cat = model.text_encoder.get_input_embeddings().weight[ids].detach()
-    xti = write_xti(tmp_path / "xcat.safetensors",
-                    {n: cat * (1 + 0.1 * i) for i, n in enumerate(("IN01", "MID", "OUT02", "OUT03"))})
-    source, mask, guide = tmp_path / "source.png", tmp_path / "mask.png", tmp_path / "guide.png"
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(source)
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(guide)
-    mask_pixels = np.zeros((64, 64), np.uint8)
-    mask_pixels[:, 32:] = 255
-    Image.fromarray(mask_pixels).save(mask)
+    xti, source, mask, guide = _feature_files(tiny_models, tmp_path)
     options = parse_options([
         "--ckpt", str(tiny_models["sd1"]), "--steps", "4", "--W", "64", "--H", "64", "--prompt", "x",
         "--XTI_embeddings", str(xti), "--network_module", "networks.lora", "--network_weights",
