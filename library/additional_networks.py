@@ -49,10 +49,10 @@ class Networks:
         for index, (network, value) in enumerate(zip(self.loaded, wanted)):
             if index < self.merged:
                 continue
-            if _owner_hooked(network):
-                layers += [(module, float(value)) for module in network.unmerged_layers()]
-            if not _owner_hooked(network) or not network.unmerged_layers():
-                self._set_multiplier(index, value)  # pre-calculated weights are rewritten by the network
+            hooked = network.unmerged_layers() if _owner_hooked(network) else []
+            layers += [(module, float(value)) for module in hooked]
+            if not hooked:  # merged-in-place (pre-calculated) or self-attached: the network follows --am
+                self._set_multiplier(index, value)
         return NetworkLayers(layers) if layers else None
 
     def regional_layers(self, batch: Batch) -> tuple[dict[int, int], dict[int, float]]:
