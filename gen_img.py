@@ -28,18 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     if logging.getLogger().level > logging.DEBUG:
         quiet_third_party()
     # torch/diffusers load only now: --help and argument errors come in a fraction of a second
-    from library import build, limits, preflight, prompts, results
+    from library import build, distributed, limits, preflight, prompts, results
     from library.runner import run_rounds
     from library.seeds import SeedSource
 
+    team = distributed.SOLO
     try:
+        team = distributed.join(options)  # one process, or this one's share of a torchrun/accelerate run
         preflight.check_inputs(options.namespace)  # every input file and --outdir, before any model file opens
-        runtime = build.Runtime.from_options(options.load)
+        runtime = build.Runtime.from_options(options.load, team.place.local_rank)
         model = build.load(options.load, runtime)
         networks = build.networks(options, model)
         generator = build.generator(options, model, runtime, networks)
         limits.check_defaults(options.namespace, generator)
-        runner = build.runner(options, model, generator)
+        runner = build.runner(options, model, generator, team)
 
         rounds, per_prompt = options.rounds, options.generation.images_per_prompt
         if rounds.interactive:
@@ -56,21 +58,43 @@ def main(argv: list[str] | None = None) -> int:
         else:
             lines = prompt_lines(options)
             # seed S itself only for one image in one round; otherwise Random(S) draws, in every round
-            seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1 and rounds.n_iter == 1)
+            seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1 and rounds.n_iter == 1,
+                               unseeded=team.seed)
             total = len(lines) * per_prompt if lines else None
-            run_rounds(runner, rounds, lambda _: prompts.shuffled(lines, rounds.shuffle_prompts), seeds, total)
+            shuffle = team.shuffler()
+            run_rounds(runner, rounds, lambda _: prompts.shuffled(lines, rounds.shuffle_prompts, shuffle),
+                       seeds, total)
+        summary = results.combined(team.gather(runner.summary.to_dict()))  # every rank's images
     except UserError as exc:
-        print(f"gen_img.py: error: {one_line(str(exc))}", file=sys.stderr)
-        return exc.exit_status
+        return failed(team, exc)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if team.leads:
+            print("interrupted", file=sys.stderr)
         return 130
     finally:
+        team.close()
         if log_file is not None:  # in-process callers (tests) run main() again
             logging.getLogger().removeHandler(log_file)
             log_file.close()
-    print(runner.summary.line())
-    return results.exit_status(runner.summary)
+    if team.leads:
+        print(summary.line())
+    return results.exit_status(summary)
+
+
+def failed(team, exc: UserError) -> int:
+    """Print the run's one error line and return its exit status. In a split run only the first
+    rank to fail prints (an error every rank finds before they meet, only rank 0)."""
+    from library import distributed
+
+    if isinstance(exc, distributed.PeerFailed):
+        return exc.exit_status
+    first = team.fail(str(exc), exc.exit_status)
+    if team.size == 1 and not isinstance(exc, distributed.NotConnected):
+        first = first and distributed.speaks_for_the_run()
+    if first:
+        where = f"rank {team.rank}: " if team.size > 1 and not team.leads else ""
+        print(f"gen_img.py: error: {where}{one_line(str(exc))}", file=sys.stderr)
+    return exc.exit_status
 
 
 def prompt_lines(options: Options) -> list:

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from library import highres_fix
+from library import highres_fix, output_files
 from library.additional_networks import Networks, load_networks
 from library.cli import vae_batch_size
 from library.controlnet import GuideImages
+from library.distributed import SOLO, Team
 from library.errors import UserError, first_line
 from library.img2img import SourceImages
 from library.models import LoadedModel, load_model
@@ -42,8 +45,12 @@ class Runtime:
     noise_device: torch.device
 
     @classmethod
-    def from_options(cls, options: LoadOptions) -> "Runtime":
+    def from_options(cls, options: LoadOptions, local_rank: int = 0) -> "Runtime":
+        """`--device` (default: the GPU if there is one); a process of a split run takes
+        `cuda:<local_rank>` when the device is `cuda` without an index."""
         name = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if name == "cuda" and local_rank:
+            name = f"cuda:{local_rank}"
         try:
             device = torch.device(name)
             torch.empty(1, device=device)
@@ -62,7 +69,25 @@ def checkpoint_path(options: LoadOptions) -> str:
     from library.models.tiny_files import make_tiny_models
 
     logger.warning("no --ckpt given: using the tiny demo model (random weights: the images are noise)")
-    return str(make_tiny_models(DEMO_DIR, ("sd1",))["sd1"])
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    with _exclusive(DEMO_DIR / ".writing"):  # the processes of a split run write it once
+        return str(make_tiny_models(DEMO_DIR, ("sd1",))["sd1"])
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (POSIX `flock`; elsewhere no lock) for the block."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
@@ -256,8 +281,8 @@ def guidance(options: GuidanceOptions, model: LoadedModel, runtime: Runtime):
     return GuidedGeneration(model.vae, scales, clip, vgg, model.kind.v_prediction)
 
 
-def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
-    """A Runner writing into `--outdir` with this run's metadata."""
+def runner(options: Options, model: LoadedModel, gen: Pipeline, team: Team = SOLO) -> Runner:
+    """A Runner writing into `--outdir` with this run's metadata (this process's share of it)."""
     from library.controlnet import ControlNets
     from library.preview import preview_window
     from library.regions import has_region_mask
@@ -277,7 +302,7 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
         model_hash=ModelHash(model.path).get(),
         clip_skip=options.text.clip_skip or model.kind.default_clip_skip,
         vae_batch_size=vae_batch_size(g.vae_batch_size, g.batch_size),
-        preview=preview_window() if options.output.preview else None,
+        preview=preview_window() if options.output.preview and team.leads else None,
         use_original_name=options.output.use_original_file_name,
         controlnet_metadata=control.metadata() if control is not None else (),
         region_metadata=_region_metadata(gen),
@@ -286,6 +311,8 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
             embedding_files=(*options.text.textual_inversion_embeddings, *options.text.xti_embeddings)),
         lora_files=tuple(options.networks.weights),
         lora_multipliers=tuple(options.networks.multipliers or [1.0] * len(options.networks.weights)),
+        timestamp=team.timestamp or output_files.timestamp_now(),
+        skip_existing=options.output.skip_existing,
     )
     s = options.sources
     inpainting_masks = None if has_region_mask(options) else s.mask_path
@@ -297,7 +324,7 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline) -> Runner:
     guide_path = options.controlnet.guide_image_path
     guides = GuideImages(guide_path) if guide_path is not None else None
     return Runner(gen, Defaults.from_options(options), output, g.batch_size,
-                  sources=sources, highres=highres_fix.from_options(options.highres), guides=guides)
+                  sources=sources, highres=highres_fix.from_options(options.highres), guides=guides, team=team)
 
 
 def _region_metadata(gen: Pipeline) -> tuple[tuple[str, str], ...]:

@@ -28,7 +28,10 @@ SDXL_ONLY_OPTIONS: tuple[tuple[str, object, object], ...] = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {argparse_text(message)} (see --help)\n")
+        from library.distributed import speaks_for_the_run
+
+        if speaks_for_the_run():  # every rank of a split run has the same arguments: rank 0 says it
+            sys.stderr.write(f"{self.prog}: error: {argparse_text(message)} (see --help)\n")
         sys.exit(2)
 
 
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iter_same_seed", action="store_true", help="same seed for every --n_iter round")
     g.add_argument("--shuffle_prompts", action="store_true", help="shuffle the prompts in each round")
     g.add_argument("--sequential_file_name", action="store_true", help="name files im_000001.png, ...")
+    g.add_argument("--skip_existing", action="store_true",
+                   help="do not make images whose files are in --outdir already (resume a stopped run; "
+                   "default names match whatever their timestamp)")
     g.add_argument("--clip_skip", type=int, help="use the text encoder's N-th layer from the end "
                    "(default 1 for SD1, 2 for SD2)")
     g.add_argument("--max_embeddings_multiples", type=int, default=None,

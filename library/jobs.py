@@ -44,6 +44,8 @@ class Job:
     deep_shrink: "DeepShrink | None" = None  # `library.deep_shrink` settings of this image
     gradual_latent: "GradualLatent | None" = None  # `library.gradual_latent` settings of this image
     prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
+    # position in the run (0-based, across rounds): the number in the file name, the same in any process
+    index: int = 0
 
     def batch_key(self) -> tuple:
         """Images with equal keys can be generated in one batch."""

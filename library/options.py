@@ -148,6 +148,7 @@ class OutputOptions:
     sequential_file_name: bool
     use_original_file_name: bool
     preview: bool  # interactive mode shows images (not --no_preview)
+    skip_existing: bool = False  # resume: images whose files are there are not made again
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                 a.network_merge_n_models, a.network_pre_calc,
                                 a.network_regional_mask_max_color_codes),
         output=OutputOptions(a.outdir, a.sequential_file_name, a.use_original_file_name,
-                             a.interactive and not a.no_preview),
+                             a.interactive and not a.no_preview, a.skip_existing),
         rounds=RoundOptions(a.prompt, a.from_file, a.from_module, a.interactive, a.seed, a.n_iter,
                             a.iter_same_seed, a.shuffle_prompts),
         namespace=a,

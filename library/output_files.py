@@ -8,8 +8,11 @@ atomically and never overwrites one. What goes into the metadata is `library.ima
 from __future__ import annotations
 
 import errno
+import glob
+import itertools
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -64,14 +67,85 @@ def output_file_name(
     return f"im_{timestamp}_{highres_stage}{index:03d}_{seed}.png"
 
 
+class NamePlan:
+    """The run's file names, decided in Job order before any file is written.
+
+    A name asked for twice (`--f same` on two images) gets `stem_1.ext`, `stem_2.ext`, ...
+    exactly as saving one image after the other into an empty folder would, but without
+    looking at the folder: every process of a split run (`library.distributed`) plans every
+    name, so an image's name never depends on which process wrote it first.
+    """
+
+    def __init__(self) -> None:
+        self._asked: dict[str, str] = {}  # planned name -> the name asked for
+
+    def claim(self, name: str) -> str:
+        """The first of `name`, `stem_1.ext`, ... that no earlier image of the run has."""
+        for candidate in _candidate_names(name):
+            if candidate not in self._asked:
+                self._asked[candidate] = name
+                return candidate
+        raise UserError(f"no free file name for {name}: more than {_MAX_NAME_TRIES} images with one --f name")
+
+    def asked(self, planned: str) -> str:
+        """The name that `planned` was claimed for (`save_image`'s `variant_of`)."""
+        return self._asked.get(planned, planned)
+
+
+_TIMESTAMPED = re.compile(r"^im_\d{14}_(.+)$")
+
+
+class ExistingImages:
+    """`--skip_existing`: the image names in `--outdir` when the run started.
+
+    A default name (`im_{timestamp}_{index}_{seed}.png`) counts as there whatever its
+    timestamp, because a restarted run has a new one; other names must match exactly.
+    """
+
+    def __init__(self, outdir: Path) -> None:
+        try:
+            names = {entry.name for entry in os.scandir(outdir) if entry.is_file()}
+        except FileNotFoundError:
+            names = set()
+        except OSError as e:
+            raise UserError(f"--outdir {outdir}: cannot list it ({e.strerror}); check permissions") from e
+        self._names = names
+        self._untimed = {_untimed(name) for name in names if _TIMESTAMPED.match(name)}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names or (_TIMESTAMPED.match(name) is not None and _untimed(name) in self._untimed)
+
+
+def remove_stale_parts(outdir: Path, name: str) -> None:
+    """Delete what a stopped run left of `name` (its hidden `.part` files).
+
+    Only for a resumed run (`--skip_existing`), and only for names that this process is
+    about to write: no other process of the run writes them, so their `.part` files are stale.
+    Names longer than the 80 characters kept in a `.part` name are left alone.
+    """
+    if len(name) > 80:
+        return
+    match = _TIMESTAMPED.match(name)  # a stopped run's default names had its own timestamp
+    pattern = f"im_{'[0-9]' * 14}_{glob.escape(match.group(1))}" if match else glob.escape(name)
+    for stale in Path(outdir).glob(f".{pattern}.*.part"):
+        stale.unlink(missing_ok=True)
+        logger.info("removed %s, left by a stopped run", stale.name)
+
+
+def _untimed(name: str) -> str:
+    match = _TIMESTAMPED.match(name)
+    return match.group(1) if match else name
+
+
 # ----------------------------------------------------------------------------- saving
 
 
-def save_image(image: Image.Image, outdir: Path, name: str, text: Mapping[str, str]) -> Path:
+def save_image(image: Image.Image, outdir: Path, name: str, text: Mapping[str, str],
+               variant_of: str | None = None) -> Path:
     """Save `image` as `outdir/name` with `text` as metadata; return the path written.
 
     An existing file is never overwritten: if `name` is taken, `stem_1.ext`, `stem_2.ext`, ...
-    is used. The image is encoded into a temporary file (a dot-name ending in `.part`) in
+    of `variant_of` (default `name`; a planned `x_1.png` is a variant of `x.png`) is used. The image is encoded into a temporary file (a dot-name ending in `.part`) in
     `outdir`, fsynced, and published with `os.link`, which fails instead of replacing an
     existing file, so no reader ever sees a half-written file under an image name. On any
     error (including Ctrl+C) the temporary file is removed.
@@ -94,7 +168,7 @@ def save_image(image: Image.Image, outdir: Path, name: str, text: Mapping[str, s
             _encode(image, f, webp, text)
             f.flush()
             os.fsync(f.fileno())
-        final = _publish(tmp, outdir, name)
+        final = _publish(tmp, outdir, name, variant_of or name)
     except OSError as e:
         if e.errno is None:  # an encoder problem, not the file system: a bug
             raise
@@ -137,9 +211,10 @@ def _candidate_names(name: str) -> Iterable[str]:
         yield f"{stem}_{n}{ext}"
 
 
-def _publish(tmp: Path, outdir: Path, name: str) -> Path:
+def _publish(tmp: Path, outdir: Path, name: str, variant_of: str) -> Path:
     """Give the finished `tmp` its first free final name, without replacing any file."""
-    for candidate in _candidate_names(name):
+    candidates = itertools.chain((name,), (c for c in _candidate_names(variant_of) if c != name))
+    for candidate in candidates:
         final = outdir / candidate
         try:
             os.link(tmp, final)

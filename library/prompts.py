@@ -269,10 +269,11 @@ def _line_strength(given: float | None, default: float | None, line: Line) -> fl
     return given
 
 
-def shuffled(lines: list[Line], enabled: bool) -> list[Line]:
-    """`--shuffle_prompts`: a new random order each round."""
+def shuffled(lines: list[Line], enabled: bool, rng=random) -> list[Line]:
+    """`--shuffle_prompts`: a new random order each round (from `rng`: the same on every rank
+    of a split run, `library.distributed.Team.shuffler`)."""
     if not enabled:
         return lines
     copy = list(lines)
-    random.shuffle(copy)
+    rng.shuffle(copy)
     return copy

@@ -8,6 +8,12 @@ img2img (`SourceImages`) attaches each image's source while Jobs are made; a bat
 sources is encoded and denoised from them, and inpainted images are composited with the
 source's VAE round-trip outside the mask. Highres fix (`HighresFix`) makes each batch in
 two stages, saving the 1st-stage images too with `--highres_fix_save_1st`.
+
+Every Job is numbered in the order it is made and its file names are planned before
+anything is generated (`output_files.NamePlan`): a name never depends on what was written
+before or by whom, so a run split over processes (`library.distributed`, each generating
+its share of the batches) and a run resumed with `--skip_existing` give the files of one
+uninterrupted process.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from typing import Callable, Iterable, Iterator
 
 from library import image_metadata, input_images, limits, output_files
 from library.progress import progress as tqdm
-from library.results import check_pixels, summary_line
+from library.results import Summary, check_pixels
 from library.controlnet import GuideImages
+from library.distributed import SOLO, Team
 from library.errors import UserError
 from library.highres_fix import HighresFix
 from library.img2img import SourceImages, composite
@@ -52,21 +59,19 @@ class OutputSettings:
     run_metadata: tuple[tuple[str, object], ...] = ()  # VAE, eta, Lora/TI hashes (`library.run_metadata`)
     lora_files: tuple[str, ...] = ()  # for the `<lora:name:w>` tags of the A1111 prompt
     lora_multipliers: tuple[float, ...] = ()  # defaults; a line's --am wins
+    timestamp: str = field(default_factory=output_files.timestamp_now)  # of default file names
+    skip_existing: bool = False  # `--skip_existing`: batches whose files are all there are not made
 
 
-@dataclass
-class Summary:
-    """What a run did."""
+@dataclass(frozen=True)
+class BatchNames:
+    """The planned file names of one batch: 1st-stage images (Highres fix), then the final ones."""
 
-    written: list[Path] = field(default_factory=list)
-    skipped_lines: int = 0
-    seconds: float = 0.0
-    steps: int = 0
+    first: list[str]
+    final: list[str]
 
-    first_skip: str | None = None  # why the first skipped line was skipped
-
-    def line(self) -> str:
-        return summary_line(self)
+    def all(self) -> list[str]:
+        return [*self.first, *self.final]
 
 
 class Runner:
@@ -74,7 +79,7 @@ class Runner:
 
     def __init__(self, generator: Pipeline, defaults: Defaults, output: OutputSettings,
                  batch_size: int, sources: SourceImages | None = None, highres: HighresFix | None = None,
-                 guides: GuideImages | None = None) -> None:
+                 guides: GuideImages | None = None, team: Team = SOLO) -> None:
         self.generator = generator
         self.defaults = defaults
         self.output = output
@@ -82,9 +87,12 @@ class Runner:
         self.sources = sources
         self.highres = highres
         self.guides = guides
+        self.team = team
         self.summary = Summary()
-        self._timestamp = output_files.timestamp_now()
-        self._sequence = 0
+        self._names = output_files.NamePlan()
+        self._existing = output_files.ExistingImages(output.outdir) if output.skip_existing else None
+        self._jobs_made = 0  # Jobs numbered so far (the next Job's index)
+        self._batches_made = 0  # batches formed so far, by every process alike (the next one's number)
 
     def jobs(self, lines: Iterable[Line], seeds, iter_seed: int | None) -> Iterator[Job]:
         """Jobs of every line; a malformed line is reported (file and line) and skipped."""
@@ -99,39 +107,79 @@ class Runner:
                     if self.highres is not None:
                         self.highres.stages(job)  # a size too small for the 1st stage skips the line
             except UserError as exc:
-                logger.error("%s: skipped: %s", line.where, exc)
+                if self.team.leads:  # every process skips the same lines; one says so
+                    logger.error("%s: skipped: %s", line.where, exc)
                 self.summary.skipped_lines += 1
                 self.summary.first_skip = self.summary.first_skip or f"{line.where}: {exc}"
                 continue
             for job in made:
                 if self.guides is not None:
                     job = replace(job, guide_image=self.guides.next_path())
-                yield job
+                index, self._jobs_made = self._jobs_made, self._jobs_made + 1
+                yield replace(job, index=index)
 
     def run(self, jobs: Iterable[Job], total: int | None = None) -> None:
-        """Generate and save all `jobs`, batching consecutive compatible ones."""
+        """Generate and save all `jobs` (this process's share of them), batching consecutive
+        compatible ones; with `--skip_existing` a batch whose files are all there is skipped."""
         start = time.perf_counter()
-        with tqdm(total=total, desc="images", unit="img", disable=not self.generator.progress) as bar:
+        show = self.generator.progress and self.team.leads
+        with tqdm(total=total, desc="images", unit="img", disable=not show) as bar:
             for batch in batches(jobs, self.batch_size):
-                indices = list(range(self._sequence + 1, self._sequence + 1 + len(batch)))
-                self._sequence += len(batch)
-                pictures = input_images.tensor_to_pil(check_pixels(self._pixels(batch, indices)))
-                stage = "1" if self.highres is not None else ""
-                for job, picture, index in zip(batch, pictures, indices):
-                    self.summary.written.append(self._save(job, picture, index, stage))
-                self.summary.steps += batch[0].steps
-                bar.update(len(batch))
-                if self.output.preview is not None:
-                    self.output.preview(pictures)
+                number, self._batches_made = self._batches_made, self._batches_made + 1
+                names = self._plan(batch)  # every process plans every name, in the same order
+                if not self.team.owns(number):
+                    continue
+                self.team.check()
+                if self._existing is None:
+                    self._make(batch, names)
+                elif all(name in self._existing for name in names.all()):
+                    self.summary.existing += len(batch)
+                else:
+                    for name in names.all():
+                        output_files.remove_stale_parts(self.output.outdir, name)
+                    self._make(batch, names)
+                self.team.done(len(batch), bar)
+            self.team.end_round(bar)
         self.summary.seconds += time.perf_counter() - start
 
-    def _pixels(self, batch: list[Job], indices: list[int]):
+    def _plan(self, batch: list[Job]) -> BatchNames:
+        """The batch's file names in the order one process writes them (1st stage first)."""
+        stage = "1" if self.highres is not None else ""
+        first = [self._names.claim(self._name(job, "0")) for job in batch] if self._saves_first() else []
+        return BatchNames(first, [self._names.claim(self._name(job, stage)) for job in batch])
+
+    def _saves_first(self) -> bool:
+        return self.highres is not None and self.highres.settings.save_1st
+
+    def _name(self, job: Job, stage: str) -> str:
+        original = Path(job.init_image).name if self.output.use_original_name and job.init_image else None
+        return output_files.output_file_name(
+            timestamp=self.output.timestamp,
+            index=job.index,  # from 000, as the original (`sequential` counts from 1, as the original)
+            seed=job.seed,
+            highres_stage=stage,
+            sequential=job.index + 1 if self.output.sequential else None,
+            original_name=original,
+            prompt_file_name=job.file_name,
+        )
+
+    def _make(self, batch: list[Job], names: BatchNames) -> None:
+        """Generate one batch and save its images under their planned names."""
+        pictures = input_images.tensor_to_pil(check_pixels(self._pixels(batch, names.first)))
+        stage = "1" if self.highres is not None else ""
+        for job, picture, name in zip(batch, pictures, names.final):
+            self._save(job, picture, name, stage)
+        self.summary.steps += batch[0].steps
+        if self.output.preview is not None:
+            self.output.preview(pictures)
+
+    def _pixels(self, batch: list[Job], first_names: list[str]):
         """The batch's final images as a [-1, 1] tensor."""
         gen, vae_batch_size = self.generator, self.output.vae_batch_size
         if self.highres is not None:
             def save_first(jobs: list[Job], pictures: list) -> None:
-                for job, picture, index in zip(jobs, pictures, indices):
-                    self.summary.written.append(self._save(job, picture, index, "0"))
+                for job, picture, name in zip(jobs, pictures, first_names):
+                    self._save(job, picture, name, "0")
 
             return gen.decode(self.highres.generate(gen, batch, vae_batch_size, save_first, self.sources),
                               vae_batch_size)
@@ -143,17 +191,12 @@ class Runner:
             return pixels
         return composite(pixels, gen.decode(init.source_latents, vae_batch_size), init.pixel_masks)
 
-    def _save(self, job: Job, picture, index: int, stage: str = "") -> Path:
-        original = Path(job.init_image).name if self.output.use_original_name and job.init_image else None
-        name = output_files.output_file_name(
-            timestamp=self._timestamp,
-            index=index - 1,  # from 000, as the original (`sequential` counts from 1, as the original)
-            seed=job.seed,
-            highres_stage=stage,
-            sequential=index if self.output.sequential else None,
-            original_name=original,
-            prompt_file_name=job.file_name,
-        )
+    def _save(self, job: Job, picture, name: str, stage: str) -> None:
+        """Save one image under `name` (the next free variant of it if a file has it), with its
+        metadata; with `--skip_existing` an image whose file is there is not written again."""
+        if self._existing is not None and name in self._existing:
+            self.summary.existing += stage != "0"  # counted once per image, by its final file
+            return
         extra = self.highres.metadata(job) if stage == "1" else ()
         if job.guide_image is not None:
             extra = (*extra, *self.output.controlnet_metadata)
@@ -180,7 +223,9 @@ class Runner:
             extra=extra,
             a1111_prompt_suffix=tags,
         )
-        return output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record))
+        path = output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record),
+                                       variant_of=self._names.asked(name))
+        self.summary.written.append(path)
 
 
 def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[int | None], Iterable[Line]],

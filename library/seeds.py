@@ -27,9 +27,11 @@ import torch
 class SeedSource:
     """The run's seed generator (`seed_random` in the original)."""
 
-    def __init__(self, seed: int | None, single_image: bool) -> None:
+    def __init__(self, seed: int | None, single_image: bool, unseeded: int | None = None) -> None:
+        """`unseeded`: what seeds the draws without `--seed` (a split run's shared random seed);
+        None: fresh entropy, as the original."""
         self._fixed = seed if (seed is not None and single_image) else None
-        self._random = random.Random(seed) if seed is not None else random.Random()
+        self._random = random.Random(seed if seed is not None else unseeded)
 
     @property
     def random(self) -> random.Random:

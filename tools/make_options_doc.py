@@ -55,7 +55,9 @@ count for the whole run, where the original restarts both with every batch, so n
 order), or `im_000001.png`... with `--sequential_file_name`,
 or the `--f` name of the prompt line. Existing files are never overwritten (`_1`, `_2` is
 appended); files are written to a temporary name and renamed, so an interrupted run leaves only
-complete images. Text chunks: `prompt`, `seed`, `sampler`, `steps`, `scale`, `negative-prompt`,
+complete images. `--skip_existing` resumes a stopped run: images whose files are there (default
+names whatever their timestamp) are not made again. Split over processes with `torchrun`, a run
+writes the same files (docs/scale-out.md). Text chunks: `prompt`, `seed`, `sampler`, `steps`, `scale`, `negative-prompt`,
 `negative-scale`, `clip-prompt`, `raw-prompt` (the original's keys) and an A1111-style `parameters`
 chunk (`Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model hash: ..., Model: ...`),
 which also names the run's extra models as the web UI does, so image sites identify them: `VAE hash`/`VAE`,
