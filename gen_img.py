@@ -28,9 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if logging.getLogger().level > logging.DEBUG:
         quiet_third_party()
     # torch/diffusers load only now: --help and argument errors come in a fraction of a second
-    from library import build, distributed, limits, preflight, prompts, results
-    from library.runner import run_rounds
-    from library.seeds import SeedSource
+    from library import build, distributed, limits, preflight, results
 
     team = distributed.SOLO
     try:
@@ -43,27 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         limits.check_defaults(options.namespace, generator)
         runner = build.runner(options, model, generator, team)
 
-        rounds, per_prompt = options.rounds, options.generation.images_per_prompt
-        if rounds.interactive:
-            seeds = SeedSource(rounds.seed, single_image=False)
-            for line in prompts.interactive_lines():
-                runner.run(runner.jobs([line], seeds, None))
-        elif rounds.from_module is not None:
-            # the prompter is asked again in every --n_iter round, with the run's seed_random
-            seeds = SeedSource(rounds.seed, single_image=False)
-            args = options.namespace  # the original's plugin signature takes the raw namespace
-            prompter = prompts.load_prompter(rounds.from_module, args, generator, networks.loaded)
-            run_rounds(runner, rounds, lambda iter_seed: prompts.module_lines(
-                prompter, args, generator, seeds, iter_seed, per_prompt), seeds, None)
-        else:
-            lines = prompt_lines(options)
-            # seed S itself only for one image in one round; otherwise Random(S) draws, in every round
-            seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1 and rounds.n_iter == 1,
-                               unseeded=team.seed)
-            total = len(lines) * per_prompt if lines else None
-            shuffle = team.shuffler()
-            run_rounds(runner, rounds, lambda _: prompts.shuffled(lines, rounds.shuffle_prompts, shuffle),
-                       seeds, total)
+        generate(options, runner, generator, networks.loaded, team)
         summary = results.combined(team.gather(runner.summary.to_dict()))  # every rank's images
     except UserError as exc:
         return failed(team, exc)
@@ -81,6 +59,35 @@ def main(argv: list[str] | None = None) -> int:
     return results.exit_status(summary)
 
 
+def generate(options: Options, runner, generator, networks: list, team) -> None:
+    """Every image of the run, from its prompt source: the terminal, a `--from_module`
+    prompter, or prompt lines (`--prompt`, `--from_file`, the sources' metadata)."""
+    from library import prompts
+    from library.runner import run_rounds
+    from library.seeds import SeedSource
+
+    rounds, per_prompt = options.rounds, options.generation.images_per_prompt
+    if rounds.interactive:
+        seeds = SeedSource(rounds.seed, single_image=False)
+        for line in prompts.interactive_lines():
+            runner.run(runner.jobs([line], seeds, None))
+    elif rounds.from_module is not None:
+        # the prompter is asked again in every --n_iter round, with the run's seed_random
+        seeds = SeedSource(rounds.seed, single_image=False)
+        args = options.namespace  # the original's plugin signature takes the raw namespace
+        prompter = prompts.load_prompter(rounds.from_module, args, generator, networks)
+        run_rounds(runner, rounds, lambda iter_seed: prompts.module_lines(
+            prompter, args, generator, seeds, iter_seed, per_prompt), seeds, None)
+    else:
+        lines = prompt_lines(options)
+        # seed S itself only for one image in one round; otherwise Random(S) draws, in every round
+        seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1 and rounds.n_iter == 1,
+                           unseeded=team.seed)  # without --seed: the same draws on every rank
+        total = len(lines) * per_prompt if lines else None
+        shuffle = team.shuffler()
+        run_rounds(runner, rounds, lambda _: prompts.shuffled(lines, rounds.shuffle_prompts, shuffle), seeds, total)
+
+
 def failed(team, exc: UserError) -> int:
     """Print the run's one error line and return its exit status. In a split run only the first
     rank to fail prints (an error every rank finds before they meet, only rank 0)."""
@@ -88,7 +95,7 @@ def failed(team, exc: UserError) -> int:
 
     if isinstance(exc, distributed.PeerFailed):
         return exc.exit_status
-    first = team.fail(str(exc), exc.exit_status)
+    first = team.fail(exc.exit_status)
     if team.size == 1 and not isinstance(exc, distributed.NotConnected):
         first = first and distributed.speaks_for_the_run()
     if first:

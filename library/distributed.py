@@ -131,7 +131,7 @@ class Team:
         if self._store is None:
             bar.update(count)
             return
-        total = self._store.add(self._key("images"), count)
+        total = self._counter("images", count)
         if self.leads:
             _advance(bar, total)
 
@@ -140,7 +140,7 @@ class Team:
         if self._store is None:
             return
         try:
-            failed = self._store.check([self._key("failed")])
+            failed = self._store.check(["failed"])
         except RuntimeError:  # rank 0's store is gone: the run was stopped
             raise PeerFailed("rank 0 stopped") from None
         if failed:
@@ -150,24 +150,23 @@ class Team:
         """Wait until every rank finished this round; rank 0 keeps its bar moving."""
         if self._store is None:
             return
-        key = self._key("finished")
-        self._store.add(key, 1)
-        while self._store.add(key, 0) < self.size:
+        self._counter("finished", 1)
+        while self._counter("finished") < self.size:
             self.check()
             if self.leads:
-                _advance(bar, self._store.add(self._key("images"), 0))
+                _advance(bar, self._counter("images"))
             time.sleep(POLL_SECONDS)
         if self.leads:
-            _advance(bar, self._store.add(self._key("images"), 0))
+            _advance(bar, self._counter("images"))
         self._round += 1
 
-    def fail(self, message: str, status: int) -> bool:
+    def fail(self, status: int) -> bool:
         """Publish this rank's failure; True when it is the run's first (this rank prints it)."""
         if self._store is None:
             return True
-        payload = json.dumps({"rank": self.rank, "message": message, "status": status})
+        payload = json.dumps({"rank": self.rank, "status": status})
         try:
-            first = self._store.compare_set(self._key("failed"), "", payload)
+            first = self._store.compare_set("failed", "", payload)
         except RuntimeError:
             return True
         return first.decode() == payload if isinstance(first, bytes) else first == payload
@@ -175,7 +174,7 @@ class Team:
     def failure_status(self) -> int:
         """The exit status of the run's first failure (2 when unknown)."""
         try:
-            return int(json.loads(self._store.get(self._key("failed")))["status"])
+            return int(json.loads(self._store.get("failed"))["status"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
             return 2
 
@@ -212,8 +211,12 @@ class Team:
 
         self._previous_sigterm = signal.signal(signal.SIGTERM, stop)
 
-    def _key(self, name: str) -> str:
-        return f"round{self._round}/{name}" if name != "failed" else name
+    def _counter(self, name: str, add: int = 0) -> int:
+        """This round's counter `name` after adding `add`; `PeerFailed` when rank 0's store is gone."""
+        try:
+            return self._store.add(f"round{self._round}/{name}", add)
+        except RuntimeError:
+            raise PeerFailed("rank 0 stopped") from None
 
 
 SOLO = Team()

@@ -88,6 +88,9 @@ class Runner:
         self.highres = highres
         self.guides = guides
         self.team = team
+        self.show_progress = generator.progress and team.leads
+        if team.size > 1:
+            generator.progress = False  # one bar for a split run: its images, not each batch's steps
         self.summary = Summary()
         self._names = output_files.NamePlan()
         self._existing = output_files.ExistingImages(output.outdir) if output.skip_existing else None
@@ -122,8 +125,7 @@ class Runner:
         """Generate and save all `jobs` (this process's share of them), batching consecutive
         compatible ones; with `--skip_existing` a batch whose files are all there is skipped."""
         start = time.perf_counter()
-        show = self.generator.progress and self.team.leads
-        with tqdm(total=total, desc="images", unit="img", disable=not show) as bar:
+        with tqdm(total=total, desc="images", unit="img", disable=not self.show_progress) as bar:
             for batch in batches(jobs, self.batch_size):
                 number, self._batches_made = self._batches_made, self._batches_made + 1
                 names = self._plan(batch)  # every process plans every name, in the same order
