@@ -46,13 +46,11 @@ class Runtime:
 
     @classmethod
     def from_options(cls, options: LoadOptions, local_rank: int = 0) -> "Runtime":
-        """`--device` (default: the GPU if there is one); a process of a split run takes
-        `cuda:<local_rank>` when the device is `cuda` without an index."""
-        name = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if name == "cuda" and local_rank:
-            name = f"cuda:{local_rank}"
+        name = device_name(options.device, torch.cuda.is_available(), local_rank)
         try:
             device = torch.device(name)
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # libraries that use "the current GPU" use this one
             torch.empty(1, device=device)
         except (RuntimeError, AssertionError) as exc:
             raise UserError(f"--device {name}: not usable here ({first_line(exc, 120)})") from None
@@ -60,6 +58,13 @@ class Runtime:
         vae_dtype = torch.float32 if options.no_half_vae else dtype
         noise_device = torch.device("cpu") if options.noise_device == "cpu" else device
         return cls(device, dtype, vae_dtype, noise_device)
+
+
+def device_name(given: str | None, cuda: bool, local_rank: int = 0) -> str:
+    """`--device` (default: the GPU if there is one); a process of a split run
+    (`library.distributed`) takes `cuda:<local_rank>` for `cuda` without an index."""
+    name = given or ("cuda" if cuda else "cpu")
+    return f"cuda:{local_rank}" if name == "cuda" and local_rank else name
 
 
 def checkpoint_path(options: LoadOptions) -> str:

@@ -336,3 +336,27 @@ def test_skip_existing_with_repeated_f_names(tiny_models, tmp_path, capsys):
     assert [p.name for p in pngs(out)] == ["same.png", "same_1.png"]  # not same_2.png
     assert run(tiny_models, out, *args) == 0  # without it nothing is overwritten
     assert [p.name for p in pngs(out)] == ["same.png", "same_1.png", "same_2.png", "same_3.png"]
+
+
+def test_each_local_rank_takes_its_own_gpu():
+    from library.build import device_name
+
+    assert [device_name(None, True, rank) for rank in range(3)] == ["cuda", "cuda:1", "cuda:2"]
+    assert device_name("cuda", True, 2) == "cuda:2"
+    assert device_name("cuda:0", True, 2) == "cuda:0"  # an explicit index is taken as given
+    assert device_name(None, False, 2) == "cpu"
+
+
+def test_without_seed_every_rank_draws_the_same_seeds_and_order():
+    from library.prompts import Line, shuffled
+    from library.seeds import SeedSource
+
+    shared = 123456789
+    sources = [SeedSource(None, False, unseeded=shared) for _rank in range(2)]
+    draws = [[source.draw() for _ in range(4)] for source in sources]
+    assert draws[0] == draws[1] and len(set(draws[0])) == 4
+    assert SeedSource(None, False).draw() != SeedSource(None, False).draw()  # one process: fresh entropy
+    lines = [Line(str(n), f"f:{n}") for n in range(8)]
+    teams = [Team(Placement(rank, 2, rank), store=object(), seed=shared) for rank in range(2)]
+    orders = [[line.text for line in shuffled(lines, True, team.shuffler())] for team in teams]
+    assert orders[0] == orders[1] != [str(n) for n in range(8)]
