@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a process waits to reach the others (rendezvous) before it gives up.
-CONNECT_SECONDS = float(os.environ.get("SDGEN_DIST_TIMEOUT", "600"))
+#: Seconds a process waits to reach the others (rendezvous) before it gives up; `SDGEN_DIST_TIMEOUT`.
+CONNECT_SECONDS = 600.0
 #: Seconds between two looks at the store while waiting at a barrier.
 POLL_SECONDS = 0.2
 
@@ -262,7 +262,7 @@ def _connect(place: Placement):
     except ValueError:
         raise UserError(f"MASTER_PORT {os.environ['MASTER_PORT']!r} is not a port number") from None
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    timeout = timedelta(seconds=CONNECT_SECONDS)
+    timeout = timedelta(seconds=_connect_seconds())
     try:
         base = dist.TCPStore(host, port, place.size, is_master=place.rank == 0 and not agent_store,
                              timeout=timeout, wait_for_workers=False)
@@ -277,6 +277,17 @@ def _connect(place: Placement):
                         f"({first_line(exc, 120)}); check MASTER_ADDR/MASTER_PORT and that every rank "
                         "was started") from None
     return store
+
+
+def _connect_seconds() -> float:
+    text = os.environ.get("SDGEN_DIST_TIMEOUT", str(CONNECT_SECONDS))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e7:
+        raise UserError(f"SDGEN_DIST_TIMEOUT {text!r}: give the seconds to wait for the other processes, e.g. 600")
+    return seconds
 
 
 def _shared_start(place: Placement, store) -> dict:

@@ -360,3 +360,22 @@ def test_without_seed_every_rank_draws_the_same_seeds_and_order():
     teams = [Team(Placement(rank, 2, rank), store=object(), seed=shared) for rank in range(2)]
     orders = [[line.text for line in shuffled(lines, True, team.shuffler())] for team in teams]
     assert orders[0] == orders[1] != [str(n) for n in range(8)]
+
+
+def test_a_rank_that_cannot_reach_the_others_says_so(monkeypatch, tiny_models, tmp_path, capsys):
+    port = _free_port()  # nothing listens there
+    for key, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="localhost",
+                           MASTER_PORT=str(port), SDGEN_DIST_TIMEOUT="2").items():
+        monkeypatch.setenv(key, value)
+    start = time.monotonic()
+    code = gen_img.main(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path / "out"), "--prompt", "p"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and time.monotonic() - start < 30
+    assert len(err) == 1 and err[0].startswith(
+        f"gen_img.py: error: rank 1: could not reach the other processes at localhost:{port} ("), err
+    assert err[0].endswith("); check MASTER_ADDR/MASTER_PORT and that every rank was started")
+    monkeypatch.setenv("SDGEN_DIST_TIMEOUT", "soon")
+    monkeypatch.setenv("RANK", "0")
+    assert gen_img.main(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path / "out"), "--prompt", "p"]) == 2
+    assert capsys.readouterr().err.strip() == ("gen_img.py: error: SDGEN_DIST_TIMEOUT 'soon': give the seconds to "
+                                               "wait for the other processes, e.g. 600")
