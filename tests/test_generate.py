@@ -257,3 +257,27 @@ def test_and_parts_are_an_attention_couple_without_a_warning(tiny_models, tmp_pa
     # two identical parts are the one prompt; other parts change the image
     assert np.abs(pixels(pngs(tmp_path / "cat")[0]) - pixels(pngs(tmp_path / "one")[0])).max() <= 1
     assert np.abs(pixels(pngs(tmp_path / "and")[0]) - pixels(pngs(tmp_path / "one")[0])).max() > 10
+
+
+def test_ctrl_c_while_decoding_keeps_the_finished_images_only(tiny_models, tmp_path, monkeypatch, capsys):
+    """Ctrl+C in the 2nd image's VAE decode: exit 130, one line, the 1st image saved whole,
+    nothing of the 2nd (no file, no `.part`), no summary line."""
+    from library.pipeline import Pipeline
+
+    decode, calls = Pipeline._decode_chunk, []
+
+    def interrupted_second(self, latents):
+        calls.append(latents.shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return decode(self, latents)
+
+    monkeypatch.setattr(Pipeline, "_decode_chunk", interrupted_second)
+    out = tmp_path / "out"
+    assert run(tiny_models, out, "--prompt", "a cat", "--images_per_prompt", "2", "--seed", "1",
+               "--sequential_file_name") == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == "interrupted"
+    assert "written" not in captured.out
+    assert [p.name for p in out.iterdir()] == ["im_000001.png"]
+    assert meta(out / "im_000001.png")["seed"]
