@@ -310,7 +310,7 @@ def runner(options: Options, model: LoadedModel, gen: Pipeline, team: Team = SOL
         preview=preview_window() if options.output.preview and team.leads else None,
         use_original_name=options.output.use_original_file_name,
         controlnet_metadata=control.metadata() if control is not None else (),
-        region_metadata=_region_metadata(gen),
+        feature_metadata=_region_metadata(gen) + _guidance_metadata(gen),
         run_metadata=run_parameters(
             vae=options.load.vae, sampler=g.sampler, ddim_eta=g.ddim_eta, lora_files=options.networks.weights,
             embedding_files=(*options.text.textual_inversion_embeddings, *options.text.xti_embeddings)),
@@ -340,6 +340,14 @@ def _region_metadata(gen: Pipeline) -> tuple[tuple[str, str], ...]:
     if couple is None or couple.regions is None:
         return ()
     return (("Region mask", couple.regions.path.name), ("Region mode", couple.regions.mode))
+
+
+def _guidance_metadata(gen: Pipeline) -> tuple[tuple[str, object], ...]:
+    """The CLIP / VGG16 guidance scales of the run (`GuidedGeneration.metadata`), if any."""
+    from library.guidance import GuidedGeneration
+
+    guided = next((f for f in gen.features if isinstance(f, GuidedGeneration)), None)
+    return guided.metadata() if guided is not None else ()
 
 
 class ModelHash:

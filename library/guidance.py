@@ -213,6 +213,14 @@ class GuidedGeneration:
         self.vae, self.scales, self.clip, self.vgg, self.v_prediction = vae, scales, clip, vgg, v_prediction
         self.checkpoint_decoder = checkpoint_decoder
 
+    def metadata(self) -> tuple[tuple[str, object], ...]:
+        """The guidance of every image, as A1111-style parameters (the scales that are on)."""
+        s = self.scales
+        items = [("CLIP guidance scale", s.clip_text), ("CLIP image guidance scale", s.clip_image),
+                 ("VGG16 guidance scale", s.vgg16)]
+        layer = (("VGG16 guidance layer", s.vgg16_layer),) if s.vgg16 else ()
+        return (*((key, value) for key, value in items if value), *layer)
+
     def for_batch(self, batch: Batch) -> "GuidedBatch | None":
         if not self.scales.enabled:
             return None

@@ -55,7 +55,8 @@ class OutputSettings:
     preview: Callable[[list], None] | None = None
     use_original_name: bool = False  # `--use_original_file_name`: name after the img2img source
     controlnet_metadata: tuple[tuple[str, str], ...] = ()  # for images with a guide image
-    region_metadata: tuple[tuple[str, str], ...] = ()  # the region mask's file and mode (`library.regions`)
+    # the run's features: region mask file and mode (`library.regions`), guidance scales (`library.guidance`)
+    feature_metadata: tuple[tuple[str, object], ...] = ()
     run_metadata: tuple[tuple[str, object], ...] = ()  # VAE, eta, Lora/TI hashes (`library.run_metadata`)
     lora_files: tuple[str, ...] = ()  # for the `<lora:name:w>` tags of the A1111 prompt
     lora_multipliers: tuple[float, ...] = ()  # defaults; a line's --am wins
@@ -202,7 +203,7 @@ class Runner:
         extra = self.highres.metadata(job) if stage == "1" else ()
         if job.guide_image is not None:
             extra = (*extra, *self.output.controlnet_metadata)
-        extra = (*extra, *self.output.region_metadata)
+        extra = (*extra, *self.output.feature_metadata)
         extra = (*extra, *self.output.run_metadata)
         tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
         record = image_metadata.ImageRecord(

@@ -227,6 +227,11 @@ def test_the_manuals_examples_run_with_local_models(tiny_models, tmp_path, guide
                          "--guide_image_path", str(sources), "--vgg16_weights", str(tiny_models["vgg16"]),
                          "--vgg16_guidance_layerP", "15"]) == 0
     assert [len(pngs(tmp_path / d)) for d in "abc"] == [1, 1, 1]
+    items = [meta(pngs(tmp_path / d)[0])["parameters"].splitlines()[-1].split(", ") for d in "abc"]
+    assert [item for item in items[0] if "guidance" in item] == ["CLIP guidance scale: 100"]
+    assert [item for item in items[1] if "guidance" in item] == ["CLIP image guidance scale: 100"]
+    assert [item for item in items[2] if "guidance" in item] == ["VGG16 guidance scale: 100",
+                                                                 "VGG16 guidance layer: 15"]
 
 
 @pytest.mark.parametrize("extra,expected", [

@@ -111,7 +111,7 @@ def test_with_networks_the_mask_is_not_an_inpainting_mask(tiny_models, tmp_path,
     gen = build.generator(options, model, build.Runtime.from_options(options.load), build.networks(options, model))
     runner = build.runner(options, model, gen)
     assert runner.sources.masks == []
-    assert runner.output.region_metadata == (("Region mask", "rg.png"), ("Region mode", "RGB channels"))
+    assert runner.output.feature_metadata == (("Region mask", "rg.png"), ("Region mode", "RGB channels"))
 
 
 def _change_of_part_2(tiny_models, tmp_path: Path, *extra: str) -> np.ndarray:
