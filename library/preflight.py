@@ -35,6 +35,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         for path in getattr(args, option, None) or []:
             check_file(path, f"--{option}")
     check_network_modules(getattr(args, "network_module", None) or [])
+    check_guidance_models(args)
     check_outdir(args.outdir)
 
 
@@ -77,6 +78,18 @@ def check_file(path: str, option: str) -> None:
             pass
     except OSError as exc:
         raise UserError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+
+
+def check_guidance_models(args: argparse.Namespace) -> None:
+    """The CLIP / VGG16 files that guidance with a non-zero scale will load are there."""
+    if getattr(args, "clip_guidance_scale", 0) or getattr(args, "clip_image_guidance_scale", 0):
+        from library.models.clip_guidance import check_clip_model
+
+        check_clip_model(args.clip_model)
+    if getattr(args, "vgg16_guidance_scale", 0):
+        from library.models.vgg16 import weights_file
+
+        weights_file(args.vgg16_weights)
 
 
 def check_model(spec: str, option: str) -> None:

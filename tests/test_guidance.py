@@ -313,3 +313,20 @@ def test_guidance_with_controlnet_and_highres_fix(tiny_models, tmp_path, guide, 
                "--control_net_models", str(tiny_models["controlnet-sd1"]), "--guide_image_path", str(guide)) == 0
     assert seen == ["steps (CLIP + VGG16 guidance)", "steps (CLIP guidance)"]
     assert len(pngs(tmp_path / "out")) == 2
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (("--clip_guidance_scale", "100", "--clip_model", "/nowhere/clip"), "--clip_model /nowhere/clip: no such file"),
+    (("--vgg16_guidance_scale", "100", "--vgg16_weights", "/nowhere/vgg.pth"),
+     "--vgg16_weights /nowhere/vgg.pth: no such file; get torchvision's "),
+])
+def test_missing_guidance_models_are_found_before_the_checkpoint_opens(tiny_models, tmp_path, capsys, guide,
+                                                                      extra, expected):
+    """A damaged checkpoint would be the loader's error: the guidance model's comes first (preflight)."""
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a model")
+    guided = ("--guide_image_path", str(guide)) if "--vgg16_guidance_scale" in extra else ()
+    code = gen_img.main(["--ckpt", str(damaged), "--outdir", str(tmp_path / "out"), "--prompt", "a cat",
+                         *guided, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"gen_img.py: error: {expected}"), err

@@ -44,7 +44,7 @@ def load_clip_model(name: str | None, device: torch.device, dtype: torch.dtype):
             model = CLIPModel.from_pretrained(str(path), local_files_only=True)
         elif path.is_file():
             model = _from_single_file(path)
-        elif name is not None and (path.suffix or not re.fullmatch(r"[\w.-]+/[\w.-]+", given)):
+        elif name is not None and not is_model_id(name):
             raise UserError(f"--clip_model {name}: no such file or folder; {_GET}")
         else:
             model = _from_cache(given, name is None)
@@ -55,6 +55,17 @@ def load_clip_model(name: str | None, device: torch.device, dtype: torch.dtype):
     logger.info("CLIP guidance model %s (vision %s, projection %d)", given,
                 model.config.vision_config.hidden_size, model.config.projection_dim)
     return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def is_model_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face ID (`owner/model`) rather than a path."""
+    return not Path(name).suffix and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def check_clip_model(name: str | None) -> None:
+    """`--clip_model` given as a path that is not there: the loader's one line, before any model loads."""
+    if name is not None and not Path(name).exists() and not is_model_id(name):
+        raise UserError(f"--clip_model {name}: no such file or folder; {_GET}")
 
 
 def _from_cache(model_id: str, default: bool):

@@ -72,6 +72,16 @@ def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILE
 
 
+def weights_file(path: str | None) -> Path:
+    """The VGG16 weight file of `--vgg16_weights` (None: torchvision's cache); one line if it is not there."""
+    file = Path(path) if path else default_weights_path()
+    if not file.is_file():
+        where = f"--vgg16_weights {path}: no such file" if path else \
+            f"--vgg16_guidance_scale needs VGG16 weights: no --vgg16_weights and no {file}"
+        raise UserError(f"{where}; get torchvision's {TORCHVISION_URL} and give its path with --vgg16_weights")
+    return file
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a .pth/.pt/.bin (pickled state dict, weights only) or .safetensors file."""
     try:
@@ -91,12 +101,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_vgg16_features(path: str | None, device: torch.device, dtype: torch.dtype) -> nn.Sequential:
     """VGG16's `features` with the weights of `path` (default: torchvision's cache), frozen, eval."""
-    file = Path(path) if path else default_weights_path()
-    if not file.is_file():
-        where = f"--vgg16_weights {path}: no such file" if path else \
-            f"--vgg16_guidance_scale needs VGG16 weights: no --vgg16_weights and no {file}"
-        raise UserError(f"{where}; get torchvision's {TORCHVISION_URL} and give its path with --vgg16_weights")
-    state = read_state_dict(file)
+    state = read_state_dict(weights_file(path))
     prefix = "features." if any(k.startswith("features.") for k in state) else ""
     try:
         widths = [int(state[f"{prefix}{i}.weight"].shape[0]) for i in conv_indices()]
