@@ -158,7 +158,7 @@ def generator(options: Options, model: LoadedModel, runtime: Runtime, nets: Netw
     features = [f for f in (nets, xti_feature(encoder, model), control, couple, guided) if f is not None]
     deep_shrink = DeepShrinkFeature(len(model.unet.down_blocks))
     deep_shrink.check_settings(options.generation.deep_shrink)  # the command line's depth: exit 2 up front
-    features += [deep_shrink, GradualLatentFeature(options.generation.sampler, control is not None)]
+    features += [deep_shrink, GradualLatentFeature(options.generation.sampler)]
     warn_unused_eta(options.generation.sampler, options.generation.ddim_eta)
     return Pipeline(
         unet=model.unet,

@@ -227,9 +227,6 @@ def validate_high_resolution(args: argparse.Namespace) -> None:
         raise UserError(f"--gradual_latent_ratio_step {args.gradual_latent_ratio_step}: must be above 0")
     if args.gradual_latent_every_n_steps < 1:
         raise UserError(f"--gradual_latent_every_n_steps {args.gradual_latent_every_n_steps}: must be at least 1")
-    if args.control_net_models:
-        raise UserError("--gradual_latent_timesteps with --control_net_models is not supported: the ControlNet's "
-                        "hint would need resizing to every latent size")
 
 
 def _add_original_compat_group(p: argparse.ArgumentParser) -> None:

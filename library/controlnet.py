@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from library import input_images as image_io
@@ -181,11 +183,35 @@ class BatchControl(Patch):
             return None
         unit = self.nets.units[index]
         hint = self.hints[index] if ctx.rows is None else self.hints[index][list(ctx.rows)]
-        down, mid = unit.model(
-            sample, timestep, encoder_hidden_states=cond.states, controlnet_cond=hint,
-            conditioning_scale=unit.weight, return_dict=False,
-        )
+        with hint_features_sized_to(unit.model, sample):
+            down, mid = unit.model(
+                sample, timestep, encoder_hidden_states=cond.states, controlnet_cond=hint,
+                conditioning_scale=unit.weight, return_dict=False,
+            )
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+@contextmanager
+def hint_features_sized_to(model: torch.nn.Module, sample: torch.Tensor) -> Iterator[None]:
+    """While a ControlNet runs on a `sample` smaller than its image (Gradual Latent's early
+    steps), resize the hint's features (the output of its hint embedding, at latent size) to
+    the sample's size, bicubic in fp32, as the original does; at full size nothing is hooked."""
+    embedding = getattr(model, "controlnet_cond_embedding", None)
+    if embedding is None:
+        yield
+        return
+    size = tuple(sample.shape[-2:])
+
+    def resize(module, inputs, features: torch.Tensor) -> torch.Tensor | None:
+        if tuple(features.shape[-2:]) == size:
+            return None
+        return F.interpolate(features.float(), size=size, mode="bicubic").to(features.dtype)
+
+    handle = embedding.register_forward_hook(resize)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def per_model(values: list | None, count: int, default) -> list:

@@ -131,17 +131,14 @@ def with_overrides(base: GradualLatent | None, overrides, prompt_unsharp: Unshar
 class GradualLatentFeature:
     """The patch owner's feature: batches whose Jobs have Gradual Latent settings get `GrowLatents`."""
 
-    def __init__(self, sampler: str, controlnet: bool = False) -> None:
-        self.sampler, self.controlnet = sampler, controlnet
+    def __init__(self, sampler: str) -> None:
+        self.sampler = sampler
 
     def check_job(self, job) -> None:
         if job.gradual_latent is None:
             return
         if self.sampler not in SAMPLERS:
             raise UserError(f"Gradual Latent works with --sampler euler_a or k_euler_a, not {self.sampler}")
-        if self.controlnet:
-            raise UserError("Gradual Latent with ControlNet is not supported: the ControlNet's hint would need "
-                            "resizing to every latent size")
 
     def for_batch(self, batch: Batch) -> "GrowLatents | None":
         settings = batch.jobs[0].gradual_latent

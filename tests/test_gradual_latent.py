@@ -160,6 +160,7 @@ def test_a_prompt_override_applies_to_its_line_only(tiny_models, tmp_path):
     ["--image_path", "{source}", "--mask_path", "{mask}", "--strength", "0.8"],
     ["--highres_fix_scale", "0.5", "--highres_fix_steps", "6", "--strength", "0.8"],
     ["--ds_depth_1", "1", "--ds_timesteps_1", "500"],
+    ["--control_net_models", "{controlnet}", "--guide_image_path", "{source}"],
 ])
 def test_composes_and_batches_do_not_change_images(tiny_models, tmp_path, extra):
     from PIL import Image
@@ -170,7 +171,8 @@ def test_composes_and_batches_do_not_change_images(tiny_models, tmp_path, extra)
     mask_pixels = np.zeros((128, 128), np.uint8)
     mask_pixels[:, 64:] = 255
     Image.fromarray(mask_pixels).save(mask)
-    extra = [e.format(lora=tiny_models["lora"], source=source, mask=mask) for e in extra]
+    extra = [e.format(lora=tiny_models["lora"], source=source, mask=mask, controlnet=tiny_models["controlnet-sd1"])
+             for e in extra]
     common = [*FAST_GL, "--prompt", "a cat --d 5,6", "--images_per_prompt", "2", "--sequential_file_name", *extra]
     gl = ["--gradual_latent_timesteps", "900"]
     assert run(tiny_models, tmp_path / "b1", *common, *gl) == 0
@@ -179,3 +181,34 @@ def test_composes_and_batches_do_not_change_images(tiny_models, tmp_path, extra)
     one, two, plain = (sorted(pngs(tmp_path / d))[-1] for d in ("b1", "b2", "plain"))
     assert np.abs(pixels(one) - pixels(two)).max() <= 1
     assert np.abs(pixels(one) - pixels(plain)).max() > 0
+
+
+def test_controlnet_hint_features_follow_the_latent_size(tiny_models, tmp_path, monkeypatch):
+    """With Gradual Latent the ControlNet runs on small latents: its hint features are resized
+    (bicubic, as the original) to every size the schedule makes, and its residuals fit the U-Net."""
+    from library import controlnet
+
+    sizes = []
+    sized_to = controlnet.hint_features_sized_to
+
+    def recording(model, sample):
+        sizes.append(tuple(sample.shape[-2:]))
+        return sized_to(model, sample)
+
+    monkeypatch.setattr(controlnet, "hint_features_sized_to", recording)
+    source = tmp_path / "guide.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(source)
+    assert run(tiny_models, tmp_path / "out", *FAST_GL, "--steps", "20", "--prompt", "a cat --d 5",
+               "--gradual_latent_timesteps", "900", "--control_net_models", str(tiny_models["controlnet-sd1"]), "--guide_image_path",
+               str(source)) == 0
+    assert sizes[0] == (8, 8) and sizes[-1] == (16, 16)  # from ratio 0.5 up to the 128x128 image's latent
+    features = torch.randn(1, 4, 8, 8)
+    embedding = torch.nn.Identity()
+    model = torch.nn.Module()
+    model.controlnet_cond_embedding = embedding
+    with controlnet.hint_features_sized_to(model, torch.zeros(1, 4, 5, 6)):
+        resized = embedding(features)
+    assert torch.allclose(resized, torch.nn.functional.interpolate(features, size=(5, 6), mode="bicubic"))
+    assert embedding(features) is features  # unhooked after the call
