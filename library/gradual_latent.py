@@ -157,15 +157,16 @@ class GradualLatentFeature:
                            "(the schedule ends at %dx%d); the last step resizes to it", len(timesteps),
                            settings.timesteps, full[1], full[0], final[1], final[0])
             resizes[len(timesteps) - 1] = full
-        return GrowLatents(settings, batch.scheduler, batch.generators, start, resizes)
+        return GrowLatents(settings, batch.scheduler, batch.timesteps, batch.generators, start, resizes)
 
 
 class GrowLatents(Patch):
     """Starts the batch small and makes the resize steps' results at their new sizes."""
 
-    def __init__(self, settings: GradualLatent, scheduler, generators, start: tuple[int, int],
+    def __init__(self, settings: GradualLatent, scheduler, timesteps, generators, start: tuple[int, int],
                  resizes: dict[int, tuple[int, int]]) -> None:
         self.settings, self.scheduler, self.generators = settings, scheduler, list(generators)
+        self.timesteps = timesteps  # the loop's: step i runs timesteps[i]
         self.start_size, self.resizes = start, resizes
 
     def start(self, latents: torch.Tensor) -> torch.Tensor:
@@ -178,14 +179,16 @@ class GrowLatents(Patch):
         size = self.resizes.get(ctx.step)
         if size is None:
             return default(eps, latents)
-        return self._resize_step(eps, latents, size)
+        return self._resize_step(ctx, eps, latents, size)
 
-    def _resize_step(self, eps: torch.Tensor, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _resize_step(self, ctx: StepContext, eps: torch.Tensor, latents: torch.Tensor,
+                     size: tuple[int, int]) -> torch.Tensor:
         """One Euler ancestral step whose result is made at `size` (module docstring)."""
         s = self.scheduler
-        if s.step_index is None:
-            s._init_step_index(s.timesteps[0])  # noqa: SLF001 (diffusers' own initialisation)
-        sigma, sigma_to = s.sigmas[s.step_index], s.sigmas[s.step_index + 1]
+        # the scheduler's own step, its result dropped, moves it to the next step through its public API;
+        # its noise comes from a throw-away generator, so the images' streams are untouched
+        s.step(eps, self.timesteps[ctx.step], latents, generator=torch.Generator(eps.device).manual_seed(0))
+        sigma, sigma_to = s.sigmas[s.step_index - 1], s.sigmas[s.step_index]
         x = latents.float()
         if s.config.prediction_type == "v_prediction":
             x0 = eps * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
@@ -201,5 +204,4 @@ class GrowLatents(Patch):
             moved = unsharp(bicubic(x, size=size)) + bicubic(d, size=size) * dt
         shape = (latents.shape[0], latents.shape[1], *size)
         noise = randn_tensor(shape, dtype=eps.dtype, device=eps.device, generator=self.generators)
-        s._step_index += 1  # noqa: SLF001 (what diffusers' step does after each step)
         return (moved + noise * sigma_up * self.settings.s_noise).to(eps.dtype)
