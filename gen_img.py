@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     team = distributed.SOLO
     try:
         team = distributed.join(options)  # one process, or this one's share of a torchrun/accelerate run
-        preflight.check_inputs(options.namespace)  # every input file and --outdir, before any model file opens
+        preflight.check_inputs(options)  # every input file and --outdir, before any model file opens
         runtime = build.Runtime.from_options(options.load, team.place.local_rank)
         model = build.load(options.load, runtime)
         networks = build.networks(options, model)
         generator = build.generator(options, model, runtime, networks)
-        limits.check_defaults(options.namespace, generator)
+        limits.check_defaults(options.generation, generator)
         runner = build.runner(options, model, generator, team)
 
         generate(options, runner, generator, networks.loaded, team)

@@ -19,9 +19,12 @@ machine, or crashes inside a library:
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from library.errors import UserError
+
+if TYPE_CHECKING:
+    from library.options import GenerationOptions
 
 MAX_SIDE = 8192
 MAX_STEPS = 1000
@@ -93,12 +96,12 @@ def check_jobs(jobs: list, generator, highres=None) -> None:
             check_steps(stage.steps, generator.sampler, "steps")
 
 
-def check_defaults(args, generator) -> None:
+def check_defaults(generation: GenerationOptions, generator) -> None:
     """`--W/--H` against the loaded model's smallest size, before any prompt line runs."""
     smallest = min_side(generator.unet, generator.vae_scale)
-    for name in ("W", "H"):
-        value = getattr(args, name)
-        if value is not None and value < smallest:
+    given = (("W", generation.width, generation.width_given), ("H", generation.height, generation.height_given))
+    for name, value, typed in given:
+        if typed and value < smallest:
             raise UserError(f"--{name} {value}: this model makes {smallest} to {MAX_SIDE} pixels a side")
 
 

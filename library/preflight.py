@@ -9,7 +9,6 @@ behind (the `--outdir` write test removes its temporary file).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import stat
@@ -18,36 +17,42 @@ from pathlib import Path
 from typing import Iterable
 
 from library.errors import NothingToDo, UserError, first_line
+from library.options import GuidanceOptions, Options, RoundOptions
 
 
-def check_inputs(args: argparse.Namespace) -> None:
-    """Every input named by `args` exists and can be read, and `--outdir` can be written."""
-    check_prompt_source(args)
-    for option in ("image_path", "mask_path", "guide_image_path"):
-        if getattr(args, option, None) is not None:
-            check_images(getattr(args, option), f"--{option}")
-    for option in ("ckpt", "vae"):
-        if getattr(args, option, None):
-            check_model(getattr(args, option), f"--{option}")
-    for spec in getattr(args, "control_net_models", None) or []:
+def check_inputs(options: Options) -> None:
+    """Every input named by `options` exists and can be read, and `--outdir` can be written."""
+    check_prompt_source(options.rounds)
+    images = (("--image_path", options.sources.image_path), ("--mask_path", options.sources.mask_path),
+              ("--guide_image_path", options.controlnet.guide_image_path))
+    for option, spec in images:
+        if spec is not None:
+            check_images(list(spec) if isinstance(spec, tuple) else spec, option)
+    for option, spec in (("--ckpt", options.load.ckpt), ("--vae", options.load.vae)):
+        if spec:
+            check_model(spec, option)
+    for spec in options.controlnet.models:
         check_model(spec, "--control_net_models")
-    for option in ("network_weights", "textual_inversion_embeddings", "XTI_embeddings"):
-        for path in getattr(args, option, None) or []:
-            check_file(path, f"--{option}")
-    check_network_modules(getattr(args, "network_module", None) or [])
-    check_guidance_models(args)
-    check_outdir(args.outdir)
+    files = (("--network_weights", options.networks.weights),
+             ("--textual_inversion_embeddings", options.text.textual_inversion_embeddings),
+             ("--XTI_embeddings", options.text.xti_embeddings))
+    for option, paths in files:
+        for path in paths:
+            check_file(path, option)
+    check_network_modules(options.networks.modules)
+    check_guidance_models(options.guidance)
+    check_outdir(options.output.outdir)
 
 
-def check_prompt_source(args: argparse.Namespace) -> None:
+def check_prompt_source(rounds: RoundOptions) -> None:
     """`--from_file` readable with at least one prompt line; `--from_module` valid Python."""
     from library.prompts import read_prompt_file
 
-    if args.from_file is not None and not read_prompt_file(args.from_file):
-        raise NothingToDo(f"--from_file {args.from_file}: no prompt lines (only blank lines and # comments); "
+    if rounds.from_file is not None and not read_prompt_file(rounds.from_file):
+        raise NothingToDo(f"--from_file {rounds.from_file}: no prompt lines (only blank lines and # comments); "
                           "nothing to do")
-    if args.from_module is not None:
-        check_python_file(args.from_module, "--from_module")
+    if rounds.from_module is not None:
+        check_python_file(rounds.from_module, "--from_module")
 
 
 def check_python_file(path: str, option: str) -> None:
@@ -80,16 +85,16 @@ def check_file(path: str, option: str) -> None:
         raise UserError(f"{option} {path}: cannot read it ({exc.strerror})") from None
 
 
-def check_guidance_models(args: argparse.Namespace) -> None:
+def check_guidance_models(guidance: GuidanceOptions) -> None:
     """The CLIP / VGG16 files that guidance with a non-zero scale will load are there."""
-    if getattr(args, "clip_guidance_scale", 0) or getattr(args, "clip_image_guidance_scale", 0):
+    if guidance.clip_scale or guidance.clip_image_scale:
         from library.models.clip_guidance import check_clip_model
 
-        check_clip_model(args.clip_model)
-    if getattr(args, "vgg16_guidance_scale", 0):
+        check_clip_model(guidance.clip_model)
+    if guidance.vgg16_scale:
         from library.models.vgg16 import weights_file
 
-        weights_file(args.vgg16_weights)
+        weights_file(guidance.vgg16_weights)
 
 
 def check_model(spec: str, option: str) -> None:
