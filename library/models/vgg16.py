@@ -101,7 +101,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_vgg16_features(path: str | None, device: torch.device, dtype: torch.dtype) -> nn.Sequential:
     """VGG16's `features` with the weights of `path` (default: torchvision's cache), frozen, eval."""
-    state = read_state_dict(weights_file(path))
+    file = weights_file(path)
+    state = read_state_dict(file)
     prefix = "features." if any(k.startswith("features.") for k in state) else ""
     try:
         widths = [int(state[f"{prefix}{i}.weight"].shape[0]) for i in conv_indices()]
