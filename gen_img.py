@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library.cli import parse_options  # noqa: E402
+from library.startup import parse_options  # noqa: E402  (parse, then read the model)
 from library.console_log import configure_logging  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.messages import one_line, quiet_third_party  # noqa: E402

@@ -25,6 +25,7 @@ from library.pipeline import Pipeline
 from library.prompts import Defaults
 from library.run_metadata import run_parameters
 from library.runner import OutputSettings, Runner
+from library.startup import run_dtypes
 from library.text_encoding import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,7 @@ class Runtime:
             torch.empty(1, device=device)
         except (RuntimeError, AssertionError) as exc:
             raise UserError(f"--device {name}: not usable here ({first_line(exc, 120)})") from None
-        dtype = torch.float16 if options.fp16 else torch.bfloat16 if options.bf16 else torch.float32
-        vae_dtype = torch.float32 if options.no_half_vae else dtype
+        dtype, vae_dtype = run_dtypes(options)  # what library.startup prefetches the checkpoint for
         noise_device = torch.device("cpu") if options.noise_device == "cpu" else device
         return cls(device, dtype, vae_dtype, noise_device)
 
