@@ -13,11 +13,12 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library.startup import exit_without_teardown, parse_options  # noqa: E402  (parse, then read the model)
+from library.cli import parse_options  # noqa: E402
 from library.console_log import configure_logging  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.messages import one_line, quiet_third_party  # noqa: E402
 from library.options import Options  # noqa: E402
+from library.startup import exit_without_teardown  # noqa: E402
 
 logger = logging.getLogger("gen_img")
 

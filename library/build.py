@@ -25,7 +25,6 @@ from library.pipeline import Pipeline
 from library.prompts import Defaults
 from library.run_metadata import run_parameters
 from library.runner import OutputSettings, Runner
-from library.startup import run_dtypes
 from library.text_encoding import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,8 @@ class Runtime:
             torch.empty(1, device=device)
         except (RuntimeError, AssertionError) as exc:
             raise UserError(f"--device {name}: not usable here ({first_line(exc, 120)})") from None
-        dtype, vae_dtype = run_dtypes(options)  # what library.startup prefetches the checkpoint for
+        dtype = torch.float16 if options.fp16 else torch.bfloat16 if options.bf16 else torch.float32
+        vae_dtype = torch.float32 if options.no_half_vae else dtype
         noise_device = torch.device("cpu") if options.noise_device == "cpu" else device
         return cls(device, dtype, vae_dtype, noise_device)
 
@@ -81,7 +81,7 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         v2=options.v2,
         v_parameterization=options.v_parameterization,
         tokenizer_cache_dir=options.tokenizer_cache_dir,
-        # PyTorch SDPA unless asked: blocked attention is faster single-threaded but not yet shown with 2 threads
+        # PyTorch SDPA unless asked: blocked attention is faster single-threaded, slower with 2 threads
         attention="auto" if options.blocked_attention else "sdpa",
         vae_encoder="lazy",  # loaded when something encodes (img2img, Highres fix); txt2img never does
     )

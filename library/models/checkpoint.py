@@ -147,13 +147,6 @@ def paging_in(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
         del kept
 
 
-def populate(tensors: Iterable[torch.Tensor]) -> None:
-    """Map the memory pages of `tensors` into the process now, in the calling thread (as `paging_in`)."""
-    kept = [t for t in tensors if t.device.type == "cpu"]
-    if sys.platform.startswith("linux") and kept:
-        _populate(_page_runs(kept))
-
-
 _MADV_POPULATE_READ = 22  # linux/mman.h, since Linux 5.14
 _PAGE = 4096
 _CHUNK = 32 << 20  # one call per 32 MiB: long calls stall the loading thread's memory mapping

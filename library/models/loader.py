@@ -160,21 +160,16 @@ def _move(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def _load_single_file(path: Path, dtype: torch.dtype, background: contextlib.ExitStack,
                       vae_dtype: torch.dtype | None = None, lazy_encoder: bool = False):
     """Networks from one LDM-layout file; pages of weights used as stored map in `background`
-    (not those of a VAE encoder left for later), unless `prefetch` has read, cast and paged
-    them in already."""
-    from library.models import prefetch
-
-    vae_dtype = vae_dtype or dtype
-    ready = prefetch.take(path, dtype, vae_dtype, lazy_encoder)
-    raw = ready if ready is not None else checkpoint.read_state_dict(path)
+    (not those of a VAE encoder left for later)."""
+    raw = checkpoint.read_state_dict(path)
     pages = checkpoint.FilePages(path)
     v_flag = raw.get("v_pred")
     rename = normalize_keys(list(raw))
     sd = {new: raw[old] for old, new in rename.items()}
-    if ready is None:
-        kept = (t for k, t in sd.items() if t.dtype == (vae_dtype if k.startswith(VAE_PREFIX) else dtype)
-                and not (lazy_encoder and k.startswith(ENCODER_PREFIX)))
-        background.enter_context(checkpoint.paging_in(kept))
+    vae_dtype = vae_dtype or dtype
+    kept = (t for k, t in sd.items() if t.dtype == (vae_dtype if k.startswith(VAE_PREFIX) else dtype)
+            and not (lazy_encoder and k.startswith(ENCODER_PREFIX)))
+    background.enter_context(checkpoint.paging_in(kept))
     try:
         spec = detect_model({k: tuple(v.shape) for k, v in sd.items()})
     except DetectionError as exc:
