@@ -97,7 +97,8 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
     """The model of `--ckpt` (and `--vae`), on the run's device and dtypes, with its attention
-    backend and memory layout set (SDPA by default, xformers on request)."""
+    backend and memory layout set (SDPA by default, xformers on request). A single file's VAE
+    encoder is read from the file on first use (`library.models.lazy_encoder`)."""
     ckpt = checkpoint_path(options)
     _start_hash(ckpt)
     model = load_model(
@@ -110,8 +111,9 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         v2=options.v2,
         v_parameterization=options.v_parameterization,
         tokenizer_cache_dir=options.tokenizer_cache_dir,
-        # PyTorch SDPA unless asked: blocked attention is faster single-threaded but not yet shown with 2 threads
+        # PyTorch SDPA unless asked: blocked attention is faster single-threaded, slower with 2 threads
         attention="auto" if options.blocked_attention else "sdpa",
+        vae_encoder="lazy",  # loaded when something encodes (img2img, Highres fix); txt2img never does
     )
     if options.xformers and xformers_usable():
         model.unet.enable_xformers_memory_efficient_attention()

@@ -440,8 +440,10 @@ def sliced_decode(vae: torch.nn.Module, latents: torch.Tensor, slices: int) -> t
 
 def sliced_encode_moments(vae: torch.nn.Module, images: torch.Tensor, slices: int) -> torch.Tensor:
     """The encoder's moments (mean and log-variance, as `latent_dist.parameters`), in bands."""
+    from library.models.lazy_encoder import loaded_encoder
+
     try:
-        encoder = vae.encoder
+        encoder = loaded_encoder(vae)
         units = encoder_units(encoder)
     except (Unsupported, AttributeError) as exc:
         logger.warning("--vae_slices: this VAE cannot be sliced (%s); encoding in one piece", exc)

@@ -8,7 +8,7 @@ Each run is a fresh `python gen_img.py --ckpt ... --prompt ... --W/--H size --st
 --sampler ddim` process (one image) with the file already in the page cache. Per run:
 
 * whole: process start to exit (wall clock);
-* generating: the "N images written in X s" of gen_img's summary (prompt to saved image);
+* generating: the "N image(s) written in X s" of gen_img's summary (prompt to saved image);
 * overhead: whole - generating (imports, argument parsing, model load, hashing, exit);
 * first image: process start until the first PNG exists in the output folder;
 * peak RSS: the child's maximum resident set (`wait4` rusage), the whole process's peak.
@@ -40,7 +40,7 @@ from tools.bench_model import full_size_checkpoint  # noqa: E402
 logger = logging.getLogger("bench_process")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path("~/.cache/sdgen-bench")
-SUMMARY = re.compile(r"(\d+) images written in ([\d.]+) s")
+SUMMARY = re.compile(r"(\d+) images? written in ([\d.]+) s")
 
 
 def one_run(ckpt: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, float]:

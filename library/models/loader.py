@@ -27,6 +27,7 @@ from library.errors import UserError, first_line
 from library.models import checkpoint
 from library.models.detect import (
     SD2_TE_PREFIX,
+    VAE_PREFIX,
     DetectionError,
     ModelSpec,
     detect_model,
@@ -36,7 +37,10 @@ from library.models.detect import (
 
 logger = logging.getLogger(__name__)
 
+ENCODER_PREFIX = f"{VAE_PREFIX}encoder."  # the VAE encoder's LDM keys, after `normalize_keys`
+
 Family = Literal["sd1", "sd2"]
+VaeEncoder = Literal["eager", "lazy"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ def load_model(
     v_parameterization: bool = False,
     tokenizer_cache_dir: str | Path | None = None,
     attention: str = "auto",
+    vae_encoder: VaeEncoder = "eager",
 ) -> LoadedModel:
     """Load text encoder, tokenizer, U-Net and VAE of `ckpt`, plus its detected kind.
 
@@ -88,6 +93,8 @@ def load_model(
     `v_parameterization` forces v-prediction, otherwise it comes from the checkpoint.
     `attention` picks the U-Net's attention processor for the run (`library.attention`:
     "auto" = blocked attention on CPU in bf16, diffusers' SDPA processor elsewhere).
+    `vae_encoder="lazy"` leaves the VAE encoder of a single file (the checkpoint's or `vae`'s) in
+    the file until something encodes (`library.models.lazy_encoder`); Diffusers folders load it.
     """
     from library.attention import set_attention
     from library.models.heap import limit_heap_retention
@@ -97,6 +104,7 @@ def load_model(
     if v1 and v2:
         raise UserError("--v1 and --v2 contradict each other; give at most one")
     path = checkpoint.resolve_model_path(ckpt)
+    lazy = vae_encoder == "lazy"
     limit_heap_retention()
     with _collector_paused(), contextlib.ExitStack() as background:  # exit: background page-in done
         if path.is_dir():
@@ -104,12 +112,12 @@ def load_model(
             diffusers_dir: Path | None = path
         else:
             te, unet, vae_model, family, v_pred_source = _load_single_file(
-                path, dtype, background, vae_dtype if vae is None else None)
+                path, dtype, background, vae_dtype if vae is None else None, lazy)
             diffusers_dir = None
         _check_family_flags(path, family, v1, v2)
         v_pred = _decide_v_prediction(v_parameterization, v_pred_source)
         if vae is not None:
-            vae_model = load_vae(vae, dtype)
+            vae_model = load_vae(vae, dtype, vae_encoder)
         if vae_model.dtype != (vae_dtype or dtype):
             vae_model = vae_model.to(dtype=vae_dtype or dtype)
         kind = ModelKind(family, v_pred)
@@ -150,32 +158,35 @@ def _move(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, background: contextlib.ExitStack,
-                      vae_dtype: torch.dtype | None = None):
-    """Networks from one LDM-layout file; pages of weights used as stored map in `background`."""
+                      vae_dtype: torch.dtype | None = None, lazy_encoder: bool = False):
+    """Networks from one LDM-layout file; pages of weights used as stored map in `background`
+    (not those of a VAE encoder left for later)."""
     raw = checkpoint.read_state_dict(path)
     pages = checkpoint.FilePages(path)
     v_flag = raw.get("v_pred")
     rename = normalize_keys(list(raw))
     sd = {new: raw[old] for old, new in rename.items()}
     vae_dtype = vae_dtype or dtype
-    kept = (t for k, t in sd.items() if t.dtype == (vae_dtype if k.startswith("first_stage_model.") else dtype))
+    kept = (t for k, t in sd.items() if t.dtype == (vae_dtype if k.startswith(VAE_PREFIX) else dtype)
+            and not (lazy_encoder and k.startswith(ENCODER_PREFIX)))
     background.enter_context(checkpoint.paging_in(kept))
     try:
         spec = detect_model({k: tuple(v.shape) for k, v in sd.items()})
     except DetectionError as exc:
         raise UserError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint ({exc})") from None
     logger.debug("detected %s", spec)
-    unet, vae, te = build_from_ldm(sd, spec, dtype, path, pages, vae_dtype)
+    unet, vae, te = build_from_ldm(sd, spec, dtype, path, pages, vae_dtype, lazy_encoder)
     source = _v_pred_from_file(path, v_flag)
     return te, unet, vae, spec.family, source
 
 
 def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, path: Path,
-                   pages: checkpoint.FilePages | None = None, vae_dtype: torch.dtype | None = None):
+                   pages: checkpoint.FilePages | None = None, vae_dtype: torch.dtype | None = None,
+                   lazy_encoder: bool = False):
     """U-Net, VAE and text encoder from a canonical LDM state dict and its detected spec.
 
     `pages` (the file's mappings) lets the cast drop each source tensor's pages once copied;
-    the VAE is made in `vae_dtype` (default `dtype`).
+    the VAE is made in `vae_dtype` (default `dtype`), its encoder on first use if `lazy_encoder`.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -192,6 +203,8 @@ def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dt
         te = CLIPTextModel(CLIPTextConfig(**spec.text_encoder, attn_implementation="sdpa"))
     unet_sd = convert_ldm_unet_checkpoint(sd, dict(unet.config))
     vae_sd = convert_ldm_vae_checkpoint(sd, dict(vae.config))
+    if lazy_encoder:
+        vae_sd = _defer_encoder(vae, vae_sd, vae_dtype or dtype, f"{path}: VAE encoder", pages)
     if spec.family == "sd1":
         te_sd = convert_ldm_clip_checkpoint(sd)
     else:
@@ -264,6 +277,18 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torc
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise UserError(f"{what}: tensor shapes do not fit together ({str(exc).splitlines()[1][:160]})") from None
+
+
+def _defer_encoder(vae: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str,
+                   pages: checkpoint.FilePages | None) -> dict[str, torch.Tensor]:
+    """`state` (loaded in `dtype`) without the encoder's tensors, which a `LazyEncoder` at
+    `vae.encoder` keeps for later."""
+    from library.models.lazy_encoder import defer_encoder
+
+    def assign(module: torch.nn.Module, part: dict[str, torch.Tensor], part_dtype: torch.dtype) -> None:
+        _assign(module, part, part_dtype, what, pages)
+
+    return defer_encoder(vae, state, assign, dtype)
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -343,8 +368,9 @@ def _quiet_transformers_progress() -> Iterator[None]:
 # --- VAE ----------------------------------------------------------------------------------
 
 
-def load_vae(spec: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A separate VAE: single file (with or without `first_stage_model.`) or Diffusers folder."""
+def load_vae(spec: str, dtype: torch.dtype, encoder: VaeEncoder = "eager") -> torch.nn.Module:
+    """A separate VAE: single file (with or without `first_stage_model.`) or Diffusers folder;
+    a single file's encoder on first use with `encoder="lazy"`."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -371,7 +397,10 @@ def load_vae(spec: str, dtype: torch.dtype) -> torch.nn.Module:
         raise UserError(f"--vae {path}: not a Stable Diffusion VAE ({exc})") from None
     with _empty_modules():
         vae = AutoencoderKL(**config)
-    _assign(vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)), dtype, f"--vae {path}", pages)
+    vae_sd = convert_ldm_vae_checkpoint(sd, dict(vae.config))
+    if encoder == "lazy":
+        vae_sd = _defer_encoder(vae, vae_sd, dtype, f"--vae {path}: encoder", pages)
+    _assign(vae, vae_sd, dtype, f"--vae {path}", pages)
     logger.info("VAE from %s", path.name)
     return vae
 

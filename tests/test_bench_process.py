@@ -1,0 +1,30 @@
+"""tools/bench_process.py on the tiny model: one real gen_img.py process, its figures parsed."""
+
+from __future__ import annotations
+
+import json
+
+from library.results import summary_line
+from tools import bench_process
+
+
+class _Summary:
+    def __init__(self, count: int) -> None:
+        self.written, self.skipped_lines, self.first_skip, self.seconds, self.steps = [0] * count, 0, None, 27.34, 8
+
+
+def test_the_summary_pattern_reads_one_and_several_images() -> None:
+    for count in (1, 3):
+        found = bench_process.SUMMARY.search(summary_line(_Summary(count)))
+        assert found is not None and (int(found.group(1)), float(found.group(2))) == (count, 27.3)
+
+
+def test_one_process_run_gives_every_figure(tiny_models, tmp_path) -> None:
+    out = tmp_path / "process.json"
+    argv = ["--ckpt", str(tiny_models["sd1"]), "--size", "64", "--steps", "2", "--runs", "1", "--json", str(out)]
+    assert bench_process.main(argv) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert 0 <= run["generating_s"] < run["whole_s"]  # the summary rounds to 0.1 s: 0.0 for the tiny model
+    assert run["overhead_s"] == run["whole_s"] - run["generating_s"]
+    assert 0 < run["first_image_s"] <= run["whole_s"]
+    assert 0.2 < run["peak_rss_gb"] < 4  # torch alone is ~0.3 GB; the tiny model adds little
