@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from library.results import summary_line
+from library.results import Summary, summary_line
 from tools import bench_process
 
 
-class _Summary:
-    def __init__(self, count: int) -> None:
-        self.written, self.skipped_lines, self.first_skip, self.seconds, self.steps = [0] * count, 0, None, 27.34, 8
-
-
 def test_the_summary_pattern_reads_one_and_several_images() -> None:
-    for count in (1, 3):
-        found = bench_process.SUMMARY.search(summary_line(_Summary(count)))
+    for count, shares in ((1, ()), (3, ()), (3, (2, 1))):
+        summary = Summary([Path(f"{n}.png") for n in range(count)], seconds=27.34, steps=8, shares=shares)
+        found = bench_process.SUMMARY.search(summary_line(summary))
         assert found is not None and (int(found.group(1)), float(found.group(2))) == (count, 27.3)
 
 

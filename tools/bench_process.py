@@ -40,7 +40,7 @@ from tools.bench_model import full_size_checkpoint  # noqa: E402
 logger = logging.getLogger("bench_process")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path("~/.cache/sdgen-bench")
-SUMMARY = re.compile(r"(\d+) images? written in ([\d.]+) s")
+SUMMARY = re.compile(r"(\d+) images? written(?: by \d+ processes \([\d +]+\))? in ([\d.]+) s")
 
 
 def one_run(ckpt: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
