@@ -27,6 +27,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from library import img2img
 from library.img2img import Img2ImgInput
 from library.jobs import Job
+from library.models.heap import release_freed_memory
 from library.progress import progress as tqdm
 from library.results import check_latents
 from library.schedulers import make_scheduler, noises_per_step
@@ -201,6 +202,7 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, vae_batch_size: int) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W), decoded `vae_batch_size` at a time (fp32 on NaN)."""
+        release_freed_memory()  # the U-Net loop's freed activations leave before the decoder's come
         scaled = latents / self.vae.config.scaling_factor
         parts = []
         for start in range(0, scaled.shape[0], max(1, vae_batch_size)):

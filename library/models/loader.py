@@ -97,7 +97,7 @@ def load_model(
     the file until something encodes (`library.models.lazy_encoder`); Diffusers folders load it.
     """
     from library.attention import set_attention
-    from library.models.heap import limit_heap_retention
+    from library.models.heap import limit_heap_retention, release_freed_memory
 
     from library.models.tokenizer import load_tokenizer
 
@@ -126,6 +126,7 @@ def load_model(
         for module in (te, unet, vae_model):
             _move(module, torch.device(device)).eval().requires_grad_(False)
         set_attention(unet, attention)
+    release_freed_memory()  # what the cast freed leaves before generation starts
     return LoadedModel(te, tokenizer, unet, vae_model, kind, path, path.stem if path.is_file() else path.name)
 
 
