@@ -121,7 +121,7 @@ class Team:
 
     def shuffler(self) -> random.Random | Any:
         """What `--shuffle_prompts` shuffles with: the same order on every rank."""
-        return random.Random(self.seed) if self._store is not None else random
+        return random.Random(self.seed) if self.size > 1 else random
 
     # ------------------------------------------------------------------ while running
 

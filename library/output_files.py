@@ -8,7 +8,6 @@ atomically and never overwrites one. What goes into the metadata is `library.ima
 from __future__ import annotations
 
 import errno
-import glob
 import itertools
 import logging
 import os
@@ -96,45 +95,48 @@ _TIMESTAMPED = re.compile(r"^im_\d{14}_(.+)$")
 
 
 class ExistingImages:
-    """`--skip_existing`: the image names in `--outdir` when the run started.
+    """`--skip_existing`: the image names in `--outdir` when the run started, and the hidden
+    `.part` files a stopped run left there (one listing of the folder for the whole run).
 
     A default name (`im_{timestamp}_{index}_{seed}.png`) counts as there whatever its
     timestamp, because a restarted run has a new one; other names must match exactly.
     """
 
     def __init__(self, outdir: Path) -> None:
+        self.outdir = Path(outdir)
         try:
-            names = {entry.name for entry in os.scandir(outdir) if entry.is_file()}
+            entries = [entry.name for entry in os.scandir(outdir) if entry.is_file()]
         except FileNotFoundError:
-            names = set()
+            entries = []
         except OSError as e:
             raise UserError(f"--outdir {outdir}: cannot list it ({e.strerror}); check permissions") from e
-        self._names = names
-        self._untimed = {_untimed(name) for name in names if _TIMESTAMPED.match(name)}
+        self._there = {_untimed(name) for name in entries if not name.endswith(".part")}
+        self._parts: dict[str, list[str]] = {}  # untimed target name (its first 80 characters) -> part files
+        for name in entries:
+            if name.startswith(".") and name.endswith(".part") and name.count(".") >= 3:
+                self._parts.setdefault(_untimed(name[1:].rsplit(".", 2)[0]), []).append(name)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._names or (_TIMESTAMPED.match(name) is not None and _untimed(name) in self._untimed)
+        return _untimed(name) in self._there
 
+    def remove_stale_parts(self, name: str) -> None:
+        """Delete the `.part` files a stopped run left of `name`.
 
-def remove_stale_parts(outdir: Path, name: str) -> None:
-    """Delete what a stopped run left of `name` (its hidden `.part` files).
-
-    Only for a resumed run (`--skip_existing`), and only for names that this process is
-    about to write: no other process of the run writes them, so their `.part` files are stale.
-    Names longer than the 80 characters kept in a `.part` name are left alone.
-    """
-    if len(name) > 80:
-        return
-    match = _TIMESTAMPED.match(name)  # a stopped run's default names had its own timestamp
-    pattern = f"im_{'[0-9]' * 14}_{glob.escape(match.group(1))}" if match else glob.escape(name)
-    for stale in Path(outdir).glob(f".{pattern}.*.part"):
-        stale.unlink(missing_ok=True)
-        logger.info("removed %s, left by a stopped run", stale.name)
+        Only for names that this process is about to write: no other process of the run
+        writes them, so their `.part` files are stale. Names longer than the 80 characters
+        kept in a `.part` name are left alone.
+        """
+        if len(name) > 80:
+            return
+        for stale in self._parts.pop(_untimed(name), []):
+            (self.outdir / stale).unlink(missing_ok=True)
+            logger.info("removed %s, left by a stopped run", stale)
 
 
 def _untimed(name: str) -> str:
+    """A default name with its timestamp replaced by `*`; any other name as it is."""
     match = _TIMESTAMPED.match(name)
-    return match.group(1) if match else name
+    return f"im_*_{match.group(1)}" if match else name
 
 
 # ----------------------------------------------------------------------------- saving

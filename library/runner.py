@@ -139,7 +139,7 @@ class Runner:
                     self.summary.existing += len(batch)
                 else:
                     for name in names.all():
-                        output_files.remove_stale_parts(self.output.outdir, name)
+                        self._existing.remove_stale_parts(name)
                     self._make(batch, names)
                 self.team.done(len(batch), bar)
             self.team.end_round(bar)

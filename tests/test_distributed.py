@@ -265,8 +265,9 @@ def test_stale_part_files_of_a_name_are_removed(tmp_path):
     (tmp_path / ".im_000003.png.0123456789ab.part").write_bytes(b"x")
     (tmp_path / ".im_20261201101010_002_9.png.aa.part").write_bytes(b"x")
     (tmp_path / ".im_000004.png.0123456789ab.part").write_bytes(b"x")
-    output_files.remove_stale_parts(tmp_path, "im_000003.png")
-    output_files.remove_stale_parts(tmp_path, "im_20270101000000_002_9.png")
+    there = output_files.ExistingImages(tmp_path)
+    there.remove_stale_parts("im_000003.png")
+    there.remove_stale_parts("im_20270101000000_002_9.png")
     assert [p.name for p in tmp_path.iterdir()] == [".im_000004.png.0123456789ab.part"]
 
 
@@ -357,7 +358,7 @@ def test_without_seed_every_rank_draws_the_same_seeds_and_order():
     assert draws[0] == draws[1] and len(set(draws[0])) == 4
     assert SeedSource(None, False).draw() != SeedSource(None, False).draw()  # one process: fresh entropy
     lines = [Line(str(n), f"f:{n}") for n in range(8)]
-    teams = [Team(Placement(rank, 2, rank), store=object(), seed=shared) for rank in range(2)]
+    teams = [Team(Placement(rank, 2, rank), seed=shared) for rank in range(2)]
     orders = [[line.text for line in shuffled(lines, True, team.shuffler())] for team in teams]
     assert orders[0] == orders[1] != [str(n) for n in range(8)]
 
