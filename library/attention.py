@@ -19,6 +19,7 @@ over 77 text tokens, GPUs, masks) goes to SDPA as before, with identical results
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -132,8 +133,9 @@ def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     def heads_of(pairs: list[tuple[int, int]]) -> None:
         # one score and one probability buffer per worker, reused by every block: a new 4 MB
-        # tensor per block would be a fresh mmap (glibc's threshold is 4 MB in gen_img runs,
-        # `library.models.heap`), and its page faults made the blocks 2.9x slower
+        # tensor per block is a fresh mmap whenever glibc's mmap threshold is that low (it
+        # was in gen_img runs, `library.models.heap`), and its page faults made the blocks
+        # 2.9x slower
         scores_buffer = query.new_empty(block, keys)
         probs_buffer = query.new_empty(block, keys)
         for b, h in pairs:
@@ -164,6 +166,10 @@ def _on_worker_threads(work, items: list) -> None:
     SDPA on the shared 2-core machine). Giving each Python thread whole heads instead, with
     torch's intra-op threads set to 1 meanwhile, has no barriers (torch releases the GIL
     inside each operator). The thread count is restored afterwards.
+
+    Grad and inference mode are per thread in torch, so the workers run in the caller's:
+    under `torch.inference_mode()` the output is an inference tensor, which a worker outside
+    that mode may not write.
     """
     global _workers
     threads = torch.get_num_threads()
@@ -176,10 +182,19 @@ def _on_worker_threads(work, items: list) -> None:
         pool = _workers
     torch.set_num_threads(1)
     try:
-        for future in [pool.submit(work, items[i::threads]) for i in range(threads)]:
+        parts = [items[i::threads] for i in range(threads)]
+        in_callers_mode = functools.partial(_in_mode, work, torch.is_inference_mode_enabled(),
+                                            torch.is_grad_enabled())
+        for future in [pool.submit(in_callers_mode, part) for part in parts]:
             future.result()
     finally:
         torch.set_num_threads(threads)
+
+
+def _in_mode(work, inference: bool, grad: bool, part: list) -> None:
+    """`work(part)` with torch's inference and grad modes set as given (they are per thread)."""
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        work(part)
 
 
 def _no_bias(rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:

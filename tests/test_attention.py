@@ -164,3 +164,22 @@ def test_worker_threads_give_the_single_thread_result():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(alone, shared)
+
+
+def test_worker_threads_run_in_the_callers_inference_mode():
+    """Under `torch.inference_mode()` the output is an inference tensor; the worker threads
+    (which do not inherit torch's per-thread modes) must write it in that mode too. The
+    result equals the no_grad one, and the mode of the calling thread is unchanged."""
+    q, k, v = _qkv(600, 600, 40, torch.bfloat16, logit_scale=2.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            plain = blocked_attention(q, k, v, 200 * 600)
+        with torch.inference_mode():
+            inferred = blocked_attention(q, k, v, 200 * 600)
+            assert torch.is_inference_mode_enabled()
+    finally:
+        torch.set_num_threads(before)
+    assert inferred.is_inference()
+    assert torch.equal(plain, inferred)
