@@ -27,7 +27,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from library import img2img
 from library.img2img import Img2ImgInput
 from library.jobs import Job
-from library.models.heap import release_freed_memory
+from library.models.heap import mapped_blocks_from, release_freed_memory
 from library.progress import progress as tqdm
 from library.results import check_latents
 from library.schedulers import make_scheduler, noises_per_step
@@ -205,9 +205,10 @@ class Pipeline:
         release_freed_memory()  # the U-Net loop's freed activations leave before the decoder's come
         scaled = latents / self.vae.config.scaling_factor
         parts = []
-        for start in range(0, scaled.shape[0], max(1, vae_batch_size)):
-            chunk = scaled[start : start + max(1, vae_batch_size)]
-            parts.append(self._half_vae_guard(self._decode_chunk, chunk).float().cpu())
+        with mapped_blocks_from(4 << 20):
+            for start in range(0, scaled.shape[0], max(1, vae_batch_size)):
+                chunk = scaled[start : start + max(1, vae_batch_size)]
+                parts.append(self._half_vae_guard(self._decode_chunk, chunk).float().cpu())
         return torch.cat(parts)
 
     def _decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
