@@ -28,13 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     log_file = configure_logging(options.namespace)
     if logging.getLogger().level > logging.DEBUG:
         quiet_third_party()
-    # torch/diffusers load only now: --help and argument errors come in a fraction of a second
-    from library import build, distributed, limits, preflight, results
+    from library import distributed, limits, preflight, results
 
     team = distributed.SOLO
     try:
         team = distributed.join(options)  # one process, or this one's share of a torchrun/accelerate run
         preflight.check_inputs(options)  # every input file and --outdir, before any model file opens
+        # torch/diffusers load only now: --help, argument errors and missing files take a fraction of a second
+        from library import build
+
         runtime = build.Runtime.from_options(options.load, team.place.local_rank)
         model = build.load(options.load, runtime)
         networks = build.networks(options, model)

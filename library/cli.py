@@ -206,7 +206,7 @@ def _add_high_resolution_group(p: argparse.ArgumentParser) -> None:
 
 def validate_high_resolution(args: argparse.Namespace) -> None:
     """Deep Shrink / Gradual Latent: ranges, the sampler, ControlNet."""
-    from library.gradual_latent import SAMPLERS, parse_unsharp
+    from library.gradual_latent_settings import SAMPLERS, parse_unsharp
 
     for name in ("ds_depth_1", "ds_depth_2"):
         value = getattr(args, name)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 if TYPE_CHECKING:
-    from library.deep_shrink import DeepShrink
-    from library.gradual_latent import GradualLatent
+    from library.deep_shrink_settings import DeepShrink
+    from library.gradual_latent_settings import GradualLatent
 
 
 @dataclass(frozen=True)

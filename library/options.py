@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from library.deep_shrink import DeepShrink
-    from library.gradual_latent import GradualLatent
+    from library.deep_shrink_settings import DeepShrink
+    from library.gradual_latent_settings import GradualLatent
 
 DEFAULT_SIZE = 512  # --W / --H when not given (and no img2img source decides)
 
@@ -184,14 +184,14 @@ class Options:
 
 def deep_shrink_of(a: argparse.Namespace) -> "DeepShrink | None":
     """`--ds_depth_1 ... --ds_ratio` as settings (None without `--ds_depth_1`)."""
-    from library.deep_shrink import from_values
+    from library.deep_shrink_settings import from_values
 
     return from_values(a.ds_depth_1, a.ds_timesteps_1, a.ds_depth_2, a.ds_timesteps_2, a.ds_ratio)
 
 
 def gradual_latent_of(a: argparse.Namespace) -> "GradualLatent | None":
     """`--gradual_latent_*` as settings (None without `--gradual_latent_timesteps`)."""
-    from library.gradual_latent import GradualLatent, parse_unsharp
+    from library.gradual_latent_settings import GradualLatent, parse_unsharp
 
     if a.gradual_latent_timesteps is None:
         return None

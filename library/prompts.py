@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from library import image_metadata
-from library.deep_shrink import DeepShrink
-from library.deep_shrink import with_overrides as deep_shrink_overrides
+from library import input_images as image_io
+from library.deep_shrink_settings import DeepShrink
+from library.deep_shrink_settings import with_overrides as deep_shrink_overrides
 from library.dynamic_prompts import expand_enumerations, pick_variants
 from library.errors import UserError
-from library.gradual_latent import GradualLatent, parse_unsharp
-from library.gradual_latent import with_overrides as gradual_latent_overrides
-from library.img2img import source_paths
+from library.gradual_latent_settings import GradualLatent, parse_unsharp
+from library.gradual_latent_settings import with_overrides as gradual_latent_overrides
 from library.jobs import Job
 from library.options import Options
 from library.prompt_options import parse_prompt_line, unknown_option_message
@@ -168,7 +168,7 @@ def metadata_prompt(path: Path) -> str:
 def metadata_lines(image_path: str) -> list[Line]:
     """No prompt option given: one prompt line per `--image_path` source, read from its
     metadata, each tied to its source (so that source's images use it)."""
-    return [Line(metadata_prompt(p), f"{p} (metadata)", image=str(p)) for p in source_paths(image_path)]
+    return [Line(metadata_prompt(p), f"{p} (metadata)", image=str(p)) for p in image_io.list_images(Path(image_path), "--image_path")]
 
 
 # --- lines -> jobs ----------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class SeedSource:
@@ -86,6 +87,8 @@ def draw_image_noise(
 ) -> ImageNoise:
     """Seed one generator per image and make its up-front draws in the original's order;
     `modify` (`library.start_noise`) then changes each start noise with draws from its stream."""
+    import torch  # here, not at the top: prompt files are read and checked before torch loads
+
     generators, initial, extra = [], [], []
     for seed in seeds:
         g = torch.Generator(device=device).manual_seed(seed)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from library.deep_shrink import DeepShrink, ShrinkDeepLayers, from_values, with_overrides
+from library.deep_shrink import ShrinkDeepLayers
+from library.deep_shrink_settings import DeepShrink, from_values, with_overrides
 from library.prompt_options import parse_prompt_line
 from library.unet_patches import Batch, BatchLayout, Patch, PatchOwner
 from library.text_encoding import Conditioning

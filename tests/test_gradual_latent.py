@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from library.gradual_latent import GradualLatent, Unsharp, parse_unsharp, with_overrides
+from library.gradual_latent_settings import GradualLatent, Unsharp, parse_unsharp, with_overrides
 from library.jobs import Job
 from library.models import load_model
 from library.prompt_options import parse_prompt_line

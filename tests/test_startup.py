@@ -3,6 +3,7 @@ output, the threads' work and the exit handlers, and skips only the interpreter'
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,35 @@ def test_gen_img_as_a_process_writes_everything_and_exits_with_its_status(tiny_m
     assert len(pngs(tmp_path / "out")) == 1
     bad = subprocess.run([*command[:-2], "--W", "63"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--W 63: must be a positive multiple of 8" in bad.stderr
+
+
+# --- what a run imports before its inputs are checked ---------------------------------------------
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--ckpt", "missing.safetensors", "--prompt", "a cat"],
+     "gen_img.py: error: --ckpt missing.safetensors: no such file or folder"),
+    (["--ckpt", "missing.safetensors", "--prompt", "a cat", "--sampler", "euler_a", "--gradual_latent_timesteps", "650",
+      "--gradual_latent_unsharp_params", "2,1,1", "--ds_depth_1", "3"],
+     'gen_img.py: error: --gradual_latent_unsharp_params "2,1,1": ksize must be odd and positive, sigma above 0 '
+     '(e.g. --gradual_latent_unsharp_params "3,0.5,0.5,1") (see --help)'),
+    (["--ckpt", "missing.safetensors", "--from_file", "missing-prompts.txt"],
+     "gen_img.py: error: --from_file missing-prompts.txt: cannot read it (No such file or directory)"),
+])
+def test_bad_input_is_reported_before_torch_is_imported(tmp_path, argv, error) -> None:
+    """Options, Deep Shrink / Gradual Latent settings, prompt files and input paths are checked
+    without torch, diffusers or transformers (several seconds of imports): the one error line
+    comes in a fraction of a second."""
+    code = f"""
+import sys
+import gen_img
+try:
+    status = gen_img.main({argv!r})
+except SystemExit as exc:
+    status = exc.code
+print("status", status, "loaded", sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip().splitlines()[-1] == "status 2 loaded []"
+    assert done.stderr.strip() == error

@@ -23,8 +23,10 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where tensors are read: resolving a path (preflight) needs no torch
+    import torch
 
 from library.errors import UserError, first_line
 
@@ -90,6 +92,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -107,6 +111,8 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 def _flatten(data: object, path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a loaded pickle: unwrap `state_dict`/`model`, keep tensor values only."""
+    import torch
+
     while isinstance(data, dict):
         inner = data.get("state_dict", data.get("model")) if len(data) < 20 else None
         if isinstance(inner, dict):
