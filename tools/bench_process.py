@@ -15,7 +15,7 @@ Each run is a fresh `python gen_img.py --ckpt ... --prompt ... --W/--H size --st
 
 Medians over `--runs`, with every run's values in `--json`. The model hash is remembered
 between runs (`library.models.hash_cache`); `--cold_hash` gives every run a fresh hash cache,
-as a first run on a new file.
+as a first run on a new file. `--gen_img` runs another checkout's gen_img.py (before/after).
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ SUMMARY = re.compile(r"(\d+) images? written(?: by \d+ processes \([\d +]+\))? i
 
 
 def one_run(ckpt: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
-    """One gen_img.py process; its figures."""
+    """One gen_img.py process (`args.gen_img`, default this checkout's); its figures."""
     with tempfile.TemporaryDirectory(prefix="bench-process-") as out:
-        command = [sys.executable, str(ROOT / "gen_img.py"), "--ckpt", str(ckpt), "--outdir", out,
+        script = getattr(args, "gen_img", None) or ROOT / "gen_img.py"
+        command = [sys.executable, str(script), "--ckpt", str(ckpt), "--outdir", out,
                    "--prompt", "a photograph of an astronaut riding a horse", "--W", str(args.size),
                    "--H", str(args.size), "--steps", str(args.steps), "--sampler", "ddim", "--seed", "1", *extra]
         if args.dtype != "fp32":
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold_hash", action="store_true", help="a fresh model-hash cache for every run")
     parser.add_argument("--ckpt")
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE))
+    parser.add_argument("--gen_img", help="the gen_img.py to run, e.g. an older checkout's (default this one)")
     parser.add_argument("--json")
     parser.add_argument("extra", nargs="*", help="more gen_img options (after --)")
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchmark import DEFAULT_CACHE, DTYPES, full_size_checkpoint, machine_info  # noqa: E402
+from tools.benchmark import DEFAULT_CACHE, DTYPES, flop_mapping, full_size_checkpoint, machine_info  # noqa: E402
 
 logger = logging.getLogger("bench_unet")
 
@@ -59,6 +59,75 @@ def profile_table(call, rows: int = 14) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+# profiler operator (time including its children) -> the FLOP counter's operators of that class
+KERNEL_CLASSES = {
+    "convolutions": ("aten::conv2d", ("convolution",)),
+    "linear layers": ("aten::linear", ("addmm", "mm")),
+    "attention (SDPA)": ("aten::scaled_dot_product_attention", ("_scaled_dot_product_flash_attention_for_cpu",)),
+}
+
+
+def kernel_rates(unet, call) -> list[dict]:
+    """Where one call's time goes, by kernel class, with each class's FLOP rate (GFLOP/s).
+
+    FLOPs from `torch.utils.flop_counter` (the CPU flash-attention kernel counted as Q K^T plus
+    P V), times from one profiled call (each class's top operator, children included); "other"
+    is the rest of the call (normalisations, activations, additions, copies), FLOPs not counted.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
+        call()
+    flops = {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    events = prof.key_averages()
+    total_us = sum(e.self_cpu_time_total for e in events)
+    rows, counted_us = [], 0.0
+    for name, (top, ops) in KERNEL_CLASSES.items():
+        us = sum(e.cpu_time_total for e in events if e.key == top)
+        n = sum(flops.get(op, 0) for op in ops)
+        counted_us += us
+        rows.append({"class": name, "s": us / 1e6, "share": us / total_us, "gflops": n / 1e9,
+                     "gflop_per_s": n / 1e3 / us if us else 0.0})
+    rows.append({"class": "other", "s": (total_us - counted_us) / 1e6, "share": 1 - counted_us / total_us,
+                 "gflops": 0.0, "gflop_per_s": 0.0})
+    return rows
+
+
+def kernel_peaks(dtype: torch.dtype) -> dict[str, float]:
+    """This machine's measured peak GFLOP/s at the current thread count: a 2048^3 matrix product
+    and the U-Net's level-0 3x3 convolution (320 channels, 64x64, 2 rows); best of 3."""
+    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
+    x, w = torch.randn(2, 320, 64, 64).to(dtype), torch.randn(320, 320, 3, 3).to(dtype)
+    cases = {"matmul": (lambda: a @ b, 2 * 2048**3),
+             "conv3x3": (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 2 * 320 * 320 * 9 * 64 * 64)}
+    peaks = {}
+    with torch.no_grad():
+        for name, (op, n) in cases.items():
+            op()
+            best = min(_timed(op) for _ in range(3))
+            peaks[name] = n / best / 1e9
+    return peaks
+
+
+def _timed(op) -> float:
+    start = time.perf_counter()
+    op()
+    return time.perf_counter() - start
+
+
+def rates_table(rows: list[dict], peaks: dict[str, float]) -> str:
+    """The `kernel_rates` rows as text, with the rates against the measured matmul peak."""
+    lines = [f"{'class':18} {'time':>8} {'share':>6} {'GFLOP':>8} {'GFLOP/s':>8} {'of matmul peak':>14}"]
+    for r in rows:
+        rate = f"{r['gflop_per_s']:8.1f} {r['gflop_per_s'] / peaks['matmul']:13.0%}" if r["gflops"] else f"{'':>23}"
+        lines.append(f"{r['class']:18} {r['s']:7.3f}s {r['share']:6.1%} {r['gflops']:8.1f} {rate}")
+    lines.append("peaks: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -100,6 +169,10 @@ def run(args: argparse.Namespace) -> dict:
     }
     result["ratio_median"] = result["median_s"]["ours"] / result["median_s"]["diffusers"]
     result["ratio_min"] = result["min_s"]["ours"] / result["min_s"]["diffusers"]
+    if getattr(args, "rates", False):  # of diffusers' side: SDPA, the exact attention both sides use in fp32
+        unet.set_attn_processor(processors["diffusers"]())
+        result["kernel_rates"] = kernel_rates(unet, call)
+        result["kernel_peaks"] = kernel_peaks(dtype)
     if args.profile:
         result["profiles"] = {}
         for side in times:
@@ -121,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: this thread's CPU time (with --threads 1: robust against other busy processes)")
     parser.add_argument("--profile", action="store_true", help="also profile one call per side")
+    parser.add_argument("--rates", action="store_true",
+                        help="also time one call by kernel class with its GFLOP/s, and this machine's kernel peaks")
     parser.add_argument("--ckpt")
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE))
     parser.add_argument("--json")
@@ -139,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                     min(ts), max(ts))
     logger.info("ours / diffusers: %.3f (medians), %.3f (minima); outputs differ by at most %.3g (scale %.3g)",
                 result["ratio_median"], result["ratio_min"], result["output_max_abs_diff"], result["output_scale"])
+    if "kernel_rates" in result:
+        print(rates_table(result["kernel_rates"], result["kernel_peaks"]))
     for side, table in result.get("profiles", {}).items():
         print(f"--- {side} ---\n{table}")
     if args.json:

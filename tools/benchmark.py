@@ -303,16 +303,22 @@ def unet_inputs(unet, args: argparse.Namespace, dtype: torch.dtype) -> dict[str,
     return {"sample": sample, "encoder_hidden_states": context}
 
 
+def sdpa_flops(q, k, v, *_args, out_shape=None, **_kwargs) -> int:
+    """FLOPs of PyTorch's CPU flash-attention kernel (not in the stock table): Q K^T and P V."""
+    batch, heads, q_len, dim = q
+    return 2 * batch * heads * q_len * k[-2] * (dim + v[-1])
+
+
+def flop_mapping() -> dict:
+    """`FlopCounterMode(custom_mapping=...)` with the CPU SDPA kernel counted too."""
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops}
+
+
 def count_unet_flops(unet, inputs: dict[str, torch.Tensor], t: torch.Tensor) -> int:
     """FLOPs of one U-Net call, counting PyTorch's CPU SDPA kernel too (not in the stock table)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    def sdpa_flops(q, k, v, *_args, out_shape=None, **_kwargs) -> int:
-        batch, heads, q_len, dim = q
-        return 2 * batch * heads * q_len * k[-2] * (dim + v[-1])  # Q K^T and P V
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
         unet(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"])
     return counter.get_total_flops()
 

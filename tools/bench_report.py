@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Issue 17's figures from one run: start-up overhead, peak RSS, U-Net calls against diffusers.
+
+    python tools/bench_report.py [--before DIR] [--runs 2] [--calls 3] [--json PATH]
+        [--ckpt FILE | --cache_dir DIR]
+
+In this order, on the full-size SD 1.5-shaped random model (the file read into the page cache
+first):
+
+* the libraries' import floor: a bare process importing torch, diffusers' U-Net, VAE and DDIM
+  scheduler and transformers' CLIP text model, what any diffusers-based program pays before
+  its own first line (`--runs` processes);
+* whole `gen_img.py` processes (`tools/bench_process.py`): fp32 and bf16, 256x256, 8 ddim steps,
+  `--runs` each, this checkout and, with `--before`, another checkout's gen_img.py, alternating
+  run by run so that a change in machine speed weighs on both; then one 512x512 run (1 step)
+  per dtype and side for the 512 peaks;
+* U-Net calls, ours vs diffusers' processor, interleaved (`tools/bench_unet.py`): bf16 with the
+  blocked attention of `--blocked_attention`, at 256 and 512; fp32 (where both sides use SDPA)
+  at 512 by kernel class, with each class's GFLOP/s against this machine's measured peaks.
+
+Prints one Markdown table per part (docs/performance.md shows them); `--json` keeps every run.
+Wall clock with the machine's threads: run it on an otherwise idle machine (the 1-minute load
+average before and after is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools import bench_process, bench_unet  # noqa: E402
+from tools.bench_model import full_size_checkpoint  # noqa: E402
+
+logger = logging.getLogger("bench_report")
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARIES = ("import torch; from diffusers import UNet2DConditionModel, AutoencoderKL, DDIMScheduler; "
+             "from transformers import CLIPTextModel")
+PROCESS_FIGURES = ("overhead_s", "first_image_s", "whole_s", "generating_s", "peak_rss_gb")
+
+
+def load_average() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def import_floor(runs: int) -> list[float]:
+    """Seconds of whole bare processes importing what a run needs from the libraries."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", LIBRARIES], check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def process_runs(ckpt: Path, sides: dict[str, Path], dtype: str, size: int, steps: int, runs: int) -> dict:
+    """{side: [figures of each run]}, the sides alternating run by run."""
+    result: dict[str, list[dict]] = {side: [] for side in sides}
+    for i in range(runs):
+        for side in list(sides)[:: 1 if i % 2 == 0 else -1]:
+            options = argparse.Namespace(dtype=dtype, size=size, steps=steps, cold_hash=False, gen_img=sides[side])
+            result[side].append(bench_process.one_run(ckpt, options, []))
+            logger.info("%s %s %dx%d: %s", side, dtype, size, size,
+                        {k: round(v, 3) for k, v in result[side][-1].items()})
+    return result
+
+
+def unet_calls(ckpt: Path, dtype: str, size: int, calls: int, attention: str, rates: bool = False) -> dict:
+    """`tools/bench_unet.py`'s interleaved calls (and kernel rates) for one dtype and size."""
+    options = argparse.Namespace(dtype=dtype, size=size, batch_size=1, calls=calls, attention=attention,
+                                 channels_last=False, threads=None, clock="wall", profile=False, rates=rates,
+                                 ckpt=str(ckpt), cache_dir=None, json=None)
+    result = bench_unet.run(options)
+    logger.info("U-Net %s %d: ours %s, diffusers %s", dtype, size, result["calls_s"]["ours"],
+                result["calls_s"]["diffusers"])
+    return result
+
+
+def spread(values: list[float], unit: str, digits: int = 2) -> str:
+    """`median (min-max)` of the runs, or the one value."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f} {unit}"
+    return (f"{statistics.median(values):.{digits}f} {unit} "
+            f"({min(values):.{digits}f}-{max(values):.{digits}f})")
+
+
+def process_table(report: dict) -> str:
+    """Whole-process figures, one column per side."""
+    sides = list(report["processes"]["fp32"])
+    lines = ["| figure | " + " | ".join(sides) + " |", "|---|" + "---:|" * len(sides)]
+    for dtype in ("fp32", "bf16"):
+        for key, label in (("overhead_s", "overhead (whole - generating)"), ("first_image_s", "first image"),
+                           ("generating_s", "generating"), ("peak_rss_gb", "peak RSS")):
+            unit, digits = ("GB", 3) if key == "peak_rss_gb" else ("s", 2)
+            cells = [spread([r[key] for r in report["processes"][dtype][side]], unit, digits) for side in sides]
+            lines.append(f"| {dtype} 256x256, {label} | " + " | ".join(cells) + " |")
+    for dtype in ("fp32", "bf16"):
+        cells = [spread([r["peak_rss_gb"] for r in report["peaks_512"][dtype][side]], "GB", 3) for side in sides]
+        lines.append(f"| {dtype} 512x512 (1 step), peak RSS | " + " | ".join(cells) + " |")
+    floor = spread(report["import_floor_s"], "s")
+    lines.append(f"| libraries' import floor (bare process) | {floor} |" + " |" * (len(sides) - 1))
+    return "\n".join(lines)
+
+
+def unet_table(report: dict) -> str:
+    """U-Net calls, ours vs diffusers' processor."""
+    lines = ["| U-Net call | ours | diffusers | ours / diffusers (medians; minima) |", "|---|---:|---:|---:|"]
+    for name, r in report["unet"].items():
+        lines.append(f"| {name} | {spread(r['calls_s']['ours'], 's', 3)} | {spread(r['calls_s']['diffusers'], 's', 3)}"
+                     f" | {r['ratio_median']:.3f}; {r['ratio_min']:.3f} |")
+    return "\n".join(lines)
+
+
+def report_run(args: argparse.Namespace) -> dict:
+    """Every measurement, in the order of the module's docstring."""
+    ckpt = Path(args.ckpt) if args.ckpt else full_size_checkpoint(Path(args.cache_dir))
+    with open(ckpt, "rb") as f:  # page cache
+        while f.read(64 << 20):
+            pass
+    sides = {"after": ROOT / "gen_img.py"}
+    if args.before:
+        sides = {"before": Path(args.before) / "gen_img.py", **sides}
+    report: dict = {"checkpoint": str(ckpt), "sides": {k: str(v) for k, v in sides.items()},
+                    "load_average_start": load_average(), "machine": bench_unet.machine_info()}
+    report["import_floor_s"] = import_floor(args.runs)
+    report["processes"] = {d: process_runs(ckpt, sides, d, 256, 8, args.runs) for d in ("fp32", "bf16")}
+    report["peaks_512"] = {d: process_runs(ckpt, sides, d, 512, 1, 1) for d in ("fp32", "bf16")}
+    report["unet"] = {f"bf16 {size}x{size}, blocked attention": unet_calls(ckpt, "bf16", size, args.calls, "blocked")
+                      for size in (256, 512)}
+    report["unet"]["fp32 512x512 (SDPA both)"] = unet_calls(ckpt, "fp32", 512, args.calls, "auto", rates=True)
+    report["load_average_end"] = load_average()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", help="another checkout (its gen_img.py) for the 'before' column")
+    parser.add_argument("--runs", type=int, default=2, help="whole processes per side and dtype (default 2)")
+    parser.add_argument("--calls", type=int, default=3, help="timed U-Net calls per side (default 3)")
+    parser.add_argument("--ckpt")
+    parser.add_argument("--cache_dir", default=str(bench_process.DEFAULT_CACHE))
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "library"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    report = report_run(args)
+    fp32 = report["unet"]["fp32 512x512 (SDPA both)"]
+    print(f"load average {report['load_average_start']:.2f} at the start, {report['load_average_end']:.2f} at the end\n")
+    print(process_table(report), "\n")
+    print(unet_table(report), "\n")
+    print("fp32 512x512 U-Net call by kernel class (diffusers' processor):")
+    print(bench_unet.rates_table(fp32["kernel_rates"], fp32["kernel_peaks"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
