@@ -99,12 +99,22 @@ def kernel_rates(unet, call) -> list[dict]:
 
 
 def kernel_peaks(dtype: torch.dtype) -> dict[str, float]:
-    """This machine's measured peak GFLOP/s at the current thread count: a 2048^3 matrix product
-    and the U-Net's level-0 3x3 convolution (320 channels, 64x64, 2 rows); best of 3."""
-    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
-    x, w = torch.randn(2, 320, 64, 64).to(dtype), torch.randn(320, 320, 3, 3).to(dtype)
+    """This machine's measured GFLOP/s at the current thread count, best of 3: a 2048^3 matrix
+    product ("matmul"), the U-Net's level-0 3x3 convolution (320 channels, 64x64, 2 rows), the
+    two products of exact attention at 512x512's level 0 as separate batched products (2 rows
+    x 8 heads, 4096 tokens, head dim 40), and the most common linear layer shape there (8192
+    rows, 320 -> 2560, the feed-forward's first product)."""
+    randn = lambda *shape: torch.randn(*shape).to(dtype)  # noqa: E731
+    a, b = randn(2048, 2048), randn(2048, 2048)
+    x, w = randn(2, 320, 64, 64), randn(320, 320, 3, 3)
+    q, k_t, probs = randn(16, 4096, 40), randn(16, 40, 4096), randn(16, 4096, 4096)
+    rows, weight = randn(8192, 320), randn(2560, 320)
+    attention_product = 2 * 16 * 4096 * 4096 * 40
     cases = {"matmul": (lambda: a @ b, 2 * 2048**3),
-             "conv3x3": (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 2 * 320 * 320 * 9 * 64 * 64)}
+             "conv3x3": (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 2 * 320 * 320 * 9 * 64 * 64),
+             "attention Q K^T (bmm)": (lambda: torch.bmm(q, k_t), attention_product),
+             "attention P V (bmm)": (lambda: torch.bmm(probs, q), attention_product),
+             "linear 8192x320->2560": (lambda: torch.nn.functional.linear(rows, weight), 2 * 8192 * 320 * 2560)}
     peaks = {}
     with torch.no_grad():
         for name, (op, n) in cases.items():
