@@ -135,6 +135,32 @@ def test_separate_vae_single_file_prefixed_and_folder(tiny_models, tmp_path):
         assert not torch.equal(base.vae.decode(x).sample, a)
 
 
+def test_with_vae_the_checkpoints_own_vae_is_never_built(tiny_models, tmp_path, monkeypatch):
+    """--vae replaces the checkpoint's VAE: its weights are neither converted nor assigned
+    (no time, no memory), in a single file and in a Diffusers folder, which then needs no vae/."""
+    import shutil
+
+    from library.models import loader
+    from library.models.loader import load_vae
+
+    assigned = []
+    real_assign = loader._assign
+    monkeypatch.setattr(loader, "_assign", lambda module, state, dtype, what, pages=None: (
+        assigned.append(what), real_assign(module, state, dtype, what, pages))[1])
+    load_model(str(tiny_models["sd1"]), vae=str(tiny_models["vae"]))
+    assert [w.rsplit(": ", 1)[-1] for w in assigned] == ["U-Net", "text encoder", "--vae " + str(tiny_models["vae"])]
+    assigned.clear()
+    load_model(str(tiny_models["sd1"]))
+    assert [w.rsplit(": ", 1)[-1] for w in assigned] == ["U-Net", "VAE", "text encoder"]
+    folder = tmp_path / "no-vae"
+    shutil.copytree(tiny_models["sd1-diffusers"], folder)
+    shutil.rmtree(folder / "vae")
+    model = load_model(str(folder), vae=str(tiny_models["vae"]))
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model.vae.decode(x).sample, load_vae(str(tiny_models["vae"]), torch.float32).decode(x).sample)
+
+
 class _Evil:
     def __init__(self, marker: str) -> None:
         self.marker = marker

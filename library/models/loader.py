@@ -107,12 +107,13 @@ def load_model(
     lazy = vae_encoder == "lazy"
     limit_heap_retention()
     with _collector_paused(), contextlib.ExitStack() as background:  # exit: background page-in done
+        own_vae = vae is None  # with --vae the checkpoint's VAE is never built
         if path.is_dir():
-            te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype)
+            te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype, own_vae)
             diffusers_dir: Path | None = path
         else:
             te, unet, vae_model, family, v_pred_source = _load_single_file(
-                path, dtype, background, vae_dtype if vae is None else None, lazy)
+                path, dtype, background, vae_dtype, lazy, own_vae)
             diffusers_dir = None
         _check_family_flags(path, family, v1, v2)
         v_pred = _decide_v_prediction(v_parameterization, v_pred_source)
@@ -159,9 +160,9 @@ def _move(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, background: contextlib.ExitStack,
-                      vae_dtype: torch.dtype | None = None, lazy_encoder: bool = False):
+                      vae_dtype: torch.dtype | None = None, lazy_encoder: bool = False, with_vae: bool = True):
     """Networks from one LDM-layout file; pages of weights used as stored map in `background`
-    (not those of a VAE encoder left for later)."""
+    (not those of a VAE encoder left for later, nor of a VAE not built: `with_vae` False gives None)."""
     raw = checkpoint.read_state_dict(path)
     pages = checkpoint.FilePages(path)
     v_flag = raw.get("v_pred")
@@ -169,25 +170,26 @@ def _load_single_file(path: Path, dtype: torch.dtype, background: contextlib.Exi
     sd = {new: raw[old] for old, new in rename.items()}
     vae_dtype = vae_dtype or dtype
     kept = (t for k, t in sd.items() if t.dtype == (vae_dtype if k.startswith(VAE_PREFIX) else dtype)
-            and not (lazy_encoder and k.startswith(ENCODER_PREFIX)))
+            and not (lazy_encoder and k.startswith(ENCODER_PREFIX)) and (with_vae or not k.startswith(VAE_PREFIX)))
     background.enter_context(checkpoint.paging_in(kept))
     try:
         spec = detect_model({k: tuple(v.shape) for k, v in sd.items()})
     except DetectionError as exc:
         raise UserError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint ({exc})") from None
     logger.debug("detected %s", spec)
-    unet, vae, te = build_from_ldm(sd, spec, dtype, path, pages, vae_dtype, lazy_encoder)
+    unet, vae, te = build_from_ldm(sd, spec, dtype, path, pages, vae_dtype, lazy_encoder, with_vae)
     source = _v_pred_from_file(path, v_flag)
     return te, unet, vae, spec.family, source
 
 
 def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, path: Path,
                    pages: checkpoint.FilePages | None = None, vae_dtype: torch.dtype | None = None,
-                   lazy_encoder: bool = False):
+                   lazy_encoder: bool = False, with_vae: bool = True):
     """U-Net, VAE and text encoder from a canonical LDM state dict and its detected spec.
 
     `pages` (the file's mappings) lets the cast drop each source tensor's pages once copied;
-    the VAE is made in `vae_dtype` (default `dtype`), its encoder on first use if `lazy_encoder`.
+    the VAE is made in `vae_dtype` (default `dtype`), its encoder on first use if `lazy_encoder`;
+    with `with_vae` False (another VAE replaces it) it is not made and None is returned for it.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -200,11 +202,11 @@ def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dt
 
     with _empty_modules():
         unet = UNet2DConditionModel(**spec.unet)
-        vae = AutoencoderKL(**spec.vae)
+        vae = AutoencoderKL(**spec.vae) if with_vae else None
         te = CLIPTextModel(CLIPTextConfig(**spec.text_encoder, attn_implementation="sdpa"))
     unet_sd = convert_ldm_unet_checkpoint(sd, dict(unet.config))
-    vae_sd = convert_ldm_vae_checkpoint(sd, dict(vae.config))
-    if lazy_encoder:
+    vae_sd = convert_ldm_vae_checkpoint(sd, dict(vae.config)) if with_vae else {}
+    if lazy_encoder and with_vae:
         vae_sd = _defer_encoder(vae, vae_sd, vae_dtype or dtype, f"{path}: VAE encoder", pages)
     if spec.family == "sd1":
         te_sd = convert_ldm_clip_checkpoint(sd)
@@ -213,7 +215,7 @@ def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dt
         te_sd = {k: v for k, v in te_sd.items() if not k.startswith("text_projection")}
     te_sd = _match_text_model_prefix(te_sd, te)
     parts = (("U-Net", unet, unet_sd, dtype), ("VAE", vae, vae_sd, vae_dtype or dtype), ("text encoder", te, te_sd, dtype))
-    for name, module, state, part_dtype in parts:
+    for name, module, state, part_dtype in (part for part in parts if part[1] is not None):
         _assign(module, state, part_dtype, f"{path}: {name}", pages)
     max_positions = te.config.max_position_embeddings
     text_model(te).embeddings.register_buffer(
@@ -322,11 +324,12 @@ def _v_pred_from_file(path: Path, v_flag: torch.Tensor | None) -> tuple[bool, st
 # --- Diffusers folders --------------------------------------------------------------------
 
 
-def _load_diffusers_folder(path: Path, dtype: torch.dtype):
+def _load_diffusers_folder(path: Path, dtype: torch.dtype, with_vae: bool = True):
+    """Networks from a Diffusers folder; its vae/ is neither needed nor loaded when `with_vae` is False."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    parts = ("unet", "vae", "text_encoder")
+    parts = ("unet", "vae", "text_encoder") if with_vae else ("unet", "text_encoder")
     absent = [p for p in parts if not (path / p / "config.json").is_file()]
     if absent:
         raise UserError(
@@ -335,7 +338,7 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype):
         )
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype) if with_vae else None
         with _quiet_transformers_progress():
             te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, attn_implementation="sdpa")
     except pickle.UnpicklingError as exc:
