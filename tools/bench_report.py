@@ -15,8 +15,9 @@ first):
   run by run so that a change in machine speed weighs on both; then one 512x512 run (1 step)
   per dtype and side for the 512 peaks;
 * U-Net calls, ours vs diffusers' processor, interleaved (`tools/bench_unet.py`): bf16 with the
-  blocked attention of `--blocked_attention`, at 256 and 512; fp32 (where both sides use SDPA)
-  at 512 by kernel class, with each class's GFLOP/s against this machine's measured peaks.
+  blocked attention of `--blocked_attention`, and fp32 (where both sides use SDPA), at 256 and
+  512; then fp32 at 512 by kernel class, with each class's GFLOP/s against this machine's
+  measured peaks.
 
 Prints one Markdown table per part (docs/performance.md shows them); `--json` keeps every run.
 Wall clock with the machine's threads: run it on an otherwise idle machine (the 1-minute load
@@ -136,6 +137,7 @@ def report_run(args: argparse.Namespace) -> dict:
     report["peaks_512"] = {d: process_runs(ckpt, sides, d, 512, 1, 1) for d in ("fp32", "bf16")}
     report["unet"] = {f"bf16 {size}x{size}, blocked attention": unet_calls(ckpt, "bf16", size, args.calls, "blocked")
                       for size in (256, 512)}
+    report["unet"]["fp32 256x256 (SDPA both)"] = unet_calls(ckpt, "fp32", 256, args.calls, "auto")
     report["unet"]["fp32 512x512 (SDPA both)"] = unet_calls(ckpt, "fp32", 512, args.calls, "auto", rates=True)
     report["load_average_end"] = load_average()
     return report
