@@ -41,3 +41,13 @@ def test_the_tables_show_medians_and_ranges() -> None:
     assert len(table) == 2 + 2 * 4 + 2 + 1
     assert bench_report.unet_table(report).splitlines()[-1] == (
         "| bf16 512x512, blocked attention | 3.050 s (3.000-3.100) | 3.850 s (3.800-3.900) | 0.780; 0.790 |")
+
+
+def test_benchmark_report_runs_the_report(monkeypatch) -> None:
+    """`tools/benchmark.py report ...` hands its arguments to bench_report."""
+    from tools import benchmark
+
+    seen = []
+    monkeypatch.setattr(bench_report, "main", lambda argv: seen.append(argv) or 0)
+    assert benchmark.main(["report", "--before", "/old", "--runs", "1"]) == 0
+    assert seen == [["--before", "/old", "--runs", "1"]]

@@ -4,6 +4,11 @@
     python tools/benchmark.py [--device cpu] [--dtype fp32|fp16|bf16] [--channels_last]
         [--size 256] [--steps 10] [--batch_size 1] [--sampler ddim] [--runs 2]
         [--cache_dir ~/.cache/sdgen-bench | --ckpt FILE | --tiny] [--json PATH] [--load_only]
+    python tools/benchmark.py report [--before DIR] [--runs 2] [--calls 3] [--json PATH]
+
+`report` gives the whole-process figures (start-up overhead, first image, peak RSS, each
+against an older checkout with `--before`) and the U-Net calls against diffusers' processor
+in one run (`tools/bench_report.py`, docs/performance.md's figures of record).
 
 Without `--ckpt`/`--tiny` it first writes (once, into `--cache_dir`) a full-size SD 1.5-shaped
 checkpoint with fixed random weights: same shapes, FLOPs and memory as a real one, fp16 on
@@ -537,7 +542,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark (or, with the hidden `--probe`, one load measurement); print the table."""
+    """Run the benchmark (or, with the hidden `--probe`, one load measurement); print the table.
+
+    `report ...` runs `tools/bench_report.py` instead: the whole-process figures (start-up
+    overhead, first image, peak RSS, before/after) and the U-Net calls against diffusers."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from tools import bench_report
+
+        return bench_report.main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "library"):
