@@ -281,3 +281,19 @@ def test_ctrl_c_while_decoding_keeps_the_finished_images_only(tiny_models, tmp_p
     assert "written" not in captured.out
     assert [p.name for p in out.iterdir()] == ["im_000001.png"]
     assert meta(out / "im_000001.png")["seed"]
+
+
+def test_fp16_on_the_cpu_warns_once_and_names_bf16(caplog):
+    """--fp16 on the CPU runs (the user's choice) but says in one warning that it is slow there
+    and what to use instead; --bf16 and fp32 say nothing."""
+    from library import build
+    from library.cli import parse_options
+
+    for flags, expected in ((["--fp16"], [build.FP16_ON_CPU]), (["--bf16"], []), ([], [])):
+        caplog.clear()
+        options = parse_options(["--prompt", "x", "--device", "cpu", *flags])
+        with caplog.at_level(logging.WARNING, logger="library.build"):
+            runtime = build.Runtime.from_options(options.load)
+        assert [r.getMessage() for r in caplog.records if r.name == "library.build"] == expected
+        assert runtime.device.type == "cpu"
+    assert "--bf16" in build.FP16_ON_CPU and "\n" not in build.FP16_ON_CPU
