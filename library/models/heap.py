@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import sys
 from collections.abc import Iterator
@@ -50,15 +51,23 @@ def limit_heap_retention() -> bool:
     return all(applied)
 
 
+@functools.cache
+def _libc_function(name: str, *argtypes):
+    """The C library's `name` with its argument types set, looked up once; None where absent
+    (not glibc: musl has no mallopt or malloc_trim)."""
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function
+
+
 def _mallopt(option: int, value: int) -> bool:
     """glibc's `mallopt(option, value)`; whether it was applied (False without glibc)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt(option, value) == 1
+    mallopt = _libc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    return mallopt is not None and mallopt(option, value) == 1
 
 
 @contextlib.contextmanager
@@ -82,9 +91,6 @@ def mapped_blocks_from(size: int) -> Iterator[None]:
 
 def release_freed_memory() -> None:
     """Return the heap's free memory to the system (glibc `malloc_trim`; elsewhere nothing)."""
-    if not (_done and sys.platform.startswith("linux")):
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = _libc_function("malloc_trim", ctypes.c_size_t) if _done else None
+    if malloc_trim is not None:
+        malloc_trim(0)

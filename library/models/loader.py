@@ -107,13 +107,13 @@ def load_model(
     lazy = vae_encoder == "lazy"
     limit_heap_retention()
     with _collector_paused(), contextlib.ExitStack() as background:  # exit: background page-in done
-        own_vae = vae is None  # with --vae the checkpoint's VAE is never built
+        with_vae = vae is None  # with --vae the checkpoint's VAE is never built
         if path.is_dir():
-            te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype, own_vae)
+            te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype, with_vae)
             diffusers_dir: Path | None = path
         else:
             te, unet, vae_model, family, v_pred_source = _load_single_file(
-                path, dtype, background, vae_dtype, lazy, own_vae)
+                path, dtype, background, vae_dtype, lazy, with_vae)
             diffusers_dir = None
         _check_family_flags(path, family, v1, v2)
         v_pred = _decide_v_prediction(v_parameterization, v_pred_source)
