@@ -13,12 +13,12 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library.cli import parse_options  # noqa: E402
-from library.console_log import configure_logging  # noqa: E402
+from library.cli.parser import parse_options  # noqa: E402
+from library.cli.logging_setup import configure_logging  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.messages import one_line, quiet_third_party  # noqa: E402
-from library.options import Options  # noqa: E402
-from library.startup import exit_without_teardown  # noqa: E402
+from library.records.options import Options  # noqa: E402
+from library.run.process_exit import exit_without_teardown  # noqa: E402
 
 logger = logging.getLogger("gen_img")
 
@@ -28,24 +28,26 @@ def main(argv: list[str] | None = None) -> int:
     log_file = configure_logging(options.namespace)
     if logging.getLogger().level > logging.DEBUG:
         quiet_third_party()
-    from library import distributed, limits, preflight, results
+    from library.cli import preflight
+    from library.records import limits
+    from library.run import distributed, summary
 
     team = distributed.SOLO
     try:
         team = distributed.join(options)  # one process, or this one's share of a torchrun/accelerate run
         preflight.check_inputs(options)  # every input file and --outdir, before any model file opens
         # torch/diffusers load only now: --help, argument errors and missing files take a fraction of a second
-        from library import build
+        from library.run import build
 
         runtime = build.Runtime.from_options(options.load, team.place.local_rank)
         model = build.load(options.load, runtime)
         networks = build.networks(options, model)
-        generator = build.generator(options, model, runtime, networks)
-        limits.check_defaults(options.generation, generator)
-        runner = build.runner(options, model, generator, team)
+        pipeline = build.pipeline(options, model, runtime, networks)
+        limits.check_defaults(options.generation, pipeline)
+        runner = build.runner(options, model, pipeline, team)
 
-        generate(options, runner, generator, networks.loaded, team)
-        summary = results.combined(team.gather(runner.summary.to_dict()))  # every rank's images
+        generate(options, runner, pipeline, networks.loaded, team)
+        result = summary.combined(team.gather(runner.summary.to_dict()))  # every rank's images
     except UserError as exc:
         return failed(team, exc)
     except KeyboardInterrupt:
@@ -58,16 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().removeHandler(log_file)
             log_file.close()
     if team.leads:
-        print(summary.line())
-    return results.exit_status(summary)
+        print(result.line())
+    return summary.exit_status(result)
 
 
-def generate(options: Options, runner, generator, networks: list, team) -> None:
+def generate(options: Options, runner, pipeline, networks: list, team) -> None:
     """Every image of the run, from its prompt source: the terminal, a `--from_module`
     prompter, or prompt lines (`--prompt`, `--from_file`, the sources' metadata)."""
-    from library import prompts
-    from library.runner import run_rounds
-    from library.seeds import SeedSource
+    from library.prompts import sources as prompts
+    from library.run.runner import run_rounds
+    from library.prompts.seeds import SeedSource
 
     rounds, per_prompt = options.rounds, options.generation.images_per_prompt
     if rounds.interactive:
@@ -78,9 +80,9 @@ def generate(options: Options, runner, generator, networks: list, team) -> None:
         # the prompter is asked again in every --n_iter round, with the run's seed_random
         seeds = SeedSource(rounds.seed, single_image=False)
         args = options.namespace  # the original's plugin signature takes the raw namespace
-        prompter = prompts.load_prompter(rounds.from_module, args, generator, networks)
+        prompter = prompts.load_prompter(rounds.from_module, args, pipeline, networks)
         run_rounds(runner, rounds, lambda iter_seed: prompts.module_lines(
-            prompter, args, generator, seeds, iter_seed, per_prompt), seeds, None)
+            prompter, args, pipeline, seeds, iter_seed, per_prompt), seeds, None)
     else:
         lines = prompt_lines(options)
         # seed S itself only for one image in one round; otherwise Random(S) draws, in every round
@@ -94,7 +96,7 @@ def generate(options: Options, runner, generator, networks: list, team) -> None:
 def failed(team, exc: UserError) -> int:
     """Print the run's one error line and return its exit status. In a split run only the first
     rank to fail prints (an error every rank finds before they meet, only rank 0)."""
-    from library import distributed
+    from library.run import distributed
 
     if isinstance(exc, distributed.PeerFailed):
         return exc.exit_status
@@ -110,7 +112,7 @@ def failed(team, exc: UserError) -> int:
 def prompt_lines(options: Options) -> list:
     """The prompt lines of `--prompt` or `--from_file` (or, with neither, of the
     `--image_path` sources' metadata); `--from_module` prompters are asked each round."""
-    from library import prompts
+    from library.prompts import sources as prompts
 
     rounds = options.rounds
     if rounds.prompt is None and rounds.from_file is None:

@@ -13,7 +13,7 @@ A `LoRANetwork` can be used in three ways, which can be switched between at any 
 * ``apply_to()``: un-merged. A forward hook on each target layer adds the adapter's output;
   weights are untouched and ``remove()`` detaches everything (kohya's API, for scripts).
 * ``use_unmerged()``: un-merged without hooks of its own: `gen_img` hands ``unmerged_layers()``
-  to the patch owner (`library.unet_patches`), which hooks them for each batch with the
+  to the patch owner (`library.sampling.patches`), which hooks them for each batch with the
   batch's multiplier (``--am``) and its ``lora_output`` point (regional masks), and removes
   the hooks after the batch.
 * ``merge_to()``: the deltas are written into the weights (``--network_merge``), so

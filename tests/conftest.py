@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# model hashes are remembered (library.models.hash_cache): in a throw-away folder, not the user's cache
+# model hashes are remembered (library.images.hash_cache): in a throw-away folder, not the user's cache
 os.environ.setdefault("SDGEN_CACHE_DIR", tempfile.mkdtemp(prefix="sdgen-test-cache-"))
 
 
@@ -31,9 +31,19 @@ def pytest_collection_modifyitems(config, items):
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Paths of the tiny models: 'sd1', 'sd1-diffusers', 'sd2', ..., 'vae'."""
     from library.models.tiny_files import make_tiny_models
+    from tools.make_tiny_model import write_tiny_extras
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+    folder = tmp_path_factory.mktemp("tiny-models")
+    return {**make_tiny_models(folder), **write_tiny_extras(folder)}
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_models):
+    """The tiny SD1 model, loaded once per test module (tests may patch it; the next module gets a fresh one)."""
+    from library.models import load_model
+
+    return load_model(str(tiny_models["sd1"]))
 
 
 # Tiny models run fastest on one thread, and parallel test sessions must not oversubscribe
@@ -56,7 +66,7 @@ def _restore_logger_levels():
 @pytest.fixture
 def call_log(monkeypatch):
     """Every `Pipeline.latents` call of a run: size, steps, seeds, strength, steps actually run."""
-    from library.pipeline import Pipeline
+    from library.sampling.pipeline import Pipeline
     from tests.helpers import StepRecorder
 
     log: list[dict] = []

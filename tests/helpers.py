@@ -1,23 +1,30 @@
 """Helpers shared by test modules, so that no test module imports another.
 
 Running `gen_img.py` in-process and reading what it wrote; a Pipeline on a loaded model;
-a source picture for img2img; the configs of the full-size SD layouts. Shared fixtures
-live in `conftest.py`; the LoRA tests' helpers in `lora_testing.py`.
+a source picture for img2img; the configs of the full-size SD layouts; fresh tiny models,
+fixed inputs and output snapshots for the LoRA tests. Shared fixtures live in `conftest.py`.
+Test modules import helpers from here only, never from each other.
 """
 
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor, nn
 
 import gen_img
-from library.image_metadata import read_generation_text
-from library.pipeline import Pipeline
-from library.text_encoding import PromptEncoder
-from library.unet_patches import Patch
+from library.images.metadata import read_generation_text
+from library.models.tiny import TinyComponents, build_tiny_components
+from library.sampling.pipeline import Pipeline
+from library.text.encoder import PromptEncoder
+from library.sampling.patches import Patch
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 # --- running the command ------------------------------------------------------------------------
 
@@ -69,7 +76,7 @@ def meta(path: Path) -> dict[str, str]:
 # --- building inputs ----------------------------------------------------------------------------
 
 
-def make_generator(model, sampler: str) -> Pipeline:
+def make_pipeline(model, sampler: str) -> Pipeline:
     """A CPU fp32 Pipeline on a loaded model, with the model's default clip skip."""
     encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
     return Pipeline(model.unet, model.vae, encoder, sampler, model.kind.v_prediction,
@@ -135,3 +142,55 @@ def assert_override_stays_on_its_line(tiny_models: dict[str, Path], tmp_path: Pa
     first, second = pngs(tmp_path / "file")
     assert np.array_equal(pixels(second), pixels(pngs(tmp_path / "alone")[0]))
     assert np.abs(pixels(first) - pixels(pngs(tmp_path / "first")[0])).max() > 0
+
+
+# --- LoRA tests: fresh tiny models, fixed inputs, output snapshots --------------------------------
+
+
+@lru_cache(maxsize=None)
+def _cached(kind: str) -> TinyComponents:
+    return build_tiny_components(kind, seed=0)
+
+
+def fresh(kind: str = "sd1") -> TinyComponents:
+    """A private copy of the tiny models (tests patch them)."""
+    c = _cached(kind)
+    return type(c)(c.kind, copy.deepcopy(c.text_encoder), copy.deepcopy(c.unet), c.vae)
+
+
+def unet_inputs(c: TinyComponents, seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = c.unet.config.cross_attention_dim
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([10, 500])
+    context = torch.randn(2, 77, width, generator=g)
+    return latents, timesteps, context
+
+
+def token_ids(seed: int = 2) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 49406, (2, 77), generator=g)
+
+
+@torch.no_grad()
+def outputs(c: TinyComponents) -> tuple[Tensor, Tensor]:
+    """(U-Net output, text-encoder last hidden state) on fixed inputs."""
+    unet_out = c.unet(*unet_inputs(c)).sample
+    te_out = c.text_encoder(token_ids()).last_hidden_state
+    return unet_out, te_out
+
+
+def weights(*models: nn.Module) -> dict[str, Tensor]:
+    """A detached copy of every parameter, to compare with torch.equal later."""
+    return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(models) for k, v in m.state_dict().items()}
+
+
+def assert_same_weights(before: dict[str, Tensor], *models: nn.Module) -> None:
+    after = weights(*models)
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == []
+
+
+def no_hooks(*models: nn.Module) -> bool:
+    return all(not m._forward_hooks for model in models for m in model.modules())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from library.results import Summary, summary_line
+from library.run.summary import Summary, summary_line
 from tools import bench_process
 
 

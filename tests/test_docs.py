@@ -1,8 +1,8 @@
 """Documentation that must match the code."""
 
 from pathlib import Path
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_options_doc_is_generated_from_the_current_parser():

@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.deep_shrink import ShrinkDeepLayers  # noqa: E402
-from library.deep_shrink_settings import DeepShrink  # noqa: E402
+from library.features.deep_shrink import ShrinkDeepLayers  # noqa: E402
+from library.records.deep_shrink_settings import DeepShrink  # noqa: E402
 from library.models import load_model  # noqa: E402
-from library.text_encoding import Conditioning  # noqa: E402
-from library.unet_patches import Batch, BatchLayout, PatchOwner  # noqa: E402
+from library.text.encoder import Conditioning  # noqa: E402
+from library.sampling.patches import Batch, BatchLayout, PatchOwner  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -4,7 +4,7 @@
     python tools/bench_unet.py --dtype bf16 --size 512 [--calls 5] [--profile] [--json PATH]
         [--batch_size 1] [--ckpt FILE | --cache_dir DIR] [--channels_last]
 
-Loads the model with `load_model` (which sets our processor for the run, `library.attention`),
+Loads the model with `load_model` (which sets our processor for the run, `library.models.attention`),
 then calls the U-Net the way one guided step does (2 x batch rows, random inputs), alternating
 "ours" and "diffusers" (`AttnProcessor2_0`, diffusers' default on PyTorch 2) call by call, so
 a change in machine speed weighs on both alike. Reports per side the median, minimum and

@@ -25,7 +25,7 @@ disk (~2 GB), in the LDM single-file layout via `library.models.ldm_export`. The
   reset per run; `max_memory_allocated` on CUDA);
 * the U-Net called directly in a loop (same module, dtype and memory format);
   our pipeline and the direct loop run with the attention processor `load_model` set for the
-  run (`library.attention`), diffusers' pipeline with diffusers' default `AttnProcessor2_0`;
+  run (`library.models.attention`), diffusers' pipeline with diffusers' default `AttnProcessor2_0`;
 * U-Net FLOPs per step (`FlopCounterMode`, CPU SDPA counted too) and achieved FLOP/s.
 
 Times come from forward hooks on the shared networks, so both pipelines are timed the same
@@ -53,8 +53,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from library.jobs import Job  # noqa: E402
-from library.schedulers import make_scheduler  # noqa: E402
+from library.records.jobs import Job  # noqa: E402
+from library.sampling.schedulers import make_scheduler  # noqa: E402
 from tools.bench_model import CHECKPOINT_NAME, full_size_checkpoint  # noqa: E402,F401  (re-exported)
 
 logger = logging.getLogger("benchmark")
@@ -336,8 +336,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import StableDiffusionPipeline
 
     from library.models import load_model
-    from library.pipeline import Pipeline
-    from library.text_encoding import PromptEncoder
+    from library.sampling.pipeline import Pipeline
+    from library.text.encoder import PromptEncoder
 
     path = checkpoint_for(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -420,7 +420,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def attention_switch(unet):
     """A function setting the shared U-Net's attention processors for one side of the comparison:
-    "ours" = what `load_model` chose for the run (library.attention), "diffusers" = diffusers'
+    "ours" = what `load_model` chose for the run (library.models.attention), "diffusers" = diffusers'
     default `AttnProcessor2_0` (what `StableDiffusionPipeline` uses on PyTorch 2)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -28,11 +28,11 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from library.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide  # noqa: E402
-from library.jobs import Job  # noqa: E402
+from library.features.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide  # noqa: E402
+from library.records.jobs import Job  # noqa: E402
 from library.models import load_model  # noqa: E402
-from library.pipeline import Pipeline  # noqa: E402
-from library.text_encoding import PromptEncoder  # noqa: E402
+from library.sampling.pipeline import Pipeline  # noqa: E402
+from library.text.encoder import PromptEncoder  # noqa: E402
 from tools.benchmark import DEFAULT_CACHE, full_size_checkpoint, peak_memory_gb, reset_peak_memory  # noqa: E402
 
 logger = logging.getLogger("tools.guidance_bench")

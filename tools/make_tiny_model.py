@@ -2,8 +2,9 @@
 
     python tools/make_tiny_model.py OUTDIR [--kinds sd1 sd2 sd2-v]
 
-The files written are listed in `library/models/tiny_files.py`, which does the work; this is
-its command line. Existing outputs are kept, so calling it again is free.
+The model files written are listed in `library/models/tiny_files.py`, which does that work;
+`write_tiny_extras` adds what goes with the SD1 model: a Textual Inversion embedding
+`goodembed.safetensors` and a kohya LoRA `tiny-lora-sd1.safetensors`. Existing outputs are kept, so calling it again is free.
 """
 
 from __future__ import annotations
@@ -15,8 +16,25 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.models.tiny import KINDS  # noqa: E402
+from library.models.tiny import KINDS, build_tiny_components  # noqa: E402
 from library.models.tiny_files import make_tiny_models  # noqa: E402
+
+
+def write_tiny_extras(outdir: Path) -> dict[str, Path]:
+    """Files that go with the tiny SD1 model: a 2-vector embedding and a kohya LoRA."""
+    import torch
+
+    from library.text.embeddings import write_embedding
+    from networks.lora_files import write_kohya_lora
+
+    embedding, lora = outdir / "goodembed.safetensors", outdir / "tiny-lora-sd1.safetensors"
+    if not (embedding.is_file() and lora.is_file()):
+        c = build_tiny_components("sd1", seed=0)
+        width = c.text_encoder.config.hidden_size
+        vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(5)) * 0.5
+        write_embedding(embedding, vectors)
+        write_kohya_lora(lora, c.text_encoder, c.unet, rank=4, seed=0)
+    return {"embedding": embedding, "lora": lora}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     args = parser.parse_args(argv)
-    for name, path in make_tiny_models(args.outdir, tuple(args.kinds)).items():
+    paths = make_tiny_models(args.outdir, tuple(args.kinds))
+    if "sd1" in args.kinds:
+        paths.update(write_tiny_extras(args.outdir))
+    for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
 

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from library.errors import UserError  # noqa: E402
-from library.image_metadata import parse_a1111_parameters, read_generation_text  # noqa: E402
+from library.images.metadata import parse_a1111_parameters, read_generation_text  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

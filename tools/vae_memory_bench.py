@@ -48,7 +48,7 @@ def child(variant: str, size: int, slices: int, encode: bool, out: Path | None) 
     import torch
     from diffusers import AutoencoderKL
 
-    from library.vae_memory import sliced_decode, sliced_encode_moments
+    from library.sampling.vae_slices import sliced_decode, sliced_encode_moments
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**FULL_SIZE_VAE).eval().requires_grad_(False)

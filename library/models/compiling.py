@@ -9,7 +9,7 @@ is `$TORCHINDUCTOR_CACHE_DIR` or, if unset, `~/.cache/sdgen/inductor` (instead o
 
 When compiling cannot work here (no C++ compiler for inductor's CPU code, or the first call
 fails to compile) a one-line warning says why and the run continues uncompiled.
-Blocked attention (`library.attention.blocked_attention`) is left out of the graphs: its
+Blocked attention (`library.models.attention.blocked_attention`) is left out of the graphs: its
 per-head loop would unroll into thousands of nodes.
 """
 
@@ -71,7 +71,7 @@ def _use_persistent_cache() -> None:
 
 
 def _exclude_blocked_attention() -> None:
-    import library.attention as attention
+    import library.models.attention as attention
 
     if not getattr(attention.blocked_attention, "_sdgen_not_compiled", False):
         excluded = torch.compiler.disable(attention.blocked_attention)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from library.attention import set_attention
+from library.models.attention import set_attention
 from library.errors import UserError, first_line
 from library.models import checkpoint
 from library.models.loader import _assign, _empty_modules, _move
@@ -71,7 +71,7 @@ def load_controlnet(
         controlnet = _load_single_file(path, unet, dtype)
     logger.debug("ControlNet from %s", path.name)
     controlnet = _move(controlnet, torch.device(device)).eval().requires_grad_(False)
-    set_attention(controlnet, "auto")  # the U-Net's choice, made the same way (library.attention)
+    set_attention(controlnet, "auto")  # the U-Net's choice, made the same way (library.models.attention)
     return controlnet
 
 

@@ -5,7 +5,7 @@ without latent upscaling, and user upscalers call `vae.encode`. `load_model(...,
 vae_encoder="lazy")` therefore leaves the encoder's weights (34 M parameters, 0.14 GB in
 fp32) in the checkpoint file and puts a `LazyEncoder` at `vae.encoder`. On the first call
 (`vae.encode`, tiled encoding, or a direct call) or the first access to one of the encoder's
-layers (`vae.encoder.down_blocks`, as `library.vae_memory` does), it builds the real encoder
+layers (`vae.encoder.down_blocks`, as `library.sampling.vae_slices` does), it builds the real encoder
 from the file, replaces itself at `vae.encoder`, and forwards the call. The weights are
 exactly those an eager load gives: cast to the dtype the VAE was loaded in, then to the VAE's
 dtype and device *at that moment* (a VAE switched to fp32 by the NaN guard gets an fp32

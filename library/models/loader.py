@@ -91,13 +91,13 @@ def load_model(
 
     `v1`/`v2` must agree with what the weights are (a mismatch is a `UserError`);
     `v_parameterization` forces v-prediction, otherwise it comes from the checkpoint.
-    `attention` picks the U-Net's attention processor for the run (`library.attention`:
+    `attention` picks the U-Net's attention processor for the run (`library.models.attention`:
     "auto" = blocked attention on CPU in bf16, diffusers' SDPA processor elsewhere).
     `vae_encoder="lazy"` leaves the VAE encoder of a single file (the checkpoint's or `vae`'s) in
     the file until something encodes (`library.models.lazy_encoder`); Diffusers folders load it.
     """
-    from library.attention import set_attention
-    from library.models.heap import limit_heap_retention, release_freed_memory
+    from library.models.attention import set_attention
+    from library.heap import limit_heap_retention, release_freed_memory
 
     from library.models.tokenizer import load_tokenizer
 

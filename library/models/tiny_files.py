@@ -6,8 +6,9 @@ The demo model that `gen_img.py` uses without `--ckpt` and the test fixtures com
 For each kind it writes `tiny-<kind>.safetensors` (one file, original LDM key layout, as
 downloaded from model sites) and `tiny-<kind>/` (a Diffusers folder with unet/, vae/,
 text_encoder/, tokenizer/, scheduler/) holding the same weights; plus `tiny-vae.safetensors`,
-a separate VAE with other weights (for `--vae`), and for SD1 a Textual Inversion embedding
-`goodembed.safetensors` and a kohya LoRA `tiny-lora-sd1.safetensors`. The v-prediction file carries a `v_pred`
+a separate VAE with other weights (for `--vae`). The files that go with a model but are read
+by later stages (an embedding, a LoRA) are written by `tools/make_tiny_model.py`
+(`write_tiny_extras`). The v-prediction file carries a `v_pred`
 key and its folder a scheduler config with `prediction_type: v_prediction`, as real ones
 can.
 
@@ -52,27 +53,9 @@ def make_tiny_models(outdir: Path, kinds: tuple[Kind, ...] = KINDS) -> dict[str,
         save_tensors(vae_to_ldm(build_tiny_components("sd1", seed=1).vae.state_dict()), vae_path)
     paths["vae"] = vae_path
     if "sd1" in kinds:
-        paths.update(_extras(outdir))
         paths.update(_guidance_models(outdir))
     paths.update(_controlnets(outdir, kinds))
     return paths
-
-
-def _extras(outdir: Path) -> dict[str, Path]:
-    """Files that go with the tiny SD1 model: a 2-vector embedding and a kohya LoRA."""
-    import torch
-
-    from library.embeddings import write_embedding
-    from networks.lora_files import write_kohya_lora
-
-    embedding, lora = outdir / "goodembed.safetensors", outdir / "tiny-lora-sd1.safetensors"
-    if not (embedding.is_file() and lora.is_file()):
-        c = build_tiny_components("sd1", seed=0)
-        width = c.text_encoder.config.hidden_size
-        vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(5)) * 0.5
-        write_embedding(embedding, vectors)
-        write_kohya_lora(lora, c.text_encoder, c.unet, rank=4, seed=0)
-    return {"embedding": embedding, "lora": lora}
 
 
 def _guidance_models(outdir: Path) -> dict[str, Path]:

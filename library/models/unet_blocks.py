@@ -307,3 +307,8 @@ def cross_attention_modules(unet: nn.Module) -> dict[str, list[nn.Module]]:
                 if attn2 is not None:
                     layers.setdefault(block.name, []).append(attn2)
     return layers
+
+
+def cross_attention_layer_names(unet: nn.Module) -> list[str]:
+    """The LDM names of the U-Net's cross-attention layers, in U-Net order (XTI files' keys)."""
+    return list(cross_attention_modules(unet))

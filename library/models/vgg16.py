@@ -1,6 +1,6 @@
 """VGG16's convolutional `features` stack, built with torch alone, loaded from torchvision's file.
 
-VGG16 guidance (`library.guidance`) compares the activations of one layer of VGG16's
+VGG16 guidance (`library.features.guidance`) compares the activations of one layer of VGG16's
 `features` for the image being generated and the guide image. torchvision is not a dependency:
 the stack is rebuilt here with the module indices torchvision uses, so its weight files load
 as they are:

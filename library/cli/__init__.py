@@ -1,0 +1,3 @@
+"""The command line: argparse options grouped like the manual, their checks, the input-file
+preflight, logging set-up.
+"""

@@ -1,0 +1,165 @@
+"""Checks of every input file and of `--outdir` before any model file is opened.
+
+A run that would fail on a missing prompt file, an unreadable image or a read-only output
+folder should fail in a second, not after the model has loaded. `check_inputs` only looks:
+it reads prompt files and image headers (never decodes an image, never opens a model file,
+never runs a module's code: `--from_module` is compiled, not executed) and leaves no file
+behind (the `--outdir` write test removes its temporary file).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from library.errors import NothingToDo, UserError, first_line
+from library.records.options import GuidanceOptions, Options, RoundOptions
+
+
+def check_inputs(options: Options) -> None:
+    """Every input named by `options` exists and can be read, and `--outdir` can be written."""
+    check_prompt_source(options.rounds)
+    images = (("--image_path", options.sources.image_path), ("--mask_path", options.sources.mask_path),
+              ("--guide_image_path", options.controlnet.guide_image_path))
+    for option, spec in images:
+        if spec is not None:
+            check_images(list(spec) if isinstance(spec, tuple) else spec, option)
+    for option, spec in (("--ckpt", options.load.ckpt), ("--vae", options.load.vae)):
+        if spec:
+            check_model(spec, option)
+    for spec in options.controlnet.models:
+        check_model(spec, "--control_net_models")
+    files = (("--network_weights", options.networks.weights),
+             ("--textual_inversion_embeddings", options.text.textual_inversion_embeddings),
+             ("--XTI_embeddings", options.text.xti_embeddings))
+    for option, paths in files:
+        for path in paths:
+            check_file(path, option)
+    check_network_modules(options.networks.modules)
+    check_guidance_models(options.guidance)
+    check_outdir(options.output.outdir)
+
+
+def check_prompt_source(rounds: RoundOptions) -> None:
+    """`--from_file` readable with at least one prompt line; `--from_module` valid Python."""
+    from library.prompts.sources import read_prompt_file
+
+    if rounds.from_file is not None and not read_prompt_file(rounds.from_file):
+        raise NothingToDo(f"--from_file {rounds.from_file}: no prompt lines (only blank lines and # comments); "
+                          "nothing to do")
+    if rounds.from_module is not None:
+        check_python_file(rounds.from_module, "--from_module")
+
+
+def check_python_file(path: str, option: str) -> None:
+    """`path` is a file of Python source (compiled to check it, not run)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{option} {path}: no such file")
+    try:
+        compile(file.read_bytes(), str(file), "exec", dont_inherit=True)
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+    except (SyntaxError, ValueError) as exc:
+        where = f", line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        detail = exc.msg if isinstance(exc, SyntaxError) else first_line(exc, 80)
+        raise UserError(f"{option} {path}: not a Python file ({type(exc).__name__}{where}: {detail})") from None
+
+
+def check_file(path: str, option: str) -> None:
+    """`path` is a regular file this process may read (opened and closed, nothing read)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UserError(f"{option} {path}: {_reason(exc)}") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{option} {path}: not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+
+
+def check_guidance_models(guidance: GuidanceOptions) -> None:
+    """The CLIP / VGG16 files that guidance with a non-zero scale will load are there."""
+    if guidance.clip_scale or guidance.clip_image_scale:
+        from library.models.clip_guidance import check_clip_model
+
+        check_clip_model(guidance.clip_model)
+    if guidance.vgg16_scale:
+        from library.models.vgg16 import weights_file
+
+        weights_file(guidance.vgg16_weights)
+
+
+def check_model(spec: str, option: str) -> None:
+    """A model spec resolves (file, folder, glob or cached Hugging Face ID) and is readable.
+
+    The file itself is not opened: that is the loader's job, after these checks.
+    """
+    from library.models.checkpoint import resolve_model_path
+
+    path = resolve_model_path(spec, option)
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{option} {spec}: cannot read it (permission denied)")
+
+
+def check_images(spec: str | list[str], option: str) -> None:
+    """The images of `spec` (a file or folder, or several) are image files within the size limit
+    (headers only)."""
+    from library.images.input_images import check_image_file, list_images
+
+    for one in [spec] if isinstance(spec, str) else spec:
+        for path in list_images(Path(one), option):
+            check_image_file(path)
+
+
+def check_network_modules(names: Iterable[str]) -> None:
+    """Each `--network_module` imports and has `create_network_from_weights`."""
+    for name in dict.fromkeys(names):
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"--network_module {name}: cannot import it ({first_line(exc)})") from None
+        if not callable(getattr(module, "create_network_from_weights", None)):
+            raise UserError(f"--network_module {name}: the module has no create_network_from_weights function "
+                            "(use networks.lora)")
+
+
+def check_outdir(outdir: str) -> None:
+    """`--outdir` is (or can become) a folder where files can be created.
+
+    An existing folder gets a temporary file created and removed in it; a missing one is
+    checked the same way in its nearest existing parent (the folder itself is made later,
+    when the first image is written, as before).
+    """
+    if not str(outdir).strip():
+        raise UserError("--outdir is empty: give the folder for the images (default: outputs)")
+    folder = Path(outdir)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():
+            raise UserError(f"--outdir {outdir}: {probe} is a broken symlink")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--outdir {outdir}: {'it' if probe == folder else probe} is not a folder; give a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".gen_img-write-test-"):
+            pass
+    except OSError as exc:
+        where = "" if probe == folder else f" (in {probe})"
+        raise UserError(f"--outdir {outdir}: cannot create files there{where} ({exc.strerror})") from None
+
+
+def _reason(exc: OSError) -> str:
+    """`no such file` / `permission denied` / the OS's words."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, PermissionError):
+        return "cannot read it (permission denied)"
+    return f"cannot read it ({exc.strerror})"

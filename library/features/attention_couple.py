@@ -1,0 +1,198 @@
+"""Attention Couple and Regional LoRA: each prompt part (split at `` AND ``) paints its region.
+
+The feature `AttentionCouple` makes a patch (`library.sampling.patches`) for every batch whose
+prompts have parts, and for every batch of a regional LoRA run (networks + region mask). Its
+points:
+
+* ``cross_attention_output``: the layer's attention runs once per part k with part k's text
+  in the prompt rows (`Conditioning.parts`), and the prompt rows are merged per pixel:
+
+      out = sum_k m_k * O_k / (sum_k m_k + 1e-4) + sum_k m_k * dO_k
+
+  O_k is the output projection for part k without LoRA, dO_k network k's LoRA delta on it
+  (its multiplier included), m_k part k's region (`library.images.region_masks`) at the resolution of the
+  layer (tokens = h * w, aspect ratio of the batch's latent). Without a region mask every
+  m_k = 1/n. The other rows (unconditional, empty, negative) attend to their own text once;
+  the negative prompt is never split.
+* ``lora_output`` (regional LoRA only; network k belongs to part k): text-encoder LoRA k only
+  while part k's text is encoded, never for the negative / empty prompt; LoRA k on the
+  cross-attention keys and values only in part k's prompt rows; its delta on the output
+  projection goes into dO_k above; resnet time-embedding projections (no spatial axes) are
+  never masked; every other U-Net delta of network k is multiplied by m_k.
+* ``text_encoding``: which text the encoder runs on, for the text-encoder rule.
+* ``cross_attention_states``: only notes the batch's `Conditioning` for the part texts.
+
+Pixels that no region covers get no cross-attention output (as the original). Parts beyond
+the networks keep the region the mask gives them (the whole image where it gives none), and
+their text acts there; the original gives them weight 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from library.models.unet_blocks import cross_attention_modules
+from library.images.region_masks import RegionMask, resized, token_grid
+from library.sampling.patches import Attend, Batch, LoRALayer, Patch, StepContext, TextRole
+
+if TYPE_CHECKING:
+    from library.features.lora import Networks
+    from library.text.encoder import Conditioning
+
+logger = logging.getLogger(__name__)
+
+EPSILON = 1e-4  # guards the merge against pixels no region covers
+
+
+def prompt_rows(ctx: StepContext) -> slice:
+    """The rows of the conditional (prompt) images: the 2nd group with CFG, else all."""
+    images = ctx.layout.images
+    return slice(0, images) if ctx.layout.copies == 1 else slice(images, 2 * images)
+
+
+class AttentionCouple:
+    """The feature: prompts with ` AND ` parts, and regional LoRA (networks + region mask)."""
+
+    def __init__(self, unet: nn.Module, regions: RegionMask | None = None, networks: "Networks | None" = None) -> None:
+        """`networks` given: regional LoRA (each un-merged network k belongs to part k)."""
+        self.regions = regions
+        self.networks = networks
+        self.roles = _cross_attention_roles(unet) if networks is not None else {}
+
+    def for_batch(self, batch: Batch) -> Patch | None:
+        parts = max(1, len(batch.jobs[0].prompt_parts))
+        if self.networks is None:
+            return CouplePatch(self._regions(parts)) if parts > 1 else None
+        owners, multipliers = self.networks.regional_layers(batch)
+        return RegionalLoRAPatch(self._regions(parts), self.roles, owners, multipliers)
+
+    def _regions(self, parts: int) -> Tensor:
+        if self.regions is None:
+            return torch.full((parts, 1, 1), 1.0 / parts)
+        return self.regions.regions(parts)
+
+
+class CouplePatch(Patch):
+    """One batch's attention couple: the per-part attention and the per-pixel merge."""
+
+    def __init__(self, regions: Tensor) -> None:
+        self.regions = regions  # (parts, H, W) at the mask's size
+        self.cond: "Conditioning | None" = None
+        self.part: int | None = None  # the part whose attention runs now
+        self._sized: dict[tuple[int, int, torch.dtype], Tensor] = {}
+
+    def masks(self, height: int, width: int, like: Tensor) -> Tensor:
+        """(parts, height * width) regions at one resolution, in `like`'s device and dtype."""
+        key = (height, width, like.dtype)
+        if key not in self._sized:
+            self._sized[key] = resized(self.regions, height, width).flatten(1).to(like.device, like.dtype)
+        return self._sized[key]
+
+    def token_masks(self, ctx: StepContext, tokens: int, like: Tensor) -> Tensor:
+        h, w = token_grid(tokens, ctx.layout.latent_height, ctx.layout.latent_width)
+        return self.masks(h, w, like)
+
+    def cross_attention_states(self, ctx, layer, states, cond):
+        self.cond = cond
+        return states
+
+    def cross_attention_output(self, ctx: StepContext, layer: str, hidden: Tensor, states: Tensor,
+                               attend: Attend) -> Tensor:
+        parts = self.cond.parts if self.cond is not None else ()
+        rows = prompt_rows(ctx)
+        masks = self.token_masks(ctx, hidden.shape[1], hidden)  # (parts, tokens)
+        weights = masks / masks.sum(0, keepdim=True).clamp_min(EPSILON)
+        out, merged = None, None
+        for k in range(max(1, len(parts))):  # regional LoRA on a prompt of one part: its own states
+            text = states
+            if parts:
+                text = states.clone()
+                text[rows] = parts[k].layer_states(layer).to(states)
+            self.part = k
+            try:
+                result = attend(text)
+            finally:
+                self.part = None
+            term = weights[k][None, :, None] * result[rows] + self.output_delta(k, masks[k])
+            merged = term if merged is None else merged + term
+            if out is None:
+                out = result.clone()  # the other rows attend to their own text (the same in every part)
+        out[rows] = merged
+        return out
+
+    def output_delta(self, part: int, mask: Tensor) -> Tensor | float:
+        """m_k * dO_k for regional LoRA (0 for a plain attention couple)."""
+        return 0.0
+
+
+class RegionalLoRAPatch(CouplePatch):
+    """The attention couple plus regional LoRA: network k's deltas act in part k's text and region."""
+
+    def __init__(self, regions: Tensor, roles: dict[int, str], owners: dict[int, int],
+                 multipliers: dict[int, float]) -> None:
+        super().__init__(regions)
+        self.roles = roles  # id(module) -> "kv" / "out" for cross-attention projections
+        self.owners = owners  # id(LoRA layer) -> network (= part) index
+        self.multipliers = multipliers  # network index -> this batch's multiplier
+        self.text: tuple[TextRole, int] | None = None
+        self._out_deltas: dict[int, Tensor] = {}
+        self._rows = slice(None)
+
+    def text_encoding(self, role: TextRole, part: int) -> None:
+        self.text = (role, part)
+
+    def cross_attention_output(self, ctx, layer, hidden, states, attend):
+        self._rows = prompt_rows(ctx)
+        self._out_deltas.clear()
+        try:
+            return super().cross_attention_output(ctx, layer, hidden, states, attend)
+        finally:
+            self._out_deltas.clear()
+
+    def output_delta(self, part: int, mask: Tensor) -> Tensor | float:
+        delta = self._out_deltas.get(part)
+        if delta is None:
+            return 0.0
+        return mask[None, :, None] * delta * self.multipliers.get(part, 1.0)
+
+    def lora_output(self, ctx: StepContext | None, layer: LoRALayer, x: Tensor, delta: Tensor) -> Tensor:
+        network = self.owners.get(id(layer))
+        if network is None:
+            return delta
+        if ctx is None:  # the text encoder
+            return delta if self.text == ("prompt", network) else torch.zeros_like(delta)
+        role = self.roles.get(id(layer.module))
+        if role == "kv":
+            kept = torch.zeros_like(delta)
+            if self.part == network:
+                kept[self._rows] = delta[self._rows]
+            return kept
+        if role == "out":
+            if self.part == network:
+                self._out_deltas[network] = delta[self._rows]
+            return torch.zeros_like(delta)
+        return self._masked(ctx, network, delta)
+
+    def _masked(self, ctx: StepContext, network: int, delta: Tensor) -> Tensor:
+        """Network `network`'s delta times its region; tensors without spatial axes unchanged."""
+        if network >= self.regions.shape[0]:
+            return delta
+        if delta.ndim == 4:  # conv output (rows, C, h, w)
+            return delta * self.masks(delta.shape[2], delta.shape[3], delta)[network].view(1, 1, *delta.shape[2:])
+        if delta.ndim == 3:  # tokens (rows, h * w, C)
+            return delta * self.token_masks(ctx, delta.shape[1], delta)[network].view(1, -1, 1)
+        return delta  # (rows, C): the resnets' time-embedding projections
+
+
+def _cross_attention_roles(unet: nn.Module) -> dict[int, str]:
+    """id(module) -> "kv" for the cross-attention key/value projections, "out" for the output's."""
+    roles: dict[int, str] = {}
+    for modules in cross_attention_modules(unet).values():
+        for attn in modules:
+            roles[id(attn.to_k)] = roles[id(attn.to_v)] = "kv"
+            roles[id(attn.to_out[0])] = "out"
+    return roles

@@ -1,0 +1,228 @@
+"""ControlNet guidance: hint images, their preprocessing, and which ControlNet runs at which step.
+
+Options (the manual's names): `--control_net_models` (one or more ControlNet 1.0 files or
+Diffusers folders, loaded by `library.models.controlnet`), `--control_net_preps`,
+`--control_net_weights`, `--control_net_ratios` (one value for all models, or one per model),
+and `--guide_image_path` (an image, or a folder whose images are used in turn, like
+`--image_path`: image n of the run uses guide n mod count).
+
+Semantics, as the manual describes the original:
+
+* With several ControlNets they take turns, one per U-Net call: call i uses ControlNet
+  i mod n (the web UI's extension instead adds them all up at every step).
+* A ratio r applies a ControlNet during the first r of the U-Net calls of the loop
+  (r = 0.5: the first half). img2img counts the calls it actually runs.
+* The weight scales the ControlNet's residuals (0 = no effect, 1 = as trained).
+* Preprocessing: `canny` (edges with OpenCV, thresholds 100 and 200) or `canny_LOW_HIGH`
+  (e.g. `canny_63_191`), or `none` for hint images prepared beforehand. The guide is first
+  resized (Lanczos) to the size of the image being generated, then preprocessed, so edges
+  are found at the resolution the ControlNet sees. The hint is RGB in [0, 1].
+* Classifier-free guidance: every copy of the batch (conditional, unconditional, negative)
+  gets the hint, as in diffusers' ControlNet pipeline without "guess mode".
+
+ControlNet is a feature of the patch owner (`library.sampling.patches`): it changes the U-Net only
+through the ``unet_kwargs`` point (`down_block_additional_residuals`,
+`mid_block_additional_residual`), computed from the default text states (with XTI, the
+ControlNet sees the first layer's states: it has no per-layer cross-attention).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from library.images import input_images as image_io
+from library.errors import UserError
+from library.sampling.patches import Batch, Patch
+
+logger = logging.getLogger(__name__)
+
+CANNY_DEFAULT = (100, 200)
+_CANNY = re.compile(r"canny(?:_(\d+)_(\d+))?")
+
+
+@dataclass(frozen=True)
+class Prep:
+    """How a guide image becomes a hint: Canny edges with two thresholds, or as it is."""
+
+    kind: str  # "canny" or "none"
+    low: int = CANNY_DEFAULT[0]
+    high: int = CANNY_DEFAULT[1]
+
+    @property
+    def label(self) -> str:
+        return f"canny_{self.low}_{self.high}" if self.kind == "canny" else "none"
+
+
+def parse_prep(text: str) -> Prep:
+    """`none`, `canny` or `canny_LOW_HIGH` -> Prep; anything else is a UserError."""
+    if text.lower() == "none":
+        return Prep("none")
+    match = _CANNY.fullmatch(text.lower())
+    if match is None:
+        raise UserError(f"--control_net_preps {text}: unknown preprocessing; use none, canny or canny_LOW_HIGH "
+                        "(e.g. canny_63_191)")
+    if match.group(1) is None:
+        return Prep("canny")
+    low, high = int(match.group(1)), int(match.group(2))
+    if not low <= high:
+        raise UserError(f"--control_net_preps {text}: the first threshold must not exceed the second")
+    return Prep("canny", low, high)
+
+
+def hint_array(image: Image.Image, prep: Prep, width: int, height: int) -> np.ndarray:
+    """The hint of `image` for a width x height picture: (height, width, 3) uint8 RGB."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image.convert("RGB"))
+    if prep.kind == "none":
+        return pixels
+    import cv2
+
+    edges = cv2.Canny(pixels, prep.low, prep.high)
+    return np.repeat(edges[:, :, None], 3, axis=2)
+
+
+def hint_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) uint8 hints -> a float32 (B, 3, H, W) batch in [0, 1]."""
+    stacked = np.stack(arrays).astype(np.float32) / 255.0
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One loaded ControlNet and how to use it."""
+
+    model: torch.nn.Module
+    name: str
+    prep: Prep
+    weight: float
+    ratio: float
+
+
+class GuideImages:
+    """The `--guide_image_path` images of a run, handed out in turn (image n gets n mod count)."""
+
+    def __init__(self, guide_path: str | Sequence[str]) -> None:
+        """`guide_path`: a file or folder, or several of them (their images one after the other)."""
+        given = [guide_path] if isinstance(guide_path, str) else list(guide_path)
+        self.paths = [p for g in given for p in image_io.list_images(Path(g), "--guide_image_path")]
+        for path in self.paths:  # decode each once now: a damaged file stops the run before any output
+            image_io.load_rgb(path)
+        self._next = 0
+
+    def next_path(self) -> str:
+        path = self.paths[self._next % len(self.paths)]
+        self._next += 1
+        return str(path)
+
+
+class ControlNets:
+    """The run's ControlNets; `for_batch` gives a batch's per-call U-Net arguments."""
+
+    def __init__(self, units: list[ControlUnit]) -> None:
+        if not units:
+            raise ValueError("ControlNets needs at least one unit")
+        self.units = units
+
+    def unit_at(self, call: int, calls: int) -> int | None:
+        """Index of the ControlNet of U-Net call `call` of `calls`: units take turns, each within its ratio."""
+        index = call % len(self.units)
+        unit = self.units[index]
+        return index if call < unit.ratio * calls and unit.weight != 0 else None
+
+    def hints(self, guide_paths: Sequence[str], width: int, height: int) -> list[torch.Tensor]:
+        """One (B, 3, H, W) hint batch per unit (units differ in their preprocessing)."""
+        pictures = [image_io.load_rgb(Path(p)) for p in guide_paths]
+        by_prep: dict[Prep, torch.Tensor] = {}
+        for unit in self.units:
+            if unit.prep not in by_prep:
+                by_prep[unit.prep] = hint_tensor([hint_array(p, unit.prep, width, height) for p in pictures])
+        return [by_prep[unit.prep] for unit in self.units]
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """A1111-style `ControlNet N` parameters of an image guided by these ControlNets."""
+        items = []
+        for n, unit in enumerate(self.units):
+            parts = [f"Module: {unit.prep.kind}", f"Model: {unit.name}", f"Weight: {unit.weight:g}"]
+            if unit.prep.kind == "canny":
+                parts += [f"Threshold A: {unit.prep.low}", f"Threshold B: {unit.prep.high}"]
+            parts += ["Guidance Start: 0", f"Guidance End: {unit.ratio:g}"]
+            items.append((f"ControlNet {n}", ", ".join(parts)))
+        return tuple(items)
+
+    def for_batch(self, batch: Batch) -> "BatchControl | None":
+        """The batch's per-call guidance, when its images have guide images."""
+        first = batch.jobs[0]
+        if first.guide_image is None:
+            return None
+        hints = self.hints([j.guide_image for j in batch.jobs], first.width, first.height)
+        copies = batch.layout.copies
+        return BatchControl(self, [torch.cat([h] * copies).to(batch.device, batch.dtype) for h in hints])
+
+
+class BatchControl(Patch):
+    """ControlNet residuals for each U-Net call of one batch's loop."""
+
+    def __init__(self, nets: ControlNets, hints: list[torch.Tensor]) -> None:
+        self.nets, self.hints = nets, hints
+
+    def unet_kwargs(self, ctx, sample: torch.Tensor, timestep: torch.Tensor, cond) -> dict | None:
+        """Residuals of the ControlNet whose turn call `ctx.step` is, or nothing."""
+        index = self.nets.unit_at(ctx.step, ctx.steps)
+        if index is None:
+            return None
+        unit = self.nets.units[index]
+        hint = self.hints[index] if ctx.rows is None else self.hints[index][list(ctx.rows)]
+        with hint_features_sized_to(unit.model, sample):
+            down, mid = unit.model(
+                sample, timestep, encoder_hidden_states=cond.states, controlnet_cond=hint,
+                conditioning_scale=unit.weight, return_dict=False,
+            )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+@contextmanager
+def hint_features_sized_to(model: torch.nn.Module, sample: torch.Tensor) -> Iterator[None]:
+    """While a ControlNet runs on a `sample` smaller than its image (Gradual Latent's early
+    steps), resize the hint's features (the output of its hint embedding, at latent size) to
+    the sample's size, bicubic in fp32, as the original does; at full size nothing is hooked."""
+    embedding = getattr(model, "controlnet_cond_embedding", None)
+    if embedding is None:
+        yield
+        return
+    size = tuple(sample.shape[-2:])
+
+    def resize(module, inputs, features: torch.Tensor) -> torch.Tensor | None:
+        if tuple(features.shape[-2:]) == size:
+            return None
+        return F.interpolate(features.float(), size=size, mode="bicubic").to(features.dtype)
+
+    handle = embedding.register_forward_hook(resize)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def per_model(values: list | None, count: int, default) -> list:
+    """One value per model from an option given once (applies to all), per model, or not at all.
+
+    The command line checked the count (`library.cli.parser.validate_controlnet`); another count is a bug.
+    """
+    if not values:
+        return [default] * count
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise ValueError(f"{len(values)} values for {count} ControlNets")
+    return list(values)

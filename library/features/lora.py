@@ -1,0 +1,136 @@
+"""The additional networks of a run (`--network_module/--network_weights`, LoRA and kin).
+
+Loading follows the original: each network module's `create_network_from_weights` builds a
+network for the text encoder and U-Net; the first `--network_merge_n_models` (all with
+`--network_merge`) are merged into the weights, the others are used un-merged (or
+pre-calculated with `--network_pre_calc`). Merges and pre-calculations are weight patches,
+per run and exactly reversible (`networks.lora_patch`).
+
+`Networks` is the patch owner's feature for the rest (`library.sampling.patches`): for each batch
+it gives the un-merged layers to hook with the batch's multipliers (`--am`), and rewrites
+pre-calculated weights when `--am` changes them. Network modules of other authors that have
+no `use_unmerged`/`unmerged_layers` attach themselves with `apply_to` and follow `--am`
+through `set_multiplier`, as in the original.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from library.errors import UserError
+from library.sampling.patches import Batch, Patch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Networks:
+    """The loaded networks; merged ones (the first `merged`) keep their multipliers."""
+
+    loaded: list
+    defaults: tuple[float, ...]
+    merged: int = 0
+    _current: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._current = list(self.defaults)
+
+    def for_batch(self, batch: Batch) -> "NetworkLayers | None":
+        """Hooks for the un-merged layers with the batch's `--am` multipliers (None without any)."""
+        if not self.loaded:
+            return None
+        wanted = batch.jobs[0].network_multipliers or self.defaults
+        if len(wanted) != len(self.loaded):
+            raise UserError(f"--am has {len(wanted)} values but {len(self.loaded)} networks are loaded")
+        layers = []
+        for index, (network, value) in enumerate(zip(self.loaded, wanted)):
+            if index < self.merged:
+                continue
+            hooked = network.unmerged_layers() if _owner_hooked(network) else []
+            layers += [(module, float(value)) for module in hooked]
+            if not hooked:  # merged-in-place (pre-calculated) or self-attached: the network follows --am
+                self._set_multiplier(index, value)
+        return NetworkLayers(layers) if layers else None
+
+    def regional_layers(self, batch: Batch) -> tuple[dict[int, int], dict[int, float]]:
+        """Regional LoRA (`library.features.attention_couple`): id(un-merged layer) -> its network's index,
+        and each network's multiplier in this batch (`--am`)."""
+        wanted = batch.jobs[0].network_multipliers or self.defaults
+        owners = {id(m): i for i, net in enumerate(self.loaded) if _owner_hooked(net) for m in net.unmerged_layers()}
+        return owners, {i: float(v) for i, v in enumerate(wanted)}
+
+    def _set_multiplier(self, index: int, value: float) -> None:
+        if self._current[index] != value:
+            self.loaded[index].set_multiplier(value)
+            self._current[index] = value
+
+
+class NetworkLayers(Patch):
+    """The un-merged LoRA layers of one batch, each with its multiplier."""
+
+    def __init__(self, layers: Sequence[tuple[object, float]]) -> None:
+        self.layers = list(layers)
+
+    def lora_layers(self):
+        return self.layers
+
+
+def _owner_hooked(network) -> bool:
+    return callable(getattr(network, "unmerged_layers", None)) and callable(getattr(network, "use_unmerged", None))
+
+
+def load_networks(options, model, regional: bool = False) -> Networks:
+    """Load the networks of `options` (a `NetworkOptions`), then merge, pre-calculate or prepare them.
+
+    `regional` (networks + region mask): all un-merged, so each delta can be masked per region.
+    """
+    muls = tuple(options.multipliers or [1.0] * len(options.modules))
+    loaded = []
+    for i, (module_name, weights) in enumerate(zip(options.modules, options.weights)):
+        network = _create(module_name, weights, muls[i], options.args[i] if options.args else "", model)
+        if options.show_meta:
+            print(f"metadata of {weights}:")
+            for key, value in sorted(getattr(network, "metadata", {}).items()):
+                print(f"  {key}: {value}")
+        loaded.append(network)
+    merged = len(loaded) if options.merge else (options.merge_n_models or 0)
+    pre_calc = options.pre_calc
+    if regional and (merged or pre_calc):
+        logger.info("regional LoRA: --network_merge / --network_merge_n_models / --network_pre_calc ignored; "
+                    "the networks run un-merged so that each acts in its region only")
+        merged, pre_calc = 0, False
+    for network in loaded[:merged]:
+        network.merge_to()
+    for network in loaded[merged:]:
+        if _owner_hooked(network):
+            network.use_unmerged()
+        else:
+            network.apply_to()
+        if pre_calc:
+            network.pre_calculation()
+    return Networks(loaded, muls, merged=merged)
+
+
+def _create(module_name: str, weights: str, multiplier: float, args_text: str, model):
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"--network_module {module_name}: cannot import it ({exc})") from None
+    return module.create_network_from_weights(
+        multiplier, weights, model.vae, model.text_encoder, model.unet, for_inference=True,
+        **network_args(args_text),
+    )
+
+
+def network_args(text: str) -> dict[str, str]:
+    """`--network_args "k=v,k2=v2"` as a dict."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f'--network_args "{text}": expected key=value items separated by commas')
+        pairs[key.strip()] = value.strip()
+    return pairs

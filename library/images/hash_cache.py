@@ -1,0 +1,77 @@
+"""The A1111 `Model hash` of a checkpoint, computed once per file version and remembered.
+
+Hashing a 2 GB checkpoint costs 1.2-1.6 s of one core on the benchmark machine, on every
+run. `model_hash_cached` keeps the result in a small JSON file (like A1111's `cache.json`)
+keyed by the file's absolute path, size and modification time, so later runs read it
+instead; a changed file gets a new hash. `start_model_hash` computes it in a background
+thread (hashlib releases the GIL), so a first run overlaps it with loading the weights.
+The cache lives in `$SDGEN_CACHE_DIR` or `~/.cache/sdgen/`; set `SDGEN_HASH_CACHE=0` to
+switch it off. A cache that cannot be read or written is ignored (logged at debug level).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
+_started: dict[str, Future] = {}
+_lock = threading.Lock()
+
+
+def cache_file() -> Path:
+    """Where hashes are remembered."""
+    base = os.environ.get("SDGEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sdgen")
+    return Path(base) / "model_hashes.json"
+
+
+def _key(path: Path) -> str:
+    info = path.stat()
+    return f"{path.resolve()}|{info.st_size}|{info.st_mtime_ns}"
+
+
+def model_hash_cached(path: Path) -> str:
+    """`library.images.file_hashes.model_hash(path)`, from the cache when this version of the file was hashed before."""
+    from library.images.file_hashes import model_hash
+
+    if os.environ.get("SDGEN_HASH_CACHE", "1") == "0":
+        return model_hash(path)
+    key = _key(path)
+    store = cache_file()
+    entries = _read(store)
+    if key in entries:
+        return entries[key]
+    value = model_hash(path)
+    entries = _read(store)  # another run may have added entries meanwhile
+    entries[key] = value
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        temporary = store.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(entries, indent=0, sort_keys=True))
+        temporary.replace(store)
+    except OSError as exc:
+        logger.debug("model hash cache %s not written: %s", store, exc)
+    return value
+
+
+def _read(store: Path) -> dict[str, str]:
+    try:
+        data = json.loads(store.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def start_model_hash(path: Path) -> Future:
+    """The hash of `path` being computed in the background; the same future for the same path."""
+    name = str(Path(path).absolute())
+    with _lock:
+        if name not in _started:
+            _started[name] = _pool.submit(model_hash_cached, Path(name))
+        return _started[name]

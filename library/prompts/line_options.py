@@ -1,0 +1,373 @@
+"""Prompt-line options (``--n``, ``--w``, ``--d`` ...): one table and one pure parser.
+
+A prompt line is a prompt followed by options, each written `` --name value`` as the
+manual says ("put spaces before and after the prompt option"), e.g.::
+
+    1girl, (smile:1.2) --n lowres, bad hands --w 960 --h 640 --s 28 --d 1,2
+
+`PROMPT_OPTIONS` is the single source of truth: the parser reads it, and so do the
+``--help`` text (`prompt_options_help`) and `format_prompt_line`, its inverse
+(which the tests use to check that every option round-trips).
+
+Rules and decisions:
+
+- An option starts at ``--`` that follows whitespace (or starts the line) and is
+  followed by a non-space character; ``a--b`` and a lone ``--`` are prompt text. An
+  option inside a ``{...}`` variant group is prompt text too, so that a group may hold
+  `` --`` (see `library.prompts.dynamic`); an unclosed ``{`` therefore hides the options
+  after it, and `library.prompts.dynamic.pick_variants` then reports the brace.
+- Names are case-insensitive (``--W 512`` is ``--w 512``). The name ends at the first
+  whitespace; the value is the rest, stripped. The prompt is stripped too.
+- Text options (``--n``, ``--c``) may be empty (``--n`` alone sets an empty negative
+  prompt); every other option needs a value.
+- Numbers are ASCII decimal (``1e-3`` allowed for floats, ``nan``/``inf`` not); lists are
+  comma-separated, spaces around items allowed, empty items not.
+- Width and height must be positive multiples of 8: an error, not a silent rounding,
+  so the image size is always what the line says (the original's pipeline also
+  refuses other sizes), at most 8192. Steps 1..1000, seeds 0..2**32 - 1 (`library.records.limits`;
+  the sampler's own step range is checked when the line's images are made), strength in
+  [0, 1], Deep Shrink depths in 0..8 (the manual's range), timesteps >= 0, Gradual Latent
+  interval >= 1. Integers have at most 20 digits (checked before converting them).
+- A malformed value raises `PromptOptionError`; the caller reports it with the line and
+  skips that line. An unknown option is kept in `PromptLine.unknown` (the caller warns
+  with the file and line, and the line runs without it, as the original, which ignores
+  it silently); the SDXL-only options of the original (`SDXL_PROMPT_OPTIONS`) likewise.
+- ``--nl none`` (the original's) turns the negative scale off for the line
+  (`PromptLine.negative_scale_off`).
+- An option given twice keeps the last value (as the original), with a warning.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, NoReturn, Optional
+
+from library.errors import UserError
+from library.records.limits import MAX_DIGITS, MAX_SEED, MAX_SIDE, MAX_STEPS
+from library.messages import quoted
+
+logger = logging.getLogger(__name__)
+
+
+class PromptOptionError(UserError):
+    """A prompt-line option that is unknown or has a malformed value."""
+
+    def __init__(self, message: str, option: str, value: str | None) -> None:
+        super().__init__(message)
+        self.option = option
+        self.value = value
+
+
+class OptionKind(enum.Enum):
+    """How an option's value is read; the value is the kind's description for messages."""
+
+    TEXT = "text"
+    NAME = "a non-empty text"
+    INT = "an integer"
+    FLOAT = "a number"
+    INT_LIST = "comma-separated integers"
+    FLOAT_LIST = "comma-separated numbers"
+
+
+@dataclass(frozen=True)
+class PromptOption:
+    """One row of the table: ``--name`` sets `field` of `PromptOverrides`.
+
+    `minimum`/`maximum` are inclusive bounds and `multiple_of` a step, checked on each
+    number (each item of a list); `example` is a valid value for messages and help.
+    """
+
+    name: str
+    kind: OptionKind
+    field: str
+    help: str
+    example: str
+    minimum: float | None = None
+    maximum: float | None = None
+    multiple_of: int | None = None
+
+
+PROMPT_OPTIONS: tuple[PromptOption, ...] = (
+    PromptOption("n", OptionKind.TEXT, "negative_prompt", "negative prompt", "lowres, bad hands"),
+    PromptOption("w", OptionKind.INT, "width", "image width", "768", minimum=8, maximum=MAX_SIDE, multiple_of=8),
+    PromptOption("h", OptionKind.INT, "height", "image height", "512", minimum=8, maximum=MAX_SIDE, multiple_of=8),
+    PromptOption("s", OptionKind.INT, "steps", "number of sampling steps", "28", minimum=1, maximum=MAX_STEPS),
+    PromptOption(
+        "d", OptionKind.INT_LIST, "seeds", "seed of each image of the line", "1,2,3,4", minimum=0,
+        maximum=MAX_SEED,
+    ),
+    PromptOption("l", OptionKind.FLOAT, "scale", "guidance scale", "7.5"),
+    PromptOption(
+        "t", OptionKind.FLOAT, "strength", "img2img strength", "0.6", minimum=0, maximum=1
+    ),
+    PromptOption("nl", OptionKind.FLOAT, "negative_scale", "guidance scale of the negative prompt", "5"),
+    PromptOption(
+        "am", OptionKind.FLOAT_LIST, "network_multipliers",
+        "multiplier of each additional network", "0.8,0.5",
+    ),
+    PromptOption("c", OptionKind.TEXT, "clip_prompt", "prompt for CLIP guidance", "a red car"),
+    PromptOption("f", OptionKind.NAME, "file_name", "output file name", "portrait_001.png"),
+    PromptOption(
+        "glt", OptionKind.INT, "gradual_latent_timesteps",
+        "Gradual Latent: timestep to start enlarging the latent", "650", minimum=0,
+    ),
+    PromptOption(
+        "glr", OptionKind.FLOAT, "gradual_latent_ratio",
+        "Gradual Latent: initial latent size ratio", "0.5",
+    ),
+    PromptOption(
+        "gls", OptionKind.FLOAT, "gradual_latent_ratio_step",
+        "Gradual Latent: ratio added at each enlargement", "0.125",
+    ),
+    PromptOption(
+        "gle", OptionKind.INT, "gradual_latent_every_n_steps",
+        "Gradual Latent: steps between enlargements", "3", minimum=1,
+    ),
+    PromptOption(
+        "glsn", OptionKind.FLOAT, "gradual_latent_s_noise",
+        "Gradual Latent: noise multiplier of the enlarging steps", "1.0",
+    ),
+    PromptOption(
+        "glus", OptionKind.NAME, "gradual_latent_unsharp_params",
+        "Gradual Latent: unsharp mask ksize,sigma,strength[,target_x]", "3,0.5,0.5,1",
+    ),
+    PromptOption(
+        "dsd1", OptionKind.INT, "ds_depth_1", "Deep Shrink depth 1 (0 to 3 for SD 1.x/2.x)", "3", minimum=0, maximum=8
+    ),
+    PromptOption(
+        "dst1", OptionKind.INT, "ds_timesteps_1", "Deep Shrink: apply depth 1 until this timestep",
+        "650", minimum=0,
+    ),
+    PromptOption(
+        "dsd2", OptionKind.INT, "ds_depth_2", "Deep Shrink depth 2 (0 to 3 for SD 1.x/2.x)", "1", minimum=0, maximum=8
+    ),
+    PromptOption(
+        "dst2", OptionKind.INT, "ds_timesteps_2", "Deep Shrink: apply depth 2 until this timestep",
+        "650", minimum=0,
+    ),
+    PromptOption("dsr", OptionKind.FLOAT, "ds_ratio", "Deep Shrink downsampling ratio", "0.5"),
+)
+
+_BY_NAME: dict[str, PromptOption] = {option.name: option for option in PROMPT_OPTIONS}
+
+#: The original's prompt options for SDXL's size conditioning: accepted and ignored, with a warning.
+SDXL_PROMPT_OPTIONS = ("ow", "oh", "nw", "nh", "ct", "cl")
+
+
+@dataclass(frozen=True)
+class PromptOverrides:
+    """What one prompt line overrides; None where the line does not say."""
+
+    negative_prompt: Optional[str] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    steps: Optional[int] = None
+    seeds: Optional[tuple[int, ...]] = None
+    scale: Optional[float] = None
+    strength: Optional[float] = None
+    negative_scale: Optional[float] = None
+    network_multipliers: Optional[tuple[float, ...]] = None
+    clip_prompt: Optional[str] = None
+    file_name: Optional[str] = None
+    gradual_latent_timesteps: Optional[int] = None
+    gradual_latent_ratio: Optional[float] = None
+    gradual_latent_ratio_step: Optional[float] = None
+    gradual_latent_every_n_steps: Optional[int] = None
+    ds_depth_1: Optional[int] = None
+    ds_timesteps_1: Optional[int] = None
+    ds_depth_2: Optional[int] = None
+    ds_timesteps_2: Optional[int] = None
+    ds_ratio: Optional[float] = None
+    gradual_latent_s_noise: Optional[float] = None
+    gradual_latent_unsharp_params: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """A prompt line split into its prompt text and its option overrides."""
+
+    prompt: str
+    overrides: PromptOverrides
+    unknown: tuple[str, ...] = ()  # options not in the table, as written ("--zz 3"), in order
+    negative_scale_off: bool = False  # `--nl none`: no negative scale for this line
+
+
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_prompt_line(line: str) -> PromptLine:
+    """Split `line` into its prompt and its options; raise `PromptOptionError` on a bad option."""
+    starts = _option_starts(line)
+    prompt = line[: starts[0]] if starts else line
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+    negative_scale_off = False
+    for start, end in zip(starts, starts[1:] + [len(line)]):
+        body = line[start + 2 : end]
+        name, raw_value = _split_name(body)
+        option = _BY_NAME.get(name.lower())
+        if option is None:
+            unknown.append("--" + body.strip())
+            continue
+        if option.field in values or (option.name == "nl" and negative_scale_off):
+            logger.warning("prompt option --%s given twice; the last value is used", option.name)
+        if option.name == "nl" and raw_value.strip().lower() == "none":
+            values.pop(option.field, None)
+            negative_scale_off = True
+            continue
+        if option.name == "nl":
+            negative_scale_off = False
+        values[option.field] = _read_value(option, raw_value.strip())
+    return PromptLine(prompt.strip(), PromptOverrides(**values), tuple(unknown), negative_scale_off)
+
+
+def unknown_option_message(written: str) -> str:
+    """The warning for an option `parse_prompt_line` did not know (`written` as "--zz 3")."""
+    name = written.split(None, 1)[0]
+    if name[2:].lower() in SDXL_PROMPT_OPTIONS:
+        return (f"{name} ignored: SDXL models are not supported (this tool runs SD 1.x/2.x); "
+                "the line runs without it")
+    known = ", ".join("--" + option.name for option in PROMPT_OPTIONS)
+    return f'unknown prompt option {name} (in "{written}") ignored, the line runs without it; known: {known}'
+
+
+def _split_name(body: str) -> tuple[str, str]:
+    """Split an option body (``"w 512"``) at its first whitespace into name and value."""
+    parts = body.split(None, 1)
+    return parts[0], parts[1] if len(parts) > 1 else ""
+
+
+def _option_starts(line: str) -> list[int]:
+    """Positions of the ``--`` that start options, outside ``{...}`` groups.
+
+    Escapes follow `library.prompts.dynamic`: ``\\{`` ``\\}`` ``\\|`` ``\\\\`` are two
+    characters that open or close nothing.
+    """
+    starts: list[int] = []
+    depth = 0
+    position = 0
+    while position < len(line):
+        char = line[position]
+        if char == "\\" and line[position + 1 : position + 2] in ("{", "}", "|", "\\"):
+            position += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+        elif (
+            depth == 0
+            and line.startswith("--", position)
+            and (position == 0 or line[position - 1].isspace())
+            and position + 2 < len(line)
+            and not line[position + 2].isspace()
+        ):
+            starts.append(position)
+            position += 2
+            continue
+        position += 1
+    return starts
+
+
+def _read_value(option: PromptOption, raw: str) -> Any:
+    """Turn one option's stripped text into its typed value, checking the table's bounds."""
+    if option.kind is OptionKind.TEXT:
+        return raw
+    if not raw:
+        raise PromptOptionError(
+            f"prompt option --{option.name} needs a value (e.g. --{option.name} {option.example})",
+            option="--" + option.name,
+            value=None,
+        )
+    if option.kind is OptionKind.NAME:
+        return raw
+    if option.kind in (OptionKind.INT, OptionKind.FLOAT):
+        return _read_number(option, raw, raw)
+    items = [item.strip() for item in raw.split(",")]
+    return tuple(_read_number(option, item, raw) for item in items)
+
+
+def _read_number(option: PromptOption, text: str, raw: str) -> int | float:
+    """Read one number of `option` (`raw` is the whole value, for the message)."""
+    integer = option.kind in (OptionKind.INT, OptionKind.INT_LIST)
+    pattern = _INT if integer else _FLOAT
+    if not pattern.fullmatch(text):
+        _fail(option, f"expects {option.kind.value}", raw)
+    too_long = integer and len(text.lstrip("+-").lstrip("0")) > MAX_DIGITS
+    huge = (-1 if text.startswith("-") else 1) * 10**MAX_DIGITS  # stands in for a number too long to convert
+    number: int | float = huge if too_long else int(text) if integer else float(text)
+    if too_long and option.maximum is None:
+        _fail(option, f"expects {option.kind.value} of at most {MAX_DIGITS} digits", raw)
+    if not math.isfinite(number):
+        _fail(option, f"expects {option.kind.value}", raw)
+    if option.multiple_of and (number <= 0 or number % option.multiple_of):
+        _fail(option, f"expects a positive multiple of {option.multiple_of}", raw)
+    each = "each value" if option.kind in (OptionKind.INT_LIST, OptionKind.FLOAT_LIST) else "a value"
+    if option.minimum is not None and option.maximum is not None:
+        if not option.minimum <= number <= option.maximum:
+            _fail(option, f"expects {each} from {_show(option.minimum)} to {_show(option.maximum)}", raw)
+    elif option.minimum is not None and number < option.minimum:
+        _fail(option, f"expects {each} of at least {_show(option.minimum)}", raw)
+    return number
+
+
+def _show(bound: float) -> str:
+    """A bound as the user would write it (``1`` not ``1.0``)."""
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def _fail(option: PromptOption, problem: str, raw: str) -> NoReturn:
+    """Raise the one-line error for a malformed value of `option`."""
+    raise PromptOptionError(
+        f'prompt option --{option.name} {problem}, got "{quoted(raw)}" '
+        f"(e.g. --{option.name} {option.example})",
+        option="--" + option.name,
+        value=raw,
+    )
+
+
+def format_prompt_line(line: PromptLine) -> str:
+    """Write `line` back as text that `parse_prompt_line` reads to an equal `PromptLine`.
+
+    Options come in table order; floats in their shortest exact form. Text values are
+    written as they are, so they round-trip when they hold no `` --``.
+    """
+    parts = [line.prompt]
+    for option in PROMPT_OPTIONS:
+        value = getattr(line.overrides, option.field)
+        if value is None:
+            continue
+        parts.append(f"--{option.name} {_format_value(value)}".rstrip())
+    if line.negative_scale_off:
+        parts.append("--nl none")
+    return " ".join(parts)
+
+
+def _format_value(value: str | int | float | tuple[int | float, ...]) -> str:
+    """An override value as option text; ``repr`` keeps floats exact."""
+    if isinstance(value, tuple):
+        return ",".join(repr(item) for item in value)
+    return value if isinstance(value, str) else repr(value)
+
+
+def prompt_options_help() -> str:
+    """One line per option, for ``--help`` and the docs: ``--w INT  image width (e.g. --w 768)``."""
+    metavars: dict[OptionKind, str] = {
+        OptionKind.TEXT: "TEXT",
+        OptionKind.NAME: "NAME",
+        OptionKind.INT: "INT",
+        OptionKind.FLOAT: "FLOAT",
+        OptionKind.INT_LIST: "INT,...",
+        OptionKind.FLOAT_LIST: "FLOAT,...",
+    }
+    heads = [f"--{option.name} {metavars[option.kind]}" for option in PROMPT_OPTIONS]
+    width = max(map(len, heads))
+    return "\n".join(
+        f"{head.ljust(width)}  {option.help} (e.g. --{option.name} {option.example})"
+        for head, option in zip(heads, PROMPT_OPTIONS)
+    )

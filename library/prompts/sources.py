@@ -1,0 +1,279 @@
+"""Prompt sources and prompt lines -> Jobs.
+
+Sources: `--prompt`, `--from_file` (one prompt per line; blank lines and `#` lines skipped),
+`--from_module` (a Python file with `get_prompter(args, pipe, networks)`), `--interactive`
+(`Type prompt:`; end of input ends the run), and with none of them the `--image_path`
+sources' own metadata (`metadata_lines`). Each line's options (`--n --w --h --s --d --l
+--nl ...`) are parsed by `library.prompts.line_options`; a malformed line is reported with its
+number and skipped. Dynamic variants (`{a|b}`) are picked per image from its seed.
+
+img2img: `Defaults.width/height` are None when the size comes from each source image
+(no `--W/--H`), and `strength` is the img2img (or Highres fix 2nd stage) strength that a
+line's `--t` overrides; the source itself is attached by `library.sampling.img2img.SourceImages`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from library.images import metadata as image_metadata
+from library.images import input_images as image_io
+from library.records.deep_shrink_settings import DeepShrink
+from library.records.deep_shrink_settings import with_overrides as deep_shrink_overrides
+from library.prompts.dynamic import expand_enumerations, pick_variants
+from library.errors import UserError
+from library.records.gradual_latent_settings import GradualLatent, parse_unsharp
+from library.records.gradual_latent_settings import with_overrides as gradual_latent_overrides
+from library.records.jobs import Job
+from library.records.options import Options
+from library.prompts.line_options import parse_prompt_line, unknown_option_message
+from library.text.weighting import split_and
+from library.user_code import import_file
+from library.prompts.seeds import SeedSource, seeds_for_line
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-image settings from the command line, which prompt options override."""
+
+    width: int | None  # None: the img2img source's width
+    height: int | None
+    steps: int
+    scale: float
+    negative_scale: float | None
+    images_per_prompt: int
+    network_multipliers: tuple[float, ...] | None = None
+    strength: float | None = None  # None: txt2img, where `--t` means nothing
+    deep_shrink: DeepShrink | None = None
+    gradual_latent: GradualLatent | None = None
+    regional_networks: int = 0  # regional LoRA: networks that each need a prompt part (`library.images.region_masks`)
+    merged_networks: int = 0  # networks merged into the model (`--am` cannot change them)
+
+    @classmethod
+    def from_options(cls, options: Options) -> "Defaults":
+        g, img2img = options.generation, options.sources.image_path is not None
+        muls = tuple(options.networks.multipliers or [1.0] * len(options.networks.modules)) or None
+        width = g.width if g.width_given or not img2img else None
+        height = g.height if g.height_given or not img2img else None
+        from library.records.options import regional_lora
+
+        regional = len(options.networks.modules) if regional_lora(options) else 0
+        n = options.networks
+        merged = len(n.modules) if n.merge else min(n.merge_n_models or 0, len(n.modules))
+        return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
+                   deep_shrink=g.deep_shrink, gradual_latent=g.gradual_latent, regional_networks=regional,
+                   merged_networks=merged)
+
+
+def _strength(options: Options) -> float | None:
+    """`--strength` for img2img and the Highres fix 2nd stage (as the original; its 1st stage,
+    when img2img, takes `--highres_fix_strength`, see `library.sampling.highres_fix`); None for txt2img."""
+    if options.sources.image_path is not None or options.highres.scale:
+        return options.generation.strength
+    return None
+
+
+@dataclass(frozen=True)
+class Line:
+    """One prompt line and where it came from (for error messages)."""
+
+    text: str
+    where: str
+    image: str | None = None  # the img2img source this line's prompt was read from
+
+
+# --- sources --------------------------------------------------------------------------------
+
+
+def read_prompt_file(path: str) -> list[Line]:
+    """Non-blank, non-comment lines of a prompt file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise UserError(f"--from_file {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--from_file {path}: not UTF-8 text; save it as UTF-8") from None
+    return [
+        Line(line.strip(), f"{path}:{number}")
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def interactive_lines(read: Callable[[str], str] = input) -> Iterator[Line]:
+    """Prompts typed at `Type prompt:` until end of input (Ctrl+D / Ctrl+Z Enter)."""
+    number = 0
+    while True:
+        try:
+            text = read("Type prompt: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        number += 1
+        if text.strip():
+            yield Line(text.strip(), f"interactive prompt {number}")
+
+
+def load_prompter(path: str, args: argparse.Namespace, pipe: object, networks: list) -> Callable:
+    """Import `--from_module` (the user's own file) and return its prompter."""
+    module = import_file(path, "--from_module")
+    if not hasattr(module, "get_prompter"):
+        raise UserError(f"--from_module {path}: the module has no get_prompter(args, pipe, networks) function")
+    prompter = module.get_prompter(args, pipe, networks)
+    return prompter if callable(prompter) else list(prompter)  # an iterable serves every round
+
+
+def module_lines(prompter, args, pipe, seeds: SeedSource, iter_seed: int | None,
+                 images_per_prompt: int = 1) -> Iterator[Line]:
+    """Lines from a prompter: an iterable of strings, or a callable returning None to stop,
+    called as the original calls it: `prompter(args, pipe, seed_random, iter_seed,
+    prompt_index, global_step)`, with the run's seed generator (a `random.Random`, so
+    `seed_random.randint(...)` works and shares the image seeds' sequence, as the original),
+    `prompt_index` counting this round's prompts from 0 and `global_step` the images asked for."""
+    if not callable(prompter):
+        for index, text in enumerate(prompter):
+            yield Line(str(text), f"--from_module prompt {index + 1}")
+        return
+    index = 0
+    while True:
+        text = prompter(args, pipe, seeds.random, iter_seed, index, index * images_per_prompt)
+        if text is None:
+            return
+        index += 1
+        yield Line(str(text), f"--from_module prompt {index}")
+
+
+def metadata_prompt(path: Path) -> str:
+    """A source's prompt line from its metadata: `prompt --n negative-prompt` (this tool and
+    the original write these keys), else an A1111 `parameters` text."""
+    text = image_metadata.read_generation_text(path)
+    if "prompt" in text:
+        prompt, negative = text["prompt"], text.get("negative-prompt")
+    elif "parameters" in text:
+        params = image_metadata.parse_a1111_parameters(text["parameters"])
+        prompt, negative = params["Prompt"], params["Negative prompt"] or None
+    else:
+        raise UserError(f"--image_path {path}: the image has no prompt in its metadata; give --prompt or --from_file")
+    return f"{prompt} --n {negative}" if negative else prompt
+
+
+def metadata_lines(image_path: str) -> list[Line]:
+    """No prompt option given: one prompt line per `--image_path` source, read from its
+    metadata, each tied to its source (so that source's images use it)."""
+    return [Line(metadata_prompt(p), f"{p} (metadata)", image=str(p)) for p in image_io.list_images(Path(image_path), "--image_path")]
+
+
+# --- lines -> jobs ----------------------------------------------------------------------------
+
+
+def jobs_for_line(
+    line: Line,
+    defaults: Defaults,
+    seeds: SeedSource,
+    iter_seed: int | None,
+    chunk_count: Callable[..., int],
+) -> list[Job]:
+    """The Jobs of one prompt line; a malformed line raises `UserError` (caller skips it)."""
+    parsed = parse_prompt_line(line.text)
+    o = parsed.overrides
+    for written in parsed.unknown:
+        logger.warning("%s: %s", line.where, unknown_option_message(written))
+    _warn_unsupported_tags(parsed.prompt, line)
+    if o.network_multipliers is not None:
+        _warn_inert_am(defaults, line)
+    width, height = o.width or defaults.width, o.height or defaults.height
+    for name, value in (("--w", width), ("--h", height)):
+        if value is not None and value % 8:
+            raise UserError(f"{name} {value}: must be a multiple of 8")
+    strength = _line_strength(o.strength, defaults.strength, line)
+    deep_shrink = deep_shrink_overrides(defaults.deep_shrink, o)
+    unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
+    gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
+    jobs = []
+    for prompt in expand_enumerations(parsed.prompt):
+        for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
+            text = pick_variants(prompt, seed)
+            negative = pick_variants(o.negative_prompt or "", seed)
+            parts = split_and(text)
+            if defaults.regional_networks > len(parts):
+                raise UserError(f"{defaults.regional_networks} networks are loaded for regional LoRA but the prompt "
+                                f"has {len(parts)} part(s); split it with ' AND ' into at least one part per network")
+            jobs.append(
+                Job(
+                    prompt=text,
+                    negative_prompt=negative,
+                    seed=seed,
+                    width=width,
+                    height=height,
+                    steps=o.steps or defaults.steps,
+                    scale=o.scale if o.scale is not None else defaults.scale,
+                    negative_scale=_line_negative_scale(parsed.negative_scale_off, o.negative_scale,
+                                                        defaults.negative_scale),
+                    chunks=chunk_count(*parts, negative),
+                    raw_prompt=line.text,  # always written, as the original (the line as given)
+                    clip_prompt=o.clip_prompt,
+                    file_name=o.file_name,
+                    network_multipliers=o.network_multipliers or defaults.network_multipliers,
+                    strength=strength,
+                    deep_shrink=deep_shrink,
+                    gradual_latent=gradual_latent,
+                    prompt_parts=tuple(parts) if len(parts) > 1 else (),
+                )
+            )
+    return jobs
+
+
+_EXTRA_NETWORK_TAG = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+
+
+def _warn_unsupported_tags(prompt: str, line: Line) -> None:
+    """`<lora:name:w>` / `<hypernet:...>` in a prompt (the web UI's syntax): a warning, the text stays."""
+    tags = [m.group(0) for m in _EXTRA_NETWORK_TAG.finditer(prompt)]
+    if tags:
+        logger.warning("%s: %s not supported in prompts (they stay in the text); load LoRA with "
+                       "--network_module/--network_weights and set weights with --am", line.where, " ".join(tags))
+
+
+def _warn_inert_am(defaults: Defaults, line: Line) -> None:
+    """`--am` where it changes nothing: no networks, or (some) networks merged."""
+    if defaults.network_multipliers is None:
+        logger.warning("%s: --am ignored: no networks are loaded (--network_module/--network_weights)", line.where)
+    elif defaults.merged_networks:
+        logger.warning("%s: --am does not change the first %d network(s): they are merged into the model "
+                       "(--network_merge / --network_merge_n_models)", line.where, defaults.merged_networks)
+
+
+def _line_negative_scale(off: bool, given: float | None, default: float | None) -> float | None:
+    """The line's negative scale: none with `--nl none`, else its `--nl`, else `--negative_scale`."""
+    if off:
+        return None
+    return given if given is not None else default
+
+
+def _line_strength(given: float | None, default: float | None, line: Line) -> float | None:
+    """The line's `--t`, where there is a strength to override (img2img, Highres fix)."""
+    if given is None:
+        return default
+    if default is None:
+        logger.warning("%s: --t ignored: it is the img2img strength (give --image_path or --highres_fix_scale)",
+                       line.where)
+        return None
+    return given
+
+
+def shuffled(lines: list[Line], enabled: bool, rng=random) -> list[Line]:
+    """`--shuffle_prompts`: a new random order each round (from `rng`: the same on every rank
+    of a split run, `library.run.distributed.Team.shuffler`)."""
+    if not enabled:
+        return lines
+    copy = list(lines)
+    rng.shuffle(copy)
+    return copy

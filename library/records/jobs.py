@@ -1,0 +1,79 @@
+"""A `Job` is everything that decides one image; batching is grouping Jobs.
+
+Jobs are plain frozen records made up front (seeds included), so a batch can never change
+what an image looks like: images whose `batch_key` is equal may share a U-Net call, and
+each image keeps its own noise stream (`library.prompts.seeds`).
+
+img2img images carry their source (and mask) file and strength: different sources of one
+size share a batch, different strengths or masked/unmasked images do not (one schedule
+and one loop per batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+if TYPE_CHECKING:
+    from library.records.deep_shrink_settings import DeepShrink
+    from library.records.gradual_latent_settings import GradualLatent
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    scale: float
+    negative_scale: float | None = None
+    chunks: int = 1  # 75-token chunks of the text embeddings (shared within a batch)
+    raw_prompt: str | None = None
+    clip_prompt: str | None = None
+    file_name: str | None = None
+    network_multipliers: tuple[float, ...] | None = None
+    # img2img strength, or the Highres fix 2nd stage's; None for txt2img
+    strength: float | None = None
+    init_image: str | None = None  # img2img source file
+    mask_image: str | None = None  # inpainting mask file (white = repaint)
+    guide_image: str | None = None  # ControlNet hint source file; None: no ControlNet for this image
+    deep_shrink: "DeepShrink | None" = None  # `library.features.deep_shrink` settings of this image
+    gradual_latent: "GradualLatent | None" = None  # `library.features.gradual_latent` settings of this image
+    prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
+    # position in the run (0-based, across rounds): the number in the file name, the same in any process
+    index: int = 0
+
+    def batch_key(self) -> tuple:
+        """Images with equal keys can be generated in one batch."""
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.scale,
+            self.negative_scale,
+            self.chunks,
+            self.network_multipliers,
+            self.strength,
+            self.init_image is not None,
+            self.mask_image is not None,
+            self.guide_image is not None,
+            self.deep_shrink,
+            self.gradual_latent,
+            len(self.prompt_parts),
+        )
+
+
+def batches(jobs: Iterable[Job], batch_size: int) -> Iterator[list[Job]]:
+    """Consecutive jobs with equal `batch_key`, at most `batch_size` at a time."""
+    batch: list[Job] = []
+    for job in jobs:
+        if batch and (len(batch) == batch_size or job.batch_key() != batch[0].batch_key()):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch

@@ -1,0 +1,386 @@
+"""Turning the option records into the objects of a run: device, dtypes, model, pipeline, runner.
+
+Each function takes the records it needs (`library.records.options`) and returns one ready object, so
+`gen_img.py` reads as the list of steps of a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from library.sampling import highres_fix
+
+from library.images import output_files
+from library.features.lora import Networks, load_networks
+from library.features.controlnet import GuideImages
+from library.run.distributed import SOLO, Team
+from library.errors import UserError, first_line
+from library.sampling.img2img import SourceImages
+from library.models import LoadedModel, load_model
+from library.records.options import vae_batch_size, ControlNetOptions, GuidanceOptions, LoadOptions, Options, TextOptions
+from library.sampling.pipeline import Pipeline
+from library.prompts.sources import Defaults
+from library.images.run_metadata import run_parameters
+from library.run.runner import OutputSettings, Runner
+from library.text.encoder import PromptEncoder
+
+logger = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+FP16_ON_CPU = ("--fp16 on the CPU: most CPUs have no fast float16 kernels (a 256x256 SD 1.5 step took 100 s "
+               "on a 2-core AMD EPYC, 0.7 s with --bf16); use --bf16 for half precision on the CPU")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision the networks run."""
+
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    noise_device: torch.device
+
+    @classmethod
+    def from_options(cls, options: LoadOptions, local_rank: int = 0) -> "Runtime":
+        name = device_name(options.device, torch.cuda.is_available(), local_rank)
+        try:
+            device = torch.device(name)
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # libraries that use "the current GPU" use this one
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise UserError(f"--device {name}: not usable here ({first_line(exc, 120)})") from None
+        dtype = torch.float16 if options.fp16 else torch.bfloat16 if options.bf16 else torch.float32
+        if dtype == torch.float16 and device.type == "cpu":
+            logger.warning(FP16_ON_CPU)
+        vae_dtype = torch.float32 if options.no_half_vae else dtype
+        noise_device = torch.device("cpu") if options.noise_device == "cpu" else device
+        return cls(device, dtype, vae_dtype, noise_device)
+
+
+def device_name(given: str | None, cuda: bool, local_rank: int = 0) -> str:
+    """`--device` (default: the GPU if there is one); a process of a split run
+    (`library.run.distributed`) takes `cuda:<local_rank>` for `cuda` without an index."""
+    name = given or ("cuda" if cuda else "cpu")
+    return f"cuda:{local_rank}" if name == "cuda" and local_rank else name
+
+
+def checkpoint_path(options: LoadOptions) -> str:
+    """`--ckpt`, or the tiny demo model (written on first use) when none is given."""
+    if options.ckpt:
+        return options.ckpt
+    from library.models.tiny_files import make_tiny_models
+
+    logger.warning("no --ckpt given: using the tiny demo model (random weights: the images are noise)")
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    with _exclusive(DEMO_DIR / ".writing"):  # the processes of a split run write it once
+        return str(make_tiny_models(DEMO_DIR, ("sd1",))["sd1"])
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (POSIX `flock`; elsewhere no lock) for the block."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
+    """The model of `--ckpt` (and `--vae`), on the run's device and dtypes, with its attention
+    backend and memory layout set (SDPA by default, xformers on request). A single file's VAE
+    encoder is read from the file on first use (`library.models.lazy_encoder`)."""
+    ckpt = checkpoint_path(options)
+    _start_hash(ckpt)
+    model = load_model(
+        ckpt,
+        vae=options.vae,
+        dtype=runtime.dtype,
+        vae_dtype=runtime.vae_dtype,
+        device=runtime.device,
+        v1=options.v1,
+        v2=options.v2,
+        v_parameterization=options.v_parameterization,
+        tokenizer_cache_dir=options.tokenizer_cache_dir,
+        # PyTorch SDPA unless asked: blocked attention is faster single-threaded, slower with 2 threads
+        attention="auto" if options.blocked_attention else "sdpa",
+        vae_encoder="lazy",  # loaded when something encodes (img2img, Highres fix); txt2img never does
+    )
+    if options.xformers and xformers_usable():
+        model.unet.enable_xformers_memory_efficient_attention()
+        model.vae.enable_xformers_memory_efficient_attention()
+    if options.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    if options.vae_tiling:
+        model.vae.enable_tiling()
+    if options.compile:
+        from library.models.compiling import compile_networks
+
+        compile_networks(model.unet, model.vae, next(model.unet.parameters()).device)
+    return model
+
+
+def xformers_usable() -> bool:
+    """`--xformers` / `--diffusers_xformers`: True when xformers can be imported; otherwise a
+    warning, and the run goes on with PyTorch SDPA (every example of the manual passes --xformers)."""
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        logger.warning("--xformers: xformers is not installed; using PyTorch SDPA attention instead "
+                       "(the same speed on CPU; pip install xformers to use it on a GPU)")
+        return False
+    return True
+
+
+def networks(options: Options, model: LoadedModel) -> Networks:
+    """`--network_module/--network_weights` loaded, merged, pre-calculated or prepared."""
+    from library.records.options import regional_lora
+
+    return load_networks(options.networks, model, regional=regional_lora(options))
+
+
+def pipeline(options: Options, model: LoadedModel, runtime: Runtime, nets: Networks) -> Pipeline:
+    """The pipeline for this model, with the run's sampler, prompt encoder and features."""
+    from library.features.deep_shrink import DeepShrinkFeature
+    from library.features.gradual_latent import GradualLatentFeature
+
+    encoder = prompt_encoder(options.text, model)
+    control = controlnets(options.controlnet, model, runtime)
+    couple = attention_couple(options, model, nets)
+    guided = guidance(options.guidance, model, runtime)
+    features = [f for f in (nets, xti_feature(encoder, model), control, couple, guided) if f is not None]
+    deep_shrink = DeepShrinkFeature(len(model.unet.down_blocks))
+    deep_shrink.check_settings(options.generation.deep_shrink)  # the command line's depth: exit 2 up front
+    features += [deep_shrink, GradualLatentFeature(options.generation.sampler)]
+    warn_unused_eta(options.generation.sampler, options.generation.ddim_eta)
+    return Pipeline(
+        unet=model.unet,
+        vae=model.vae,
+        encoder=encoder,
+        sampler=options.generation.sampler,
+        v_prediction=model.kind.v_prediction,
+        device=runtime.device,
+        dtype=runtime.dtype,
+        noise_device=runtime.noise_device,
+        ddim_eta=options.generation.ddim_eta,
+        vae_slices=options.load.vae_slices,
+        zero_steps_offset=options.generation.zero_steps_offset,
+        zero_terminal_snr=options.generation.zero_terminal_snr,
+        start_noise=start_noise(options),
+        features=features,
+        mirrors=[unit.model for unit in control.units] if control is not None else [],
+    )
+
+
+def warn_unused_eta(sampler: str, eta: float) -> None:
+    """`--ddim_eta` with a sampler whose step has no eta: a warning instead of a silent no-op."""
+    import inspect
+
+    from library.sampling.schedulers import make_scheduler
+
+    if eta and "eta" not in inspect.signature(make_scheduler(sampler, False).step).parameters:
+        logger.warning("--ddim_eta %g ignored: --sampler %s has no eta (ddim has)", eta, sampler)
+
+
+def start_noise(options: Options):
+    """`--noise_offset_prob` / `--pyramid_noise_prob` as a start-noise change, or None when off."""
+    from library.sampling.start_noise import StartNoise
+
+    g = options.generation
+    change = StartNoise(g.noise_offset[0], g.noise_offset[1], g.pyramid_noise[0], g.pyramid_noise[1])
+    return change if change.active else None
+
+
+def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder:
+    """The prompt encoder with `--clip_skip`, the token limit and the run's embeddings."""
+    from library.text.embeddings import load_embeddings
+
+    embeddings = load_embeddings(list(options.textual_inversion_embeddings), list(options.xti_embeddings),
+                                 model.text_encoder, model.unet)
+    return PromptEncoder(
+        model.tokenizer,
+        model.text_encoder,
+        clip_skip=options.clip_skip or model.kind.default_clip_skip,
+        max_embeddings_multiples=options.max_embeddings_multiples or 1,
+        normalize_mode=options.emb_normalize_mode,
+        embeddings=embeddings,
+    )
+
+
+def xti_feature(encoder: PromptEncoder, model: LoadedModel):
+    """With XTI embeddings, the feature that gives each cross-attention layer its own text states."""
+    from library.features.xti import PerLayerText
+
+    if encoder.embeddings is None or not encoder.embeddings.has_xti:
+        return None
+    return PerLayerText(model.unet, encoder.embeddings.layer_names)
+
+
+def region_mask(options: Options):
+    """The `--mask_path` region mask (`library.images.region_masks`), or None when it is not one."""
+    from library.images.region_masks import load_region_mask
+    from library.records.options import has_region_mask
+
+    if not has_region_mask(options):
+        return None
+    g = options.generation
+    size = None
+    if g.width_given and g.height_given:
+        size = (g.width, g.height)
+        if options.highres.scale:
+            size = highres_fix.first_stage_size(g.width, g.height, options.highres.scale)
+    return load_region_mask(options.sources.mask_path, options.networks.regional_color_codes, size)
+
+
+def attention_couple(options: Options, model: LoadedModel, nets: Networks):
+    """The feature for ` AND ` prompts and regional LoRA (networks + region mask)."""
+    from library.features.attention_couple import AttentionCouple
+    from library.records.options import regional_lora
+
+    return AttentionCouple(model.unet, region_mask(options), nets if regional_lora(options) else None)
+
+
+def controlnets(options: ControlNetOptions, model: LoadedModel, runtime: Runtime):
+    """`--control_net_models` loaded for this model, with their preps, weights and ratios (or None)."""
+    from library.features.controlnet import ControlNets, ControlUnit, parse_prep, per_model
+    from library.models.controlnet import load_controlnet
+
+    if not options.models:
+        return None
+    count = len(options.models)
+    preps = [parse_prep(p) for p in per_model(options.preps, count, "none")]
+    weights = per_model(options.weights, count, 1.0)
+    ratios = per_model(options.ratios, count, 1.0)
+    units = []
+    for name, prep, weight, ratio in zip(options.models, preps, weights, ratios):
+        net = load_controlnet(name, model.unet, runtime.dtype, runtime.device)
+        units.append(ControlUnit(net, Path(name).name, prep, weight, ratio))
+        logger.info("ControlNet %s: preprocessing %s, weight %g, ratio %g", Path(name).name, prep.label, weight, ratio)
+    return ControlNets(units)
+
+
+def guidance(options: GuidanceOptions, model: LoadedModel, runtime: Runtime):
+    """CLIP text / image and VGG16 guidance with their local models, or None when every scale is 0."""
+    from library.features.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide
+
+    scales = Scales(options.clip_scale, options.clip_image_scale, options.vgg16_scale, options.vgg16_layer)
+    if not scales.enabled:
+        return None
+    clip = vgg = None
+    if scales.clip_text or scales.clip_image:
+        from library.models.clip_guidance import load_clip_model
+
+        clip = ClipGuide(load_clip_model(options.clip_model, runtime.device, runtime.dtype), model.tokenizer)
+    if scales.vgg16:
+        from library.models.vgg16 import load_vgg16_features
+
+        vgg = VggGuide(load_vgg16_features(options.vgg16_weights, runtime.device, runtime.dtype), scales.vgg16_layer)
+    logger.info("guidance: CLIP text %g, CLIP image %g, VGG16 %g (layer %d)", scales.clip_text, scales.clip_image,
+                scales.vgg16, scales.vgg16_layer)
+    return GuidedGeneration(model.vae, scales, clip, vgg, model.kind.v_prediction)
+
+
+def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team = SOLO) -> Runner:
+    """A Runner writing into `--outdir` with this run's metadata (this process's share of it)."""
+    from library.features.controlnet import ControlNets
+    from library.run.preview import preview_window
+    from library.records.options import has_region_mask
+
+    outdir = Path(options.output.outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--outdir {outdir}: cannot create it ({exc.strerror})") from None
+    g = options.generation
+    control = next((f for f in pipeline.features if isinstance(f, ControlNets)), None)
+    output = OutputSettings(
+        outdir=outdir,
+        sampler=g.sampler,
+        sequential=options.output.sequential_file_name,
+        model_name=model.name,
+        model_hash=ModelHash(model.path).get(),
+        clip_skip=options.text.clip_skip or model.kind.default_clip_skip,
+        vae_batch_size=vae_batch_size(g.vae_batch_size, g.batch_size),
+        preview=preview_window() if options.output.preview and team.leads else None,
+        use_original_name=options.output.use_original_file_name,
+        controlnet_metadata=control.metadata() if control is not None else (),
+        feature_metadata=_region_metadata(pipeline) + _guidance_metadata(pipeline),
+        run_metadata=run_parameters(
+            vae=options.load.vae, sampler=g.sampler, ddim_eta=g.ddim_eta, lora_files=options.networks.weights,
+            embedding_files=(*options.text.textual_inversion_embeddings, *options.text.xti_embeddings)),
+        lora_files=tuple(options.networks.weights),
+        lora_multipliers=tuple(options.networks.multipliers or [1.0] * len(options.networks.weights)),
+        timestamp=team.timestamp or output_files.timestamp_now(),
+        skip_existing=options.output.skip_existing,
+    )
+    s = options.sources
+    inpainting_masks = None if has_region_mask(options) else s.mask_path
+    resized = g.width_given and g.height_given  # --W and --H: sources and masks resized to them
+    sources = SourceImages(s.image_path, inpainting_masks, resized) if s.image_path is not None else None
+    if options.highres.strength is not None and sources is None:
+        logger.warning("--highres_fix_strength is the strength of an img2img 1st stage (with --image_path); "
+                       "ignored here: the 2nd stage takes --strength, as in the original")
+    guide_path = options.controlnet.guide_image_path
+    guides = GuideImages(guide_path) if guide_path is not None else None
+    return Runner(pipeline, Defaults.from_options(options), output, g.batch_size,
+                  sources=sources, highres=highres_fix.from_options(options.highres), guides=guides, team=team)
+
+
+def _region_metadata(pipeline: Pipeline) -> tuple[tuple[str, str], ...]:
+    """("Region mask", file name), ("Region mode", rule) of the run's region mask, if any."""
+    from library.features.attention_couple import AttentionCouple
+
+    couple = next((f for f in pipeline.features if isinstance(f, AttentionCouple)), None)
+    if couple is None or couple.regions is None:
+        return ()
+    return (("Region mask", couple.regions.path.name), ("Region mode", couple.regions.mode))
+
+
+def _guidance_metadata(pipeline: Pipeline) -> tuple[tuple[str, object], ...]:
+    """The CLIP / VGG16 guidance scales of the run (`GuidedGeneration.metadata`), if any."""
+    from library.features.guidance import GuidedGeneration
+
+    guided = next((f for f in pipeline.features if isinstance(f, GuidedGeneration)), None)
+    return guided.metadata() if guided is not None else ()
+
+
+class ModelHash:
+    """A1111's `Model hash` (SHA-256 of the file, 10 hex); folders have none.
+
+    Computed in the background and remembered per file version (`library.images.hash_cache`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        from library.images.hash_cache import start_model_hash
+
+        self._future: Future | None = start_model_hash(path) if path.is_file() else None
+
+    def get(self) -> str | None:
+        return self._future.result() if self._future is not None else None
+
+
+def _start_hash(ckpt: str) -> None:
+    """Start hashing the checkpoint file now, so it overlaps the load (`runner` collects it)."""
+    from library.models.checkpoint import resolve_model_path
+
+    try:
+        ModelHash(resolve_model_path(ckpt))
+    except UserError:
+        pass  # load_model reports it
+

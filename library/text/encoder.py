@@ -1,0 +1,256 @@
+"""Weighted, long prompts -> text-encoder hidden states.
+
+Written by hand (no library does this). A prompt is parsed with the web UI's attention syntax
+(`library.text.weighting`), tokenized fragment by fragment, and split into chunks of 75 tokens.
+Token layout of one prompt with `chunks` chunks (what `encode` feeds the text encoder):
+
+* chunk i holds tokens ``75*i ... 75*i+74`` of the prompt as ``[BOS] tokens [EOS] [PAD]...``,
+  77 ids; ``BREAK`` ends the current chunk early (a trailing ``BREAK`` adds nothing);
+* a prompt with fewer chunks than the batch needs (e.g. the negative prompt beside a long
+  prompt) gets ``[BOS] [EOS] [PAD]*75`` chunks, the encoding of an empty prompt;
+* the chunks are encoded separately and concatenated: hidden states are (B, 77*chunks, C), so
+  `--max_embeddings_multiples 3` gives 225 usable tokens. Tokens past the limit are dropped
+  with a warning naming the option.
+
+BOS/EOS/PAD are the tokenizer's (SD1 pads with EOS, SD2 with ``!``). An embedding word
+(`library.text.embeddings`) is kept whole in one chunk when it fits, as in the web UI.
+
+Weights: every token's hidden state is multiplied by its weight (BOS/EOS/PAD by 1). Then, per
+prompt, over all its chunks, tokens and channels (`--emb_normalize_mode`):
+
+* ``original``: ``out = h*w * mean(h) / mean(h*w)`` (the mean is restored, as the
+  long-prompt-weighting pipeline that the original tool uses does);
+* ``abs``: ``out = h*w * mean(|h|) / mean(|h*w|)``;
+* ``none``: ``out = h*w``.
+
+A prompt whose weights are all 1 is returned unchanged (the formulas give the same values).
+
+`--clip_skip N`: hidden state N from the end (1 = the last layer), then the text encoder's
+final layer norm, as in the original tool.
+
+`encode` returns a `Conditioning`: the default states (B, 77*chunks, C) and, when a prompt of
+the batch uses an XTI embedding, one encoding per U-Net cross-attention layer (by LDM layer
+name), which `library.features.xti` hands to each layer. The default states are then the first layer's
+(what the ControlNet, which has no such layers, attends to).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from library.errors import UserError
+from library.models.loader import text_model
+from library.text.weighting import BREAK_TEXT, BREAK_WEIGHT, parse_prompt_attention
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 75  # usable tokens per 77-token window
+_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class WeightedTokens:
+    """A prompt as token ids with one weight per token, split into chunks of at most 75."""
+
+    chunks: tuple[tuple[tuple[int, float], ...], ...]
+
+    @property
+    def token_count(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text states for the U-Net rows of a batch: default states, and per-layer states for XTI."""
+
+    states: torch.Tensor  # (rows, T, C)
+    per_layer: Mapping[str, torch.Tensor] | None = None  # LDM layer name -> (rows, T, C)
+    # prompts split at ` AND `: each part's encoding of the prompt rows (`library.features.attention_couple`);
+    # `states` then holds part 0 in those rows
+    parts: tuple["Conditioning", ...] = ()
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Conditioning":
+        layers = None if self.per_layer is None else {k: v.to(device, dtype) for k, v in self.per_layer.items()}
+        return Conditioning(self.states.to(device, dtype), layers, tuple(p.to(device, dtype) for p in self.parts))
+
+    def layer_states(self, layer: str) -> torch.Tensor:
+        """The states cross-attention layer `layer` attends to (XTI: its own)."""
+        return self.states if self.per_layer is None else self.per_layer[layer]
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        """Rows of `parts` one after the other; a part without per-layer states uses its default."""
+        states = torch.cat([p.states for p in parts])
+        names = next((list(p.per_layer) for p in parts if p.per_layer is not None), None)
+        if names is None:
+            return Conditioning(states)
+        layers = {n: torch.cat([p.states if p.per_layer is None else p.per_layer[n] for p in parts]) for n in names}
+        return Conditioning(states, layers)
+
+
+class PromptEncoder:
+    """Encodes batches of prompts for one text encoder and tokenizer (and optional embeddings)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder: torch.nn.Module,
+        *,
+        clip_skip: int = 1,
+        max_embeddings_multiples: int = 1,
+        normalize_mode: str = "original",
+        embeddings=None,
+    ) -> None:
+        """`embeddings` is a `library.text.embeddings.EmbeddingSet` or None."""
+        if normalize_mode not in ("original", "abs", "none"):
+            raise ValueError(f"unknown emb_normalize_mode {normalize_mode!r}")
+        layers = getattr(getattr(text_encoder, "config", None), "num_hidden_layers", None)
+        if layers is not None and clip_skip > layers:
+            raise UserError(f"--clip_skip {clip_skip}: the text encoder has only {layers} layers; use 1 to {layers}")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.clip_skip = max(1, clip_skip)
+        self.max_chunks = max(1, max_embeddings_multiples)
+        self.normalize_mode = normalize_mode
+        self.embeddings = embeddings
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self._cache: dict[str, WeightedTokens] = {}
+
+    # --- tokenizing -------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> WeightedTokens:
+        """Parse weights and split into chunks; tokens past the chunk limit are dropped (logged)."""
+        cached = self._cache.get(prompt)
+        if cached is not None:
+            return cached
+        chunks: list[list[tuple[int, float]]] = [[]]
+        for text, weight in parse_prompt_attention(prompt):
+            if text == BREAK_TEXT and weight == BREAK_WEIGHT:
+                chunks.append([])
+                continue
+            for ids, whole in self._token_groups(str(text)):
+                if whole and len(chunks[-1]) + len(ids) > CHUNK and chunks[-1] and len(ids) <= CHUNK:
+                    chunks.append([])  # keep an embedding's vectors in one chunk
+                for token in ids:
+                    if len(chunks[-1]) == CHUNK:
+                        chunks.append([])
+                    chunks[-1].append((token, float(weight)))
+        if len(chunks) > 1 and not chunks[-1]:
+            chunks.pop()
+        if len(chunks) > self.max_chunks:
+            dropped = sum(len(c) for c in chunks[self.max_chunks :])
+            logger.warning(
+                "prompt truncated: %d tokens past the %d-token limit were dropped "
+                "(raise --max_embeddings_multiples): %.60s...",
+                dropped, CHUNK * self.max_chunks, prompt,
+            )
+            chunks = chunks[: self.max_chunks]
+        result = WeightedTokens(tuple(tuple(c) for c in chunks))
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.clear()
+        self._cache[prompt] = result
+        return result
+
+    def _token_groups(self, text: str) -> list[tuple[list[int], bool]]:
+        """Token ids of `text`: (ids, False) for plain text, (ids, True) for each embedding word."""
+        parts = self.embeddings.split(text) if self.embeddings is not None else [text]
+        groups = []
+        for part in parts:
+            if isinstance(part, tuple):
+                groups.append((list(part), True))
+            elif part:
+                groups.append((self.tokenizer(part, add_special_tokens=False, verbose=False).input_ids, False))
+        return groups
+
+    def chunk_count(self, *prompts: str) -> int:
+        """Chunks needed by the longest of `prompts` (images sharing a batch must agree)."""
+        return max(len(self.tokenize(p).chunks) for p in prompts)
+
+    def layout(self, prompt: str, chunks: int) -> tuple[list[list[int]], list[float]]:
+        """The `chunks` rows of 77 ids fed to the text encoder, and the 77*chunks weights."""
+        tokens = self.tokenize(prompt).chunks
+        rows, weights = [], []
+        for i in range(chunks):
+            chunk = tokens[i] if i < len(tokens) else ()
+            pad = CHUNK - len(chunk)
+            rows.append([self.bos] + [t for t, _ in chunk] + [self.eos] + [self.pad] * pad)
+            weights.extend([1.0] + [w for _, w in chunk] + [1.0] * (pad + 1))
+        return rows, weights
+
+    # --- encoding ---------------------------------------------------------------------
+
+    def encode(self, prompts: list[str], chunks: int) -> torch.Tensor:
+        """Text states (B, 77 * chunks, C) of `prompts`, each padded to `chunks` chunks."""
+        return self.conditioning(prompts, chunks).states
+
+    @torch.no_grad()
+    def conditioning(self, prompts: list[str], chunks: int) -> Conditioning:
+        """`encode`'s states and, with XTI words in any prompt, one encoding per U-Net
+        cross-attention layer."""
+        ids, weights = [], []
+        for prompt in prompts:
+            rows, row_weights = self.layout(prompt, chunks)
+            ids.extend(rows)
+            weights.append(row_weights)
+        device = next(self.text_encoder.parameters()).device
+        id_tensor = torch.tensor(ids, device=device)
+        weight_tensor = torch.tensor(weights, device=device, dtype=torch.float32).unsqueeze(-1)
+        layers = self.embeddings.layer_names if self.embeddings is not None and self.embeddings.has_xti else ()
+        if not layers or not any(self.embeddings.is_xti_id(t) for row in ids for t in row):
+            layer = layers[0] if layers else None
+            return Conditioning(self._weighted(self._hidden_states(id_tensor, layer), weight_tensor, len(prompts)))
+        per_layer = {
+            layer: self._weighted(self._hidden_states(id_tensor, layer), weight_tensor, len(prompts))
+            for layer in layers
+        }
+        return Conditioning(per_layer[layers[0]], per_layer)
+
+    def _hidden_states(self, ids: torch.Tensor, layer: str | None) -> torch.Tensor:
+        """Text-encoder output (rows, 77, C) for `ids`, with `--clip_skip` and the embeddings."""
+        if self.embeddings is None:
+            return self._run_text_encoder(ids)
+        with self.embeddings.installed(self.text_encoder, layer):
+            return self._run_text_encoder(ids)
+
+    def _run_text_encoder(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.clip_skip == 1:
+            return self.text_encoder(ids).last_hidden_state
+        out = self.text_encoder(ids, output_hidden_states=True)
+        return text_model(self.text_encoder).final_layer_norm(out.hidden_states[-self.clip_skip])
+
+    def _weighted(self, hidden: torch.Tensor, weights: torch.Tensor, batch: int) -> torch.Tensor:
+        """Rows of one prompt joined to (B, 77*chunks, C), then weighted (module docstring)."""
+        hidden = hidden.reshape(batch, -1, hidden.shape[-1])
+        return apply_weights(hidden, weights.to(hidden.device), self.normalize_mode)
+
+
+def apply_weights(hidden: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
+    """Multiply (B, T, C) `hidden` by (B, T, 1) `weights` and renormalize per prompt by `mode`.
+
+    Statistics are taken in float32; prompts whose weights are all 1 come back unchanged.
+    """
+    if bool((weights == 1).all()):
+        return hidden
+    weighted = hidden.float() * weights
+    if mode == "none":
+        return weighted.to(hidden.dtype)
+    stat = (lambda x: x.abs().mean(dim=(1, 2), keepdim=True)) if mode == "abs" else (
+        lambda x: x.mean(dim=(1, 2), keepdim=True)
+    )
+    before = stat(hidden.float())
+    after = stat(weighted)
+    unchanged = (weights == 1).all(dim=(1, 2), keepdim=True)
+    scale = torch.where(unchanged, torch.ones_like(before), before / after)
+    return (weighted * scale).to(hidden.dtype)
+
+
+def chunks_needed(token_count: int) -> int:
+    """Chunks for `token_count` tokens (at least one)."""
+    return max(1, math.ceil(token_count / CHUNK))
