@@ -15,11 +15,11 @@ the scheduler's own 0-d float32 sigmas the results are bit for bit its results.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 from torch import Tensor
 
-Scalar = Union[Tensor, float]  # a 0-d tensor (a scheduler's sigma) or a Python float
+Scalar = Tensor | float  # a 0-d tensor (a scheduler's sigma) or a Python float
 
 
 # -- lookups --------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def sigma_at(sigmas: Tensor, step: int, begin: int | None = 0) -> Tensor:
     return sigmas[(begin or 0) + step]
 
 
-def alpha_bar_at(alphas_cumprod: Tensor, timestep: int | float | Tensor) -> float:
+def alpha_bar_at(alphas_cumprod: Tensor, timestep: float | Tensor) -> float:
     """``alphas_cumprod[t]``, the training schedule's signal fraction at timestep `t` (0..999)."""
     return float(alphas_cumprod[int(timestep)])
 
