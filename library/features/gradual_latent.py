@@ -15,7 +15,12 @@ for `euler_a` / `k_euler_a` (another sampler is a one-line error):
   ``target_x``: ``x' = U(R(x + d*dt)) + sigma_up*s_noise*eps``, otherwise
   ``x' = U(R(x)) + R(d)*dt + sigma_up*s_noise*eps``, R = bicubic resize by size, U = unsharp mask
   ``x + strength*(x - blur(x))`` (identity without parameters). eps is drawn at the new shape from
-  each image's own stream, in order. Other steps are the plain Euler ancestral step.
+  each image's own stream, in order. Other steps are the plain Euler ancestral step (no s_noise),
+  bit for bit the scheduler's.
+* The patch makes every step of its batch itself (`library.sampling.step_math`), keeping its own
+  step index into the scheduler's public ``sigmas`` (from its begin index), and so also scales the
+  U-Net's input: a diffusers scheduler scales by an internal position that only its own ``step``
+  advances, which never runs here.
 * Beyond the original (which can end smaller than asked, e.g. 480 px ends at 448): when the
   schedule does not reach the full size, one warning says so and the last step resizes to it.
 * Inpainting masks follow the latent size; Highres fix applies it to both stages.
@@ -31,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from library.features.deep_shrink import bicubic
 from library.errors import UserError
 from library.records.gradual_latent_settings import SAMPLERS, GradualLatent
+from library.sampling.step_math import denoised, euler_ancestral_step, scale_input, sigma_at
 from library.sampling.patches import Batch, Patch, StepContext
 
 logger = logging.getLogger(__name__)
@@ -69,13 +75,16 @@ class GradualLatentFeature:
 
 
 class GrowLatents(Patch):
-    """Starts the batch small and makes the resize steps' results at their new sizes."""
+    """Starts the batch small and makes every step, the resize steps' results at their new sizes."""
 
     def __init__(self, settings: GradualLatent, scheduler, timesteps, generators, start: tuple[int, int],
                  resizes: dict[int, tuple[int, int]]) -> None:
-        self.settings, self.scheduler, self.generators = settings, scheduler, list(generators)
+        self.settings, self.generators = settings, list(generators)
         self.timesteps = timesteps  # the loop's: step i runs timesteps[i]
         self.start_size, self.resizes = start, resizes
+        # the scheduler's public schedule; step i of the loop runs from sigmas[begin + i] to the next
+        self.sigmas, self.begin = scheduler.sigmas, scheduler.begin_index
+        self.v_prediction = scheduler.config.prediction_type == "v_prediction"
 
     def start(self, latents: torch.Tensor) -> torch.Tensor:
         if tuple(latents.shape[-2:]) == self.start_size:
@@ -83,33 +92,23 @@ class GrowLatents(Patch):
         small = bicubic(latents, scale_factor=self.settings.ratio)
         return self.settings.unsharp(small) if self.settings.unsharp is not None else small
 
+    def scale_model_input(self, ctx: StepContext, sample: torch.Tensor, default) -> torch.Tensor:
+        return scale_input(sample, sigma_at(self.sigmas, ctx.step, self.begin))
+
     def scheduler_step(self, ctx: StepContext, eps: torch.Tensor, latents: torch.Tensor, default) -> torch.Tensor:
+        """Step `ctx.step` of Euler ancestral (module docstring); `default` is never called."""
+        sigma = sigma_at(self.sigmas, ctx.step, self.begin)
+        sigma_next = sigma_at(self.sigmas, ctx.step + 1, self.begin)
+        x = latents.float()
+        x0 = denoised(x, eps, sigma, self.v_prediction)
         size = self.resizes.get(ctx.step)
         if size is None:
-            return default(eps, latents)
-        return self._resize_step(ctx, eps, latents, size)
-
-    def _resize_step(self, ctx: StepContext, eps: torch.Tensor, latents: torch.Tensor,
-                     size: tuple[int, int]) -> torch.Tensor:
-        """One Euler ancestral step whose result is made at `size` (module docstring)."""
-        s = self.scheduler
-        # the scheduler's own step, its result dropped, moves it to the next step through its public API;
-        # its noise comes from a throw-away generator, so the images' streams are untouched
-        s.step(eps, self.timesteps[ctx.step], latents, generator=torch.Generator(eps.device).manual_seed(0))
-        sigma, sigma_to = s.sigmas[s.step_index - 1], s.sigmas[s.step_index]
-        x = latents.float()
-        if s.config.prediction_type == "v_prediction":
-            x0 = eps * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-        else:
-            x0 = x - sigma * eps
-        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        d, dt = (x - x0) / sigma, sigma_down - sigma
-        unsharp = self.settings.unsharp or (lambda v: v)
-        if self.settings.unsharp is not None and self.settings.unsharp.target_x:
-            moved = unsharp(bicubic(x + d * dt, size=size))
-        else:
-            moved = unsharp(bicubic(x, size=size)) + bicubic(d, size=size) * dt
+            noise = randn_tensor(eps.shape, dtype=eps.dtype, device=eps.device, generator=self.generators)
+            return euler_ancestral_step(x, x0, sigma, sigma_next, noise).to(eps.dtype)
+        unsharp = self.settings.unsharp
         shape = (latents.shape[0], latents.shape[1], *size)
         noise = randn_tensor(shape, dtype=eps.dtype, device=eps.device, generator=self.generators)
-        return (moved + noise * sigma_up * self.settings.s_noise).to(eps.dtype)
+        moved = euler_ancestral_step(x, x0, sigma, sigma_next, noise, s_noise=self.settings.s_noise,
+                                     resize=lambda v: bicubic(v, size=size), sharpen=unsharp,
+                                     resize_after_step=unsharp is not None and unsharp.target_x)
+        return moved.to(eps.dtype)

@@ -52,6 +52,7 @@ from torch import Tensor
 from library.images import input_images as image_io
 from library.records.jobs import Job
 from library.text.weighting import BREAK_TEXT, parse_prompt_attention
+from library.sampling.step_math import alpha_bar_at, denoised, denoised_alpha_bar, scale_input
 from library.sampling.patches import Batch, BatchLayout, Patch, RowsUNet, StepContext
 
 logger = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ class GuidedBatch(Patch):
 
     def _alpha_bar(self, timestep: Tensor) -> float:
         """alpha_bar_t of the training schedule at the loop's timestep."""
-        return float(self.batch.scheduler.alphas_cumprod[int(timestep)])
+        return alpha_bar_at(self.batch.scheduler.alphas_cumprod, timestep)
 
     def decode_sample(self, ctx: StepContext, timestep: Tensor, x: Tensor, out: Tensor) -> Tensor:
         """The sample to decode from latent `x` and the U-Net output `out` (eps or v)."""
@@ -282,10 +283,12 @@ class GuidedBatch(Patch):
         if self.sigma_space:
             sigma = float(ctx.sigma)
             if v:
+                # step_math.denoised in another order of operations (step_math keeps the
+                # scheduler's); kept so that guided images stay bit for bit as they were
                 return x / (sigma**2 + 1) - out * sigma / (sigma**2 + 1) ** 0.5
-            return x - sigma * out
+            return denoised(x, out, sigma)
         a = self._alpha_bar(timestep)
-        x0 = a**0.5 * x - (1 - a) ** 0.5 * out if v else (x - (1 - a) ** 0.5 * out) / a**0.5
+        x0 = denoised_alpha_bar(x, out, a, v)
         f = (1 - a) ** 0.5
         return f * x0 + (1 - f) * x
 
@@ -308,7 +311,7 @@ class GuidedBatch(Patch):
     def loss(self, ctx: StepContext, timestep: Tensor, x: Tensor, unet: RowsUNet, row: int,
              kind: str, target: Tensor, scale: float) -> Tensor:
         """The guidance loss of latent `x` (1 row) for one term (gradients must be enabled)."""
-        model_input = x / (float(ctx.sigma) ** 2 + 1) ** 0.5 if self.sigma_space else x
+        model_input = scale_input(x, float(ctx.sigma)) if self.sigma_space else x
         out = unet(model_input, [row])
         image = self.decode(self.decode_sample(ctx, timestep, x, out))
         guide = self.feature.vgg if kind == "VGG16" else self.feature.clip

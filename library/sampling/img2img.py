@@ -34,6 +34,7 @@ repainted area would bleed a little into the kept area.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -150,6 +151,12 @@ class KeepUnmasked(Patch):
     def __init__(self, scheduler, timesteps: torch.Tensor, source: torch.Tensor, noise: torch.Tensor,
                  masks: torch.Tensor) -> None:
         self.scheduler, self.timesteps = scheduler, timesteps
+        # Schedulers that track their position (sigma schedulers) noise at their current step
+        # index, which only their own `step` advances; a copy that never steps, told the index
+        # of each call, keeps the noise level on the loop's step index whoever steps the batch
+        # (Gradual Latent makes its steps itself).
+        self.begin = getattr(scheduler, "begin_index", None)
+        self.noiser = copy.copy(scheduler) if self.begin is not None else scheduler
         self.source, self.noise = source, noise.to(source)
         self.masks = masks.to(source)
         self.from_noise = True  # the loop starts from pure noise (strength 1)
@@ -178,7 +185,9 @@ class KeepUnmasked(Patch):
     def _known(self, index: int) -> torch.Tensor:
         if index >= len(self.timesteps):
             return self.source
-        return noised(self.scheduler, self.source, self.noise, self.timesteps[index])
+        if self.begin is not None:
+            self.noiser.set_begin_index(self.begin + index)
+        return noised(self.noiser, self.source, self.noise, self.timesteps[index])
 
 
 def starting_latents(scheduler, source: torch.Tensor, noise, start: StartIndices, strength: float) -> torch.Tensor:

@@ -16,6 +16,8 @@ U-Net). Points, in the order a step meets them:
 ``text_encoding``          the text encoder is about to encode rows of one role / prompt part
 ``lora_layers``            LoRA modules hooked for this batch, with their multipliers
 ``lora_output``            a LoRA module's delta before it is added (regional masks)
+``scale_model_input``      the U-Net's input of a step (the scheduler's scaling by default); at
+                           most one patch per batch
 ``unet_kwargs``            extra U-Net arguments; residuals of several producers add up
 ``down_block_input``       the hidden state entering ``down_blocks[depth]``
 ``before_skip_concat``     the hidden state before up block i concatenates its j-th skip
@@ -24,7 +26,9 @@ U-Net). Points, in the order a step meets them:
 ``after_guidance``         the guided noise prediction (gradients may be enabled here)
 ``guide``                  the latents and noise prediction before the scheduler step; may run
                            the U-Net again on some rows (``unet(sample, rows)``, with grad)
-``scheduler_step``         replaces the scheduler step (at most one patch per batch)
+``scheduler_step``         replaces the scheduler step (at most one patch per batch); a patch
+                           that makes every step itself also overrides ``scale_model_input``
+                           (a diffusers scheduler scales by a position only its ``step`` advances)
 ``after_step``             the latents after the scheduler step (inpainting)
 =========================  =================================================================
 
@@ -44,6 +48,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal, Protocol, Sequenc
 
 import torch
 from torch import Tensor, nn
+
+from library.sampling.step_math import sigma_at
 
 if TYPE_CHECKING:
     from library.records.jobs import Job
@@ -148,6 +154,10 @@ class Patch:
         """`ctx` is None while the text encoder runs (before the first step)."""
         return delta
 
+    def scale_model_input(self, ctx: StepContext, sample: Tensor, default: Callable[[Tensor], Tensor]) -> Tensor:
+        """The U-Net's input for `sample` (the batch's rows); `default` is the scheduler's scaling."""
+        return default(sample)
+
     def unet_kwargs(self, ctx: StepContext, sample: Tensor, timestep: Tensor, cond: "Conditioning") -> dict | None:
         return None
 
@@ -224,9 +234,10 @@ class BatchRun:
         self.ctx: StepContext | None = None
         self.cond: "Conditioning | None" = None
         self._with = {point: [p for p in patches if _overrides(p, point)] for point in _POINTS}
-        steppers = self._with["scheduler_step"]
-        if len(steppers) > 1:
-            raise ValueError(f"two patches replace the scheduler step: {[type(p).__name__ for p in steppers]}")
+        for point in ("scale_model_input", "scheduler_step"):
+            owners = self._with[point]
+            if len(owners) > 1:
+                raise ValueError(f"two patches replace {point}: {[type(p).__name__ for p in owners]}")
 
     # -- the loop's calls -------------------------------------------------------------------
     def start(self, latents: Tensor) -> Tensor:
@@ -248,6 +259,11 @@ class BatchRun:
         """The context of U-Net call `step` (also what the hooks see until the next call)."""
         self.ctx = StepContext(step, len(self.batch.timesteps), int(timestep), self._sigma(step), self.batch.layout)
         return self.ctx
+
+    def scale_model_input(self, ctx: StepContext, sample: Tensor, default: Callable[[Tensor], Tensor]) -> Tensor:
+        """The U-Net's input of step `ctx`: the one patch's scaling, else `default` (the scheduler's)."""
+        owners = self._with["scale_model_input"]
+        return owners[0].scale_model_input(ctx, sample, default) if owners else default(sample)
 
     def unet_call(self, ctx: StepContext, sample: Tensor, timestep: Tensor, cond: "Conditioning") -> Tensor:
         """The U-Net's prediction for `sample` with the patches' arguments and hooks."""
@@ -341,8 +357,7 @@ class BatchRun:
         sigmas = getattr(self.batch.scheduler, "sigmas", None)
         if sigmas is None:
             return None
-        begin = getattr(self.batch.scheduler, "begin_index", None) or 0
-        return float(sigmas[begin + step])
+        return float(sigma_at(sigmas, step, getattr(self.batch.scheduler, "begin_index", None)))
 
 
 _POINTS = [name for name in vars(Patch) if not name.startswith("_") and name not in ("lora_layers", "progress_label")]

@@ -133,7 +133,8 @@ class Pipeline:
             desc = run.description("steps")
             for i, t in enumerate(tqdm(batch.timesteps, desc=desc, leave=False, disable=not self.progress)):
                 ctx = run.context(i, t)
-                model_input = scheduler.scale_model_input(torch.cat([latents] * guidance.copies), t)
+                scale = lambda x, t=t: scheduler.scale_model_input(x, t)  # noqa: E731
+                model_input = run.scale_model_input(ctx, torch.cat([latents] * guidance.copies), scale)
                 eps = run.after_guidance(ctx, latents, guidance.combine(run.unet_call(ctx, model_input, t, cond)))
                 latents, eps = run.guide(ctx, latents, eps, t)
                 step = lambda e, x, t=t: scheduler.step(e, t, x, **step_kwargs).prev_sample  # noqa: E731

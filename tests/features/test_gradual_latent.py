@@ -206,3 +206,19 @@ def test_controlnet_hint_features_follow_the_latent_size(tiny_models, tmp_path, 
         resized = embedding(features)
     assert torch.allclose(resized, torch.nn.functional.interpolate(features, size=(5, 6), mode="bicubic"))
     assert embedding(features) is features  # unhooked after the call
+
+
+def test_the_batch_never_steps_the_scheduler(sd1, monkeypatch):
+    """Gradual Latent makes every step itself (its own step index into the scheduler's sigmas):
+    no `scheduler.step`, no `scale_model_input`, and inpainting's noise level does not need them."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    calls = []
+    for name in ("step", "scale_model_input"):
+        original = getattr(EulerAncestralDiscreteScheduler, name)
+        monkeypatch.setattr(EulerAncestralDiscreteScheduler, name,
+                            lambda self, *a, _o=original, _n=name, **k: calls.append(_n) or _o(self, *a, **k))
+    out = _latents(sd1, GradualLatent(750), steps=4, size=128)
+    assert calls == [] and out.shape[-2:] == (16, 16)
+    _latents(sd1, None, steps=4, size=128)
+    assert calls == ["scale_model_input", "step"] * 4

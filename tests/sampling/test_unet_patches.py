@@ -81,6 +81,10 @@ class Recorder(Patch):
     def start(self, latents):
         return latents + 0.5 if self._note("start", None) else latents
 
+    def scale_model_input(self, ctx, sample, default):
+        out = default(sample)
+        return out * 1.1 if self._note("scale_model_input", ctx, tuple(sample.shape)) else out
+
     def unet_kwargs(self, ctx, sample, timestep, cond):
         if not self._note("unet_kwargs", ctx, tuple(sample.shape), int(timestep)):
             return None
@@ -115,7 +119,7 @@ class Recorder(Patch):
         return latents * 0.99 if self._note("after_step", ctx) else latents
 
 
-POINTS = ["start", "unet_kwargs", "down_block_input", "before_skip_concat", "cross_attention_states",
+POINTS = ["start", "scale_model_input", "unet_kwargs", "down_block_input", "before_skip_concat", "cross_attention_states",
           "cross_attention_output", "after_guidance", "guide", "scheduler_step", "after_step"]
 
 
