@@ -12,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# tests/ is a package (so that tests/tools/ does not shadow the top-level `tools`); some test
+# modules import their helpers by bare name (`from helpers import ...`): after ROOT, never before it.
+sys.path.append(str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # model hashes are remembered (library.models.hash_cache): in a throw-away folder, not the user's cache
 os.environ.setdefault("SDGEN_CACHE_DIR", tempfile.mkdtemp(prefix="sdgen-test-cache-"))

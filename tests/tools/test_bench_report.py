@@ -1,10 +1,10 @@
-"""tools/bench_report.py: sides alternate run by run; the tables show every figure."""
+"""The `report` benchmark: sides alternate run by run; the tables show every figure."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tools import bench_report
+from tools.bench import report as bench_report
 
 
 def _figures(overhead: float, peak: float) -> dict[str, float]:
@@ -19,7 +19,7 @@ def test_process_runs_alternate_the_sides(monkeypatch) -> None:
         order.append((options.gen_img.parent.name, options.dtype, options.size, options.steps))
         return _figures(1.0, 2.0)
 
-    monkeypatch.setattr(bench_report.bench_process, "one_run", one_run)
+    monkeypatch.setattr(bench_report.process, "one_run", one_run)
     sides = {"before": Path("/old/gen_img.py"), "after": Path("/new/gen_img.py")}
     result = bench_report.process_runs(Path("model.safetensors"), sides, "bf16", 256, 8, 3)
     assert [side for side, *_ in order] == ["old", "new", "new", "old", "old", "new"]
@@ -43,11 +43,12 @@ def test_the_tables_show_medians_and_ranges() -> None:
         "| bf16 512x512, blocked attention | 3.050 s (3.000-3.100) | 3.850 s (3.800-3.900) | 0.780; 0.790 |")
 
 
-def test_benchmark_report_runs_the_report(monkeypatch) -> None:
-    """`tools/benchmark.py report ...` hands its arguments to bench_report."""
-    from tools import benchmark
+def test_the_entry_hands_report_its_options(monkeypatch) -> None:
+    """`python -m tools.bench report ...` parses the report's options and runs it."""
+    from tools.bench.__main__ import main
 
     seen = []
-    monkeypatch.setattr(bench_report, "main", lambda argv: seen.append(argv) or 0)
-    assert benchmark.main(["report", "--before", "/old", "--runs", "1"]) == 0
-    assert seen == [["--before", "/old", "--runs", "1"]]
+    monkeypatch.setattr(bench_report, "command", lambda args: seen.append(args) or 0)
+    assert main(["report", "--before", "/old", "--runs", "1"]) == 0
+    (args,) = seen
+    assert (args.command, args.before, args.runs, args.calls, args.ckpt) == ("report", "/old", 1, 3, None)

@@ -1,11 +1,11 @@
-"""tools/bench_unet.py's kernel classes: FLOPs counted independently, shares of one call."""
+"""The `unet` benchmark's kernel classes: FLOPs counted independently, shares of one call."""
 
 from __future__ import annotations
 
 import torch
 
 from library.models.tiny import build_tiny_components
-from tools import bench_unet
+from tools.bench import unet as bench_unet
 
 
 def _conv_flops_by_hooks(unet, call) -> int:
