@@ -18,7 +18,7 @@ first):
   512; then fp32 at 512 by kernel class, with each class's GFLOP/s against this machine's
   measured peaks.
 
-Prints one Markdown table per part (docs/performance.md shows them); `--json` keeps every run.
+Prints one Markdown table per part (docs/measurements.md shows them); `--json` keeps every run.
 Wall clock with the machine's threads: run it on an otherwise idle machine (the 1-minute load
 average before and after is printed).
 """

@@ -9,7 +9,7 @@ then calls the U-Net the way one guided step does (2 x batch rows, random inputs
 a change in machine speed weighs on both alike. Reports per side the median, minimum and
 spread of the calls and the ratio ours / diffusers of the medians and of the minima. With
 `--profile`, one call each under `torch.profiler` gives the table of operators by self CPU
-time (docs/performance.md shows them). Other processes on the machine slow both sides; the
+time (docs/measurements.md shows them). Other processes on the machine slow both sides; the
 minimum is the better estimate of the uncontended speed, the median of a typical call. With
 `--threads 1 --clock cpu` each call is timed by the CPU time of the one computing thread,
 which other processes barely change (they still share caches and memory bandwidth).
