@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -87,3 +88,21 @@ def test_full_size_vae_at_1024_uses_less_memory_sliced() -> None:
     plain, sliced = compare(["plain", "slices"], size=1024, slices=16, encode=False)
     assert sliced["max_diff"] < 1  # levels of 255
     assert sliced["peak_mib"] < plain["peak_mib"] - 1024, (plain, sliced)
+
+
+def test_lora_times_every_mode(monkeypatch, tmp_path) -> None:
+    """The `lora` command's whole path on a small U-Net of the same input shapes (64x64 latents,
+    768-wide text states) instead of the full-size one."""
+    from tools.bench import lora
+    from tools.bench.__main__ import main
+
+    small = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # attention at 32x32 only: quick
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=768, attention_head_dim=2,
+                 norm_num_groups=32)
+    monkeypatch.setattr(lora, "SD15_UNET", small)
+    out = tmp_path / "lora.json"
+    assert main(["lora", "--runs", "1", "--rank", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["s_per_step"]) == set(lora.MODES) and result["ratio_to_none"]["none"] == 1
+    assert all(t > 0 for t in result["s_per_step"].values())
