@@ -4,7 +4,7 @@ By default glibc raises its mmap threshold up to 32 MB once large blocks are fre
 later tensors of a few MB come from the heap, whose freed space is returned to the system
 only from its top; and every thread that allocates gets its own arena. During generation
 the activations freed by one network then stay resident beside the next one's (~0.1-0.2 GB
-more peak RSS for a full-size fp32 model at 256x256, measured with tools/bench_process.py).
+more peak RSS for a full-size fp32 model at 256x256, measured with `python -m tools.bench process`).
 `limit_heap_retention` allows at most 2 arenas and fixes the mmap threshold and the trim
 threshold at 64 MB; `release_freed_memory` (`malloc_trim`) hands what the heap holds free back
 to the system between phases (after the load, before each VAE decode), where the peak is;

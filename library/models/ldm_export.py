@@ -9,7 +9,7 @@ every input key must be accounted for, so a weight is never silently dropped.
 It is used by `library/models/tiny_files.py` (tiny test models in the exact key layout of real
 SD checkpoints) and `tools/convert_model.py` (Diffusers folder -> single file). The layouts
 are verified by round-tripping through diffusers' forward converters in
-`tests/test_ldm_export.py`.
+`tests/models/test_ldm_export.py`.
 
 Layout summary (LDM names on the right):
 

@@ -16,7 +16,7 @@ Where the tokenizer comes from, first match wins:
    so its caches are reused;
 3. the shipped vocabulary, saved into ``<cache_dir>/<name>/`` when a cache folder is given.
 
-Decisions, each tested in `tests/test_tokenizer.py`:
+Decisions, each tested in `tests/models/test_tokenizer.py`:
 
 * Padding: SD1 pads with ``<|endoftext|>`` (49407); SD2 pads with ``!`` (id 0), as OpenCLIP
   pads with zeros. The pad token only pads: ``!`` in a prompt is tokenized as ordinary text,

@@ -29,7 +29,7 @@ Cost: the first conv of each resnet runs twice and each upsampling conv three ti
 band-sized convolutions are less efficient: 1.5x (encode) to 3x (decode) the time of one
 piece, measured. Memory: two feature maps of one resnet level plus a band of each layer,
 instead of several full feature maps and their temporaries (a third of the working memory
-at 1024x1024; the numbers are in docs/img2img.md, from `tools/vae_memory_bench.py`). A
+at 1024x1024; the numbers are in docs/img2img.md, from `python -m tools.bench vae-memory`). A
 segment that keeps the shape writes its output over its input, rows already consumed. Only the standard SD structure
 (ResnetBlock2D, nearest-upsampling Upsample2D, Downsample2D, GroupNorm) is streamed; any
 other VAE is processed in one piece with a warning.

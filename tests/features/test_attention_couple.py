@@ -179,7 +179,7 @@ def test_batch_of_three_equals_three_batches_of_one(lora_model, halves):
     pipeline = couple(model, load_region_mask(str(regions.path), None, (64, 64)), nets)
     together = pipeline.latents(jobs)
     alone = torch.cat([pipeline.latents([j]) for j in jobs])
-    # the project's batch bound (tests/test_generate.py): last-ulp differences of batched kernels
+    # the project's batch bound (tests/run/test_generate.py): last-ulp differences of batched kernels
     assert ((together - alone).abs().max() / together.abs().max()).item() < 1e-5  # measured 3e-6
 
 

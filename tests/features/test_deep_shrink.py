@@ -146,11 +146,3 @@ def test_composes_and_batches_do_not_change_images(tiny_models, tmp_path, extra)
     one, two, plain = (sorted(pngs(tmp_path / d))[-1] for d in ("b1", "b2", "plain"))
     assert np.abs(pixels(one) - pixels(two)).max() <= 1
     assert np.abs(pixels(one) - pixels(plain)).max() > 0
-
-
-def test_cost_tool_runs_on_the_tiny_model(tiny_models, capsys):
-    from tools.bench_deep_shrink import main
-
-    assert main(["--ckpt", str(tiny_models["sd1"]), "--sizes", "64", "--repeats", "1", "--dtype", "fp32"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith("64 {'off': [") and "'deep_shrink': [" in line

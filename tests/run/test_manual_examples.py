@@ -6,7 +6,7 @@ Each command is the manual's, with the model, image and network files replaced b
 files and the sizes, steps and image counts scaled down (`scaled`) so that the test runs on a
 CPU in seconds; every option and prompt option stays as the manual writes it. The examples of
 guidance, Deep Shrink / Gradual Latent and regional masks have their own tests
-(tests/test_guidance.py, test_deep_shrink.py, test_gradual_latent.py, test_regional_cli.py);
+(tests/features/test_guidance.py, test_deep_shrink.py, test_gradual_latent.py, test_regional_cli.py);
 their prompt options are in the prompt file here too.
 """
 

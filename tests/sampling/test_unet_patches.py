@@ -246,7 +246,7 @@ def _feature_files(tiny_models, tmp_path):
 
 def test_a_batch_with_every_feature_leaves_the_models_as_they_were(tiny_models, tmp_path):
     """ControlNet + XTI + un-merged LoRA with --am + img2img in one batch, the mask making it
-    regional LoRA (networks + --mask_path; inpainting alone is in tests/test_img2img.py):
+    regional LoRA (networks + --mask_path; inpainting alone is in tests/sampling/test_img2img.py):
     afterwards the U-Net and text encoder have exactly their modules, processors, weights and
     hooks of before the batch, and the image equals a fresh process's."""
     xti, source, mask, guide = _feature_files(tiny_models, tmp_path)

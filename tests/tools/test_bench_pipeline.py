@@ -1,11 +1,12 @@
-"""Smoke test of tools/benchmark.py: its whole code path on the tiny SD1 model, in seconds."""
+"""Smoke test of `python -m tools.bench pipeline`: its whole code path on the tiny SD1 model, in seconds."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from tools import benchmark
+from tools.bench import pipeline
+from tools.bench.__main__ import main
 
 
 def _positive(value: object) -> bool:
@@ -14,20 +15,20 @@ def _positive(value: object) -> bool:
 
 def test_benchmark_reports_every_figure(tiny_models, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["--ckpt", str(tiny_models["sd1"]), "--device", "cpu", "--size", "64", "--steps", "3",
+    argv = ["pipeline", "--ckpt", str(tiny_models["sd1"]), "--device", "cpu", "--size", "64", "--steps", "3",
             "--runs", "1", "--load_runs", "1", "--json", str(out)]
-    assert benchmark.main(argv) == 0
+    assert main(argv) == 0
 
     result = json.loads(out.read_text())
     for side in ("ours", "diffusers"):
-        for key in benchmark.FIGURES:
+        for key in pipeline.FIGURES:
             assert _positive(result[side][key]), (side, key, result[side][key])
         assert result[side]["steps"] == 3
-    for key in benchmark.LOAD_FIGURES:
+    for key in pipeline.LOAD_FIGURES:
         assert _positive(result["load"][key]), (key, result["load"][key])
     assert _positive(result["unet_direct"]["unet_s_per_step"])
     assert _positive(result["flops"]["unet_per_step"])
-    for key in [*benchmark.FIGURES, "load_vs_safetensors", "load_returned_vs_safetensors", "unet_vs_direct",
+    for key in [*pipeline.FIGURES, "load_vs_safetensors", "load_returned_vs_safetensors", "unet_vs_direct",
                 "whole_vs_unet_x_steps"]:
         assert _positive(result["ratios"][key]), (key, result["ratios"].get(key))
     assert result["checks"]["images_finite"] is True
@@ -46,7 +47,7 @@ def test_sdpa_flops_are_counted():
 
     unet = build_tiny_components("sd1").unet
     inputs = {"sample": torch.randn(2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 77, 32)}
-    flops = benchmark.count_unet_flops(unet, inputs, torch.tensor(10))
+    flops = pipeline.count_unet_flops(unet, inputs, torch.tensor(10))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(inputs["sample"], torch.tensor(10), encoder_hidden_states=inputs["encoder_hidden_states"])
     attention_free = counter.get_total_flops()

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Measure what CLIP / VGG16 guidance costs per step: time and peak memory, guided vs plain.
 
-    python tools/guidance_bench.py [--tiny] [--ckpt FILE] [--size 512] [--steps 3] [--sampler ddim]
+    python -m tools.bench guidance [--tiny] [--ckpt FILE] [--size 512] [--steps 3] [--sampler ddim]
         [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--clip_model PATH] [--vgg16_weights FILE]
         [--no_checkpointing] [--only clip|vgg]
 
-Without `--tiny`/`--ckpt` it uses the full-size SD 1.5-shaped random checkpoint of
-`tools/benchmark.py` (written once into its cache). Without `--clip_model` / `--vgg16_weights`
+Without `--tiny`/`--ckpt` it uses the full-size SD 1.5-shaped random checkpoint shared by the
+benchmarks (`tools.bench.common`, written once into its cache). Without `--clip_model` / `--vgg16_weights`
 it builds random networks of the real shapes (CLIP ViT-B/32, VGG16; the tiny ones with
 `--tiny`): the cost depends on shapes, not on weights. One image (batch 1, CFG scale 7.5); for
 each of plain, CLIP text guidance and VGG16 guidance (scale 100) it runs `--steps` steps twice
@@ -18,28 +17,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
+from library.features.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide
+from library.records.jobs import Job
+from library.models import load_model
+from library.sampling.pipeline import Pipeline
+from library.text.encoder import PromptEncoder
+from tools.bench.common import (
+    DEFAULT_CACHE,
+    DTYPES,
+    checkpoint_path,
+    peak_memory_gb,
+    reset_peak_memory,
+    synchronize,
+)
 
-from library.features.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide  # noqa: E402
-from library.records.jobs import Job  # noqa: E402
-from library.models import load_model  # noqa: E402
-from library.sampling.pipeline import Pipeline  # noqa: E402
-from library.text.encoder import PromptEncoder  # noqa: E402
-from tools.benchmark import DEFAULT_CACHE, full_size_checkpoint, peak_memory_gb, reset_peak_memory  # noqa: E402
-
-logger = logging.getLogger("tools.guidance_bench")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+logger = logging.getLogger(__name__)
 
 
-def random_clip(tiny: bool):
+def random_clip(tiny: bool) -> torch.nn.Module:
     """A random CLIPModel: the tiny test one, or ViT-B/32's shapes (LAION's config)."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -56,7 +57,13 @@ def random_clip(tiny: bool):
 
 
 def random_vgg(tiny: bool) -> torch.nn.Sequential:
-    from library.models.vgg16 import LAYOUT, build_features, conv_indices, tiny_vgg16_state_dict
+    """Random VGG16 features: the tiny test ones, or the real layout."""
+    from library.models.vgg16 import (
+        LAYOUT,
+        build_features,
+        conv_indices,
+        tiny_vgg16_state_dict,
+    )
 
     if tiny:
         state = tiny_vgg16_state_dict()
@@ -69,19 +76,17 @@ def random_vgg(tiny: bool) -> torch.nn.Sequential:
 def measure(gen: Pipeline, job: Job, device: torch.device) -> tuple[float, float]:
     """(seconds per step, peak GB) of the second of two runs of `job`."""
     for _ in range(2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         reset_peak_memory(device)
         start = time.perf_counter()
         gen.latents([job])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds = (time.perf_counter() - start) / job.steps
     return seconds, peak_memory_gb(device)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (see the module docstring)."""
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--ckpt")
     p.add_argument("--size", type=int, default=512)
@@ -93,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vgg16_weights")
     p.add_argument("--no_checkpointing", action="store_true", help="decoder backward without checkpointing")
     p.add_argument("--only", choices=["clip", "vgg"], help="measure plain and this guidance only")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Measure plain and guided steps in a scratch folder; print the table."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as scratch:
         return bench(args, device, dtype, Path(scratch))
@@ -107,7 +114,7 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
 
         ckpt = str(make_tiny_models(scratch, ("sd1",))["sd1"])
     else:
-        ckpt = args.ckpt or str(full_size_checkpoint(DEFAULT_CACHE))
+        ckpt = str(checkpoint_path(args.ckpt, DEFAULT_CACHE))
     model = load_model(ckpt, dtype=dtype, vae_dtype=dtype, device=device)
     if args.clip_model:
         from library.models.clip_guidance import load_clip_model
@@ -148,6 +155,3 @@ def bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, sc
         print(f"{name:24} {seconds:7.3f}  {seconds / rows[0][1]:7.1f}  {peak:7.2f}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """U-Net call time with our attention processor vs diffusers' default, interleaved, plus per-op profiles.
 
-    python tools/bench_unet.py --dtype bf16 --size 512 [--calls 5] [--profile] [--json PATH]
+    python -m tools.bench unet --dtype bf16 --size 512 [--calls 5] [--profile] [--json PATH]
         [--batch_size 1] [--ckpt FILE | --cache_dir DIR] [--channels_last]
 
 Loads the model with `load_model` (which sets our processor for the run, `library.models.attention`),
@@ -10,7 +9,7 @@ then calls the U-Net the way one guided step does (2 x batch rows, random inputs
 a change in machine speed weighs on both alike. Reports per side the median, minimum and
 spread of the calls and the ratio ours / diffusers of the medians and of the minima. With
 `--profile`, one call each under `torch.profiler` gives the table of operators by self CPU
-time (docs/performance.md shows them). Other processes on the machine slow both sides; the
+time (docs/measurements.md shows them). Other processes on the machine slow both sides; the
 minimum is the better estimate of the uncontended speed, the median of a typical call. With
 `--threads 1 --clock cpu` each call is timed by the CPU time of the one computing thread,
 which other processes barely change (they still share caches and memory bandwidth).
@@ -22,25 +21,29 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.bench.common import (
+    DTYPES,
+    add_checkpoint_options,
+    alternating,
+    checkpoint_path,
+    flop_mapping,
+    machine_info,
+    random_unet_inputs,
+    timed,
+)
 
-from tools.benchmark import DEFAULT_CACHE, DTYPES, flop_mapping, full_size_checkpoint, machine_info  # noqa: E402
-
-logger = logging.getLogger("bench_unet")
+logger = logging.getLogger(__name__)
 
 
-def unet_call(unet, rows: int, side: int, dtype: torch.dtype):
+def unet_call(unet: torch.nn.Module, rows: int, side: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     """A function making one U-Net call on fixed random inputs (one guided step's shapes)."""
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(rows, unet.config.in_channels, side, side, generator=g).to(dtype)
-    context = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=g).to(dtype)
+    sample, context = random_unet_inputs(unet, rows, side, dtype)
     t = torch.tensor(500)
     if next(unet.parameters()).is_contiguous(memory_format=torch.channels_last) and unet.conv_in.weight.ndim == 4:
         sample = sample.contiguous(memory_format=torch.channels_last)
@@ -52,7 +55,7 @@ def unet_call(unet, rows: int, side: int, dtype: torch.dtype):
     return call
 
 
-def profile_table(call, rows: int = 14) -> str:
+def profile_table(call: Callable[[], object], rows: int = 14) -> str:
     """Operators of one call by self CPU time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -69,7 +72,7 @@ KERNEL_CLASSES = {
 }
 
 
-def kernel_rates(unet, call) -> list[dict]:
+def kernel_rates(unet: torch.nn.Module, call: Callable[[], object]) -> list[dict]:
     """Where one call's time goes, by kernel class, with each class's FLOP rate (GFLOP/s).
 
     FLOPs from `torch.utils.flop_counter` (the CPU flash-attention kernel counted as Q K^T plus
@@ -119,15 +122,9 @@ def kernel_peaks(dtype: torch.dtype) -> dict[str, float]:
     with torch.no_grad():
         for name, (op, n) in cases.items():
             op()
-            best = min(_timed(op) for _ in range(3))
+            best = min(timed(op) for _ in range(3))
             peaks[name] = n / best / 1e9
     return peaks
-
-
-def _timed(op) -> float:
-    start = time.perf_counter()
-    op()
-    return time.perf_counter() - start
 
 
 def rates_table(rows: list[dict], peaks: dict[str, float]) -> str:
@@ -140,14 +137,14 @@ def rates_table(rows: list[dict], peaks: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace) -> dict:
     """Interleaved calls (and profiles); the JSON-ready result."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from library.models import load_model
 
     dtype = DTYPES[args.dtype]
-    path = Path(args.ckpt) if args.ckpt else full_size_checkpoint(Path(args.cache_dir))
+    path = checkpoint_path(args.ckpt, args.cache_dir)
     model = load_model(str(path), dtype=dtype, attention=args.attention)
     unet = model.unet
     if args.channels_last:
@@ -161,13 +158,10 @@ def run(args: argparse.Namespace) -> dict:
     for side in times:  # warm-up, and the outputs to compare
         unet.set_attn_processor(processors[side]())
         outputs[side] = call().float()
-    for i in range(args.calls):
-        for side in list(times)[:: 1 if i % 2 == 0 else -1]:
-            unet.set_attn_processor(processors[side]())
-            start = clock()
-            call()
-            times[side].append(clock() - start)
-            logger.info("call %d %s: %.3f s", i + 1, side, times[side][-1])
+    for i, side in alternating(times, args.calls):
+        unet.set_attn_processor(processors[side]())
+        times[side].append(timed(call, clock))
+        logger.info("call %d %s: %.3f s", i + 1, side, times[side][-1])
     result = {
         "config": vars(args) | {"checkpoint": str(path)},
         "machine": machine_info(),
@@ -191,9 +185,8 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse options, run, print the summary (and profiles)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (see the module docstring)."""
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=1)
@@ -206,18 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also profile one call per side")
     parser.add_argument("--rates", action="store_true",
                         help="also time one call by kernel class with its GFLOP/s, and this machine's kernel peaks")
-    parser.add_argument("--ckpt")
-    parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE))
+    add_checkpoint_options(parser)
     parser.add_argument("--json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "library"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """Why these option values cannot run, or None."""
     if args.clock == "cpu" and args.threads != 1:
-        parser.error("--clock cpu measures one thread: give --threads 1")
+        return "--clock cpu measures one thread: give --threads 1"
+    return None
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run, print the summary (and kernel rates, profiles)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args)
+    result = measure(args)
     for side in ("ours", "diffusers"):
         ts = result["calls_s"][side]
         logger.info("%-9s median %.3f s, min %.3f s, spread %.3f-%.3f s", side, statistics.median(ts), min(ts),
@@ -231,7 +228,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,34 +1,30 @@
-#!/usr/bin/env python
 """Seconds of one U-Net call with and without Deep Shrink (depth 1, ratio 0.5, a gated step).
 
-    python tools/bench_deep_shrink.py [--ckpt FILE] [--sizes 512 768] [--repeats 2] [--dtype bf16]
+    python -m tools.bench deep-shrink [--ckpt FILE] [--sizes 512 768] [--repeats 2] [--dtype bf16]
 
-Without `--ckpt` it uses the full-size SD 1.5-shaped random checkpoint of tools/benchmark.py
-(written on first use). Calls are interleaved (off, on, off, on, ...); each line prints every
+Without `--ckpt` it uses the full-size SD 1.5-shaped random checkpoint shared by the
+benchmarks (`tools.bench.common`, written on first use). Calls are interleaved (off, on, off, on, ...); each line prints every
 repetition, so the first (warm-up) can be told apart. One image with CFG (2 rows).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from library.features.deep_shrink import ShrinkDeepLayers  # noqa: E402
-from library.records.deep_shrink_settings import DeepShrink  # noqa: E402
-from library.models import load_model  # noqa: E402
-from library.text.encoder import Conditioning  # noqa: E402
-from library.sampling.patches import Batch, BatchLayout, PatchOwner  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from library.features.deep_shrink import ShrinkDeepLayers
+from library.records.deep_shrink_settings import DeepShrink
+from library.models import load_model
+from library.text.encoder import Conditioning
+from library.sampling.patches import Batch, BatchLayout, PatchOwner
+from tools.bench.common import DEFAULT_CACHE, DTYPES, checkpoint_path
 
 
 class _Fixed:
+    """A feature giving every batch the same patch."""
+
     def __init__(self, patch) -> None:
         self.patch = patch
 
@@ -36,7 +32,7 @@ class _Fixed:
         return self.patch
 
 
-def call_seconds(unet, pixels: int, shrink: bool, dtype: torch.dtype) -> float:
+def call_seconds(unet: torch.nn.Module, pixels: int, shrink: bool, dtype: torch.dtype) -> float:
     """One U-Net call at t=900 on a (2, 4, pixels/8, pixels/8) input."""
     latent = pixels // 8
     x = torch.randn(2, 4, latent, latent, dtype=dtype)
@@ -50,18 +46,17 @@ def call_seconds(unet, pixels: int, shrink: bool, dtype: torch.dtype) -> float:
         return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (see the module docstring)."""
     parser.add_argument("--ckpt")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 768])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    args = parser.parse_args(argv)
-    if args.ckpt is None:
-        from tools.benchmark import full_size_checkpoint
 
-        args.ckpt = str(full_size_checkpoint(Path("~/.cache/sdgen-bench")))
-    unet = load_model(args.ckpt, dtype=DTYPES[args.dtype]).unet
+
+def command(args: argparse.Namespace) -> int:
+    """Time off / on calls at each size; one line per size."""
+    unet = load_model(str(checkpoint_path(args.ckpt, DEFAULT_CACHE)), dtype=DTYPES[args.dtype]).unet
     for pixels in args.sizes:
         times: dict[str, list[float]] = {"off": [], "deep_shrink": []}
         for _ in range(args.repeats):
@@ -70,6 +65,3 @@ def main(argv: list[str] | None = None) -> int:
         print(pixels, {k: [round(v, 2) for v in vs] for k, vs in times.items()}, flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

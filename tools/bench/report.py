@@ -1,7 +1,6 @@
-#!/usr/bin/env python
-"""Issue 17's figures from one run: start-up overhead, peak RSS, U-Net calls against diffusers.
+"""The figures of record from one run: start-up overhead, peak RSS, U-Net calls against diffusers.
 
-    python tools/bench_report.py [--before DIR] [--runs 2] [--calls 3] [--json PATH]
+    python -m tools.bench report [--before DIR] [--runs 2] [--calls 3] [--json PATH]
         [--ckpt FILE | --cache_dir DIR]
 
 In this order, on the full-size SD 1.5-shaped random model (the file read into the page cache
@@ -10,16 +9,16 @@ first):
 * the libraries' import floor: a bare process importing torch, diffusers' U-Net, VAE and DDIM
   scheduler and transformers' CLIP text model, what any diffusers-based program pays before
   its own first line (`--runs` processes);
-* whole `gen_img.py` processes (`tools/bench_process.py`): fp32 and bf16, 256x256, 8 ddim steps,
+* whole `gen_img.py` processes (the `process` benchmark): fp32 and bf16, 256x256, 8 ddim steps,
   `--runs` each, this checkout and, with `--before`, another checkout's gen_img.py, alternating
   run by run so that a change in machine speed weighs on both; then one 512x512 run (1 step)
   per dtype and side for the 512 peaks;
-* U-Net calls, ours vs diffusers' processor, interleaved (`tools/bench_unet.py`): bf16 with the
+* U-Net calls, ours vs diffusers' processor, interleaved (the `unet` benchmark): bf16 with the
   blocked attention of `--blocked_attention`, and fp32 (where both sides use SDPA), at 256 and
   512; then fp32 at 512 by kernel class, with each class's GFLOP/s against this machine's
   measured peaks.
 
-Prints one Markdown table per part (docs/performance.md shows them); `--json` keeps every run.
+Prints one Markdown table per part (docs/measurements.md shows them); `--json` keeps every run.
 Wall clock with the machine's threads: run it on an otherwise idle machine (the 1-minute load
 average before and after is printed).
 """
@@ -29,28 +28,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.bench import process, unet
+from tools.bench.common import (
+    ROOT,
+    add_checkpoint_options,
+    alternating,
+    checkpoint_path,
+    load_average,
+    machine_info,
+    read_into_page_cache,
+    spread,
+)
 
-from tools import bench_process, bench_unet  # noqa: E402
-from tools.bench_model import full_size_checkpoint  # noqa: E402
-
-logger = logging.getLogger("bench_report")
-ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger(__name__)
 LIBRARIES = ("import torch; from diffusers import UNet2DConditionModel, AutoencoderKL, DDIMScheduler; "
              "from transformers import CLIPTextModel")
 PROCESS_FIGURES = ("overhead_s", "first_image_s", "whole_s", "generating_s", "peak_rss_gb")
-
-
-def load_average() -> float:
-    with open("/proc/loadavg") as f:
-        return float(f.read().split()[0])
 
 
 def import_floor(runs: int) -> list[float]:
@@ -66,32 +64,23 @@ def import_floor(runs: int) -> list[float]:
 def process_runs(ckpt: Path, sides: dict[str, Path], dtype: str, size: int, steps: int, runs: int) -> dict:
     """{side: [figures of each run]}, the sides alternating run by run."""
     result: dict[str, list[dict]] = {side: [] for side in sides}
-    for i in range(runs):
-        for side in list(sides)[:: 1 if i % 2 == 0 else -1]:
-            options = argparse.Namespace(dtype=dtype, size=size, steps=steps, cold_hash=False, gen_img=sides[side])
-            result[side].append(bench_process.one_run(ckpt, options, []))
-            logger.info("%s %s %dx%d: %s", side, dtype, size, size,
-                        {k: round(v, 3) for k, v in result[side][-1].items()})
+    for _, side in alternating(sides, runs):
+        options = argparse.Namespace(dtype=dtype, size=size, steps=steps, cold_hash=False, gen_img=sides[side])
+        result[side].append(process.one_run(ckpt, options, []))
+        logger.info("%s %s %dx%d: %s", side, dtype, size, size,
+                    {k: round(v, 3) for k, v in result[side][-1].items()})
     return result
 
 
 def unet_calls(ckpt: Path, dtype: str, size: int, calls: int, attention: str, rates: bool = False) -> dict:
-    """`tools/bench_unet.py`'s interleaved calls (and kernel rates) for one dtype and size."""
+    """The `unet` benchmark's interleaved calls (and kernel rates) for one dtype and size."""
     options = argparse.Namespace(dtype=dtype, size=size, batch_size=1, calls=calls, attention=attention,
                                  channels_last=False, threads=None, clock="wall", profile=False, rates=rates,
                                  ckpt=str(ckpt), cache_dir=None, json=None)
-    result = bench_unet.run(options)
+    result = unet.measure(options)
     logger.info("U-Net %s %d: ours %s, diffusers %s", dtype, size, result["calls_s"]["ours"],
                 result["calls_s"]["diffusers"])
     return result
-
-
-def spread(values: list[float], unit: str, digits: int = 2) -> str:
-    """`median (min-max)` of the runs, or the one value."""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f} {unit}"
-    return (f"{statistics.median(values):.{digits}f} {unit} "
-            f"({min(values):.{digits}f}-{max(values):.{digits}f})")
 
 
 def process_table(report: dict) -> str:
@@ -123,15 +112,13 @@ def unet_table(report: dict) -> str:
 
 def report_run(args: argparse.Namespace) -> dict:
     """Every measurement, in the order of the module's docstring."""
-    ckpt = Path(args.ckpt) if args.ckpt else full_size_checkpoint(Path(args.cache_dir))
-    with open(ckpt, "rb") as f:  # page cache
-        while f.read(64 << 20):
-            pass
+    ckpt = checkpoint_path(args.ckpt, args.cache_dir)
+    read_into_page_cache(ckpt)
     sides = {"after": ROOT / "gen_img.py"}
     if args.before:
         sides = {"before": Path(args.before) / "gen_img.py", **sides}
     report: dict = {"checkpoint": str(ckpt), "sides": {k: str(v) for k, v in sides.items()},
-                    "load_average_start": load_average(), "machine": bench_unet.machine_info()}
+                    "load_average_start": load_average(), "machine": machine_info()}
     report["import_floor_s"] = import_floor(args.runs)
     report["processes"] = {d: process_runs(ckpt, sides, d, 256, 8, args.runs) for d in ("fp32", "bf16")}
     report["peaks_512"] = {d: process_runs(ckpt, sides, d, 512, 1, 1) for d in ("fp32", "bf16")}
@@ -143,29 +130,25 @@ def report_run(args: argparse.Namespace) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The report's options (see the module docstring)."""
     parser.add_argument("--before", help="another checkout (its gen_img.py) for the 'before' column")
     parser.add_argument("--runs", type=int, default=2, help="whole processes per side and dtype (default 2)")
     parser.add_argument("--calls", type=int, default=3, help="timed U-Net calls per side (default 3)")
-    parser.add_argument("--ckpt")
-    parser.add_argument("--cache_dir", default=str(bench_process.DEFAULT_CACHE))
+    add_checkpoint_options(parser)
     parser.add_argument("--json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "library"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run every measurement and print the tables (and write the JSON)."""
     report = report_run(args)
     fp32 = report["unet"]["fp32 512x512 (SDPA both)"]
     print(f"load average {report['load_average_start']:.2f} at the start, {report['load_average_end']:.2f} at the end\n")
     print(process_table(report), "\n")
     print(unet_table(report), "\n")
     print("fp32 512x512 U-Net call by kernel class (diffusers' processor):")
-    print(bench_unet.rates_table(fp32["kernel_rates"], fp32["kernel_peaks"]))
+    print(unet.rates_table(fp32["kernel_rates"], fp32["kernel_peaks"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Peak memory of a full-size SD VAE decode (or encode): one piece, `--vae_slices`, `--vae_tiling`.
 
-    python tools/vae_memory_bench.py                      # decode 1024x1024: plain vs 16 slices vs tiling
-    python tools/vae_memory_bench.py --size 768 --slices 8 --encode
+    python -m tools.bench vae-memory                      # decode 1024x1024: plain vs 16 slices vs tiling
+    python -m tools.bench vae-memory --size 768 --slices 8 --encode
 
 Each variant runs in its own fresh Python process, so its peak resident memory (VmHWM in
 /proc/self/status, Linux) belongs to it alone. The VAE is SD's full-size architecture
@@ -16,30 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-FULL_SIZE_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215,
-)
+from tools.bench.common import SD15_VAE, child_env, entry_command, proc_status_kib
 
 
 def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status (Linux only)")
+    """A /proc/self/status memory figure in MiB (Linux only)."""
+    kib = proc_status_kib(key)
+    if kib is None:
+        raise RuntimeError(f"{key} not in /proc/self/status (Linux only)")
+    return kib / 1024
 
 
 def child(variant: str, size: int, slices: int, encode: bool, out: Path | None) -> dict:
@@ -51,7 +41,7 @@ def child(variant: str, size: int, slices: int, encode: bool, out: Path | None) 
     from library.sampling.vae_slices import sliced_decode, sliced_encode_moments
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(**FULL_SIZE_VAE).eval().requires_grad_(False)
+    vae = AutoencoderKL(**SD15_VAE).eval().requires_grad_(False)
     if variant == "tiling":
         vae.enable_tiling()
     generator = torch.Generator().manual_seed(1)
@@ -79,11 +69,9 @@ def child(variant: str, size: int, slices: int, encode: bool, out: Path | None) 
 def measure(variant: str, size: int = 1024, slices: int = 16, encode: bool = False,
             out: Path | None = None, threads: int | None = None) -> dict:
     """Run `child` in a fresh interpreter and return its numbers."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--size", str(size),
-           "--slices", str(slices)] + (["--encode"] if encode else []) + (["--out", str(out)] if out else [])
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = entry_command("vae-memory", "--child", variant, "--size", str(size), "--slices", str(slices),
+                        *(["--encode"] if encode else []), *(["--out", str(out)] if out else []))
+    env = child_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -105,8 +93,8 @@ def compare(variants: list[str], size: int, slices: int, encode: bool, threads: 
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (see the module docstring)."""
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     parser.add_argument("--slices", type=int, default=16, help="--vae_slices value (default 16)")
     parser.add_argument("--encode", action="store_true", help="measure the encoder instead of the decoder")
@@ -114,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Compare the variants (each in a child process) and print one line each; or, as that child
+    (`--child`), measure one variant and print its figures as JSON."""
     if args.child:
         print(json.dumps(child(args.child, args.size, args.slices, args.encode, args.out)))
         return 0
@@ -126,6 +118,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<10} peak {r['peak_mib']:>6} MiB  rise {r['rise_mib']:>6} MiB  {r['seconds']:>6} s{diff}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,14 +1,11 @@
-#!/usr/bin/env python
 """Benchmark our txt2img path against diffusers' `StableDiffusionPipeline` on the same weights.
 
-    python tools/benchmark.py [--device cpu] [--dtype fp32|fp16|bf16] [--channels_last]
+    python -m tools.bench pipeline [--device cpu] [--dtype fp32|fp16|bf16] [--channels_last]
         [--size 256] [--steps 10] [--batch_size 1] [--sampler ddim] [--runs 2]
         [--cache_dir ~/.cache/sdgen-bench | --ckpt FILE | --tiny] [--json PATH] [--load_only]
-    python tools/benchmark.py report [--before DIR] [--runs 2] [--calls 3] [--json PATH]
 
-`report` gives the whole-process figures (start-up overhead, first image, peak RSS, each
-against an older checkout with `--before`) and the U-Net calls against diffusers' processor
-in one run (`tools/bench_report.py`, docs/performance.md's figures of record).
+(`python -m tools.bench report` gives the whole-process figures and the U-Net calls against
+diffusers' processor, docs/performance.md's figures of record.)
 
 Without `--ckpt`/`--tiny` it first writes (once, into `--cache_dir`) a full-size SD 1.5-shaped
 checkpoint with fixed random weights: same shapes, FLOPs and memory as a real one, fp16 on
@@ -35,32 +32,39 @@ way. Results: a table on stdout, all figures in `--json PATH`. See docs/performa
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from library.records.jobs import Job  # noqa: E402
 from library.sampling.schedulers import make_scheduler  # noqa: E402
-from tools.bench_model import CHECKPOINT_NAME, full_size_checkpoint  # noqa: E402,F401  (re-exported)
+from tools.bench.common import (  # noqa: E402
+    DEFAULT_CACHE,
+    DTYPES,
+    child_env,
+    entry_command,
+    flop_mapping,
+    full_size_checkpoint,
+    machine_info,
+    peak_memory_gb,
+    random_unet_inputs,
+    read_into_page_cache,
+    reset_peak_memory,
+    round_order,
+    synchronize,
+)
 
-logger = logging.getLogger("benchmark")
+logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_CACHE = Path("~/.cache/sdgen-bench")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 SEED = 1234
 GUIDANCE = 7.5
@@ -79,41 +83,6 @@ FIGURES = {
 }
 LOAD_FIGURES = ("ours_s", "ours_resident_s", "safetensors_s", "safetensors_resident_s", "ours_peak_gb",
                 "safetensors_peak_gb")
-
-# --- devices and memory ---------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so host timestamps mean finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window (CUDA allocator peak, or the process's RSS high-water mark)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-    except OSError:
-        pass  # the peak then covers the whole process so far
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak since `reset_peak_memory`: CUDA allocated bytes, or process RSS (VmHWM / ru_maxrss)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
 
 # --- model load (each measurement in a fresh process) ---------------------------------------
 
@@ -163,15 +132,13 @@ def touch_pages(tensors: list[torch.Tensor]) -> None:
 
 def measure_load(path: Path, args: argparse.Namespace) -> dict[str, float]:
     """Median load figures over `--load_runs` interleaved child processes (safetensors, ours, ...)."""
-    with open(path, "rb") as f:  # page cache: both readers start from memory, not the disk
-        while f.read(64 << 20):
-            pass
+    read_into_page_cache(path)  # both readers start from memory, not the disk
     runs: dict[str, list[dict[str, float]]] = {"safetensors": [], "ours": []}
     for _ in range(args.load_runs):
         for kind in runs:
-            command = [sys.executable, str(Path(__file__).resolve()), "--probe", kind, "--ckpt", str(path),
-                       "--dtype", args.dtype, "--device", args.device]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            argv = entry_command("pipeline", "--probe", kind, "--ckpt", str(path), "--dtype", args.dtype,
+                                 "--device", args.device)
+            done = subprocess.run(argv, capture_output=True, text=True, check=False, env=child_env())
             lines = [l for l in done.stdout.splitlines() if l.startswith(PROBE_TAG)]
             if done.returncode != 0 or not lines:
                 raise RuntimeError(f"load probe {kind} failed:\n{done.stderr[-2000:]}")
@@ -300,23 +267,8 @@ def run_direct(unet, rec: Recorder, inputs: dict[str, torch.Tensor], timesteps: 
 
 def unet_inputs(unet, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Random U-Net inputs shaped like one guided step of the batch (2 x batch rows)."""
-    device = torch.device(args.device)
-    rows, side = 2 * args.batch_size, args.size // 8
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(rows, unet.config.in_channels, side, side, generator=g).to(device, dtype)
-    context = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    sample, context = random_unet_inputs(unet, 2 * args.batch_size, args.size // 8, dtype, torch.device(args.device))
     return {"sample": sample, "encoder_hidden_states": context}
-
-
-def sdpa_flops(q, k, v, *_args, out_shape=None, **_kwargs) -> int:
-    """FLOPs of PyTorch's CPU flash-attention kernel (not in the stock table): Q K^T and P V."""
-    batch, heads, q_len, dim = q
-    return 2 * batch * heads * q_len * k[-2] * (dim + v[-1])
-
-
-def flop_mapping() -> dict:
-    """`FlopCounterMode(custom_mapping=...)` with the CPU SDPA kernel counted too."""
-    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops}
 
 
 def count_unet_flops(unet, inputs: dict[str, torch.Tensor], t: torch.Tensor) -> int:
@@ -374,7 +326,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     # so a drift in machine speed weighs on both alike; the direct loop closes each round.
     ours_runs, theirs_runs, direct = [], [], []
     for run in range(args.runs):
-        for side in ("ours", "diffusers")[:: 1 if run % 2 == 0 else -1]:
+        for side in round_order(("ours", "diffusers"), run):
             logger.info("run %d/%d: %s", run + 1, args.runs, side)
             use_attention(side)
             if side == "ours":
@@ -459,24 +411,6 @@ def checkpoint_for(args: argparse.Namespace) -> Path:
     return full_size_checkpoint(cache)
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model (lscpu), versions, threads and the date, for the record."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("Model name")), cpu)
-    except OSError:
-        pass
-    import diffusers
-
-    return {
-        "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "diffusers": diffusers.__version__, "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-
-
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable report."""
     cfg, ours, theirs, ratios = result["config"], result["ours"], result["diffusers"], result["ratios"]
@@ -515,9 +449,8 @@ def format_load(load: dict[str, Any], ratios: dict[str, float]) -> str:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--channels_last", action="store_true", help="U-Net in channels-last memory format")
@@ -535,26 +468,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--load_only", action="store_true", help="measure the model load only")
     parser.add_argument("--probe", choices=["ours", "safetensors"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """Why these option values cannot run, or None."""
     if args.size % 8 or args.size < 8 or args.steps < 1 or args.batch_size < 1 or args.runs < 1 or args.load_runs < 1:
-        parser.error("--size must be a positive multiple of 8; --steps, --batch_size, --runs, --load_runs >= 1")
-    return args
+        return "--size must be a positive multiple of 8; --steps, --batch_size, --runs, --load_runs >= 1"
+    return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark (or, with the hidden `--probe`, one load measurement); print the table.
-
-    `report ...` runs `tools/bench_report.py` instead: the whole-process figures (start-up
-    overhead, first image, peak RSS, before/after) and the U-Net calls against diffusers."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["report"]:
-        from tools import bench_report
-
-        return bench_report.main(argv[1:])
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "library"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+def command(args: argparse.Namespace) -> int:
+    """Run the benchmark (or, with the hidden `--probe`, one load measurement); print the table."""
     if args.probe:  # child process of `measure_load`
         figures = probe_load(args.probe, Path(args.ckpt), DTYPES[args.dtype], torch.device(args.device))
         print(PROBE_TAG + json.dumps(figures), flush=True)
@@ -569,7 +493,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

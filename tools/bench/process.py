@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Whole-process figures of `gen_img.py`: start-up overhead, first-image latency, peak RSS.
 
-    python tools/bench_process.py [--dtype fp32|bf16|fp16] [--size 256] [--steps 8] [--runs 3]
+    python -m tools.bench process [--dtype fp32|bf16|fp16] [--size 256] [--steps 8] [--runs 3]
         [--ckpt FILE | --cache_dir DIR] [--json PATH] [-- extra gen_img options]
 
 Each run is a fresh `python gen_img.py --ckpt ... --prompt ... --W/--H size --steps N
@@ -32,14 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.bench.common import (
+    ROOT,
+    add_checkpoint_options,
+    checkpoint_path,
+    maxrss_gb,
+    read_into_page_cache,
+)
 
-from tools.bench_model import full_size_checkpoint  # noqa: E402
-
-logger = logging.getLogger("bench_process")
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE = Path("~/.cache/sdgen-bench")
+logger = logging.getLogger(__name__)
 SUMMARY = re.compile(r"(\d+) images? written(?: by \d+ processes \([\d +]+\))? in ([\d.]+) s")
 
 
@@ -78,28 +78,26 @@ def one_run(ckpt: Path, args: argparse.Namespace, extra: list[str]) -> dict[str,
         generating = float(found.group(2))
     return {"whole_s": whole, "generating_s": generating, "overhead_s": whole - generating,
             "first_image_s": first_image if first_image is not None else whole,
-            "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}  # Linux reports KiB
+            "peak_rss_gb": maxrss_gb(usage.ru_maxrss)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run, print medians, write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (see the module docstring)."""
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cold_hash", action="store_true", help="a fresh model-hash cache for every run")
-    parser.add_argument("--ckpt")
-    parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE))
+    add_checkpoint_options(parser)
     parser.add_argument("--gen_img", help="the gen_img.py to run, e.g. an older checkout's (default this one)")
     parser.add_argument("--json")
     parser.add_argument("extra", nargs="*", help="more gen_img options (after --)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ckpt = Path(args.ckpt) if args.ckpt else full_size_checkpoint(Path(args.cache_dir))
-    with open(ckpt, "rb") as f:  # page cache
-        while f.read(64 << 20):
-            pass
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run, print medians, write the JSON."""
+    ckpt = checkpoint_path(args.ckpt, args.cache_dir)
+    read_into_page_cache(ckpt)
     runs = []
     for i in range(args.runs):
         runs.append(one_run(ckpt, args, args.extra))
@@ -115,7 +113,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
