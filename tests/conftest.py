@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# model hashes are remembered (library.images.hash_cache): in a throw-away folder, not the user's cache
+# model hashes are remembered (library.images.hashes): in a throw-away folder, not the user's cache
 os.environ.setdefault("SDGEN_CACHE_DIR", tempfile.mkdtemp(prefix="sdgen-test-cache-"))
 
 

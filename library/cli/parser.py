@@ -14,16 +14,7 @@ from typing import NoReturn, Sequence
 from library.errors import UserError
 from library.records.options import Options, from_namespace
 from library.messages import argparse_text
-from library.cli.validation import check_options
-
-
-#: The original's SDXL-only options (name, nargs, type): accepted by the parser, then refused in one line.
-SDXL_ONLY_OPTIONS: tuple[tuple[str, object, object], ...] = (
-    ("sdxl", 0, None), ("original_height", None, int), ("original_width", None, int),
-    ("original_height_negative", None, int), ("original_width_negative", None, int),
-    ("crop_top", None, int), ("crop_left", None, int), ("clip_vision_strength", None, float),
-    ("control_net_lllite_models", "*", str),
-)
+from library.cli.validation import SDXL_ONLY_OPTIONS, validate
 
 
 class _Parser(argparse.ArgumentParser):
@@ -205,31 +196,6 @@ def _add_high_resolution_group(p: argparse.ArgumentParser) -> None:
                    help='Gradual Latent: unsharp mask after each enlargement, e.g. "3,0.5,0.5,1"')
 
 
-def validate_high_resolution(args: argparse.Namespace) -> None:
-    """Deep Shrink / Gradual Latent: ranges, the sampler, ControlNet."""
-    from library.records.gradual_latent_settings import SAMPLERS, parse_unsharp
-
-    for name in ("ds_depth_1", "ds_depth_2"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise UserError(f"--{name} {value}: must be 0 to 3 (the down block of SD 1.x/2.x)")
-    if args.ds_depth_1 is None and args.ds_depth_2 is not None:
-        raise UserError("--ds_depth_2 needs --ds_depth_1")
-    if not args.ds_ratio > 0:
-        raise UserError(f"--ds_ratio {args.ds_ratio}: must be above 0 (0.5 halves the deep layers' size)")
-    parse_unsharp(args.gradual_latent_unsharp_params)
-    if args.gradual_latent_timesteps is None:
-        return
-    if args.sampler not in SAMPLERS:
-        raise UserError(f"--gradual_latent_timesteps works with --sampler euler_a or k_euler_a, not {args.sampler}")
-    if not 0 < args.gradual_latent_ratio <= 1:
-        raise UserError(f"--gradual_latent_ratio {args.gradual_latent_ratio}: must be above 0 and at most 1")
-    if not args.gradual_latent_ratio_step > 0:
-        raise UserError(f"--gradual_latent_ratio_step {args.gradual_latent_ratio_step}: must be above 0")
-    if args.gradual_latent_every_n_steps < 1:
-        raise UserError(f"--gradual_latent_every_n_steps {args.gradual_latent_every_n_steps}: must be at least 1")
-
-
 def _add_original_compat_group(p: argparse.ArgumentParser) -> None:
     """Options of the original's command line that the manual leaves out (docs/compatibility.md)."""
     g = p.add_argument_group("options of the original tool")
@@ -297,101 +263,6 @@ def _add_guidance_group(p: argparse.ArgumentParser) -> None:
                    "torchvision's cache, $TORCH_HOME/hub/checkpoints/)")
 
 
-def validate_guidance(args: argparse.Namespace) -> None:
-    """Guidance: a guide image for image / VGG guidance, the VGG16 layer's range."""
-    for name in ("clip_image_guidance_scale", "vgg16_guidance_scale"):
-        if getattr(args, name) and args.guide_image_path is None:
-            raise UserError(f"--{name} needs --guide_image_path (the image or folder to guide towards)")
-    if not 0 <= args.vgg16_guidance_layer <= 30:
-        raise UserError(f"--vgg16_guidance_layer {args.vgg16_guidance_layer}: must be 0..30 (VGG16's features)")
-
-
-def validate_original_compat(args: argparse.Namespace) -> None:
-    """The original's options beyond the manual: SDXL-only ones refused, noise options complete,
-    `--zero_terminal_snr` with a sampler that has it."""
-    from library.sampling.schedulers import make_scheduler
-
-    for name, nargs, _ in SDXL_ONLY_OPTIONS:
-        value = getattr(args, name)
-        if value not in (None, False):
-            raise UserError(f"--{name}: SDXL models are not supported (this tool runs SD 1.x/2.x models); "
-                            "leave it out")
-    for prob, rng in (("noise_offset_prob", "noise_offset_range"),
-                      ("pyramid_noise_prob", "pyramid_noise_discount_range")):
-        value = getattr(args, prob)
-        if value is not None and not 0 <= value <= 1:
-            raise UserError(f"--{prob} {value}: must be between 0 and 1")
-        if value and getattr(args, rng) is None:
-            raise UserError(f"--{prob} needs --{rng} MIN MAX")
-        bounds = getattr(args, rng)
-        if bounds is not None and bounds[0] > bounds[1]:
-            raise UserError(f"--{rng} {bounds[0]:g} {bounds[1]:g}: MIN must not be above MAX")
-    if args.zero_terminal_snr:
-        make_scheduler(args.sampler, False, zero_terminal_snr=True)
-
-
-def validate_controlnet(args: argparse.Namespace) -> None:
-    """ControlNet options: a guide for the models, models for the guide, counts and ranges."""
-    models = args.control_net_models or []
-    if models and args.guide_image_path is None:
-        raise UserError("--control_net_models needs --guide_image_path (the hint image or folder)")
-    if not models:
-        if args.guide_image_path is not None and not (args.clip_image_guidance_scale or args.vgg16_guidance_scale):
-            raise UserError("--guide_image_path needs --control_net_models, --clip_image_guidance_scale or "
-                            "--vgg16_guidance_scale")
-        for name in ("control_net_preps", "control_net_weights", "control_net_ratios"):
-            if getattr(args, name) is not None:
-                raise UserError(f"--{name} needs --control_net_models")
-        return  # --highres_fix_disable_control_net alone is harmless: accepted, as in the original
-    for name in ("control_net_preps", "control_net_weights", "control_net_ratios"):
-        values = getattr(args, name) or []
-        if len(values) not in (0, 1, len(models)):
-            raise UserError(f"--{name} has {len(values)} values but --control_net_models has {len(models)}; "
-                            "give one value for all or one per model")
-    for ratio in args.control_net_ratios or []:
-        if not 0 <= ratio <= 1:
-            raise UserError(f"--control_net_ratios {ratio}: must be between 0 and 1")
-
-
-def validate_img2img(args: argparse.Namespace) -> None:
-    """The img2img / Highres fix / VAE memory options: ranges and combinations."""
-    for name in ("strength", "highres_fix_strength"):
-        value = getattr(args, name)
-        if value is not None and not 0 <= value <= 1:
-            raise UserError(f"--{name} {value}: must be between 0 and 1")
-    regions = args.mask_path is not None and (args.network_module or args.attention_couple)
-    if args.image_path is None:
-        for name in ("mask_path", "use_original_file_name"):
-            if getattr(args, name) and not (name == "mask_path" and regions):
-                raise UserError(f"--{name} needs --image_path (the images to work on)")
-    if args.attention_couple and args.mask_path is None:
-        raise UserError("--attention_couple needs --mask_path (the region mask); without a mask the ' AND ' parts "
-                        "share the whole image")
-    codes = args.network_regional_mask_max_color_codes
-    if codes is not None and not 1 <= codes <= 7:
-        raise UserError(f"--network_regional_mask_max_color_codes {codes}: must be 1 to 7 (the colour codes red, "
-                        "green, yellow, blue, magenta, cyan, white)")
-    if args.highres_fix_scale is not None:
-        if not 0 < args.highres_fix_scale <= 1:
-            raise UserError(f"--highres_fix_scale {args.highres_fix_scale}: must be above 0 and at most 1 "
-                            "(the 1st stage's size as a fraction of --W/--H)")
-        if args.highres_fix_steps < 1:
-            raise UserError(f"--highres_fix_steps {args.highres_fix_steps}: must be at least 1")
-        if args.highres_fix_latents_upscaling and args.highres_fix_upscaler:
-            raise UserError("--highres_fix_latents_upscaling and --highres_fix_upscaler exclude each other")
-    else:
-        for name in ("highres_fix_strength", "highres_fix_save_1st", "highres_fix_latents_upscaling",
-                     "highres_fix_upscaler"):
-            if getattr(args, name):
-                raise UserError(f"--{name} needs --highres_fix_scale")
-    if args.highres_fix_upscaler_args and not args.highres_fix_upscaler:
-        raise UserError("--highres_fix_upscaler_args needs --highres_fix_upscaler")
-    if args.vae_slices is not None and args.vae_slices < 1:
-        raise UserError(f"--vae_slices {args.vae_slices}: must be at least 1")
-    if args.vae_slices and args.vae_tiling:
-        raise UserError("--vae_slices and --vae_tiling exclude each other; --vae_slices keeps the image exact")
-
-
 def parse_options(argv: Sequence[str] | None = None) -> Options:
     """The command line as frozen records (`library.records.options`); mistakes exit with one line."""
     return from_namespace(parse_args(argv))
@@ -408,46 +279,3 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Check what argparse cannot: ranges, exclusive options, sampler names."""
-    from library.records.samplers import resolve
-
-    resolve(args.sampler)
-    sources = [o for o in ("prompt", "from_file", "from_module", "interactive") if getattr(args, o)]
-    if len(sources) > 1:
-        raise UserError(f"give one prompt source, not {' and '.join('--' + s for s in sources)}")
-    if not sources and args.image_path is None:
-        raise UserError("no prompt: give --prompt, --from_file, --from_module or --interactive "
-                        "(or --image_path with images that have prompts in their metadata)")
-    if args.fp16 and args.bf16:
-        raise UserError("--fp16 and --bf16 exclude each other")
-    if args.v1 and args.v2:
-        raise UserError("--v1 and --v2 exclude each other")
-    validate_original_compat(args)
-    validate_img2img(args)
-    validate_controlnet(args)
-    validate_guidance(args)
-    for name in ("W", "H"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            raise UserError(f"--{name} {value}: must be a positive multiple of 8")
-    for name in ("steps", "images_per_prompt", "n_iter", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
-    if args.vae_batch_size is not None and args.vae_batch_size <= 0:
-        raise UserError(f"--vae_batch_size {args.vae_batch_size}: must be positive")
-    if args.clip_skip is not None and args.clip_skip < 1:
-        raise UserError(f"--clip_skip {args.clip_skip}: must be at least 1")
-    if args.max_embeddings_multiples is not None and args.max_embeddings_multiples < 1:
-        raise UserError(f"--max_embeddings_multiples {args.max_embeddings_multiples}: must be at least 1")
-    n = len(args.network_module)
-    if len(args.network_weights) != n:
-        raise UserError(f"--network_weights has {len(args.network_weights)} values but --network_module has {n}")
-    if args.network_mul and len(args.network_mul) != n:
-        raise UserError(f"--network_mul has {len(args.network_mul)} values but --network_module has {n}")
-    if args.network_args and len(args.network_args) != n:
-        raise UserError(f"--network_args has {len(args.network_args)} values but --network_module has {n}")
-    if args.network_merge and args.network_pre_calc:
-        raise UserError("--network_merge and --network_pre_calc exclude each other")
-    check_options(args)  # finite numbers, seeds, size and steps limits (library.cli.validation)
-    validate_high_resolution(args)  # last: it imports torch

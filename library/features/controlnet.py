@@ -217,7 +217,7 @@ def hint_features_sized_to(model: torch.nn.Module, sample: torch.Tensor) -> Iter
 def per_model(values: list | None, count: int, default) -> list:
     """One value per model from an option given once (applies to all), per model, or not at all.
 
-    The command line checked the count (`library.cli.parser.validate_controlnet`); another count is a bug.
+    The command line checked the count (`library.cli.validation.validate_controlnet`); another count is a bug.
     """
     if not values:
         return [default] * count

@@ -1,45 +1,16 @@
 """A1111 `parameters` items that describe the run's extra models, so that web UIs and image
 sites (civitai) identify them: `VAE hash`/`VAE`, `Eta DDIM`, `Lora hashes`, `TI hashes`, and
-the `<lora:name:weight>` tags A1111 prompts carry (facts in shared/reference/png-metadata.md).
+the `<lora:name:weight>` tags A1111 prompts carry.
 
-Hashes as the web UI computes them: `VAE hash` the first 10 hex digits of the file's SHA-256
-(like `Model hash`); a LoRA's short hash the first 12 hex digits of the SHA-256 of a
-.safetensors file after its header (the "addnet" hash; other formats: of the whole file); a
-TI embedding's the first 12 hex digits of the whole file's SHA-256. Names lose `:` and `,`.
+The hashes are A1111's (`library.images.hashes`). Names lose `:` and `,`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
-from library.images.file_hashes import model_hash
-
-_CHUNK = 1024 * 1024
-
-
-def _sha256(path: Path, start: int = 0) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def lora_short_hash(path: Path) -> str:
-    """A1111's LoRA short hash: 12 hex of the SHA-256 after the safetensors header (whole file otherwise)."""
-    start = 0
-    if path.suffix.lower() == ".safetensors":
-        with open(path, "rb") as f:
-            start = int.from_bytes(f.read(8), "little") + 8
-    return _sha256(path, start)[:12]
-
-
-def embedding_short_hash(path: Path) -> str:
-    """A1111's TI short hash: 12 hex of the whole file's SHA-256."""
-    return _sha256(path)[:12]
+from library.images.hashes import embedding_short_hash, lora_short_hash, model_hash
 
 
 def _name(path: str) -> str:

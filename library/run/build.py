@@ -363,11 +363,11 @@ def _guidance_metadata(pipeline: Pipeline) -> tuple[tuple[str, object], ...]:
 class ModelHash:
     """A1111's `Model hash` (SHA-256 of the file, 10 hex); folders have none.
 
-    Computed in the background and remembered per file version (`library.images.hash_cache`).
+    Computed in the background and remembered per file version (`library.images.hashes`).
     """
 
     def __init__(self, path: Path) -> None:
-        from library.images.hash_cache import start_model_hash
+        from library.images.hashes import start_model_hash
 
         self._future: Future | None = start_model_hash(path) if path.is_file() else None
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.images import file_hashes
+from library.images import hashes
 
 from library.images import metadata as image_metadata
 
@@ -142,7 +142,7 @@ def test_mask_to_tensor():
     assert t.shape == (1, 1, 1, 2) and t.flatten().tolist() == [0.0, 1.0]
 
 
-@pytest.mark.parametrize("module", [output_files, image_metadata, file_hashes, input_images])
+@pytest.mark.parametrize("module", [output_files, image_metadata, hashes, input_images])
 def test_module_does_not_import_torch_eagerly(module):
     source = Path(module.__file__).read_text()
     assert "\nimport torch" not in source

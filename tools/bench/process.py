@@ -13,7 +13,7 @@ Each run is a fresh `python gen_img.py --ckpt ... --prompt ... --W/--H size --st
 * peak RSS: the child's maximum resident set (`wait4` rusage), the whole process's peak.
 
 Medians over `--runs`, with every run's values in `--json`. The model hash is remembered
-between runs (`library.images.hash_cache`); `--cold_hash` gives every run a fresh hash cache,
+between runs (`library.images.hashes`); `--cold_hash` gives every run a fresh hash cache,
 as a first run on a new file. `--gen_img` runs another checkout's gen_img.py (before/after).
 """
 

@@ -1,4 +1,10 @@
-"""The A1111 `Model hash` of a checkpoint, computed once per file version and remembered.
+"""Every file hash that image metadata shows, as the A1111 web UI computes it.
+
+`Model hash` (and `VAE hash`): the first 10 hex digits of the whole file's SHA-256. A LoRA's
+short hash: the first 12 hex digits of the SHA-256 of a .safetensors file after its header
+(the "addnet" hash; other formats: of the whole file). A TI embedding's: the first 12 hex
+digits of the whole file's SHA-256. Files are read in 1 MiB chunks, so a multi-GB checkpoint
+is never held in memory.
 
 Hashing a 2 GB checkpoint costs 1.2-1.6 s of one core on the benchmark machine, on every
 run. `model_hash_cached` keeps the result in a small JSON file (like A1111's `cache.json`)
@@ -11,6 +17,7 @@ switch it off. A cache that cannot be read or written is ignored (logged at debu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +25,50 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from library.errors import UserError
+
 logger = logging.getLogger(__name__)
+
+_HASH_CHUNK = 1024 * 1024
+
+
+def model_hash(path: Path) -> str:
+    """A1111 `Model hash`: the first 10 hex digits of the whole file's SHA-256.
+
+    The file is read in 1 MiB chunks, so a multi-GB checkpoint is never held in memory.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); check the path") from e
+    return digest.hexdigest()[:10]
+
+
+def _sha256(path: Path, start: int = 0) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def lora_short_hash(path: Path) -> str:
+    """A1111's LoRA short hash: 12 hex of the SHA-256 after the safetensors header (whole file otherwise)."""
+    start = 0
+    if path.suffix.lower() == ".safetensors":
+        with open(path, "rb") as f:
+            start = int.from_bytes(f.read(8), "little") + 8
+    return _sha256(path, start)[:12]
+
+
+def embedding_short_hash(path: Path) -> str:
+    """A1111's TI short hash: 12 hex of the whole file's SHA-256."""
+    return _sha256(path)[:12]
+
 
 _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
 _started: dict[str, Future] = {}
@@ -37,9 +87,7 @@ def _key(path: Path) -> str:
 
 
 def model_hash_cached(path: Path) -> str:
-    """`library.images.file_hashes.model_hash(path)`, from the cache when this version of the file was hashed before."""
-    from library.images.file_hashes import model_hash
-
+    """`model_hash(path)`, from the cache when this version of the file was hashed before."""
     if os.environ.get("SDGEN_HASH_CACHE", "1") == "0":
         return model_hash(path)
     key = _key(path)
