@@ -1,8 +1,7 @@
 """Generation metadata of images: what is written into each output and how it is read back.
 
 `generation_text` writes both the original tool's PNG text keys and an AUTOMATIC1111-style
-`parameters` chunk that web UIs and image sites import (facts in
-`shared/reference/png-metadata.md`); for WebP outputs `webp_exif` carries `parameters` as an
+`parameters` chunk that web UIs and image sites import; for WebP outputs `webp_exif` carries `parameters` as an
 EXIF UserComment. `parse_a1111_parameters` is an independent reader of that format, used to
 prove that what we write is read back correctly, and with `read_generation_text` to take
 prompts from img2img sources. No torch here: `tools/show_metadata.py` should start fast.

@@ -86,7 +86,7 @@ def _sizes(unet, settings: DeepShrink, height: int, width: int, t: int):
     ((64, 64), 3, [64, 32, 16, 4], [(0, 2, (4, 4), (8, 8))]),
 ])
 def test_sizes_per_block_match_the_original(sd_unet, latent, depth, down, resize):
-    """The original's table (reference/original-semantics.md 1.3): down inputs and the one resize."""
+    """The original's table: down inputs and the one resize."""
     got_down, mismatch, _ = _sizes(sd_unet, DeepShrink(depth, 650), *latent, t=650)
     assert got_down == down
     assert mismatch == resize

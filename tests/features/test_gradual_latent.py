@@ -24,7 +24,7 @@ def _timesteps(steps: int) -> list[int]:
 
 
 @pytest.mark.parametrize("steps,start,latent,expected", [
-    # the original's worked schedules (reference/original-semantics.md 2.2)
+    # the original's worked schedules
     (20, 750, (64, 64), ((32, 32), {5: (40, 40), 8: (48, 48), 11: (56, 56), 14: (64, 64)})),
     (30, 750, (64, 96), ((32, 48), {8: (40, 56), 11: (48, 72), 14: (56, 80), 17: (64, 96)})),
     (28, 650, (80, 80), ((40, 40), {10: (48, 48), 13: (56, 56), 16: (64, 64), 19: (80, 80)})),

@@ -258,7 +258,7 @@ def test_arbitrary_lines_give_a_line_or_a_user_error(text: str) -> None:
     assert parsed.prompt in text
 
 
-# --- the original's leniency (issue 15) ---------------------------------------------------------
+# --- the original's leniency ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """The manual's example command lines and a prompt file with every prompt option of the original
-run unchanged (issue 15): every line generates, nothing is skipped, exit status 0, with
+run unchanged: every line generates, nothing is skipped, exit status 0, with
 `--xformers` on a machine without xformers (a warning, then PyTorch SDPA).
 
 Each command is the manual's, with the model, image and network files replaced by tiny test

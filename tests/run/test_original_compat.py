@@ -1,4 +1,4 @@
-"""The original's scripts run unchanged and give the original's images (issue 15): the img2img
+"""The original's scripts run unchanged and give the original's images: the img2img
 start rule, the options of the original's command line, prompt options, seeds and metadata."""
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_both_stages_run_with_their_sizes_steps_and_seeds(tiny_models, tmp_path,
     assert (meta1["seed"], meta1["steps"], meta2["seed"], meta2["steps"]) == ("41", "4", "41", "10")
     a1111 = parse_a1111_parameters(meta2["parameters"])
     assert a1111["Denoising strength"] == "0.5" and "Hires 1st pass size: 64x32" in meta2["parameters"]
-    # the flag alone is bicubic, as the original (issue 15)
+    # the flag alone is bicubic, as the original
     assert a1111["Hires upscaler"] == (f"Latent ({upscaling[-1]})" if len(upscaling) == 2 else
                                        "Latent (bicubic)" if upscaling else "Lanczos")
 
@@ -68,7 +68,7 @@ def test_sequential_names_of_both_stages(tiny_models, tmp_path):
 
 
 def test_strength_of_the_2nd_stage(tiny_models, tmp_path, call_log, caplog):
-    # as the original (issue 15): the 2nd stage takes --strength / --t; --highres_fix_strength is the
+    # as the original: the 2nd stage takes --strength / --t; --highres_fix_strength is the
     # strength of an img2img 1st stage only, so here it is ignored with a warning
     prompts = tmp_path / "p.txt"
     prompts.write_text("default --d 1\nper prompt --t 0.7 --d 2\n")

@@ -43,7 +43,7 @@ def test_strength_0_returns_the_vae_round_trip(model, tiny_models, tmp_path):
     pipeline = make_pipeline(model, "ddim")
     src = make_source(tmp_path / "src.png", (64, 96))
     expected = round_trip(pipeline, pil_to_tensor(Image.open(src)), seed=11, steps=6)
-    # with the original's default offset 1 strength 0 noises at the last timestep (issue 15); offset 0: none
+    # with the original's default offset 1 strength 0 noises at the last timestep; offset 0: none
     assert run(tiny_models, tmp_path / "out", "--image_path", str(src), "--strength", "0", "--prompt", "x --d 11",
                "--force_scheduler_zero_steps_offset") == 0
     (out,) = pngs(tmp_path / "out")
@@ -157,7 +157,7 @@ def test_size_is_rounded_down_or_resized(tiny_models, tmp_path, caplog):
     src = make_source(tmp_path / "odd.png", (70, 61), mode="RGBA")
     with caplog.at_level(logging.INFO, logger="library.sampling.img2img"):
         assert run(tiny_models, tmp_path / "a", "--image_path", str(src), "--prompt", "x") == 0
-    assert Image.open(pngs(tmp_path / "a")[0]).size == (64, 32)  # multiples of 32, as the original (issue 15)
+    assert Image.open(pngs(tmp_path / "a")[0]).size == (64, 32)  # multiples of 32, as the original
     assert "odd.png: 70x61 rounded down to 64x32 (multiples of 32, as the original)" in caplog.text
     assert run(tiny_models, tmp_path / "b", "--image_path", str(src), "--prompt", "x", "--W", "96", "--H", "64") == 0
     assert Image.open(pngs(tmp_path / "b")[0]).size == (96, 64)
