@@ -66,6 +66,7 @@ def _restore_logger_levels():
 @pytest.fixture
 def call_log(monkeypatch):
     """Every `Pipeline.latents` call of a run: size, steps, seeds, strength, steps actually run."""
+    from library.sampling.patches import FixedFeature
     from library.sampling.pipeline import Pipeline
     from tests.helpers import StepRecorder
 
@@ -75,7 +76,7 @@ def call_log(monkeypatch):
     def latents(self, jobs, init=None):
         entry = {"size": (jobs[0].width, jobs[0].height), "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
                  "strength": None if init is None else init.strength, "ran": 0}
-        recorder = StepRecorder(lambda i, t: entry.__setitem__("ran", entry["ran"] + 1))
+        recorder = FixedFeature(StepRecorder(lambda i, t: entry.__setitem__("ran", entry["ran"] + 1)))
         self.patches.add(recorder)
         try:
             return real(self, jobs, init)

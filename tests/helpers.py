@@ -22,7 +22,7 @@ from library.images.metadata import read_generation_text
 from library.models.tiny import TinyComponents, build_tiny_components
 from library.sampling.pipeline import Pipeline
 from library.text.encoder import PromptEncoder
-from library.sampling.patches import Patch
+from library.sampling.patches import Feature, Patch
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 
@@ -76,11 +76,12 @@ def meta(path: Path) -> dict[str, str]:
 # --- building inputs ----------------------------------------------------------------------------
 
 
-def make_pipeline(model, sampler: str) -> Pipeline:
-    """A CPU fp32 Pipeline on a loaded model, with the model's default clip skip."""
+def make_pipeline(model, sampler: str, *features: Feature) -> Pipeline:
+    """A CPU fp32 Pipeline on a loaded model, with the model's default clip skip and `features`
+    (none by default: give `Inpainting()` to inpaint, as a run with an inpainting mask has it)."""
     encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
     return Pipeline(model.unet, model.vae, encoder, sampler, model.kind.v_prediction,
-                    torch.device("cpu"), torch.float32, torch.device("cpu"), progress=False)
+                    torch.device("cpu"), torch.float32, torch.device("cpu"), progress=False, features=list(features))
 
 
 def make_source(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> Path:
@@ -115,13 +116,11 @@ OPENCLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, nu
 
 
 class StepRecorder(Patch):
-    """A feature calling `record(step, timestep)` after every step of every batch."""
+    """A patch calling `record(step, timestep)` after every step (as `FixedFeature(StepRecorder(...))`,
+    of every batch)."""
 
     def __init__(self, record) -> None:
         self.record = record
-
-    def for_batch(self, batch):
-        return self
 
     def after_step(self, ctx, latents):
         self.record(ctx.step, ctx.timestep)

@@ -35,9 +35,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from library.images.metadata import FeatureMetadata
+from library.images.region_masks import RegionMask, load_region_mask, resized, token_grid
 from library.models.unet_blocks import cross_attention_modules
-from library.images.region_masks import RegionMask, resized, token_grid
-from library.sampling.patches import Attend, Batch, LoRALayer, Patch, StepContext, TextRole
+from library.records.options import Options, has_region_mask, regional_lora
+from library.sampling import highres_fix
+from library.sampling.patches import Attend, Batch, FeatureBase, LoRALayer, Patch, RunSetup, StepContext, TextRole
 
 if TYPE_CHECKING:
     from library.features.lora import Networks
@@ -54,7 +57,22 @@ def prompt_rows(ctx: StepContext) -> slice:
     return slice(0, images) if ctx.layout.copies == 1 else slice(images, 2 * images)
 
 
-class AttentionCouple:
+def region_mask(options: Options) -> RegionMask | None:
+    """The `--mask_path` region mask (`library.images.region_masks`), or None when it is not one.
+
+    With `--W` and `--H` it is resized to the size the loop makes (the 1st stage's with Highres fix)."""
+    if not has_region_mask(options):
+        return None
+    g = options.generation
+    size = None
+    if g.width_given and g.height_given:
+        size = (g.width, g.height)
+        if options.highres.scale:
+            size = highres_fix.first_stage_size(g.width, g.height, options.highres.scale)
+    return load_region_mask(options.sources.mask_path, options.networks.regional_color_codes, size)
+
+
+class AttentionCouple(FeatureBase):
     """The feature: prompts with ` AND ` parts, and regional LoRA (networks + region mask)."""
 
     def __init__(self, unet: nn.Module, regions: RegionMask | None = None, networks: "Networks | None" = None) -> None:
@@ -62,6 +80,19 @@ class AttentionCouple:
         self.regions = regions
         self.networks = networks
         self.roles = _cross_attention_roles(unet) if networks is not None else {}
+
+    @classmethod
+    def from_run(cls, setup: RunSetup) -> AttentionCouple:
+        """Every run has it (any prompt line may have ` AND ` parts); with its region mask, and
+        with the run's networks for regional LoRA (networks and `--mask_path` together)."""
+        options = setup.options
+        return cls(setup.model.unet, region_mask(options), setup.networks if regional_lora(options) else None)
+
+    def metadata(self, job) -> FeatureMetadata:
+        """("Region mask", file name), ("Region mode", rule) of the run's region mask, if any."""
+        if self.regions is None:
+            return FeatureMetadata()
+        return FeatureMetadata(parameters=(("Region mask", self.regions.path.name), ("Region mode", self.regions.mode)))
 
     def for_batch(self, batch: Batch) -> Patch | None:
         parts = max(1, len(batch.jobs[0].prompt_parts))

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from library.images import input_images as image_io
+from library.images.metadata import FeatureMetadata
 from library.errors import UserError
-from library.sampling.patches import Batch, Patch
+from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup
 
 logger = logging.getLogger(__name__)
 
@@ -109,30 +110,37 @@ class ControlUnit:
     ratio: float
 
 
-class GuideImages:
-    """The `--guide_image_path` images of a run, handed out in turn (image n gets n mod count)."""
-
-    def __init__(self, guide_path: str | Sequence[str]) -> None:
-        """`guide_path`: a file or folder, or several of them (their images one after the other)."""
-        given = [guide_path] if isinstance(guide_path, str) else list(guide_path)
-        self.paths = [p for g in given for p in image_io.list_images(Path(g), "--guide_image_path")]
-        for path in self.paths:  # decode each once now: a damaged file stops the run before any output
-            image_io.load_rgb(path)
-        self._next = 0
-
-    def next_path(self) -> str:
-        path = self.paths[self._next % len(self.paths)]
-        self._next += 1
-        return str(path)
-
-
-class ControlNets:
+class ControlNets(FeatureBase):
     """The run's ControlNets; `for_batch` gives a batch's per-call U-Net arguments."""
 
     def __init__(self, units: list[ControlUnit]) -> None:
         if not units:
             raise ValueError("ControlNets needs at least one unit")
         self.units = units
+
+    @classmethod
+    def from_run(cls, setup: RunSetup) -> ControlNets | None:
+        """`--control_net_models` loaded for the run's U-Net, with their preps, weights and ratios."""
+        from library.models.controlnet import load_controlnet
+
+        options = setup.options.controlnet
+        if not options.models:
+            return None
+        count = len(options.models)
+        preps = [parse_prep(p) for p in per_model(options.preps, count, "none")]
+        weights = per_model(options.weights, count, 1.0)
+        ratios = per_model(options.ratios, count, 1.0)
+        units = []
+        for name, prep, weight, ratio in zip(options.models, preps, weights, ratios, strict=True):
+            net = load_controlnet(name, setup.model.unet, setup.dtype, setup.device)
+            units.append(ControlUnit(net, Path(name).name, prep, weight, ratio))
+            logger.info("ControlNet %s: preprocessing %s, weight %g, ratio %g", Path(name).name, prep.label, weight,
+                        ratio)
+        return cls(units)
+
+    def mirrors(self) -> list[torch.nn.Module]:
+        """The ControlNets: their down paths mirror the U-Net's (Deep Shrink shrinks them too)."""
+        return [unit.model for unit in self.units]
 
     def unit_at(self, call: int, calls: int) -> int | None:
         """Index of the ControlNet of U-Net call `call` of `calls`: units take turns, each within its ratio."""
@@ -149,8 +157,10 @@ class ControlNets:
                 by_prep[unit.prep] = hint_tensor([hint_array(p, unit.prep, width, height) for p in pictures])
         return [by_prep[unit.prep] for unit in self.units]
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """A1111-style `ControlNet N` parameters of an image guided by these ControlNets."""
+    def metadata(self, job) -> FeatureMetadata:
+        """A1111-style `ControlNet N` parameters of an image with a guide image (none without)."""
+        if job.guide_image is None:
+            return FeatureMetadata()
         items = []
         for n, unit in enumerate(self.units):
             parts = [f"Module: {unit.prep.kind}", f"Model: {unit.name}", f"Weight: {unit.weight:g}"]
@@ -158,7 +168,7 @@ class ControlNets:
                 parts += [f"Threshold A: {unit.prep.low}", f"Threshold B: {unit.prep.high}"]
             parts += ["Guidance Start: 0", f"Guidance End: {unit.ratio:g}"]
             items.append((f"ControlNet {n}", ", ".join(parts)))
-        return tuple(items)
+        return FeatureMetadata(parameters=tuple(items))
 
     def for_batch(self, batch: Batch) -> "BatchControl | None":
         """The batch's per-call guidance, when its images have guide images."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from library.records.deep_shrink_settings import DeepShrink
 from library.errors import UserError
-from library.sampling.patches import Batch, Patch, StepContext
+from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup, StepContext
 
 
 def bicubic(h: torch.Tensor, *, scale_factor: float | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -36,11 +36,19 @@ def bicubic(h: torch.Tensor, *, scale_factor: float | None = None, size: tuple[i
     return F.interpolate(h, size=size, scale_factor=scale_factor, mode="bicubic", align_corners=False)
 
 
-class DeepShrinkFeature:
+class DeepShrinkFeature(FeatureBase):
     """The patch owner's feature: batches whose Jobs have Deep Shrink settings get `ShrinkDeepLayers`."""
 
     def __init__(self, down_blocks: int) -> None:
         self.down_blocks = down_blocks
+
+    @classmethod
+    def from_run(cls, setup: RunSetup) -> DeepShrinkFeature:
+        """Every run has it (any prompt line may set Deep Shrink); the command line's depth is
+        checked here, so a wrong one stops the run up front (exit 2)."""
+        feature = cls(len(setup.model.unet.down_blocks))
+        feature.check_settings(setup.options.generation.deep_shrink)
+        return feature
 
     def check_job(self, job) -> None:
         """A depth outside the U-Net's down blocks is the user's mistake (the line is skipped)."""

@@ -37,16 +37,21 @@ from library.features.deep_shrink import bicubic
 from library.errors import UserError
 from library.records.gradual_latent_settings import SAMPLERS, GradualLatent
 from library.sampling.step_math import denoised, euler_ancestral_step, scale_input, sigma_at
-from library.sampling.patches import Batch, Patch, StepContext
+from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup, StepContext
 
 logger = logging.getLogger(__name__)
 
 
-class GradualLatentFeature:
+class GradualLatentFeature(FeatureBase):
     """The patch owner's feature: batches whose Jobs have Gradual Latent settings get `GrowLatents`."""
 
     def __init__(self, sampler: str) -> None:
         self.sampler = sampler
+
+    @classmethod
+    def from_run(cls, setup: RunSetup) -> GradualLatentFeature:
+        """Every run has it (any prompt line may set Gradual Latent); it checks the run's sampler."""
+        return cls(setup.options.generation.sampler)
 
     def check_job(self, job) -> None:
         if job.gradual_latent is None:

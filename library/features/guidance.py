@@ -50,10 +50,11 @@ from PIL import Image
 from torch import Tensor
 
 from library.images import input_images as image_io
+from library.images.metadata import FeatureMetadata
 from library.records.jobs import Job
 from library.text.weighting import BREAK_TEXT, parse_prompt_attention
 from library.sampling.step_math import alpha_bar_at, denoised, denoised_alpha_bar, scale_input
-from library.sampling.patches import Batch, BatchLayout, Patch, RowsUNet, StepContext
+from library.sampling.patches import Batch, BatchLayout, FeatureBase, Patch, RowsUNet, RunSetup, StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class VggGuide:
         return scale * (self._run(x) - target.to(x.device)).pow(2).mean()
 
 
-class GuidedGeneration:
+class GuidedGeneration(FeatureBase):
     """The guidance feature: every batch gets a `GuidedBatch` while some scale is not 0."""
 
     def __init__(self, vae: torch.nn.Module, scales: Scales, clip: ClipGuide | None = None,
@@ -214,13 +215,33 @@ class GuidedGeneration:
         self.vae, self.scales, self.clip, self.vgg, self.v_prediction = vae, scales, clip, vgg, v_prediction
         self.checkpoint_decoder = checkpoint_decoder
 
-    def metadata(self) -> tuple[tuple[str, object], ...]:
+    @classmethod
+    def from_run(cls, setup: RunSetup) -> GuidedGeneration | None:
+        """CLIP text / image and VGG16 guidance with their local models, or None when every scale is 0."""
+        options, model = setup.options.guidance, setup.model
+        scales = Scales(options.clip_scale, options.clip_image_scale, options.vgg16_scale, options.vgg16_layer)
+        if not scales.enabled:
+            return None
+        clip = vgg = None
+        if scales.clip_text or scales.clip_image:
+            from library.models.clip_guidance import load_clip_model
+
+            clip = ClipGuide(load_clip_model(options.clip_model, setup.device, setup.dtype), model.tokenizer)
+        if scales.vgg16:
+            from library.models.vgg16 import load_vgg16_features
+
+            vgg = VggGuide(load_vgg16_features(options.vgg16_weights, setup.device, setup.dtype), scales.vgg16_layer)
+        logger.info("guidance: CLIP text %g, CLIP image %g, VGG16 %g (layer %d)", scales.clip_text,
+                    scales.clip_image, scales.vgg16, scales.vgg16_layer)
+        return cls(model.vae, scales, clip, vgg, model.kind.v_prediction)
+
+    def metadata(self, job: Job) -> FeatureMetadata:
         """The guidance of every image, as A1111-style parameters (the scales that are on)."""
         s = self.scales
         items = [("CLIP guidance scale", s.clip_text), ("CLIP image guidance scale", s.clip_image),
                  ("VGG16 guidance scale", s.vgg16)]
         layer = (("VGG16 guidance layer", s.vgg16_layer),) if s.vgg16 else ()
-        return (*((key, value) for key, value in items if value), *layer)
+        return FeatureMetadata(parameters=(*((key, value) for key, value in items if value), *layer))
 
     def for_batch(self, batch: Batch) -> "GuidedBatch | None":
         if not self.scales.enabled:

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from library.errors import UserError
-from library.sampling.patches import Batch, Patch
+from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Networks:
+class Networks(FeatureBase):
     """The loaded networks; merged ones (the first `merged`) keep their multipliers."""
 
     loaded: list
@@ -37,6 +37,12 @@ class Networks:
 
     def __post_init__(self) -> None:
         self._current = list(self.defaults)
+
+    @classmethod
+    def from_run(cls, setup: RunSetup) -> Networks | None:
+        """The networks the run loaded before its pipeline (`load_networks`), when there are any."""
+        networks = setup.networks
+        return networks if networks is not None and networks.loaded else None
 
     def for_batch(self, batch: Batch) -> "NetworkLayers | None":
         """Hooks for the un-merged layers with the batch's `--am` multipliers (None without any)."""

@@ -21,13 +21,21 @@ from typing import Sequence
 import torch
 
 from library.models.unet_blocks import cross_attention_layer_names
-from library.sampling.patches import Batch, Patch
+from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup
 
 logger = logging.getLogger(__name__)
 
 
-class PerLayerText:
+class PerLayerText(FeatureBase):
     """The XTI feature: each named cross-attention layer attends to its own text states."""
+
+    @classmethod
+    def from_run(cls, setup: RunSetup) -> PerLayerText | None:
+        """With XTI embeddings (`--XTI_embeddings`), the layers their vectors are for."""
+        embeddings = setup.encoder.embeddings
+        if embeddings is None or not embeddings.has_xti:
+            return None
+        return cls(setup.model.unet, embeddings.layer_names)
 
     def __init__(self, unet: torch.nn.Module, layer_names: Sequence[str]) -> None:
         found = cross_attention_layer_names(unet)

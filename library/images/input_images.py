@@ -1,7 +1,8 @@
 """Input image files and image tensors: img2img sources, inpainting masks, ControlNet hints.
 
 `list_images` / `load_rgb` / `load_mask` read the input files, turning every unreadable file
-into a one-line `UserError`; `pil_to_tensor` / `mask_to_tensor` / `tensor_to_pil` convert
+into a one-line `UserError`; `GuideImages` hands out the `--guide_image_path` images (ControlNet
+hints, CLIP image / VGG16 guidance) in turn; `pil_to_tensor` / `mask_to_tensor` / `tensor_to_pil` convert
 between PIL images and NCHW tensors ([-1, 1] pixels, [0, 1] masks), also for the outputs.
 """
 
@@ -41,6 +42,23 @@ def list_images(path: Path, option: str = "--image_path") -> list[Path]:
     if not found:
         raise UserError(f"{option} {path}: the folder has no .png/.jpg/.jpeg/.webp images; add some or pick another")
     return found
+
+
+class GuideImages:
+    """The `--guide_image_path` images of a run, handed out in turn (image n gets n mod count)."""
+
+    def __init__(self, guide_path: str | Sequence[str]) -> None:
+        """`guide_path`: a file or folder, or several of them (their images one after the other)."""
+        given = [guide_path] if isinstance(guide_path, str) else list(guide_path)
+        self.paths = [p for g in given for p in list_images(Path(g), "--guide_image_path")]
+        for path in self.paths:  # decode each once now: a damaged file stops the run before any output
+            load_rgb(path)
+        self._next = 0
+
+    def next_path(self) -> str:
+        path = self.paths[self._next % len(self.paths)]
+        self._next += 1
+        return str(path)
 
 
 def _open_image(path: Path) -> Image.Image:

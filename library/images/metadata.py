@@ -66,6 +66,18 @@ def _number(value: object) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class FeatureMetadata:
+    """What features write into one image (`library.sampling.patches.Feature.metadata`): their own
+    PNG text keys and their A1111 `parameters` fields, each in order; `+` joins two."""
+
+    text: tuple[tuple[str, str], ...] = ()
+    parameters: tuple[tuple[str, object], ...] = ()
+
+    def __add__(self, other: FeatureMetadata) -> FeatureMetadata:
+        return FeatureMetadata(self.text + other.text, self.parameters + other.parameters)
+
+
+@dataclasses.dataclass(frozen=True)
 class ImageRecord:
     """Everything written into one image's metadata.
 
@@ -92,6 +104,7 @@ class ImageRecord:
     karras: bool = False
     extra: tuple[tuple[str, object], ...] = ()
     a1111_prompt_suffix: str = ""  # e.g. `<lora:name:0.8>` tags: in `parameters` only, not in `prompt`
+    feature_text: tuple[tuple[str, str], ...] = ()  # features' own PNG text keys (`FeatureMetadata.text`)
 
     def __post_init__(self) -> None:
         if isinstance(self.extra, Mapping):
@@ -101,7 +114,7 @@ class ImageRecord:
 
 
 def generation_text(record: ImageRecord) -> dict[str, str]:
-    """PNG text items for one image: the original tool's keys, then A1111 `parameters`."""
+    """PNG text items for one image: the original tool's keys, the features' keys, then A1111 `parameters`."""
     text = {
         "prompt": record.prompt,
         "seed": str(record.seed),
@@ -117,6 +130,7 @@ def generation_text(record: ImageRecord) -> dict[str, str]:
         text["clip-prompt"] = record.clip_prompt
     if record.raw_prompt is not None:
         text["raw-prompt"] = record.raw_prompt
+    text.update(record.feature_text)
     text["parameters"] = a1111_parameters(record)
     return text
 

@@ -18,13 +18,14 @@ import torch
 from library.sampling import highres_fix
 
 from library.images import output_files
-from library.features.lora import Networks, load_networks
-from library.features.controlnet import GuideImages
+from library.features import FEATURES, load_networks
+from library.images.input_images import GuideImages
 from library.run.distributed import SOLO, Team
 from library.errors import UserError, first_line
 from library.sampling.img2img import SourceImages
 from library.models import LoadedModel, load_model
-from library.records.options import vae_batch_size, ControlNetOptions, GuidanceOptions, LoadOptions, Options, TextOptions
+from library.records.options import vae_batch_size, LoadOptions, Options, TextOptions
+from library.sampling.patches import RunSetup
 from library.sampling.pipeline import Pipeline
 from library.prompts.sources import Defaults
 from library.images.run_metadata import run_parameters
@@ -148,26 +149,20 @@ def xformers_usable() -> bool:
     return True
 
 
-def networks(options: Options, model: LoadedModel) -> Networks:
-    """`--network_module/--network_weights` loaded, merged, pre-calculated or prepared."""
+def networks(options: Options, model: LoadedModel):
+    """`--network_module/--network_weights` loaded, merged, pre-calculated or prepared: the run's
+    networks, which the pipeline's features take from its setup."""
     from library.records.options import regional_lora
 
     return load_networks(options.networks, model, regional=regional_lora(options))
 
 
-def pipeline(options: Options, model: LoadedModel, runtime: Runtime, nets: Networks) -> Pipeline:
-    """The pipeline for this model, with the run's sampler, prompt encoder and features."""
-    from library.features.deep_shrink import DeepShrinkFeature
-    from library.features.gradual_latent import GradualLatentFeature
-
+def pipeline(options: Options, model: LoadedModel, runtime: Runtime, nets=None) -> Pipeline:
+    """The pipeline for this model, with the run's sampler, prompt encoder and the features it uses
+    (`library.features.FEATURES`, each built by its `from_run`, in that order)."""
     encoder = prompt_encoder(options.text, model)
-    control = controlnets(options.controlnet, model, runtime)
-    couple = attention_couple(options, model, nets)
-    guided = guidance(options.guidance, model, runtime)
-    features = [f for f in (nets, xti_feature(encoder, model), control, couple, guided) if f is not None]
-    deep_shrink = DeepShrinkFeature(len(model.unet.down_blocks))
-    deep_shrink.check_settings(options.generation.deep_shrink)  # the command line's depth: exit 2 up front
-    features += [deep_shrink, GradualLatentFeature(options.generation.sampler)]
+    setup = RunSetup(options, model, runtime.device, runtime.dtype, runtime.vae_dtype, encoder, nets)
+    features = [f for f in (cls.from_run(setup) for cls in FEATURES) if f is not None]
     warn_unused_eta(options.generation.sampler, options.generation.ddim_eta)
     return Pipeline(
         unet=model.unet,
@@ -184,7 +179,6 @@ def pipeline(options: Options, model: LoadedModel, runtime: Runtime, nets: Netwo
         zero_terminal_snr=options.generation.zero_terminal_snr,
         start_noise=start_noise(options),
         features=features,
-        mirrors=[unit.model for unit in control.units] if control is not None else [],
     )
 
 
@@ -223,82 +217,8 @@ def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder:
     )
 
 
-def xti_feature(encoder: PromptEncoder, model: LoadedModel):
-    """With XTI embeddings, the feature that gives each cross-attention layer its own text states."""
-    from library.features.xti import PerLayerText
-
-    if encoder.embeddings is None or not encoder.embeddings.has_xti:
-        return None
-    return PerLayerText(model.unet, encoder.embeddings.layer_names)
-
-
-def region_mask(options: Options):
-    """The `--mask_path` region mask (`library.images.region_masks`), or None when it is not one."""
-    from library.images.region_masks import load_region_mask
-    from library.records.options import has_region_mask
-
-    if not has_region_mask(options):
-        return None
-    g = options.generation
-    size = None
-    if g.width_given and g.height_given:
-        size = (g.width, g.height)
-        if options.highres.scale:
-            size = highres_fix.first_stage_size(g.width, g.height, options.highres.scale)
-    return load_region_mask(options.sources.mask_path, options.networks.regional_color_codes, size)
-
-
-def attention_couple(options: Options, model: LoadedModel, nets: Networks):
-    """The feature for ` AND ` prompts and regional LoRA (networks + region mask)."""
-    from library.features.attention_couple import AttentionCouple
-    from library.records.options import regional_lora
-
-    return AttentionCouple(model.unet, region_mask(options), nets if regional_lora(options) else None)
-
-
-def controlnets(options: ControlNetOptions, model: LoadedModel, runtime: Runtime):
-    """`--control_net_models` loaded for this model, with their preps, weights and ratios (or None)."""
-    from library.features.controlnet import ControlNets, ControlUnit, parse_prep, per_model
-    from library.models.controlnet import load_controlnet
-
-    if not options.models:
-        return None
-    count = len(options.models)
-    preps = [parse_prep(p) for p in per_model(options.preps, count, "none")]
-    weights = per_model(options.weights, count, 1.0)
-    ratios = per_model(options.ratios, count, 1.0)
-    units = []
-    for name, prep, weight, ratio in zip(options.models, preps, weights, ratios):
-        net = load_controlnet(name, model.unet, runtime.dtype, runtime.device)
-        units.append(ControlUnit(net, Path(name).name, prep, weight, ratio))
-        logger.info("ControlNet %s: preprocessing %s, weight %g, ratio %g", Path(name).name, prep.label, weight, ratio)
-    return ControlNets(units)
-
-
-def guidance(options: GuidanceOptions, model: LoadedModel, runtime: Runtime):
-    """CLIP text / image and VGG16 guidance with their local models, or None when every scale is 0."""
-    from library.features.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide
-
-    scales = Scales(options.clip_scale, options.clip_image_scale, options.vgg16_scale, options.vgg16_layer)
-    if not scales.enabled:
-        return None
-    clip = vgg = None
-    if scales.clip_text or scales.clip_image:
-        from library.models.clip_guidance import load_clip_model
-
-        clip = ClipGuide(load_clip_model(options.clip_model, runtime.device, runtime.dtype), model.tokenizer)
-    if scales.vgg16:
-        from library.models.vgg16 import load_vgg16_features
-
-        vgg = VggGuide(load_vgg16_features(options.vgg16_weights, runtime.device, runtime.dtype), scales.vgg16_layer)
-    logger.info("guidance: CLIP text %g, CLIP image %g, VGG16 %g (layer %d)", scales.clip_text, scales.clip_image,
-                scales.vgg16, scales.vgg16_layer)
-    return GuidedGeneration(model.vae, scales, clip, vgg, model.kind.v_prediction)
-
-
 def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team = SOLO) -> Runner:
     """A Runner writing into `--outdir` with this run's metadata (this process's share of it)."""
-    from library.features.controlnet import ControlNets
     from library.run.preview import preview_window
     from library.records.options import has_region_mask
 
@@ -308,7 +228,6 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
     except OSError as exc:
         raise UserError(f"--outdir {outdir}: cannot create it ({exc.strerror})") from None
     g = options.generation
-    control = next((f for f in pipeline.features if isinstance(f, ControlNets)), None)
     output = OutputSettings(
         outdir=outdir,
         sampler=g.sampler,
@@ -319,8 +238,6 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
         vae_batch_size=vae_batch_size(g.vae_batch_size, g.batch_size),
         preview=preview_window() if options.output.preview and team.leads else None,
         use_original_name=options.output.use_original_file_name,
-        controlnet_metadata=control.metadata() if control is not None else (),
-        feature_metadata=_region_metadata(pipeline) + _guidance_metadata(pipeline),
         run_metadata=run_parameters(
             vae=options.load.vae, sampler=g.sampler, ddim_eta=g.ddim_eta, lora_files=options.networks.weights,
             embedding_files=(*options.text.textual_inversion_embeddings, *options.text.xti_embeddings)),
@@ -340,24 +257,6 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
     guides = GuideImages(guide_path) if guide_path is not None else None
     return Runner(pipeline, Defaults.from_options(options), output, g.batch_size,
                   sources=sources, highres=highres_fix.from_options(options.highres), guides=guides, team=team)
-
-
-def _region_metadata(pipeline: Pipeline) -> tuple[tuple[str, str], ...]:
-    """("Region mask", file name), ("Region mode", rule) of the run's region mask, if any."""
-    from library.features.attention_couple import AttentionCouple
-
-    couple = next((f for f in pipeline.features if isinstance(f, AttentionCouple)), None)
-    if couple is None or couple.regions is None:
-        return ()
-    return (("Region mask", couple.regions.path.name), ("Region mode", couple.regions.mode))
-
-
-def _guidance_metadata(pipeline: Pipeline) -> tuple[tuple[str, object], ...]:
-    """The CLIP / VGG16 guidance scales of the run (`GuidedGeneration.metadata`), if any."""
-    from library.features.guidance import GuidedGeneration
-
-    guided = next((f for f in pipeline.features if isinstance(f, GuidedGeneration)), None)
-    return guided.metadata() if guided is not None else ()
 
 
 class ModelHash:

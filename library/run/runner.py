@@ -34,7 +34,7 @@ from library.images import output_files
 from library.progress import progress as tqdm
 from library.run.summary import Summary
 from library.sampling.checks import check_pixels
-from library.features.controlnet import GuideImages
+from library.images.input_images import GuideImages
 from library.run.distributed import SOLO, Team
 from library.errors import UserError
 from library.sampling.highres_fix import HighresFix
@@ -61,9 +61,6 @@ class OutputSettings:
     vae_batch_size: int = 1
     preview: Callable[[list], None] | None = None
     use_original_name: bool = False  # `--use_original_file_name`: name after the img2img source
-    controlnet_metadata: tuple[tuple[str, str], ...] = ()  # for images with a guide image
-    # the run's features: region mask file and mode (`library.images.region_masks`), guidance scales (`library.features.guidance`)
-    feature_metadata: tuple[tuple[str, object], ...] = ()
     run_metadata: tuple[tuple[str, object], ...] = ()  # VAE, eta, Lora/TI hashes (`library.images.run_metadata`)
     lora_files: tuple[str, ...] = ()  # for the `<lora:name:w>` tags of the A1111 prompt
     lora_multipliers: tuple[float, ...] = ()  # defaults; a line's --am wins
@@ -208,10 +205,8 @@ class Runner:
             self.summary.existing += stage != "0"  # counted once per image, by its final file
             return
         extra = self.highres.metadata(job) if stage == "1" else ()
-        if job.guide_image is not None:
-            extra = (*extra, *self.output.controlnet_metadata)
-        extra = (*extra, *self.output.feature_metadata)
-        extra = (*extra, *self.output.run_metadata)
+        features = self.pipeline.metadata(job)  # each feature's own (`Feature.metadata`), in their order
+        extra = (*extra, *features.parameters, *self.output.run_metadata)
         tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
         record = image_metadata.ImageRecord(
             prompt=job.prompt,
@@ -232,6 +227,7 @@ class Runner:
             karras=self.output.sampler.endswith("_karras"),
             extra=extra,
             a1111_prompt_suffix=tags,
+            feature_text=features.text,
         )
         path = output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record),
                                        variant_of=self._names.asked(name))

@@ -1,8 +1,12 @@
 """The one owner of everything that changes a denoising step: typed patch points per batch.
 
-Every feature that changes how a batch is denoised (LoRA un-merged, `--am`, XTI, ControlNet,
-inpainting's re-imposition; later Deep Shrink, Gradual Latent, Attention Couple, guidance)
-is a `Feature`: `for_batch(batch) -> Patch | None`. The loop installs the batch's patches in
+Every feature that changes how a batch is denoised (inpainting's re-imposition, LoRA un-merged
+and `--am`, XTI, ControlNet, Attention Couple, guidance, Deep Shrink, Gradual Latent) is a
+`Feature` (`FeatureBase` gives the no-op defaults): `from_run(setup)` builds it from the run's
+`RunSetup` (None when the run does not use it), `check_job(job)` refuses a Job it cannot make,
+`metadata(job)` is what it writes into that image's file, and `for_batch(batch) -> Patch | None`
+is its change to one batch. The run's features are one tuple (`library.features.FEATURES`). The
+loop installs the batch's patches in
 one `with owner.installed(batch)` block; every hook and processor wrapper the owner put on the
 models is removed when the block ends, also on error and Ctrl-C, so the U-Net is exactly as
 before the batch.
@@ -23,7 +27,7 @@ U-Net). Points, in the order a step meets them:
 ``before_skip_concat``     the hidden state before up block i concatenates its j-th skip
 ``cross_attention_states`` the text states a cross-attention layer attends to (XTI)
 ``cross_attention_output`` a cross-attention layer's output; ``attend(states)`` runs it
-``after_guidance``         the guided noise prediction (gradients may be enabled here)
+``after_cfg``              the noise prediction after CFG combines (gradients may be enabled here)
 ``guide``                  the latents and noise prediction before the scheduler step; may run
                            the U-Net again on some rows (``unet(sample, rows)``, with grad)
 ``scheduler_step``         replaces the scheduler step (at most one patch per batch); a patch
@@ -49,11 +53,14 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal, Protocol, Sequenc
 import torch
 from torch import Tensor, nn
 
+from library.images.metadata import FeatureMetadata
 from library.sampling.step_math import sigma_at
 
 if TYPE_CHECKING:
+    from library.models import LoadedModel
     from library.records.jobs import Job
-    from library.text.encoder import Conditioning
+    from library.records.options import Options
+    from library.text.encoder import Conditioning, PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +181,7 @@ class Patch:
                                attend: Attend) -> Tensor:
         return attend(states)
 
-    def after_guidance(self, ctx: StepContext, latents: Tensor, eps: Tensor) -> Tensor:
+    def after_cfg(self, ctx: StepContext, latents: Tensor, eps: Tensor) -> Tensor:
         return eps
 
     def guide(self, ctx: StepContext, latents: Tensor, eps: Tensor, unet: RowsUNet) -> tuple[Tensor, Tensor]:
@@ -190,10 +197,74 @@ class Patch:
         return latents
 
 
-class Feature(Protocol):
-    """Something that may change how a batch is denoised."""
+@dataclass(frozen=True)
+class RunSetup:
+    """What the features of a run build themselves from (`Feature.from_run`), made once by
+    `library.run.build.pipeline`."""
 
-    def for_batch(self, batch: Batch) -> Patch | None: ...
+    options: Options  # the run's option records (`library.records.options`)
+    model: LoadedModel
+    device: torch.device
+    dtype: torch.dtype  # the U-Net's and the features' models'
+    vae_dtype: torch.dtype
+    encoder: PromptEncoder
+    # the run's networks (`library.features.lora.Networks`), loaded before the pipeline; None without
+    networks: Feature | None = None
+
+
+class Feature(Protocol):
+    """Something that may change how a batch is denoised, and what it writes into each image."""
+
+    @classmethod
+    def from_run(cls, setup: RunSetup) -> Feature | None:
+        """The feature of this run, or None when the run does not use it."""
+        ...
+
+    def check_job(self, job: Job) -> None:
+        """Raise `UserError` for a Job this feature cannot make (its prompt line is then skipped)."""
+        ...
+
+    def metadata(self, job: Job) -> FeatureMetadata:
+        """What this feature writes into `job`'s image: PNG text keys and A1111 `parameters` fields."""
+        ...
+
+    def mirrors(self) -> Sequence[nn.Module]:
+        """Models whose ``down_blocks`` mirror the U-Net's (ControlNets; see `PatchOwner`)."""
+        ...
+
+    def for_batch(self, batch: Batch) -> Patch | None:
+        """This feature's change to one batch, or None when the batch does not use it."""
+        ...
+
+
+class FeatureBase:
+    """A `Feature` with no-op defaults: a feature overrides only what it needs."""
+
+    @classmethod
+    def from_run(cls, setup: RunSetup) -> Feature | None:
+        return None
+
+    def check_job(self, job: Job) -> None:
+        return None
+
+    def metadata(self, job: Job) -> FeatureMetadata:
+        return FeatureMetadata()
+
+    def mirrors(self) -> Sequence[nn.Module]:
+        return ()
+
+    def for_batch(self, batch: Batch) -> Patch | None:
+        return None
+
+
+class FixedFeature(FeatureBase):
+    """A feature whose `for_batch` always gives the same patch (tests, benchmarks, one-off changes)."""
+
+    def __init__(self, patch: Patch) -> None:
+        self.patch = patch
+
+    def for_batch(self, batch: Batch) -> Patch:
+        return self.patch
 
 
 def _overrides(patch: Patch, point: str) -> bool:
@@ -273,9 +344,9 @@ class BatchRun:
             kwargs = _add_kwargs(kwargs, patch.unet_kwargs(ctx, sample, timestep, cond) or {})
         return self.unet(sample, timestep, encoder_hidden_states=cond.states, **kwargs).sample
 
-    def after_guidance(self, ctx: StepContext, latents: Tensor, eps: Tensor) -> Tensor:
-        for patch in self._with["after_guidance"]:
-            eps = patch.after_guidance(ctx, latents, eps)
+    def after_cfg(self, ctx: StepContext, latents: Tensor, eps: Tensor) -> Tensor:
+        for patch in self._with["after_cfg"]:
+            eps = patch.after_cfg(ctx, latents, eps)
         return eps
 
     def guide(self, ctx: StepContext, latents: Tensor, eps: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:

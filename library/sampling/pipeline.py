@@ -10,7 +10,8 @@ eps vs v-prediction is the scheduler's business (its `prediction_type`), not the
 
 img2img (`library.sampling.img2img`) changes only where the loop starts. Everything else that changes
 a step (LoRA, XTI, ControlNet, inpainting, ...) is a feature of the patch owner
-(`library.sampling.patches`), installed for the batch around the loop; the loop names none of them.
+(`library.sampling.patches`), given to the Pipeline by the run (`library.run.build.pipeline`) and
+installed for the batch around the loop; the loop names none of them.
 The VAE memory options (`library.sampling.vae_slices`) only change how the VAE runs.
 """
 
@@ -34,6 +35,7 @@ from library.records.samplers import noises_per_step
 from library.sampling.schedulers import make_scheduler
 from library.sampling.noise import draw_image_noise
 from library.text.encoder import Conditioning, PromptEncoder
+from library.images.metadata import FeatureMetadata
 from library.sampling.patches import Batch, BatchLayout, Feature, PatchOwner, SourceLatents
 from library.sampling.vae_slices import sliced_decode, sliced_encode_moments
 
@@ -60,18 +62,21 @@ class Pipeline:
     zero_steps_offset: bool = False  # `--force_scheduler_zero_steps_offset` (img2img start only)
     zero_terminal_snr: bool = False  # `--zero_terminal_snr`: the scheduler's betas rescaled
     start_noise: Callable | None = None  # `library.sampling.start_noise.StartNoise` (noise offset / pyramid noise)
-    features: list[Feature] = field(default_factory=list)  # what the patch owner installs per batch
-    mirrors: list[torch.nn.Module] = field(default_factory=list)  # ControlNets (their down path mirrors the U-Net's)
+    # what the patch owner installs per batch, in order (`library.features.FEATURES` in a run)
+    features: list[Feature] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.patches = PatchOwner(self.unet, [img2img.Inpainting(), *self.features], self.mirrors)
+        mirrors = [model for feature in self.features for model in feature.mirrors()]
+        self.patches = PatchOwner(self.unet, self.features, mirrors)
 
     def check_job(self, job: Job) -> None:
         """Raise `UserError` for a Job a feature cannot make (its prompt line is then skipped)."""
         for feature in self.patches.features:
-            check = getattr(feature, "check_job", None)
-            if check is not None:
-                check(job)
+            feature.check_job(job)
+
+    def metadata(self, job: Job) -> FeatureMetadata:
+        """What the features write into `job`'s image, joined in the features' order."""
+        return sum((feature.metadata(job) for feature in self.patches.features), FeatureMetadata())
 
     @property
     def vae_scale(self) -> int:
@@ -109,11 +114,11 @@ class Pipeline:
             latents = img2img.starting_latents(scheduler, latents, noise, start, init.strength)
         else:
             latents = noise.initial.to(self.device) * scheduler.init_noise_sigma
-        guidance = Guidance.of(first)
-        layout = BatchLayout(len(jobs), guidance.copies, shape[1], shape[2])
+        cfg = CFG.of(first)
+        layout = BatchLayout(len(jobs), cfg.copies, shape[1], shape[2])
         batch = Batch(tuple(jobs), layout, scheduler, timesteps, self.device, self.dtype, source,
                       tuple(noise.generators))
-        return self._denoise(batch, guidance, latents, self._step_kwargs(scheduler, noise.generators))
+        return self._denoise(batch, cfg, latents, self._step_kwargs(scheduler, noise.generators))
 
     def _steps_offset(self, scheduler) -> int:
         """The offset of the original's img2img start rule: the scheduler's `steps_offset`,
@@ -122,20 +127,20 @@ class Pipeline:
             return 0
         return int(scheduler.config.get("steps_offset", 0) or 0)
 
-    def _denoise(self, batch: Batch, guidance: "Guidance", latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:
+    def _denoise(self, batch: Batch, cfg: "CFG", latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:
         """The loop over the batch's timesteps, with the batch's patches installed."""
         scheduler = batch.scheduler
         with self.patches.installed(batch) as run:
             latents = run.start(latents)
             if len(batch.timesteps) == 0:
                 return latents
-            cond = self._conditioning(batch.jobs, guidance, run)
+            cond = self._conditioning(batch.jobs, cfg, run)
             desc = run.description("steps")
             for i, t in enumerate(tqdm(batch.timesteps, desc=desc, leave=False, disable=not self.progress)):
                 ctx = run.context(i, t)
                 scale = lambda x, t=t: scheduler.scale_model_input(x, t)  # noqa: E731
-                model_input = run.scale_model_input(ctx, torch.cat([latents] * guidance.copies), scale)
-                eps = run.after_guidance(ctx, latents, guidance.combine(run.unet_call(ctx, model_input, t, cond)))
+                model_input = run.scale_model_input(ctx, torch.cat([latents] * cfg.copies), scale)
+                eps = run.after_cfg(ctx, latents, cfg.combine(run.unet_call(ctx, model_input, t, cond)))
                 latents, eps = run.guide(ctx, latents, eps, t)
                 step = lambda e, x, t=t: scheduler.step(e, t, x, **step_kwargs).prev_sample  # noqa: E731
                 latents = run.after_step(ctx, run.scheduler_step(ctx, eps, latents, step))
@@ -149,8 +154,8 @@ class Pipeline:
         latents = self.encode_images(init.images, generators, init.vae_batch_size)
         return latents.to(self.device, self.dtype)
 
-    def _conditioning(self, jobs: tuple[Job, ...], guidance: "Guidance", run=None) -> Conditioning:
-        """Text states of the batch's rows, in the order `guidance` combines them.
+    def _conditioning(self, jobs: tuple[Job, ...], cfg: "CFG", run=None) -> Conditioning:
+        """Text states of the batch's rows, in the order `cfg` combines them.
 
         A prompt split at ` AND ` is encoded part by part (`Conditioning.parts`, part 0 in
         the prompt rows of `states`); `run.text_encoding` tells the patches what is encoded.
@@ -165,10 +170,10 @@ class Pipeline:
 
         parts = tuple(encode([j.prompt_parts[k] for j in jobs], "prompt", k) for k in range(len(first.prompt_parts)))
         prompt = parts[0] if parts else encode(prompts)
-        if guidance.copies == 1:
+        if cfg.copies == 1:
             return replace(prompt, parts=parts)
         negatives = encode([j.negative_prompt for j in jobs], "negative")
-        if guidance.copies == 3:
+        if cfg.copies == 3:
             return replace(Conditioning.cat([encode([""] * len(jobs), "empty"), prompt, negatives]), parts=parts)
         return replace(Conditioning.cat([negatives, prompt]), parts=parts)
 
@@ -230,15 +235,16 @@ class Pipeline:
 
 
 @dataclass(frozen=True)
-class Guidance:
-    """How the U-Net outputs of one step combine: 1 (no CFG), 2 (CFG) or 3 (negative scale)."""
+class CFG:
+    """Classifier-free guidance: how the U-Net outputs of one step combine, from `copies` rows per
+    image: 1 (no CFG), 2 (CFG) or 3 (with a negative scale)."""
 
     copies: int
     scale: float
     negative_scale: float | None
 
     @classmethod
-    def of(cls, job: Job) -> "Guidance":
+    def of(cls, job: Job) -> "CFG":
         """No CFG at scale <= 1 without a negative scale; CFG; or CFG with a negative scale."""
         if job.scale <= 1.0 and not job.negative_scale:
             return cls(1, job.scale, None)

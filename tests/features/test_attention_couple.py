@@ -26,7 +26,7 @@ from library.models.unet_blocks import cross_attention_modules
 from library.records.options import NetworkOptions
 from library.text.weighting import split_and
 from library.images.region_masks import load_region_mask
-from library.sampling.patches import Patch
+from library.sampling.patches import FixedFeature, Patch
 from networks.lora_files import write_kohya_lora
 from tests.helpers import make_pipeline
 
@@ -67,13 +67,10 @@ def job(prompt: str, seed: int = 3, scale: float = 5.0, steps: int = 6, **extra)
 
 
 class FirstStep(Patch):
-    """A feature keeping the latents after the first step of each batch."""
+    """A patch keeping the latents after the first step of each batch."""
 
     def __init__(self) -> None:
         self.latents: torch.Tensor | None = None
-
-    def for_batch(self, batch):
-        return self
 
     def after_step(self, ctx, latents):
         if ctx.step == 0:
@@ -91,11 +88,12 @@ def couple(model, regions=None, networks=None):
 
 def first_step(pipeline, jobs: list[Job]) -> torch.Tensor:
     recorder = FirstStep()
-    pipeline.patches.add(recorder)
+    feature = FixedFeature(recorder)
+    pipeline.patches.add(feature)
     try:
         pipeline.latents(jobs)
     finally:
-        pipeline.patches.features.remove(recorder)
+        pipeline.patches.features.remove(feature)
     return recorder.latents
 
 
@@ -202,9 +200,6 @@ class KeepCond(Patch):
     def __init__(self) -> None:
         self.cond = None
 
-    def for_batch(self, batch):
-        return self
-
     def unet_kwargs(self, ctx, sample, timestep, cond):
         self.cond = self.cond or cond
         return None
@@ -225,7 +220,7 @@ def test_merge_formula_matches_a_direct_computation_at_one_layer(lora_model, hal
     regions = load_region_mask(str(halves), None, (WIDTH, HEIGHT))
     pipeline = couple(model, regions, nets)
     keep = KeepCond()
-    pipeline.patches.add(keep)
+    pipeline.patches.add(FixedFeature(keep))
     attn = cross_attention_modules(model.unet)["IN01"][0]
     capture = Capture(attn)
     muls = (0.8, 1.3)
@@ -303,7 +298,7 @@ def test_text_encoder_lora_k_encodes_part_k_only_and_never_the_negative(lora_mod
     regions = load_region_mask(str(halves), None, (WIDTH, HEIGHT))
     pipeline = couple(model, regions, nets)
     keep = KeepCond()
-    pipeline.patches.add(keep)
+    pipeline.patches.add(FixedFeature(keep))
     pipeline.latents([job("a cat AND a dog", steps=1)])
     first, second = (net.text_encoder_loras for net in nets.loaded)
     assert torch.allclose(keep.cond.parts[0].states, _encode_with(model, ["a cat"], first), atol=1e-6)

@@ -15,7 +15,6 @@ from library.features.controlnet import (
     BatchControl,
     ControlNets,
     ControlUnit,
-    GuideImages,
     Prep,
     hint_array,
     hint_tensor,
@@ -23,6 +22,7 @@ from library.features.controlnet import (
     per_model,
 )
 from library.errors import UserError
+from library.images.input_images import GuideImages
 from library.records.jobs import Job
 from library.text.encoder import Conditioning
 from library.sampling.patches import BatchLayout, StepContext

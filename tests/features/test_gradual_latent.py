@@ -13,7 +13,7 @@ from library.records.gradual_latent_settings import GradualLatent, Unsharp, pars
 from library.records.jobs import Job
 from library.prompts.line_options import parse_prompt_line
 from library.sampling.schedulers import make_scheduler
-from library.sampling.patches import Patch
+from library.sampling.patches import FixedFeature, Patch
 from tests.helpers import assert_override_stays_on_its_line, make_pipeline, pixels, pngs, run
 
 
@@ -73,9 +73,6 @@ class StepSizes(Patch):
     def __init__(self) -> None:
         self.sizes: list[tuple[int, int]] = []
 
-    def for_batch(self, batch):
-        return self
-
     def after_step(self, ctx, latents):
         self.sizes.append(tuple(latents.shape[-2:]))
         return latents
@@ -87,7 +84,7 @@ def _latents(model, settings, seeds=(5,), steps=8, size=256, record=None, height
 
     pipeline.patches.add(GradualLatentFeature("euler_a"))
     if record is not None:
-        pipeline.patches.add(record)
+        pipeline.patches.add(FixedFeature(record))
     jobs = [Job("a cat", "", seed=s, width=size, height=height or size, steps=steps, scale=5.0, gradual_latent=settings)
             for s in seeds]
     return pipeline.latents(jobs)

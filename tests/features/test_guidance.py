@@ -208,7 +208,7 @@ def test_the_manuals_examples_run_with_local_models(tiny_models, tmp_path, guide
     clip = ("--clip_model", str(tiny_models["clip"]))
     common = ("--n_iter", "1", "--W", "64", "--H", "64", "--batch_size", "1", "--images_per_prompt", "1",
               "--sampler", "ddim", "--opt_channels_last", "--steps", "4")
-    with caplog.at_level(logging.INFO, logger="library.run.build"):
+    with caplog.at_level(logging.INFO, logger="library.features.guidance"):
         assert gen_img.main(["--ckpt", ckpt, *common, "--scale", "2.5", "--outdir", str(tmp_path / "a"),
                              "--prompt", "a girl", "--clip_guidance_scale", "100", *clip]) == 0
     assert "guidance: CLIP text 100, CLIP image 0, VGG16 0 (layer 20)" in caplog.messages

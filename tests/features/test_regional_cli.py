@@ -12,7 +12,10 @@ from PIL import Image
 
 from library.run import build
 from library.cli.parser import parse_options
+from library.features.attention_couple import region_mask
+from library.images.metadata import FeatureMetadata
 from library.models.tiny import build_tiny_components
+from library.records.jobs import Job
 from networks.lora_files import write_kohya_lora
 from tests.helpers import img2img_error, make_source, meta, pixels, pngs, run
 
@@ -111,7 +114,9 @@ def test_with_networks_the_mask_is_not_an_inpainting_mask(tiny_models, tmp_path,
     pipeline = build.pipeline(options, model, build.Runtime.from_options(options.load), build.networks(options, model))
     runner = build.runner(options, model, pipeline)
     assert runner.sources.masks == []
-    assert runner.output.feature_metadata == (("Region mask", "rg.png"), ("Region mode", "RGB channels"))
+    image = Job("a AND b", "", seed=1, width=64, height=64, steps=3, scale=7.0)
+    assert pipeline.metadata(image) == FeatureMetadata(
+        parameters=(("Region mask", "rg.png"), ("Region mode", "RGB channels")))
 
 
 def _change_of_part_2(tiny_models, tmp_path: Path, *extra: str) -> np.ndarray:
@@ -146,8 +151,8 @@ def test_with_highres_fix_the_mask_is_read_at_the_first_stage_size(tiny_models, 
                              "--mask_path", str(files["mask"]), "--W", "192", "--H", "128",
                              "--highres_fix_scale", "0.5", "--network_regional_mask_max_color_codes", "2",
                              "--prompt", "a"])
-    mask = build.region_mask(options)
+    mask = region_mask(options)
     assert mask.pixels.shape == (64, 96, 3) and mask.mode == "colour codes (2)"
     options = parse_options(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path), "--attention_couple",
                              "--mask_path", str(files["mask"]), "--W", "128", "--prompt", "a"])
-    assert build.region_mask(options).pixels.shape == (64, 64, 3)  # --H not given: the mask's own size
+    assert region_mask(options).pixels.shape == (64, 64, 3)  # --H not given: the mask's own size

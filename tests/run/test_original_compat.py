@@ -262,7 +262,7 @@ def test_control_net_multipliers_and_several_guide_images(tmp_path):
     from PIL import Image
 
     from library.cli.parser import parse_options
-    from library.features.controlnet import GuideImages
+    from library.images.input_images import GuideImages
 
     for name in ("a.png", "folder/b.png", "folder/c.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)

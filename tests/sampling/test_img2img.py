@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from library.images.metadata import read_generation_text
+from library.features.inpainting import Inpainting
 from library.sampling.img2img import Img2ImgInput, first_step, steps_to_run
+from library.sampling.patches import FixedFeature
 from library.images.input_images import pil_to_tensor
 from library.records.jobs import Job
 from library.models import load_model
@@ -67,7 +69,7 @@ def test_strength_1_ignores_the_source(tiny_models, tmp_path):
 def test_steps_run_are_the_tail_that_strength_selects(model, sampler, order):
     pipeline = make_pipeline(model, sampler)
     calls: list[int] = []
-    pipeline.patches.add(StepRecorder(lambda i, t: calls.append(t)))
+    pipeline.patches.add(FixedFeature(StepRecorder(lambda i, t: calls.append(t))))
     source = torch.zeros(1, 3, 32, 32)
     for steps, strength in ((10, 0.55), (10, 0.3), (7, 1.0), (12, 0.999), (5, 0.1)):
         calls.clear()
@@ -88,7 +90,7 @@ def test_every_sampler_runs_img2img_and_inpainting(model, tmp_path):
     masks = torch.zeros(1, 1, 4, 4)
     masks[..., 1:3, 1:3] = 1
     for sampler in [n for n in sampler_names() if not n.startswith("k_") and not n.endswith("_karras")]:
-        pipeline = make_pipeline(model, sampler)
+        pipeline = make_pipeline(model, sampler, Inpainting())
         job = Job("x", "", seed=2, width=32, height=32, steps=4, scale=4.0, strength=0.5)
         for init in (Img2ImgInput(0.5, images=source), Img2ImgInput(0.5, images=source, masks=masks)):
             latents = pipeline.latents([job], init)

@@ -17,26 +17,16 @@ from library.cli.parser import parse_options
 from library.records.jobs import Job
 from library.models import load_model
 from library.sampling.schedulers import make_scheduler
-from library.sampling.patches import BatchLayout, Patch, StepContext
+from library.sampling.patches import BatchLayout, FixedFeature, Patch, StepContext
 from tests.helpers import make_pipeline
 from tests.helpers import ROOT
 
 
 
-class Once:
-    """A feature that gives every batch the same patch."""
-
-    def __init__(self, patch: Patch) -> None:
-        self.patch = patch
-
-    def for_batch(self, batch):
-        return self.patch
-
-
 def _latents(model, patch: Patch | None, sampler: str = "euler", scale: float = 5.0) -> torch.Tensor:
     pipeline = make_pipeline(model, sampler)
     if patch is not None:
-        pipeline.patches.add(Once(patch))
+        pipeline.patches.add(FixedFeature(patch))
     job = Job("a cat", "blur", seed=5, width=64, height=64, steps=3, scale=scale)
     return pipeline.latents([job, Job("a dog", "blur", seed=6, width=64, height=64, steps=3, scale=scale)])
 
@@ -57,12 +47,12 @@ class Residuals(Patch):
 
 def test_unet_arguments_of_two_producers_add_up(sd1):
     pipeline = make_pipeline(sd1, "ddim")
-    pipeline.patches.add(Once(Residuals(0.1)))
-    pipeline.patches.add(Once(Residuals(0.2)))
+    pipeline.patches.add(FixedFeature(Residuals(0.1)))
+    pipeline.patches.add(FixedFeature(Residuals(0.2)))
     job = Job("a cat", "", seed=5, width=64, height=64, steps=3, scale=5.0)
     both = pipeline.latents([job])
     one = make_pipeline(sd1, "ddim")
-    one.patches.add(Once(Residuals(0.1 + 0.2)))
+    one.patches.add(FixedFeature(Residuals(0.1 + 0.2)))
     assert torch.allclose(both, one.latents([job]), atol=1e-5)
     assert (both - make_pipeline(sd1, "ddim").latents([job])).abs().max() > 1e-3
 
@@ -104,8 +94,8 @@ class Recorder(Patch):
         out = attend(states)
         return out * 1.5 if self._note("cross_attention_output", ctx, layer) else out
 
-    def after_guidance(self, ctx, latents, eps):
-        return eps * 0.9 if self._note("after_guidance", ctx, tuple(eps.shape)) else eps
+    def after_cfg(self, ctx, latents, eps):
+        return eps * 0.9 if self._note("after_cfg", ctx, tuple(eps.shape)) else eps
 
     def guide(self, ctx, latents, eps, unet):
         return (latents, eps * 0.9) if self._note("guide", ctx, tuple(latents.shape), tuple(eps.shape)) else \
@@ -120,7 +110,7 @@ class Recorder(Patch):
 
 
 POINTS = ["start", "scale_model_input", "unet_kwargs", "down_block_input", "before_skip_concat", "cross_attention_states",
-          "cross_attention_output", "after_guidance", "guide", "scheduler_step", "after_step"]
+          "cross_attention_output", "after_cfg", "guide", "scheduler_step", "after_step"]
 
 
 def test_every_point_sees_the_context_of_its_call_and_passes_through_unchanged(sd1):
@@ -192,8 +182,8 @@ def test_guide_runs_the_unet_on_chosen_rows_as_the_loop_does(tiny_models, sd1, t
     rows = RowCalls((3, 1))
     pipeline = make_pipeline(sd1, "ddim")
     pipeline.patches.add(ControlNets([ControlUnit(net, "tiny", Prep("none"), 1.0, 1.0)]))
-    pipeline.patches.add(Once(Full()))
-    pipeline.patches.add(Once(rows))
+    pipeline.patches.add(FixedFeature(Full()))
+    pipeline.patches.add(FixedFeature(rows))
     guide = str(tmp_path / "guide.png")
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(guide)
     jobs = [Job(p, "blur", seed=s, width=64, height=64, steps=2, scale=5.0, guide_image=guide)
@@ -291,6 +281,7 @@ def test_inpainting_with_every_feature_leaves_the_models_as_they_were(tiny_model
     gives the same latents bit for bit (nothing of the first one stayed behind)."""
     from dataclasses import replace
 
+    from library.features.inpainting import Inpainting
     from library.sampling.img2img import SourceImages
 
     xti, source, mask, guide = _feature_files(tiny_models, tmp_path)
@@ -303,6 +294,7 @@ def test_inpainting_with_every_feature_leaves_the_models_as_they_were(tiny_model
     model = build.load(options.load, runtime)
     pipeline = build.pipeline(options, model, runtime, build.networks(options, model))
     pipeline.progress = False
+    pipeline.patches.features.insert(0, Inpainting())  # first, where a run with an inpainting mask has it
     sources = SourceImages(str(source), str(mask))
     job = Job("a xcat", "", seed=11, width=64, height=64, steps=4, scale=5.0, strength=0.75,
               network_multipliers=(0.6,), guide_image=str(guide))
@@ -366,7 +358,7 @@ def test_text_encoding_says_which_rows_the_text_encoder_encodes(tiny_models, neg
     te_layers = [(m, 1.0) for m in nets.loaded[0].text_encoder_loras]
     patch = TextRoles(te_layers)
     pipeline = make_pipeline(model, "ddim")
-    pipeline.patches.add(Once(patch))
+    pipeline.patches.add(FixedFeature(patch))
     job = Job("a cat AND a dog", "blur", seed=5, width=64, height=64, steps=1, scale=5.0,
               negative_scale=negative_scale, prompt_parts=("a cat", "a dog"))
     pipeline.latents([job])

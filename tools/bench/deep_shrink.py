@@ -18,18 +18,8 @@ from library.features.deep_shrink import ShrinkDeepLayers
 from library.records.deep_shrink_settings import DeepShrink
 from library.models import load_model
 from library.text.encoder import Conditioning
-from library.sampling.patches import Batch, BatchLayout, PatchOwner
+from library.sampling.patches import Batch, BatchLayout, FixedFeature, PatchOwner
 from tools.bench.common import DEFAULT_CACHE, DTYPES, checkpoint_path
-
-
-class _Fixed:
-    """A feature giving every batch the same patch."""
-
-    def __init__(self, patch) -> None:
-        self.patch = patch
-
-    def for_batch(self, batch):
-        return self.patch
 
 
 def call_seconds(unet: torch.nn.Module, pixels: int, shrink: bool, dtype: torch.dtype) -> float:
@@ -37,7 +27,7 @@ def call_seconds(unet: torch.nn.Module, pixels: int, shrink: bool, dtype: torch.
     latent = pixels // 8
     x = torch.randn(2, 4, latent, latent, dtype=dtype)
     text = Conditioning(torch.randn(2, 77, unet.config.cross_attention_dim, dtype=dtype))
-    features = [_Fixed(ShrinkDeepLayers(DeepShrink(1, 650)))] if shrink else []
+    features = [FixedFeature(ShrinkDeepLayers(DeepShrink(1, 650)))] if shrink else []
     batch = Batch((), BatchLayout(1, 2, latent, latent), None, torch.tensor([900]), torch.device("cpu"), dtype)
     t = torch.tensor(900)
     with torch.no_grad(), PatchOwner(unet, features).installed(batch) as run:
