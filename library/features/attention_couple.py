@@ -19,8 +19,10 @@ points:
   cross-attention keys and values only in part k's prompt rows; its delta on the output
   projection goes into dO_k above; resnet time-embedding projections (no spatial axes) are
   never masked; every other U-Net delta of network k is multiplied by m_k.
-* ``text_encoding``: which text the encoder runs on, for the text-encoder rule.
-* ``cross_attention_states``: only notes the batch's `Conditioning` for the part texts.
+* ``install``: keeps the batch's `BatchRun`, which knows the current call's `Conditioning` (the
+  part texts, `run.cond`) and which text the encoder runs on (`run.text`, for the text-encoder
+  rule). What one part's attention hands to the LoRA deltas inside it (the part, its rows,
+  its output delta) is a `PartAttention` made for that call; nothing is kept between calls.
 
 Pixels that no region covers get no cross-attention output (as the original). Parts beyond
 the networks keep the region the mask gives them (the whole image where it gives none), and
@@ -30,6 +32,8 @@ their text acts there; the original gives them weight 0.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,11 +44,10 @@ from library.images.region_masks import RegionMask, load_region_mask, resized, t
 from library.models.unet_blocks import cross_attention_modules
 from library.records.options import Options, has_region_mask, regional_lora
 from library.sampling import highres_fix
-from library.sampling.patches import Attend, Batch, FeatureBase, LoRALayer, Patch, RunSetup, StepContext, TextRole
+from library.sampling.patches import Attend, Batch, BatchRun, FeatureBase, LoRALayer, Patch, RunSetup, StepContext, TextRole
 
 if TYPE_CHECKING:
     from library.features.lora import Networks
-    from library.text.encoder import Conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +110,26 @@ class AttentionCouple(FeatureBase):
         return self.regions.regions(parts)
 
 
+@dataclass
+class PartAttention:
+    """One part's attention inside one cross-attention call, for the LoRA deltas computed in it."""
+
+    part: int
+    rows: slice  # the prompt rows
+    out_delta: Tensor | None = None  # the part's network's delta on the output projection (its rows)
+
+
 class CouplePatch(Patch):
     """One batch's attention couple: the per-part attention and the per-pixel merge."""
 
     def __init__(self, regions: Tensor) -> None:
         self.regions = regions  # (parts, H, W) at the mask's size
-        self.cond: "Conditioning | None" = None
-        self.part: int | None = None  # the part whose attention runs now
-        self._sized: dict[tuple[int, int, torch.dtype], Tensor] = {}
+        self.run: BatchRun | None = None
+        self.attending: PartAttention | None = None  # the part whose attention runs now
+        self._sized: dict[tuple[int, int, torch.dtype], Tensor] = {}  # the regions resized (a cache)
+
+    def install(self, stack: ExitStack, run: BatchRun) -> None:
+        self.run = run
 
     def masks(self, height: int, width: int, like: Tensor) -> Tensor:
         """(parts, height * width) regions at one resolution, in `like`'s device and dtype."""
@@ -127,13 +142,10 @@ class CouplePatch(Patch):
         h, w = token_grid(tokens, ctx.layout.latent_height, ctx.layout.latent_width)
         return self.masks(h, w, like)
 
-    def cross_attention_states(self, ctx, layer, states, cond):
-        self.cond = cond
-        return states
-
     def cross_attention_output(self, ctx: StepContext, layer: str, hidden: Tensor, states: Tensor,
                                attend: Attend) -> Tensor:
-        parts = self.cond.parts if self.cond is not None else ()
+        cond = self.run.cond if self.run is not None else None
+        parts = cond.parts if cond is not None else ()
         rows = prompt_rows(ctx)
         masks = self.token_masks(ctx, hidden.shape[1], hidden)  # (parts, tokens)
         weights = masks / masks.sum(0, keepdim=True).clamp_min(EPSILON)
@@ -143,19 +155,17 @@ class CouplePatch(Patch):
             if parts:
                 text = states.clone()
                 text[rows] = parts[k].layer_states(layer).to(states)
-            self.part = k
-            try:
-                result = attend(text)
-            finally:
-                self.part = None
-            term = weights[k][None, :, None] * result[rows] + self.output_delta(k, masks[k])
+            call = self.attending = PartAttention(k, rows)
+            result = attend(text)
+            self.attending = None
+            term = weights[k][None, :, None] * result[rows] + self.output_delta(call, masks[k])
             merged = term if merged is None else merged + term
             if out is None:
                 out = result.clone()  # the other rows attend to their own text (the same in every part)
         out[rows] = merged
         return out
 
-    def output_delta(self, part: int, mask: Tensor) -> Tensor | float:
+    def output_delta(self, call: PartAttention, mask: Tensor) -> Tensor | float:
         """m_k * dO_k for regional LoRA (0 for a plain attention couple)."""
         return 0.0
 
@@ -169,42 +179,29 @@ class RegionalLoRAPatch(CouplePatch):
         self.roles = roles  # id(module) -> "kv" / "out" for cross-attention projections
         self.owners = owners  # id(LoRA layer) -> network (= part) index
         self.multipliers = multipliers  # network index -> this batch's multiplier
-        self.text: tuple[TextRole, int] | None = None
-        self._out_deltas: dict[int, Tensor] = {}
-        self._rows = slice(None)
 
-    def text_encoding(self, role: TextRole, part: int) -> None:
-        self.text = (role, part)
-
-    def cross_attention_output(self, ctx, layer, hidden, states, attend):
-        self._rows = prompt_rows(ctx)
-        self._out_deltas.clear()
-        try:
-            return super().cross_attention_output(ctx, layer, hidden, states, attend)
-        finally:
-            self._out_deltas.clear()
-
-    def output_delta(self, part: int, mask: Tensor) -> Tensor | float:
-        delta = self._out_deltas.get(part)
-        if delta is None:
+    def output_delta(self, call: PartAttention, mask: Tensor) -> Tensor | float:
+        if call.out_delta is None:
             return 0.0
-        return mask[None, :, None] * delta * self.multipliers.get(part, 1.0)
+        return mask[None, :, None] * call.out_delta * self.multipliers.get(call.part, 1.0)
 
     def lora_output(self, ctx: StepContext | None, layer: LoRALayer, x: Tensor, delta: Tensor) -> Tensor:
         network = self.owners.get(id(layer))
         if network is None:
             return delta
-        if ctx is None:  # the text encoder
-            return delta if self.text == ("prompt", network) else torch.zeros_like(delta)
+        if ctx is None:  # the text encoder: network k on part k's prompt only
+            text = self.run.text if self.run is not None else None
+            return delta if text == ("prompt", network) else torch.zeros_like(delta)
         role = self.roles.get(id(layer.module))
+        call = self.attending if self.attending is not None and self.attending.part == network else None
         if role == "kv":
             kept = torch.zeros_like(delta)
-            if self.part == network:
-                kept[self._rows] = delta[self._rows]
+            if call is not None:
+                kept[call.rows] = delta[call.rows]
             return kept
         if role == "out":
-            if self.part == network:
-                self._out_deltas[network] = delta[self._rows]
+            if call is not None:
+                call.out_delta = delta[call.rows]
             return torch.zeros_like(delta)
         return self._masked(ctx, network, delta)
 

@@ -23,17 +23,19 @@ Semantics, as the manual describes the original:
 ControlNet is a feature of the patch owner (`library.sampling.patches`): it changes the U-Net only
 through the ``unet_kwargs`` point (`down_block_additional_residuals`,
 `mid_block_additional_residual`), computed from the default text states (with XTI, the
-ControlNet sees the first layer's states: it has no per-layer cross-attention).
+ControlNet sees the first layer's states: it has no per-layer cross-attention). Its ``install``
+point hooks each ControlNet's hint embedding for the batch, so that the hint's features follow
+the size of the U-Net call's sample (Gradual Latent).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ from PIL import Image
 from library.images import input_images as image_io
 from library.images.metadata import FeatureMetadata
 from library.errors import UserError
-from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup
+from library.sampling.patches import Batch, BatchRun, FeatureBase, Patch, RunSetup
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +188,16 @@ class BatchControl(Patch):
     def __init__(self, nets: ControlNets, hints: list[torch.Tensor]) -> None:
         self.nets, self.hints = nets, hints
 
+    def install(self, stack: ExitStack, run: BatchRun) -> None:
+        """Hook each ControlNet's hint embedding for the batch: its features take the size of the
+        current U-Net call's sample (`run.sample`), see `sized_hint_features`."""
+        models = {id(unit.model): unit.model for unit in self.nets.units}
+        for model in models.values():
+            embedding = getattr(model, "controlnet_cond_embedding", None)
+            if embedding is not None:
+                hook = _HintSize(run)
+                stack.callback(embedding.register_forward_hook(hook).remove)
+
     def unet_kwargs(self, ctx, sample: torch.Tensor, timestep: torch.Tensor, cond) -> dict | None:
         """Residuals of the ControlNet whose turn call `ctx.step` is, or nothing."""
         index = self.nets.unit_at(ctx.step, ctx.steps)
@@ -193,35 +205,31 @@ class BatchControl(Patch):
             return None
         unit = self.nets.units[index]
         hint = self.hints[index] if ctx.rows is None else self.hints[index][list(ctx.rows)]
-        with hint_features_sized_to(unit.model, sample):
-            down, mid = unit.model(
-                sample, timestep, encoder_hidden_states=cond.states, controlnet_cond=hint,
-                conditioning_scale=unit.weight, return_dict=False,
-            )
+        down, mid = unit.model(
+            sample, timestep, encoder_hidden_states=cond.states, controlnet_cond=hint,
+            conditioning_scale=unit.weight, return_dict=False,
+        )
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
-@contextmanager
-def hint_features_sized_to(model: torch.nn.Module, sample: torch.Tensor) -> Iterator[None]:
-    """While a ControlNet runs on a `sample` smaller than its image (Gradual Latent's early
-    steps), resize the hint's features (the output of its hint embedding, at latent size) to
-    the sample's size, bicubic in fp32, as the original does; at full size nothing is hooked."""
-    embedding = getattr(model, "controlnet_cond_embedding", None)
-    if embedding is None:
-        yield
-        return
-    size = tuple(sample.shape[-2:])
+class _HintSize:
+    """A forward hook on a ControlNet's hint embedding: its features at the size of the sample
+    of the batch's current U-Net call (`BatchRun.sample`)."""
 
-    def resize(module, inputs, features: torch.Tensor) -> torch.Tensor | None:
-        if tuple(features.shape[-2:]) == size:
-            return None
-        return F.interpolate(features.float(), size=size, mode="bicubic").to(features.dtype)
+    def __init__(self, run: BatchRun) -> None:
+        self.run = run
 
-    handle = embedding.register_forward_hook(resize)
-    try:
-        yield
-    finally:
-        handle.remove()
+    def __call__(self, module, inputs, features: torch.Tensor) -> torch.Tensor | None:
+        return sized_hint_features(features, tuple(self.run.sample.shape[-2:]))
+
+
+def sized_hint_features(features: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor | None:
+    """A hint's features (the output of the hint embedding, at the image's latent size) for a
+    ControlNet that runs on a smaller sample (Gradual Latent's early steps): resized bicubic in
+    fp32, as the original does; None (unchanged) when they already have that size."""
+    if tuple(features.shape[-2:]) == tuple(size):
+        return None
+    return F.interpolate(features.float(), size=size, mode="bicubic").to(features.dtype)
 
 
 def per_model(values: list | None, count: int, default) -> list:

@@ -19,7 +19,9 @@ at a time, with gradients on:
    scale (LMS, Euler, Euler a, Heun, DPM2, DPM2 a): input ``x / sqrt(sigma^2+1)``,
    ``s = x0 = x - sigma*eps``. v-prediction models convert v to eps / x0 first;
 3. ``img = clamp(VAE.decode(s / scaling) / 2 + 0.5, 0, 1)``, with gradient checkpointing in
-   the decoder (same result, less memory);
+   the decoder (same result, less memory): the patch's ``install`` turns it on for the batch
+   through diffusers' public switch, and the end of the batch turns it off again unless the VAE
+   had it on before;
 4. CLIP: bilinear antialiased resize to 224x224, CLIP normalisation, image features,
    L2-normalised; ``loss = scale * mean(2*arcsin(|a-b|/2)^2)`` against the text's (or guide
    image's, resized NEAREST to 224x224) normalised features. VGG: resize to (H/4, W/4),
@@ -39,6 +41,7 @@ first output is not offered). Images without a guide (a Highres fix 2nd stage wi
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -54,7 +57,7 @@ from library.images.metadata import FeatureMetadata
 from library.records.jobs import Job
 from library.text.weighting import BREAK_TEXT, parse_prompt_attention
 from library.sampling.step_math import alpha_bar_at, denoised, denoised_alpha_bar, scale_input
-from library.sampling.patches import Batch, BatchLayout, FeatureBase, Patch, RowsUNet, RunSetup, StepContext
+from library.sampling.patches import Batch, BatchLayout, BatchRun, FeatureBase, Patch, RowsUNet, RunSetup, StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +281,13 @@ class GuidedBatch(Patch):
         names = dict.fromkeys(name for mine in terms for name, _, _ in mine)
         self.progress_label = " + ".join(names) + " guidance"  # e.g. "CLIP + VGG16 guidance"
 
+    def install(self, stack: ExitStack, run: BatchRun) -> None:
+        """Gradient checkpointing in the VAE for the batch (its decoder's backward pass recomputes
+        activations instead of keeping them); `stack` restores the VAE's own setting."""
+        vae = self.feature.vae
+        if self.feature.checkpoint_decoder and getattr(vae, "decoder", None) is not None:
+            checkpoint_gradients(stack, vae)
+
     def cond_row(self, layout: BatchLayout, image: int) -> int:
         """The layout row of image `image`'s conditional text ([uncond, cond] / [empty, cond, neg])."""
         return image if layout.copies == 1 else layout.images + image
@@ -314,19 +324,10 @@ class GuidedBatch(Patch):
         return f * x0 + (1 - f) * x
 
     def decode(self, sample: Tensor) -> Tensor:
-        """Pixels in [0, 1] of a latent sample, differentiable, decoder checkpointed."""
+        """Pixels in [0, 1] of a latent sample, differentiable (decoder checkpointed: `install`)."""
         vae = self.feature.vae
-        decoder = getattr(vae, "decoder", None)
-        checkpointed = self.feature.checkpoint_decoder and decoder is not None and \
-            getattr(vae, "_supports_gradient_checkpointing", False)
-        if checkpointed:
-            vae.enable_gradient_checkpointing()
-        try:
-            scaled = (sample / vae.config.scaling_factor).to(vae.dtype)
-            image = _wide(vae.decode(scaled).sample)
-        finally:
-            if checkpointed:
-                vae.disable_gradient_checkpointing()
+        scaled = (sample / vae.config.scaling_factor).to(vae.dtype)
+        image = _wide(vae.decode(scaled).sample)
         return (image / 2 + 0.5).clamp(0, 1)
 
     def loss(self, ctx: StepContext, timestep: Tensor, x: Tensor, unet: RowsUNet, row: int,
@@ -357,3 +358,17 @@ class GuidedBatch(Patch):
         if self.feature.v_prediction:
             shift = shift / a**0.5
         return x, e + shift.to(e.dtype)
+
+
+def checkpoint_gradients(stack: ExitStack, model: torch.nn.Module) -> None:
+    """Gradient checkpointing on in a diffusers `model` until `stack` closes, through its public
+    switch (`enable_gradient_checkpointing` / `disable_gradient_checkpointing`); a model that
+    has it on already is left alone, one that cannot checkpoint runs as it is."""
+    if not hasattr(model, "enable_gradient_checkpointing") or model.is_gradient_checkpointing:
+        return
+    try:
+        model.enable_gradient_checkpointing()
+    except ValueError:  # diffusers: this model has no checkpointed blocks
+        logger.debug("%s cannot checkpoint gradients; guidance decodes without", type(model).__name__)
+        return
+    stack.callback(model.disable_gradient_checkpointing)

@@ -7,21 +7,24 @@ pre-calculated with `--network_pre_calc`). Merges and pre-calculations are weigh
 per run and exactly reversible (`networks.lora_patch`).
 
 `Networks` is the patch owner's feature for the rest (`library.sampling.patches`): for each batch
-it gives the un-merged layers to hook with the batch's multipliers (`--am`), and rewrites
-pre-calculated weights when `--am` changes them. Network modules of other authors that have
-no `use_unmerged`/`unmerged_layers` attach themselves with `apply_to` and follow `--am`
-through `set_multiplier`, as in the original.
+it gives the un-merged layers to hook with the batch's multipliers (`--am`), and sets the
+batch's multiplier on pre-calculated networks (whose weights `set_multiplier` rewrites) and on
+network modules of other authors that have no `use_unmerged`/`unmerged_layers` (they attach
+themselves with `apply_to` and follow `--am` through `set_multiplier`, as in the original).
+Those multipliers are set by the patch's ``install`` point and set back to what they were at
+the end of the batch.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from library.errors import UserError
-from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup
+from library.sampling.patches import Batch, BatchRun, FeatureBase, Patch, RunSetup
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +48,22 @@ class Networks(FeatureBase):
         return networks if networks is not None and networks.loaded else None
 
     def for_batch(self, batch: Batch) -> "NetworkLayers | None":
-        """Hooks for the un-merged layers with the batch's `--am` multipliers (None without any)."""
+        """The batch's `--am` multipliers: hooks for the un-merged layers, and the multiplier of
+        each pre-calculated or self-attached network (None without any network to change)."""
         if not self.loaded:
             return None
         wanted = batch.jobs[0].network_multipliers or self.defaults
         if len(wanted) != len(self.loaded):
             raise UserError(f"--am has {len(wanted)} values but {len(self.loaded)} networks are loaded")
-        layers = []
+        layers, following = [], []
         for index, (network, value) in enumerate(zip(self.loaded, wanted)):
             if index < self.merged:
                 continue
             hooked = network.unmerged_layers() if _owner_hooked(network) else []
             layers += [(module, float(value)) for module in hooked]
             if not hooked:  # merged-in-place (pre-calculated) or self-attached: the network follows --am
-                self._set_multiplier(index, value)
-        return NetworkLayers(layers) if layers else None
+                following.append((network, float(value), float(self.defaults[index])))
+        return NetworkLayers(layers, following) if layers or following else None
 
     def regional_layers(self, batch: Batch) -> tuple[dict[int, int], dict[int, float]]:
         """Regional LoRA (`library.features.attention_couple`): id(un-merged layer) -> its network's index,
@@ -68,20 +72,29 @@ class Networks(FeatureBase):
         owners = {id(m): i for i, net in enumerate(self.loaded) if _owner_hooked(net) for m in net.unmerged_layers()}
         return owners, {i: float(v) for i, v in enumerate(wanted)}
 
-    def _set_multiplier(self, index: int, value: float) -> None:
-        if self._current[index] != value:
-            self.loaded[index].set_multiplier(value)
-            self._current[index] = value
 
 
 class NetworkLayers(Patch):
-    """The un-merged LoRA layers of one batch, each with its multiplier."""
+    """The un-merged LoRA layers of one batch, each with its multiplier, and the networks that
+    follow the batch's multiplier themselves (pre-calculated or self-attached)."""
 
-    def __init__(self, layers: Sequence[tuple[object, float]]) -> None:
+    def __init__(self, layers: Sequence[tuple[object, float]],
+                 following: Sequence[tuple[object, float, float]] = ()) -> None:
+        """`following`: (network, the batch's multiplier, the network's default multiplier)."""
         self.layers = list(layers)
+        self.following = list(following)
 
     def lora_layers(self):
         return self.layers
+
+    def install(self, stack: ExitStack, run: BatchRun) -> None:
+        """The batch's multiplier on each following network; `stack` sets its previous one back
+        (a pre-calculated network's weights are rewritten both times, from the same backup)."""
+        for network, value, default in self.following:
+            previous = float(getattr(network, "multiplier", default))
+            if value != previous:
+                network.set_multiplier(value)
+                stack.callback(network.set_multiplier, previous)
 
 
 def _owner_hooked(network) -> bool:

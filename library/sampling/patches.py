@@ -9,13 +9,17 @@ is its change to one batch. The run's features are one tuple (`library.features.
 loop installs the batch's patches in
 one `with owner.installed(batch)` block; every hook and processor wrapper the owner put on the
 models is removed when the block ends, also on error and Ctrl-C, so the U-Net is exactly as
-before the batch.
+before the batch. `for_batch` changes nothing: whatever else a patch changes for its batch (a
+hook of its own, a model flag, a network's multiplier) it does in its ``install`` point, on the
+owner's `ExitStack`, so the same block undoes it.
 
 A `Patch` overrides only the points it needs; each has a pass-through default, and the owner
 installs a hook only for points some patch overrides (a batch without features runs the bare
 U-Net). Points, in the order a step meets them:
 
 =========================  =================================================================
+``install``                once per batch, before the loop: the patch's own effects, entered on
+                           the owner's `ExitStack` (``stack.callback``, ``stack.enter_context``)
 ``start``                  the latents the loop starts from (inpainting's first blend)
 ``text_encoding``          the text encoder is about to encode rows of one role / prompt part
 ``lora_layers``            LoRA modules hooked for this batch, with their multipliers
@@ -145,6 +149,11 @@ class Patch:
 
     #: shown in the progress bar of the batch's loop (e.g. "CLIP guidance"), or None
     progress_label: str | None = None
+
+    def install(self, stack: ExitStack, run: "BatchRun") -> None:
+        """The patch's own effects on the models for this batch, each entered on `stack` so that
+        the end of the batch undoes it (also on error and Ctrl-C). `run` tells the hooks about the
+        current call (`BatchRun.ctx`, `.sample`, `.cond`, `.text`)."""
 
     def start(self, latents: Tensor) -> Tensor:
         return latents
@@ -302,8 +311,11 @@ class BatchRun:
 
     def __init__(self, unet: nn.Module, batch: Batch, patches: list[Patch]) -> None:
         self.unet, self.batch, self.patches = unet, batch, patches
-        self.ctx: StepContext | None = None
-        self.cond: "Conditioning | None" = None
+        # the current call, for hooks and patches that need more than their point's arguments:
+        self.ctx: StepContext | None = None  # the U-Net call
+        self.sample: Tensor | None = None  # that call's input (Gradual Latent makes it smaller)
+        self.cond: "Conditioning | None" = None  # that call's text states
+        self.text: tuple[TextRole, int] | None = None  # the texts the text encoder encodes now
         self._with = {point: [p for p in patches if _overrides(p, point)] for point in _POINTS}
         for point in ("scale_model_input", "scheduler_step"):
             owners = self._with[point]
@@ -318,6 +330,7 @@ class BatchRun:
 
     def text_encoding(self, role: TextRole, part: int = 0) -> None:
         """Tell the patches which rows the text encoder encodes next (see `Patch.text_encoding`)."""
+        self.text = (role, part)
         for patch in self._with["text_encoding"]:
             patch.text_encoding(role, part)
 
@@ -338,7 +351,7 @@ class BatchRun:
 
     def unet_call(self, ctx: StepContext, sample: Tensor, timestep: Tensor, cond: "Conditioning") -> Tensor:
         """The U-Net's prediction for `sample` with the patches' arguments and hooks."""
-        self.ctx, self.cond = ctx, cond
+        self.ctx, self.sample, self.cond = ctx, sample, cond
         kwargs: dict = {}
         for patch in self._with["unet_kwargs"]:
             kwargs = _add_kwargs(kwargs, patch.unet_kwargs(ctx, sample, timestep, cond) or {})
@@ -353,13 +366,13 @@ class BatchRun:
         """The `guide` patches in turn; their `unet(sample, rows)` runs `unet_call` on those rows."""
         if not self._with["guide"]:
             return latents, eps
-        cond = self.cond
+        cond, full = self.cond, self.sample
 
         def unet(sample: Tensor, rows: Sequence[int]) -> Tensor:
             try:
                 return self.unet_call(replace(ctx, rows=tuple(rows)), sample, timestep, _rows(cond, rows))
             finally:
-                self.ctx, self.cond = ctx, cond
+                self.ctx, self.sample, self.cond = ctx, full, cond
 
         for patch in self._with["guide"]:
             latents, eps = patch.guide(ctx, latents, eps, unet)
@@ -377,7 +390,8 @@ class BatchRun:
 
     # -- installing hooks -------------------------------------------------------------------
     def install(self, stack: ExitStack, mirrors: Sequence[nn.Module] = ()) -> None:
-        """Hook the modules the batch's patches need; `stack` removes them all."""
+        """Hook the modules the batch's patches need, then each patch's `install`; `stack`
+        undoes it all (in reverse order)."""
         for patch in self.patches:
             for layer, multiplier in patch.lora_layers():
                 self._hook_lora(stack, layer, multiplier)
@@ -394,6 +408,8 @@ class BatchRun:
             for name, modules in cross_attention_modules(self.unet).items():
                 for attn in modules:
                     _swap_processor(stack, attn, _PatchedCrossAttention(self, name, attn.processor))
+        for patch in self._with["install"]:
+            patch.install(stack, self)
 
     def _modulate(self, lora: LoRALayer, x: Tensor, delta: Tensor) -> Tensor:
         for patch in self._with["lora_output"]:

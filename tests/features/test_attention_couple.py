@@ -257,6 +257,9 @@ def test_masks_follow_whatever_resolution_the_layer_meets():
     """A 6x6 attention (what Deep Shrink 0.75 or Gradual Latent make of an 8x8 latent) gets the
     regions bilinearly resized to 6x6: the merge of two parts whose attention outputs are the
     constants 1 and 3 is exactly the resized, normalised masks' blend."""
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+
     from library.features.attention_couple import CouplePatch
     from library.text.encoder import Conditioning
     from library.sampling.patches import BatchLayout, StepContext
@@ -268,9 +271,9 @@ def test_masks_follow_whatever_resolution_the_layer_meets():
     parts = (Conditioning(torch.full((1, 77, 4), 1.0)), Conditioning(torch.full((1, 77, 4), 3.0)))
     cond = Conditioning(torch.zeros(2, 77, 4), parts=parts)
     ctx = StepContext(0, 1, 999, None, BatchLayout(images=1, copies=2, latent_height=8, latent_width=8))
-    states = patch.cross_attention_states(ctx, "IN01", cond.states, cond)
+    patch.install(ExitStack(), SimpleNamespace(cond=cond))  # the run's current call: its texts
     hidden = torch.zeros(2, 36, 4)
-    out = patch.cross_attention_output(ctx, "IN01", hidden, states,
+    out = patch.cross_attention_output(ctx, "IN01", hidden, cond.states,
                                        lambda text: text.mean(dim=1, keepdim=True).expand(-1, 36, 4))
     masks = F.interpolate(regions[None], (6, 6), mode="bilinear", align_corners=False)[0].flatten(1)
     expected = (masks[0] * 1.0 + masks[1] * 3.0) / (masks[0] + masks[1])
@@ -310,6 +313,7 @@ def test_text_encoder_lora_k_encodes_part_k_only_and_never_the_negative(lora_mod
 def test_regional_deltas_are_masked_except_the_time_embedding_projections():
     """Network 0's conv delta (rows, C, h, w) and token delta (rows, h*w, C) are multiplied by
     region 0 at their own size; a time-embedding projection's (rows, C) is left alone."""
+    from contextlib import ExitStack
     from types import SimpleNamespace
 
     from library.features.attention_couple import RegionalLoRAPatch
@@ -327,7 +331,8 @@ def test_regional_deltas_are_masked_except_the_time_embedding_projections():
     assert conv[:, :, :, :2].eq(1).all() and conv[:, :, :, 2:].eq(0).all()
     tokens = patch.lora_output(ctx, layer, None, torch.ones(2, 64, 3)).view(2, 8, 8, 3)
     assert tokens[:, :, :4].eq(1).all() and tokens[:, :, 4:].eq(0).all()
-    patch.text_encoding("negative", 0)
+    run = SimpleNamespace(text=("negative", 0))  # what the text encoder encodes now
+    patch.install(ExitStack(), run)
     assert patch.lora_output(None, layer, time, time).eq(0).all()  # never on the negative prompt
-    patch.text_encoding("prompt", 0)
+    run.text = ("prompt", 0)
     assert patch.lora_output(None, layer, time, time) is time

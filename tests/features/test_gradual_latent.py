@@ -180,13 +180,13 @@ def test_controlnet_hint_features_follow_the_latent_size(tiny_models, tmp_path, 
     from library.features import controlnet
 
     sizes = []
-    sized_to = controlnet.hint_features_sized_to
+    sized = controlnet.sized_hint_features
 
-    def recording(model, sample):
-        sizes.append(tuple(sample.shape[-2:]))
-        return sized_to(model, sample)
+    def recording(features, size):
+        sizes.append(tuple(size))
+        return sized(features, size)
 
-    monkeypatch.setattr(controlnet, "hint_features_sized_to", recording)
+    monkeypatch.setattr(controlnet, "sized_hint_features", recording)
     source = tmp_path / "guide.png"
     from PIL import Image
 
@@ -196,13 +196,9 @@ def test_controlnet_hint_features_follow_the_latent_size(tiny_models, tmp_path, 
                str(source)) == 0
     assert sizes[0] == (8, 8) and sizes[-1] == (16, 16)  # from ratio 0.5 up to the 128x128 image's latent
     features = torch.randn(1, 4, 8, 8)
-    embedding = torch.nn.Identity()
-    model = torch.nn.Module()
-    model.controlnet_cond_embedding = embedding
-    with controlnet.hint_features_sized_to(model, torch.zeros(1, 4, 5, 6)):
-        resized = embedding(features)
+    resized = controlnet.sized_hint_features(features, (5, 6))
     assert torch.allclose(resized, torch.nn.functional.interpolate(features, size=(5, 6), mode="bicubic"))
-    assert embedding(features) is features  # unhooked after the call
+    assert controlnet.sized_hint_features(features, (8, 8)) is None  # at full size: unchanged
 
 
 def test_the_batch_never_steps_the_scheduler(sd1, monkeypatch):
