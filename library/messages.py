@@ -24,7 +24,7 @@ MAX_QUOTED = 40
 _ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]?|\x9b[0-?]*[ -/]*[@-~]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"\s+")
-_QUOTED_VALUE = re.compile(r"'([^']{%d,})'" % (MAX_QUOTED + 1))
+_QUOTED_VALUE = re.compile(rf"'([^']{{{MAX_QUOTED + 1},}})'")
 _THIRD_PARTY = ("diffusers", "transformers", "huggingface_hub", "PIL", "accelerate", "safetensors", "torch")
 
 

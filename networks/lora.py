@@ -274,7 +274,8 @@ class LoRANetwork:
         return dict(counts)
 
     def __repr__(self) -> str:
-        return f"LoRANetwork({self.source!r}, multiplier={self.multiplier}, layers={len(self.modules)}, mode={self.mode})"
+        return (f"LoRANetwork({self.source!r}, multiplier={self.multiplier}, layers={len(self.modules)}, "
+                f"mode={self.mode})")
 
 
 def _single(model: Any) -> nn.Module | None:

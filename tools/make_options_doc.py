@@ -51,18 +51,19 @@ the original's images at batch size 1. `--noise_device cpu` makes noise identica
 ## Output files
 
 `im_<YYYYmmddHHMMSS>_<index>_<seed>.png` (index from `000`, as the original; one timestamp and one
-count for the whole run, where the original restarts both with every batch, so names stay unique and in
-order), or `im_000001.png`... with `--sequential_file_name`,
-or the `--f` name of the prompt line. Existing files are never overwritten (`_1`, `_2` is
-appended); files are written to a temporary name and renamed, so an interrupted run leaves only
-complete images. `--skip_existing` resumes a stopped run: images whose files are there (default
-names whatever their timestamp) are not made again. Split over processes with `torchrun`, a run
-writes the same files (docs/scale-out.md). Text chunks: `prompt`, `seed`, `sampler`, `steps`, `scale`, `negative-prompt`,
-`negative-scale`, `clip-prompt`, `raw-prompt` (the original's keys) and an A1111-style `parameters`
-chunk (`Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model hash: ..., Model: ...`),
-which also names the run's extra models as the web UI does, so image sites identify them: `VAE hash`/`VAE`,
-`Eta DDIM` (with `--ddim_eta`), `Lora hashes`, `TI hashes`, and `<lora:name:weight>` tags after the prompt
-(in `parameters` only; the `prompt` key stays as typed). `raw-prompt` is the prompt line as given, on every image.
+count for the whole run, where the original restarts both with every batch, so names stay unique and
+in order), or `im_000001.png`... with `--sequential_file_name`, or the `--f` name of the prompt
+line. Existing files are never overwritten (`_1`, `_2` is appended); files are written to a
+temporary name and renamed, so an interrupted run leaves only complete images. `--skip_existing`
+resumes a stopped run: images whose files are there (default names whatever their timestamp) are not
+made again. Split over processes with `torchrun`, a run writes the same files (docs/scale-out.md).
+Text chunks: `prompt`, `seed`, `sampler`, `steps`, `scale`, `negative-prompt`, `negative-scale`,
+`clip-prompt`, `raw-prompt` (the original's keys) and an A1111-style `parameters` chunk (`Steps:
+..., Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model hash: ..., Model: ...`), which also
+names the run's extra models as the web UI does, so image sites identify them: `VAE hash`/`VAE`,
+`Eta DDIM` (with `--ddim_eta`), `Lora hashes`, `TI hashes`, and `<lora:name:weight>` tags after the
+prompt (in `parameters` only; the `prompt` key stays as typed). `raw-prompt` is the prompt line as
+given, on every image.
 """
 
 

@@ -4,7 +4,8 @@
 
 The model files written are listed in `library/models/tiny_files.py`, which does that work;
 `write_tiny_extras` adds what goes with the SD1 model: a Textual Inversion embedding
-`goodembed.safetensors` and a kohya LoRA `tiny-lora-sd1.safetensors`. Existing outputs are kept, so calling it again is free.
+`goodembed.safetensors` and a kohya LoRA `tiny-lora-sd1.safetensors`. Existing outputs are
+kept, so calling it again is free.
 """
 
 from __future__ import annotations

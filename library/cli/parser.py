@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU bf16: blocked exact self-attention instead of PyTorch's CPU flash kernel (a bf16 "
                    "512x512 U-Net call in 0.77x the time of diffusers' on a 2-core AMD EPYC; bf16 images "
                    "move by more than 1/255; docs/performance.md)")
-    g.add_argument("--xformers", action="store_true", help="xformers attention (without xformers installed: a warning, and PyTorch SDPA)")
+    g.add_argument("--xformers", action="store_true",
+                   help="xformers attention (without xformers installed: a warning, and PyTorch SDPA)")
     g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
     g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory layout for the U-Net")
     g.add_argument("--compile", action="store_true", help="torch.compile the U-Net and VAE decoder (compiles on the "

@@ -91,7 +91,7 @@ def validate_original_compat(args: argparse.Namespace) -> None:
     `--zero_terminal_snr` with a sampler that has it."""
     from library.sampling.schedulers import make_scheduler
 
-    for name, nargs, _ in SDXL_ONLY_OPTIONS:
+    for name, _nargs, _type in SDXL_ONLY_OPTIONS:
         value = getattr(args, name)
         if value not in (None, False):
             raise UserError(f"--{name}: SDXL models are not supported (this tool runs SD 1.x/2.x models); "

@@ -113,7 +113,9 @@ def _read(store: Path) -> dict[str, str]:
         data = json.loads(store.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def start_model_hash(path: Path) -> Future:

@@ -147,7 +147,8 @@ def save_image(image: Image.Image, outdir: Path, name: str, text: Mapping[str, s
     """Save `image` as `outdir/name` with `text` as metadata; return the path written.
 
     An existing file is never overwritten: if `name` is taken, `stem_1.ext`, `stem_2.ext`, ...
-    of `variant_of` (default `name`; a planned `x_1.png` is a variant of `x.png`) is used. The image is encoded into a temporary file (a dot-name ending in `.part`) in
+    of `variant_of` (default `name`; a planned `x_1.png` is a variant of `x.png`) is used. The
+    image is encoded into a temporary file (a dot-name ending in `.part`) in
     `outdir`, fsynced, and published with `os.link`, which fails instead of replacing an
     existing file, so no reader ever sees a half-written file under an image name. On any
     error (including Ctrl+C) the temporary file is removed.

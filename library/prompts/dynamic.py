@@ -46,7 +46,6 @@ import logging
 import random
 import re
 from dataclasses import dataclass
-from typing import Union
 
 from library.errors import UserError
 
@@ -93,7 +92,7 @@ class _Group:
     alternatives: tuple[tuple[_Node, ...], ...]
 
 
-_Node = Union[_Text, _Group]
+_Node = _Text | _Group
 
 
 def has_dynamic_syntax(line: str) -> bool:

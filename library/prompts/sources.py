@@ -168,7 +168,8 @@ def metadata_prompt(path: Path) -> str:
 def metadata_lines(image_path: str) -> list[Line]:
     """No prompt option given: one prompt line per `--image_path` source, read from its
     metadata, each tied to its source (so that source's images use it)."""
-    return [Line(metadata_prompt(p), f"{p} (metadata)", image=str(p)) for p in image_io.list_images(Path(image_path), "--image_path")]
+    paths = image_io.list_images(Path(image_path), "--image_path")
+    return [Line(metadata_prompt(p), f"{p} (metadata)", image=str(p)) for p in paths]
 
 
 # --- lines -> jobs ----------------------------------------------------------------------------

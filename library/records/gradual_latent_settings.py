@@ -77,14 +77,16 @@ class GradualLatent:
             raise UserError(f"Gradual Latent: ratio {self.ratio} must be in (0, 1], ratio step {self.ratio_step} "
                             f"above 0, every-n-steps {self.every_n_steps} at least 1")
 
-    def sizes(self, timesteps: list[int], height: int, width: int) -> tuple[tuple[int, int], dict[int, tuple[int, int]]]:
+    def sizes(self, timesteps: list[int], height: int,
+              width: int) -> tuple[tuple[int, int], dict[int, tuple[int, int]]]:
         """The starting size and {step index: size of that step's result} for a latent of (height, width)."""
         start = (math.floor(height * self.ratio), math.floor(width * self.ratio))
         ratio, elapsed, resizes, size = self.ratio, 1000, {}, start
         for i, t in enumerate(timesteps):
             if t < self.timesteps and ratio < 1.0 and elapsed >= self.every_n_steps:
                 ratio = min(ratio + self.ratio_step, 1.0)
-                rounded = (height, width) if ratio >= 1.0 else (int(height * ratio) // 8 * 8, int(width * ratio) // 8 * 8)
+                small = (int(height * ratio) // 8 * 8, int(width * ratio) // 8 * 8)
+                rounded = (height, width) if ratio >= 1.0 else small
                 size = resizes[i] = (max(rounded[0], size[0]), max(rounded[1], size[1]))  # never smaller
                 elapsed = 0
             elapsed += 1

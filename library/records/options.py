@@ -237,7 +237,8 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                      deep_shrink=deep_shrink_of(a), gradual_latent=gradual_latent_of(a),
                                      zero_steps_offset=a.force_scheduler_zero_steps_offset,
                                      zero_terminal_snr=a.zero_terminal_snr,
-                                     noise_offset=(a.noise_offset_prob, a.noise_offset_range and tuple(a.noise_offset_range)),
+                                     noise_offset=(a.noise_offset_prob,
+                                                   a.noise_offset_range and tuple(a.noise_offset_range)),
                                      pyramid_noise=(a.pyramid_noise_prob, a.pyramid_noise_discount_range
                                                     and tuple(a.pyramid_noise_discount_range))),
         sources=SourceOptions(a.image_path, a.mask_path, a.attention_couple),

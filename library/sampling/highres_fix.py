@@ -5,9 +5,10 @@ direction (1024 x 0.5 -> 512, as the manual's example); the 2nd stage has the fi
 `--W/--H` size. Steps: the 1st stage runs `--highres_fix_steps`; the 2nd is img2img with
 `--steps` and `--strength` (`--t` per prompt), started by the original's img2img rule
 (`library.sampling.img2img.start_indices`). As the original, `--highres_fix_strength` is the 1st
-stage's strength, which only counts when the 1st stage is img2img (default: `--strength`). Seeds: the 1st stage uses the image's seed, the 2nd seed + 1
-(as the original); files and metadata show the image's seed. File names carry the stage,
-"0" for the 1st and "1" for the final image.
+stage's strength, which only counts when the 1st stage is img2img (default: `--strength`).
+Seeds: the 1st stage uses the image's seed, the 2nd seed + 1 (as the original); files and
+metadata show the image's seed. File names carry the stage, "0" for the 1st and "1" for the
+final image.
 
 Upscaling the 1st stage (one of):
 * default: decode, resize the image with Lanczos, encode again (posterior sample from the

@@ -200,7 +200,8 @@ class SourceImages:
             if mask is not None and mask.size != image.size and not self.resized:
                 raise UserError(
                     f"--mask_path {mask.path} is {mask.size[0]}x{mask.size[1]} but its image {image.path} is "
-                    f"{image.size[0]}x{image.size[1]}; make the mask the same size as the image, or give --W/--H to resize both"
+                    f"{image.size[0]}x{image.size[1]}; make the mask the same size as the image, "
+                    "or give --W/--H to resize both"
                 )
 
     def mask_for(self, index: int) -> SourceFile | None:

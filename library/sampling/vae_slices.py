@@ -40,14 +40,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-Rows = Optional[torch.Tensor]  # (B, C, rows, W), or None when a stream has nothing to emit yet
+Rows = torch.Tensor | None  # (B, C, rows, W), or None when a stream has nothing to emit yet
 
 
 class Unsupported(Exception):

@@ -237,7 +237,8 @@ def load_xti(file: str | Path, width: int, layer_names: Sequence[str]) -> Embedd
     layers = {name: _as_matrix(tensors[name], path, XTI_OPTION) for name in layer_names}
     counts = {int(t.shape[0]) for t in layers.values()}
     if len(counts) != 1:
-        raise UserError(f"{XTI_OPTION} {path}: layers hold different numbers of vectors ({sorted(counts)}); damaged file?")
+        raise UserError(f"{XTI_OPTION} {path}: layers hold different numbers of vectors ({sorted(counts)}); "
+                        "damaged file?")
     for tensor in layers.values():
         _check_width(tensor, width, path, XTI_OPTION)
     return Embedding(path.stem, path, layers=layers)
@@ -329,7 +330,8 @@ def write_embedding(path: str | Path, vectors: torch.Tensor, fmt: EmbeddingForma
     fmt = fmt or path.suffix.lstrip(".")  # type: ignore[assignment]
     vectors = vectors.detach().contiguous()
     if fmt == "pt":
-        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": path.stem, "step": 0}, path)
+        record = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": path.stem, "step": 0}
+        torch.save(record, path)
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 

@@ -3,6 +3,8 @@ formulas, computed here independently, and un-merged == merged at any multiplier
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -15,9 +17,11 @@ CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # Conv2d 32 -> 32, 3x3
 CONV_PATH = "down_blocks.0.resnets.0.conv1"
 
 
-def _rand(*shape, seed=[0]):
-    seed[0] += 1
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0])) * 0.3
+_SEEDS = itertools.count(1)  # every call draws from the next seed
+
+
+def _rand(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(next(_SEEDS))) * 0.3
 
 
 def _layer(c, path):

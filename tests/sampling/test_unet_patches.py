@@ -193,7 +193,7 @@ def test_guide_runs_the_unet_on_chosen_rows_as_the_loop_does(tiny_models, sd1, t
     assert torch.equal(pipeline.latents(jobs), plain.latents(jobs))  # a guide patch that changes nothing
     assert [c[0] for c in rows.contexts] == [None, (0, 1, 2, 3), (3, 1)] * 2
     assert rows.contexts[2][1:] == ((2, 4, 8, 8), (2, 77, 32))
-    for (step, out, grad), full in zip(rows.calls, full_rows):
+    for (_step, out, grad), full in zip(rows.calls, full_rows):
         assert torch.allclose(out, full[[3, 1]], atol=1e-5)
         assert grad.abs().sum() > 0
 

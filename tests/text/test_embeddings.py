@@ -217,7 +217,7 @@ def test_xti_encodes_once_per_layer(tmp_path, sd1):
     assert list(cond.per_layer) == list(TINY_LAYERS)
     assert all(states.shape == (2, 77, 32) for states in cond.per_layer.values())
     assert torch.equal(cond.states, cond.per_layer[TINY_LAYERS[0]])
-    for i, name in enumerate(TINY_LAYERS):
+    for name in TINY_LAYERS:
         single = EmbeddingSet(49408, [load_textual_inversion(ti, 32), _as_ti(path, layers[name], "xword")])
         expected = PromptEncoder(sd1.tokenizer, sd1.text_encoder, embeddings=single).encode(
             ["a (xword:1.3) tword", "dog"], 1

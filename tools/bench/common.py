@@ -259,7 +259,7 @@ def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("Model name")), cpu)
+        cpu = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), cpu)
     except OSError:
         pass
     import diffusers

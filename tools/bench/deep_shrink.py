@@ -3,8 +3,8 @@
     python -m tools.bench deep-shrink [--ckpt FILE] [--sizes 512 768] [--repeats 2] [--dtype bf16]
 
 Without `--ckpt` it uses the full-size SD 1.5-shaped random checkpoint shared by the
-benchmarks (`tools.bench.common`, written on first use). Calls are interleaved (off, on, off, on, ...); each line prints every
-repetition, so the first (warm-up) can be told apart. One image with CFG (2 rows).
+benchmarks (`tools.bench.common`, written on first use). Calls are interleaved (off, on, off,
+on, ...); each line prints every repetition, so the first (warm-up) can be told apart. One image with CFG (2 rows).
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def measure_load(path: Path, args: argparse.Namespace) -> dict[str, float]:
             argv = entry_command("pipeline", "--probe", kind, "--ckpt", str(path), "--dtype", args.dtype,
                                  "--device", args.device)
             done = subprocess.run(argv, capture_output=True, text=True, check=False, env=child_env())
-            lines = [l for l in done.stdout.splitlines() if l.startswith(PROBE_TAG)]
+            lines = [line for line in done.stdout.splitlines() if line.startswith(PROBE_TAG)]
             if done.returncode != 0 or not lines:
                 raise RuntimeError(f"load probe {kind} failed:\n{done.stderr[-2000:]}")
             runs[kind].append(json.loads(lines[-1][len(PROBE_TAG):]))

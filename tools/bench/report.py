@@ -143,7 +143,8 @@ def command(args: argparse.Namespace) -> int:
     """Run every measurement and print the tables (and write the JSON)."""
     report = report_run(args)
     fp32 = report["unet"]["fp32 512x512 (SDPA both)"]
-    print(f"load average {report['load_average_start']:.2f} at the start, {report['load_average_end']:.2f} at the end\n")
+    start, end = report["load_average_start"], report["load_average_end"]
+    print(f"load average {start:.2f} at the start, {end:.2f} at the end\n")
     print(process_table(report), "\n")
     print(unet_table(report), "\n")
     print("fp32 512x512 U-Net call by kernel class (diffusers' processor):")
