@@ -13,12 +13,12 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library.cli.parser import parse_options  # noqa: E402
-from library.cli.logging_setup import configure_logging  # noqa: E402
-from library.errors import UserError  # noqa: E402
-from library.messages import one_line, quiet_third_party  # noqa: E402
-from library.records.options import Options  # noqa: E402
-from library.run.process_exit import exit_without_teardown  # noqa: E402
+from library.cli.logging_setup import configure_logging
+from library.cli.parser import parse_options
+from library.errors import UserError
+from library.messages import one_line, quiet_third_party
+from library.records.options import Options
+from library.run.process_exit import exit_without_teardown
 
 logger = logging.getLogger("gen_img")
 
@@ -68,8 +68,8 @@ def generate(options: Options, runner, pipeline, networks: list, team) -> None:
     """Every image of the run, from its prompt source: the terminal, a `--from_module`
     prompter, or prompt lines (`--prompt`, `--from_file`, the sources' metadata)."""
     from library.prompts import sources as prompts
-    from library.run.runner import run_rounds
     from library.prompts.seeds import SeedSource
+    from library.run.runner import run_rounds
 
     rounds, per_prompt = options.rounds, options.generation.images_per_prompt
     if rounds.interactive:

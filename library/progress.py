@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class LineProgress:
             yield item
             self.update(1)
 
-    def __enter__(self) -> "LineProgress":
+    def __enter__(self) -> LineProgress:
         return self
 
     def __exit__(self, *exc) -> None:

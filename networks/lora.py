@@ -55,7 +55,7 @@ OutputModulator = Callable[["LoRAModule", Tensor, Tensor], Tensor]
 class LoRAModule:
     """One network's adapter on one target layer: hook, weight patch and multiplier."""
 
-    def __init__(self, network: "LoRANetwork", target: Target, adapter: Adapter) -> None:
+    def __init__(self, network: LoRANetwork, target: Target, adapter: Adapter) -> None:
         self.network = network
         self.target = target
         self.adapter = adapter

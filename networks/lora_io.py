@@ -57,7 +57,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 def _read_pickle(path: Path) -> dict[str, Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+    except Exception as exc:
         if "Unsupported global" in str(exc):
             raise UserError(
                 f"LoRA file {path} needs arbitrary code to load and was refused "
@@ -87,7 +87,7 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]
             data, metadata = _read_safetensors(path)
         except UserError:
             raise
-        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+        except Exception as exc:
             if suffix == ".safetensors":
                 raise corrupt_error(path, exc) from exc
             logger.debug("%s is not safetensors (%s); trying a pickle", path, exc)

@@ -20,8 +20,9 @@ comes from the project's one table of the U-Net's LDM blocks, `library.models.un
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 from torch import nn
 

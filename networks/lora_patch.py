@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
-from typing import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +57,7 @@ class WeightPatches:
             weight.copy_(value)
 
 
-_REGISTRY: "weakref.WeakKeyDictionary[nn.Module, WeightPatches]" = weakref.WeakKeyDictionary()
+_REGISTRY: weakref.WeakKeyDictionary[nn.Module, WeightPatches] = weakref.WeakKeyDictionary()
 
 
 def set_patch(module: nn.Module, owner: Hashable, patch: Patch, additive: bool = False) -> None:

@@ -9,7 +9,7 @@ Test modules import helpers from here only, never from each other.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,9 @@ from torch import Tensor, nn
 import gen_img
 from library.images.metadata import read_generation_text
 from library.models.tiny import TinyComponents, build_tiny_components
+from library.sampling.patches import Feature, Patch
 from library.sampling.pipeline import Pipeline
 from library.text.encoder import PromptEncoder
-from library.sampling.patches import Feature, Patch
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 
@@ -146,7 +146,7 @@ def assert_override_stays_on_its_line(tiny_models: dict[str, Path], tmp_path: Pa
 # --- LoRA tests: fresh tiny models, fixed inputs, output snapshots --------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached(kind: str) -> TinyComponents:
     return build_tiny_components(kind, seed=0)
 

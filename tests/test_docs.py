@@ -1,8 +1,6 @@
 """Documentation that must match the code."""
 
-from pathlib import Path
 from tests.helpers import ROOT
-
 
 
 def test_options_doc_is_generated_from_the_current_parser():

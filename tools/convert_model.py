@@ -21,7 +21,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.errors import UserError  # noqa: E402
+from library.errors import UserError
 
 
 def convert(src: str, dst: Path, dtype: torch.dtype, vae: str | None = None, v_parameterization: bool = False) -> str:

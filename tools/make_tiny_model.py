@@ -17,8 +17,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.models.tiny import KINDS, build_tiny_components  # noqa: E402
-from library.models.tiny_files import make_tiny_models  # noqa: E402
+from library.models.tiny import KINDS, build_tiny_components
+from library.models.tiny_files import make_tiny_models
 
 
 def write_tiny_extras(outdir: Path) -> dict[str, Path]:

@@ -23,8 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.errors import UserError  # noqa: E402
-from library.images.metadata import parse_a1111_parameters, read_generation_text  # noqa: E402
+from library.errors import UserError
+from library.images.metadata import parse_a1111_parameters, read_generation_text
 
 logger = logging.getLogger(__name__)
 

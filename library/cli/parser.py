@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
-from library.errors import UserError
-from library.records.options import Options, from_namespace
-from library.messages import argparse_text
 from library.cli.validation import SDXL_ONLY_OPTIONS, validate
+from library.errors import UserError
+from library.messages import argparse_text
+from library.records.options import Options, from_namespace
 
 
 class _Parser(argparse.ArgumentParser):

@@ -13,8 +13,8 @@ import importlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from library.errors import NothingToDo, UserError, first_line
 from library.records.options import GuidanceOptions, Options, RoundOptions

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from library.records import limits
 from library.errors import UserError
+from library.records import limits
 
 #: The original's SDXL-only options (name, nargs, type): accepted by the parser, then refused in one line.
 SDXL_ONLY_OPTIONS: tuple[tuple[str, object, object], ...] = (

@@ -44,7 +44,16 @@ from library.images.region_masks import RegionMask, load_region_mask, resized, t
 from library.models.unet_blocks import cross_attention_modules
 from library.records.options import Options, has_region_mask, regional_lora
 from library.sampling import highres_fix
-from library.sampling.patches import Attend, Batch, BatchRun, FeatureBase, LoRALayer, Patch, RunSetup, StepContext, TextRole
+from library.sampling.patches import (
+    Attend,
+    Batch,
+    BatchRun,
+    FeatureBase,
+    LoRALayer,
+    Patch,
+    RunSetup,
+    StepContext,
+)
 
 if TYPE_CHECKING:
     from library.features.lora import Networks
@@ -78,7 +87,7 @@ def region_mask(options: Options) -> RegionMask | None:
 class AttentionCouple(FeatureBase):
     """The feature: prompts with ` AND ` parts, and regional LoRA (networks + region mask)."""
 
-    def __init__(self, unet: nn.Module, regions: RegionMask | None = None, networks: "Networks | None" = None) -> None:
+    def __init__(self, unet: nn.Module, regions: RegionMask | None = None, networks: Networks | None = None) -> None:
         """`networks` given: regional LoRA (each un-merged network k belongs to part k)."""
         self.regions = regions
         self.networks = networks

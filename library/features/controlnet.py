@@ -32,19 +32,19 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from library.errors import UserError
 from library.images import input_images as image_io
 from library.images.metadata import FeatureMetadata
-from library.errors import UserError
 from library.sampling.patches import Batch, BatchRun, FeatureBase, Patch, RunSetup
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class ControlNets(FeatureBase):
             items.append((f"ControlNet {n}", ", ".join(parts)))
         return FeatureMetadata(parameters=tuple(items))
 
-    def for_batch(self, batch: Batch) -> "BatchControl | None":
+    def for_batch(self, batch: Batch) -> BatchControl | None:
         """The batch's per-call guidance, when its images have guide images."""
         first = batch.jobs[0]
         if first.guide_image is None:

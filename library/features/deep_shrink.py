@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from library.records.deep_shrink_settings import DeepShrink
 from library.errors import UserError
+from library.records.deep_shrink_settings import DeepShrink
 from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup, StepContext
 
 
@@ -62,7 +62,7 @@ class DeepShrinkFeature(FeatureBase):
             if depth is not None and not 0 <= depth < self.down_blocks:
                 raise UserError(f"Deep Shrink {name} {depth}: this U-Net's down blocks are 0 to {self.down_blocks - 1}")
 
-    def for_batch(self, batch: Batch) -> "ShrinkDeepLayers | None":
+    def for_batch(self, batch: Batch) -> ShrinkDeepLayers | None:
         settings = batch.jobs[0].deep_shrink
         return ShrinkDeepLayers(settings) if settings is not None and settings.ratio != 1 else None
 

@@ -33,11 +33,11 @@ import logging
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from library.features.deep_shrink import bicubic
 from library.errors import UserError
+from library.features.deep_shrink import bicubic
 from library.records.gradual_latent_settings import SAMPLERS, GradualLatent
-from library.sampling.step_math import denoised, euler_ancestral_step, scale_input, sigma_at
 from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup, StepContext
+from library.sampling.step_math import denoised, euler_ancestral_step, scale_input, sigma_at
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class GradualLatentFeature(FeatureBase):
         if self.sampler not in SAMPLERS:
             raise UserError(f"Gradual Latent works with --sampler euler_a or k_euler_a, not {self.sampler}")
 
-    def for_batch(self, batch: Batch) -> "GrowLatents | None":
+    def for_batch(self, batch: Batch) -> GrowLatents | None:
         settings = batch.jobs[0].gradual_latent
         if settings is None:
             return None

@@ -41,10 +41,10 @@ first output is not offered). Images without a guide (a Highres fix 2nd stage wi
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -55,9 +55,9 @@ from torch import Tensor
 from library.images import input_images as image_io
 from library.images.metadata import FeatureMetadata
 from library.records.jobs import Job
-from library.text.weighting import BREAK_TEXT, parse_prompt_attention
-from library.sampling.step_math import alpha_bar_at, denoised, denoised_alpha_bar, scale_input
 from library.sampling.patches import Batch, BatchLayout, BatchRun, FeatureBase, Patch, RowsUNet, RunSetup, StepContext
+from library.sampling.step_math import alpha_bar_at, denoised, denoised_alpha_bar, scale_input
+from library.text.weighting import BREAK_TEXT, parse_prompt_attention
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class GuidedGeneration(FeatureBase):
         layer = (("VGG16 guidance layer", s.vgg16_layer),) if s.vgg16 else ()
         return FeatureMetadata(parameters=(*((key, value) for key, value in items if value), *layer))
 
-    def for_batch(self, batch: Batch) -> "GuidedBatch | None":
+    def for_batch(self, batch: Batch) -> GuidedBatch | None:
         if not self.scales.enabled:
             return None
         terms: list[list[tuple]] = []  # per image: (name, target, scale)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from library.errors import UserError
 from library.sampling.patches import Batch, BatchRun, FeatureBase, Patch, RunSetup
@@ -47,7 +47,7 @@ class Networks(FeatureBase):
         networks = setup.networks
         return networks if networks is not None and networks.loaded else None
 
-    def for_batch(self, batch: Batch) -> "NetworkLayers | None":
+    def for_batch(self, batch: Batch) -> NetworkLayers | None:
         """The batch's `--am` multipliers: hooks for the un-merged layers, and the multiplier of
         each pre-calculated or self-attached network (None without any network to change)."""
         if not self.loaded:

@@ -16,7 +16,7 @@ through unchanged. The ControlNet, which has no such layers, gets the default st
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from library.images import input_images as image_io
 from library.errors import UserError
+from library.images import input_images as image_io
 
 logger = logging.getLogger(__name__)
 

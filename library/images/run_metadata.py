@@ -7,8 +7,8 @@ The hashes are A1111's (`library.images.hashes`). Names lose `:` and `,`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from library.images.hashes import embedding_short_hash, lora_short_hash, model_hash
 

@@ -44,11 +44,11 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 from library.errors import UserError
-from library.records.limits import MAX_DIGITS, MAX_SEED, MAX_SIDE, MAX_STEPS
 from library.messages import quoted
+from library.records.limits import MAX_DIGITS, MAX_SEED, MAX_SIDE, MAX_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -162,28 +162,28 @@ SDXL_PROMPT_OPTIONS = ("ow", "oh", "nw", "nh", "ct", "cl")
 class PromptOverrides:
     """What one prompt line overrides; None where the line does not say."""
 
-    negative_prompt: Optional[str] = None
-    width: Optional[int] = None
-    height: Optional[int] = None
-    steps: Optional[int] = None
-    seeds: Optional[tuple[int, ...]] = None
-    scale: Optional[float] = None
-    strength: Optional[float] = None
-    negative_scale: Optional[float] = None
-    network_multipliers: Optional[tuple[float, ...]] = None
-    clip_prompt: Optional[str] = None
-    file_name: Optional[str] = None
-    gradual_latent_timesteps: Optional[int] = None
-    gradual_latent_ratio: Optional[float] = None
-    gradual_latent_ratio_step: Optional[float] = None
-    gradual_latent_every_n_steps: Optional[int] = None
-    ds_depth_1: Optional[int] = None
-    ds_timesteps_1: Optional[int] = None
-    ds_depth_2: Optional[int] = None
-    ds_timesteps_2: Optional[int] = None
-    ds_ratio: Optional[float] = None
-    gradual_latent_s_noise: Optional[float] = None
-    gradual_latent_unsharp_params: Optional[str] = None
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    seeds: tuple[int, ...] | None = None
+    scale: float | None = None
+    strength: float | None = None
+    negative_scale: float | None = None
+    network_multipliers: tuple[float, ...] | None = None
+    clip_prompt: str | None = None
+    file_name: str | None = None
+    gradual_latent_timesteps: int | None = None
+    gradual_latent_ratio: float | None = None
+    gradual_latent_ratio_step: float | None = None
+    gradual_latent_every_n_steps: int | None = None
+    ds_depth_1: int | None = None
+    ds_timesteps_1: int | None = None
+    ds_depth_2: int | None = None
+    ds_timesteps_2: int | None = None
+    ds_ratio: float | None = None
+    gradual_latent_s_noise: float | None = None
+    gradual_latent_unsharp_params: str | None = None
 
 
 @dataclass(frozen=True)

@@ -18,24 +18,24 @@ import argparse
 import logging
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
-from library.images import metadata as image_metadata
+from library.errors import UserError
 from library.images import input_images as image_io
+from library.images import metadata as image_metadata
+from library.prompts.dynamic import expand_enumerations, pick_variants
+from library.prompts.line_options import parse_prompt_line, unknown_option_message
+from library.prompts.seeds import SeedSource, seeds_for_line
 from library.records.deep_shrink_settings import DeepShrink
 from library.records.deep_shrink_settings import with_overrides as deep_shrink_overrides
-from library.prompts.dynamic import expand_enumerations, pick_variants
-from library.errors import UserError
 from library.records.gradual_latent_settings import GradualLatent, parse_unsharp
 from library.records.gradual_latent_settings import with_overrides as gradual_latent_overrides
 from library.records.jobs import Job
 from library.records.options import Options
-from library.prompts.line_options import parse_prompt_line, unknown_option_message
 from library.text.weighting import split_and
 from library.user_code import import_file
-from library.prompts.seeds import SeedSource, seeds_for_line
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Defaults:
     merged_networks: int = 0  # networks merged into the model (`--am` cannot change them)
 
     @classmethod
-    def from_options(cls, options: Options) -> "Defaults":
+    def from_options(cls, options: Options) -> Defaults:
         g, img2img = options.generation, options.sources.image_path is not None
         muls = tuple(options.networks.multipliers or [1.0] * len(options.networks.modules)) or None
         width = g.width if g.width_given or not img2img else None

@@ -11,8 +11,9 @@ and one loop per batch).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from library.records.deep_shrink_settings import DeepShrink
@@ -41,8 +42,8 @@ class Job:
     init_image: str | None = None  # img2img source file
     mask_image: str | None = None  # inpainting mask file (white = repaint)
     guide_image: str | None = None  # ControlNet hint source file; None: no ControlNet for this image
-    deep_shrink: "DeepShrink | None" = None  # `library.features.deep_shrink` settings of this image
-    gradual_latent: "GradualLatent | None" = None  # `library.features.gradual_latent` settings of this image
+    deep_shrink: DeepShrink | None = None  # `library.features.deep_shrink` settings of this image
+    gradual_latent: GradualLatent | None = None  # `library.features.gradual_latent` settings of this image
     prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
     # position in the run (0-based, across rounds): the number in the file name, the same in any process
     index: int = 0

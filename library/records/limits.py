@@ -19,7 +19,8 @@ machine, or crashes inside a library:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from library.errors import UserError
 

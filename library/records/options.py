@@ -71,8 +71,8 @@ class GenerationOptions:
     strength: float
     batch_size: int
     vae_batch_size: float | None
-    deep_shrink: "DeepShrink | None" = None  # `--ds_*` (prompt lines override it)
-    gradual_latent: "GradualLatent | None" = None  # `--gradual_latent_*` (prompt lines override it)
+    deep_shrink: DeepShrink | None = None  # `--ds_*` (prompt lines override it)
+    gradual_latent: GradualLatent | None = None  # `--gradual_latent_*` (prompt lines override it)
     zero_steps_offset: bool = False  # --force_scheduler_zero_steps_offset (img2img start rule)
     zero_terminal_snr: bool = False  # --zero_terminal_snr (rescaled betas)
     noise_offset: tuple[float | None, tuple[float, float] | None] = (None, None)  # --noise_offset_prob/_range
@@ -201,14 +201,14 @@ def has_region_mask(options: Options) -> bool:
     return options.sources.mask_path is not None and (regional_lora(options) or options.sources.attention_couple)
 
 
-def deep_shrink_of(a: argparse.Namespace) -> "DeepShrink | None":
+def deep_shrink_of(a: argparse.Namespace) -> DeepShrink | None:
     """`--ds_depth_1 ... --ds_ratio` as settings (None without `--ds_depth_1`)."""
     from library.records.deep_shrink_settings import from_values
 
     return from_values(a.ds_depth_1, a.ds_timesteps_1, a.ds_depth_2, a.ds_timesteps_2, a.ds_ratio)
 
 
-def gradual_latent_of(a: argparse.Namespace) -> "GradualLatent | None":
+def gradual_latent_of(a: argparse.Namespace) -> GradualLatent | None:
     """`--gradual_latent_*` as settings (None without `--gradual_latent_timesteps`)."""
     from library.records.gradual_latent_settings import GradualLatent, parse_unsharp
 

@@ -7,29 +7,28 @@ Each function takes the records it needs (`library.records.options`) and returns
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from library.sampling import highres_fix
-
-from library.images import output_files
-from library.features import FEATURES, load_networks
-from library.images.input_images import GuideImages
-from library.run.distributed import SOLO, Team
 from library.errors import UserError, first_line
-from library.sampling.img2img import SourceImages
+from library.features import FEATURES, load_networks
+from library.images import output_files
+from library.images.input_images import GuideImages
+from library.images.run_metadata import run_parameters
 from library.models import LoadedModel, load_model
-from library.records.options import vae_batch_size, LoadOptions, Options, TextOptions
+from library.prompts.sources import Defaults
+from library.records.options import LoadOptions, Options, TextOptions, vae_batch_size
+from library.run.distributed import SOLO, Team
+from library.run.runner import OutputSettings, Runner
+from library.sampling import highres_fix
+from library.sampling.img2img import SourceImages
 from library.sampling.patches import RunSetup
 from library.sampling.pipeline import Pipeline
-from library.prompts.sources import Defaults
-from library.images.run_metadata import run_parameters
-from library.run.runner import OutputSettings, Runner
 from library.text.encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ class Runtime:
     noise_device: torch.device
 
     @classmethod
-    def from_options(cls, options: LoadOptions, local_rank: int = 0) -> "Runtime":
+    def from_options(cls, options: LoadOptions, local_rank: int = 0) -> Runtime:
         name = device_name(options.device, torch.cuda.is_available(), local_rank)
         try:
             device = torch.device(name)
@@ -219,8 +218,8 @@ def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder:
 
 def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team = SOLO) -> Runner:
     """A Runner writing into `--outdir` with this run's metadata (this process's share of it)."""
-    from library.run.preview import preview_window
     from library.records.options import has_region_mask
+    from library.run.preview import preview_window
 
     outdir = Path(options.output.outdir)
     try:

@@ -228,7 +228,7 @@ def _advance(bar, done: int) -> None:
         bar.update(done - bar.n)
 
 
-def join(options: "Options") -> Team:
+def join(options: Options) -> Team:
     """This process's `Team`: `SOLO` for a plain run, else connected to the other ranks."""
     from library.images import output_files
 

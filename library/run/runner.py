@@ -20,30 +20,26 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
-from library.images import metadata as image_metadata
-
-from library.images import input_images
-
-from library.records import limits
-
-from library.images import output_files
-from library.progress import progress as tqdm
-from library.run.summary import Summary
-from library.sampling.checks import check_pixels
-from library.images.input_images import GuideImages
-from library.run.distributed import SOLO, Team
 from library.errors import UserError
-from library.sampling.highres_fix import HighresFix
-from library.sampling.img2img import SourceImages, composite
+from library.images import input_images, output_files
+from library.images import metadata as image_metadata
+from library.images.input_images import GuideImages
+from library.images.run_metadata import lora_tags
+from library.progress import progress as tqdm
+from library.prompts.sources import Defaults, Line, jobs_for_line
+from library.records import limits
 from library.records.jobs import Job, batches
 from library.records.options import RoundOptions
+from library.run.distributed import SOLO, Team
+from library.run.summary import Summary
+from library.sampling.checks import check_pixels
+from library.sampling.highres_fix import HighresFix
+from library.sampling.img2img import SourceImages, composite
 from library.sampling.pipeline import Pipeline
-from library.prompts.sources import Defaults, Line, jobs_for_line
-from library.images.run_metadata import lora_tags
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 _ADVICE = "lower the guidance scale or prompt weights, or compute in fp32 (no --fp16/--bf16)"
 
 
-def check_latents(latents: "torch.Tensor", step: int, steps: int) -> None:
+def check_latents(latents: torch.Tensor, step: int, steps: int) -> None:
     """Raise `NonFiniteResult` naming the step if `latents` hold NaN or infinity."""
     import torch
 
@@ -26,7 +26,7 @@ def check_latents(latents: "torch.Tensor", step: int, steps: int) -> None:
                               f"for this batch; {_ADVICE}")
 
 
-def check_pixels(pixels: "torch.Tensor") -> "torch.Tensor":
+def check_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """`pixels`, or `NonFiniteResult` if the decoded images hold NaN or infinity."""
     import torch
 

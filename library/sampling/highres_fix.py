@@ -40,19 +40,19 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from library.images import input_images as image_io
 from library.errors import UserError
-from library.user_code import import_file
-from library.sampling.img2img import Img2ImgInput
+from library.images import input_images as image_io
 from library.records.jobs import Job
 from library.records.options import HighresOptions
+from library.sampling.img2img import Img2ImgInput
+from library.user_code import import_file
 
 logger = logging.getLogger(__name__)
 

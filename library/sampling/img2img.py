@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from library.images import input_images as image_io
 from library.errors import UserError
+from library.images import input_images as image_io
 from library.records.jobs import Job
 
 logger = logging.getLogger(__name__)

@@ -50,9 +50,10 @@ Cross-attention layers and blocks are named as in the original LDM layout (``IN0
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +101,7 @@ class SourceLatents:
 class Batch:
     """What features see of one batch when they make their patches."""
 
-    jobs: tuple["Job", ...]
+    jobs: tuple[Job, ...]
     layout: BatchLayout
     scheduler: object
     timesteps: Tensor  # the timesteps this loop runs (img2img: the tail)
@@ -150,7 +151,7 @@ class Patch:
     #: shown in the progress bar of the batch's loop (e.g. "CLIP guidance"), or None
     progress_label: str | None = None
 
-    def install(self, stack: ExitStack, run: "BatchRun") -> None:
+    def install(self, stack: ExitStack, run: BatchRun) -> None:
         """The patch's own effects on the models for this batch, each entered on `stack` so that
         the end of the batch undoes it (also on error and Ctrl-C). `run` tells the hooks about the
         current call (`BatchRun.ctx`, `.sample`, `.cond`, `.text`)."""
@@ -174,7 +175,7 @@ class Patch:
         """The U-Net's input for `sample` (the batch's rows); `default` is the scheduler's scaling."""
         return default(sample)
 
-    def unet_kwargs(self, ctx: StepContext, sample: Tensor, timestep: Tensor, cond: "Conditioning") -> dict | None:
+    def unet_kwargs(self, ctx: StepContext, sample: Tensor, timestep: Tensor, cond: Conditioning) -> dict | None:
         return None
 
     def down_block_input(self, ctx: StepContext, depth: int, hidden: Tensor) -> Tensor:
@@ -183,7 +184,7 @@ class Patch:
     def before_skip_concat(self, ctx: StepContext, up_index: int, layer: int, hidden: Tensor, skip: Tensor) -> Tensor:
         return hidden
 
-    def cross_attention_states(self, ctx: StepContext, layer: str, states: Tensor, cond: "Conditioning") -> Tensor:
+    def cross_attention_states(self, ctx: StepContext, layer: str, states: Tensor, cond: Conditioning) -> Tensor:
         return states
 
     def cross_attention_output(self, ctx: StepContext, layer: str, hidden: Tensor, states: Tensor,
@@ -297,7 +298,7 @@ class PatchOwner:
         self.features.append(feature)
 
     @contextmanager
-    def installed(self, batch: Batch) -> Iterator["BatchRun"]:
+    def installed(self, batch: Batch) -> Iterator[BatchRun]:
         """The batch's patches installed; all removed on exit (also on error and Ctrl-C)."""
         patches = [p for p in (f.for_batch(batch) for f in self.features) if p is not None]
         with ExitStack() as stack:
@@ -314,7 +315,7 @@ class BatchRun:
         # the current call, for hooks and patches that need more than their point's arguments:
         self.ctx: StepContext | None = None  # the U-Net call
         self.sample: Tensor | None = None  # that call's input (Gradual Latent makes it smaller)
-        self.cond: "Conditioning | None" = None  # that call's text states
+        self.cond: Conditioning | None = None  # that call's text states
         self.text: tuple[TextRole, int] | None = None  # the texts the text encoder encodes now
         self._with = {point: [p for p in patches if _overrides(p, point)] for point in _POINTS}
         for point in ("scale_model_input", "scheduler_step"):
@@ -349,7 +350,7 @@ class BatchRun:
         owners = self._with["scale_model_input"]
         return owners[0].scale_model_input(ctx, sample, default) if owners else default(sample)
 
-    def unet_call(self, ctx: StepContext, sample: Tensor, timestep: Tensor, cond: "Conditioning") -> Tensor:
+    def unet_call(self, ctx: StepContext, sample: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         """The U-Net's prediction for `sample` with the patches' arguments and hooks."""
         self.ctx, self.sample, self.cond = ctx, sample, cond
         kwargs: dict = {}
@@ -450,7 +451,7 @@ class BatchRun:
 _POINTS = [name for name in vars(Patch) if not name.startswith("_") and name not in ("lora_layers", "progress_label")]
 
 
-def _rows(cond: "Conditioning", rows: Sequence[int]) -> "Conditioning":
+def _rows(cond: Conditioning, rows: Sequence[int]) -> Conditioning:
     """The text states of some layout rows (default and per-layer)."""
     index = list(rows)
     layers = None if cond.per_layer is None else {k: v[index] for k, v in cond.per_layer.items()}

@@ -19,25 +19,25 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from library.sampling import img2img
-from library.sampling.img2img import Img2ImgInput
-from library.records.jobs import Job
 from library.heap import mapped_blocks_from, release_freed_memory
-from library.progress import progress as tqdm
-from library.sampling.checks import check_latents
-from library.records.samplers import noises_per_step
-from library.sampling.schedulers import make_scheduler
-from library.sampling.noise import draw_image_noise
-from library.text.encoder import Conditioning, PromptEncoder
 from library.images.metadata import FeatureMetadata
+from library.progress import progress as tqdm
+from library.records.jobs import Job
+from library.records.samplers import noises_per_step
+from library.sampling import img2img
+from library.sampling.checks import check_latents
+from library.sampling.img2img import Img2ImgInput
+from library.sampling.noise import draw_image_noise
 from library.sampling.patches import Batch, BatchLayout, Feature, PatchOwner, SourceLatents
+from library.sampling.schedulers import make_scheduler
 from library.sampling.vae_slices import sliced_decode, sliced_encode_moments
+from library.text.encoder import Conditioning, PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Pipeline:
             return 0
         return int(scheduler.config.get("steps_offset", 0) or 0)
 
-    def _denoise(self, batch: Batch, cfg: "CFG", latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:
+    def _denoise(self, batch: Batch, cfg: CFG, latents: torch.Tensor, step_kwargs: dict) -> torch.Tensor:
         """The loop over the batch's timesteps, with the batch's patches installed."""
         scheduler = batch.scheduler
         with self.patches.installed(batch) as run:
@@ -154,7 +154,7 @@ class Pipeline:
         latents = self.encode_images(init.images, generators, init.vae_batch_size)
         return latents.to(self.device, self.dtype)
 
-    def _conditioning(self, jobs: tuple[Job, ...], cfg: "CFG", run=None) -> Conditioning:
+    def _conditioning(self, jobs: tuple[Job, ...], cfg: CFG, run=None) -> Conditioning:
         """Text states of the batch's rows, in the order `cfg` combines them.
 
         A prompt split at ` AND ` is encoded part by part (`Conditioning.parts`, part 0 in
@@ -244,7 +244,7 @@ class CFG:
     negative_scale: float | None
 
     @classmethod
-    def of(cls, job: Job) -> "CFG":
+    def of(cls, job: Job) -> CFG:
         """No CFG at scale <= 1 without a negative scale; CFG; or CFG with a negative scale."""
         if job.scale <= 1.0 and not job.negative_scale:
             return cls(1, job.scale, None)

@@ -14,6 +14,7 @@ are offered.
 from __future__ import annotations
 
 import inspect
+
 from library.errors import UserError
 from library.records.samplers import SAMPLERS, resolve
 

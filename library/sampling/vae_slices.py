@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,7 @@ class _Conv(_Stream):
         self.started = False
 
     @classmethod
-    def symmetric(cls, conv: torch.nn.Conv2d) -> "_Conv":
+    def symmetric(cls, conv: torch.nn.Conv2d) -> _Conv:
         """A conv with its own zero padding on all sides."""
         pad_h, pad_w = conv.padding if isinstance(conv.padding, tuple) else (conv.padding, conv.padding)
         return cls(conv, (pad_h, pad_h), (pad_w, pad_w))
@@ -159,7 +159,7 @@ class GroupStats:
     mean: torch.Tensor  # (B, G) float64
     var: torch.Tensor  # (B, G) float64
 
-    def merge(self, other: "GroupStats") -> "GroupStats":
+    def merge(self, other: GroupStats) -> GroupStats:
         """Chan et al.'s parallel combination (stable, unlike sums of squares)."""
         total = self.count + other.count
         delta = other.mean - self.mean

@@ -34,10 +34,11 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
@@ -72,9 +72,9 @@ class Conditioning:
     per_layer: Mapping[str, torch.Tensor] | None = None  # LDM layer name -> (rows, T, C)
     # prompts split at ` AND `: each part's encoding of the prompt rows (`library.features.attention_couple`);
     # `states` then holds part 0 in those rows
-    parts: tuple["Conditioning", ...] = ()
+    parts: tuple[Conditioning, ...] = ()
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "Conditioning":
+    def to(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
         layers = None if self.per_layer is None else {k: v.to(device, dtype) for k, v in self.per_layer.items()}
         return Conditioning(self.states.to(device, dtype), layers, tuple(p.to(device, dtype) for p in self.parts))
 
@@ -83,7 +83,7 @@ class Conditioning:
         return self.states if self.per_layer is None else self.per_layer[layer]
 
     @staticmethod
-    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
         """Rows of `parts` one after the other; a part without per-layer states uses its default."""
         states = torch.cat([p.states for p in parts])
         names = next((list(p.per_layer) for p in parts if p.per_layer is not None), None)

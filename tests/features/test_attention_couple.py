@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from library.features.lora import load_networks
 from library.features.attention_couple import EPSILON, AttentionCouple
-from library.records.jobs import Job
+from library.features.lora import load_networks
+from library.images.region_masks import load_region_mask
 from library.models import load_model
 from library.models.unet_blocks import cross_attention_modules
+from library.records.jobs import Job
 from library.records.options import NetworkOptions
-from library.text.weighting import split_and
-from library.images.region_masks import load_region_mask
 from library.sampling.patches import FixedFeature, Patch
+from library.text.weighting import split_and
 from networks.lora_files import write_kohya_lora
 from tests.helpers import make_pipeline
 
@@ -261,8 +261,8 @@ def test_masks_follow_whatever_resolution_the_layer_meets():
     from types import SimpleNamespace
 
     from library.features.attention_couple import CouplePatch
-    from library.text.encoder import Conditioning
     from library.sampling.patches import BatchLayout, StepContext
+    from library.text.encoder import Conditioning
 
     regions = torch.zeros(2, 8, 8)
     regions[0, :, :4] = 1

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from library.errors import UserError
 from library.features.controlnet import (
     BatchControl,
     ControlNets,
@@ -21,12 +22,11 @@ from library.features.controlnet import (
     parse_prep,
     per_model,
 )
-from library.errors import UserError
 from library.images.input_images import GuideImages
-from library.records.jobs import Job
-from library.text.encoder import Conditioning
-from library.sampling.patches import BatchLayout, StepContext
 from library.models import load_model
+from library.records.jobs import Job
+from library.sampling.patches import BatchLayout, StepContext
+from library.text.encoder import Conditioning
 from tests.helpers import make_pipeline, meta, pixels, pngs, run
 
 

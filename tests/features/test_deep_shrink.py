@@ -8,8 +8,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from library.features.deep_shrink import ShrinkDeepLayers
-from library.records.deep_shrink_settings import DeepShrink, from_values, with_overrides
 from library.prompts.line_options import parse_prompt_line
+from library.records.deep_shrink_settings import DeepShrink, from_values, with_overrides
 from library.sampling.patches import Batch, BatchLayout, Patch, PatchOwner
 from library.text.encoder import Conditioning
 from tests.helpers import assert_override_stays_on_its_line, pixels, pngs, run

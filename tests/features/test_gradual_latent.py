@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from library.prompts.line_options import parse_prompt_line
 from library.records.gradual_latent_settings import GradualLatent, Unsharp, parse_unsharp, with_overrides
 from library.records.jobs import Job
-from library.prompts.line_options import parse_prompt_line
-from library.sampling.schedulers import make_scheduler
 from library.sampling.patches import FixedFeature, Patch
+from library.sampling.schedulers import make_scheduler
 from tests.helpers import assert_override_stays_on_its_line, make_pipeline, pixels, pngs, run
 
 

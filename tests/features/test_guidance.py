@@ -11,13 +11,13 @@ import torch
 
 import gen_img
 from library.features.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide, spherical_loss
-from library.records.jobs import Job
 from library.models import load_model
 from library.models.clip_guidance import config_from_shapes, load_clip_model, tiny_clip_config
 from library.models.vgg16 import conv_indices, load_vgg16_features
+from library.records.jobs import Job
+from library.sampling.patches import Batch, BatchLayout, StepContext
 from library.sampling.schedulers import make_scheduler
 from library.text.encoder import PromptEncoder
-from library.sampling.patches import Batch, BatchLayout, StepContext
 from tests.helpers import make_pipeline, make_source, meta, pixels, pngs, run
 
 CPU = torch.device("cpu")

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.run import build
 from library.cli.parser import parse_options
 from library.features.attention_couple import region_mask
 from library.images.metadata import FeatureMetadata
 from library.models.tiny import build_tiny_components
 from library.records.jobs import Job
+from library.run import build
 from networks.lora_files import write_kohya_lora
 from tests.helpers import img2img_error, make_source, meta, pixels, pngs, run
 

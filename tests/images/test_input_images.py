@@ -9,14 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from library.images import hashes
-
-from library.images import metadata as image_metadata
-
-from library.images import input_images
-
-from library.images import output_files
 from library.errors import UserError
+from library.images import hashes, input_images, output_files
+from library.images import metadata as image_metadata
 from library.images.input_images import list_images, load_mask, load_rgb, mask_to_tensor, pil_to_tensor, tensor_to_pil
 
 # ----------------------------------------------------------------------------- image input

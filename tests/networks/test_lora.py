@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers import assert_same_weights, fresh, no_hooks, outputs, unet_inputs, weights
 from networks.lora import LoRANetwork, create_network_from_weights
 from networks.lora_files import random_kohya_state_dict, write_kohya_lora
+from tests.helpers import assert_same_weights, fresh, no_hooks, outputs, unet_inputs, weights
 
 
 class Toy(nn.Module):

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from library.errors import UserError
-from tests.helpers import fresh, weights, assert_same_weights
 from networks.lora import create_network_from_weights
 from networks.lora_files import write_kohya_lora
+from tests.helpers import assert_same_weights, fresh, weights
 
 
 class NotATensor:

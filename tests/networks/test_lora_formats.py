@@ -11,10 +11,10 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from library.models.ldm_export import unet_to_ldm
-from tests.helpers import fresh, outputs
 from networks.lora import create_network_from_weights
 from networks.lora_files import random_kohya_state_dict, write_kohya_lora
 from networks.lora_names import TargetTable, is_patchable, kohya_name
+from tests.helpers import fresh, outputs
 
 
 def _tokenizer():

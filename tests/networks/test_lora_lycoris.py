@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from tests.helpers import fresh, outputs
 from networks.lora import create_network_from_weights
+from tests.helpers import fresh, outputs
 
 LIN = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj"  # Linear 32 -> 256
 LIN_PATH = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from library.errors import UserError
 from library.prompts.dynamic import (
     DEFAULT_SEPARATOR,
     MAX_ENUMERATED_PROMPTS,
@@ -16,7 +17,6 @@ from library.prompts.dynamic import (
     has_dynamic_syntax,
     pick_variants,
 )
-from library.errors import UserError
 
 SEEDS = range(200)
 

@@ -8,12 +8,12 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from library.prompts.dynamic import expand_enumerations, pick_variants
 from library.errors import UserError
+from library.prompts.dynamic import expand_enumerations, pick_variants
 from library.prompts.line_options import parse_prompt_line
-from library.text.weighting import MAX_WEIGHT, parse_prompt_attention
-from library.prompts.sources import Defaults, Line, jobs_for_line
 from library.prompts.seeds import SeedSource
+from library.prompts.sources import Defaults, Line, jobs_for_line
+from library.text.weighting import MAX_WEIGHT, parse_prompt_attention
 
 PIECES = st.sampled_from([
     "(", ")", "[", "]", "{", "}", "|", ":", "\\", " ", "$$", "e$$", "2$$", "1-3$$", "-", ",", ".", "BREAK",

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from library.errors import UserError
-from library.records.limits import MAX_DIGITS
 from library.prompts.line_options import (
     PROMPT_OPTIONS,
     OptionKind,
@@ -22,6 +21,7 @@ from library.prompts.line_options import (
     prompt_options_help,
     unknown_option_message,
 )
+from library.records.limits import MAX_DIGITS
 
 KNOWN = (
     "--n, --w, --h, --s, --d, --l, --t, --nl, --am, --c, --f, --glt, --glr, --gls, --gle, --glsn, --glus, "

@@ -20,13 +20,11 @@ import pytest
 from PIL import Image
 
 import gen_img
-from library.run import distributed
 from library.images import output_files
+from library.run import distributed
 from library.run.distributed import Placement, Team
 from library.run.summary import Summary, combined, exit_status
-
-from tests.helpers import pngs, run
-from tests.helpers import ROOT
+from tests.helpers import ROOT, pngs, run
 
 PROMPTS = "a red cat --d 5\nblue sky\ngreen hill --s 4\nold tree\nwhite house --n dark\n"
 TIMEOUT = 180
@@ -350,8 +348,8 @@ def test_each_local_rank_takes_its_own_gpu():
 
 
 def test_without_seed_every_rank_draws_the_same_seeds_and_order():
-    from library.prompts.sources import Line, shuffled
     from library.prompts.seeds import SeedSource
+    from library.prompts.sources import Line, shuffled
 
     shared = 123456789
     sources = [SeedSource(None, False, unseeded=shared) for _rank in range(2)]

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,13 +17,10 @@ from PIL import Image
 
 import gen_img
 from library.images.metadata import parse_a1111_parameters
-from library.records.jobs import Job
 from library.models import load_model
+from library.records.jobs import Job
+from tests.helpers import ROOT, make_pipeline, meta, pixels, pngs, run
 from tests.helpers import TXT2IMG_FAST as FAST
-from tests.helpers import make_pipeline, meta, pixels, pngs, run
-from tests.helpers import ROOT
-
-
 
 # --- batch invariance and seeds ---------------------------------------------------------------
 
@@ -287,8 +283,8 @@ def test_ctrl_c_while_decoding_keeps_the_finished_images_only(tiny_models, tmp_p
 def test_fp16_on_the_cpu_warns_once_and_names_bf16(caplog):
     """--fp16 on the CPU runs (the user's choice) but says in one warning that it is slow there
     and what to use instead; --bf16 and fp32 say nothing."""
-    from library.run import build
     from library.cli.parser import parse_options
+    from library.run import build
 
     for flags, expected in ((["--fp16"], [build.FP16_ON_CPU]), (["--bf16"], []), ([], [])):
         caplog.clear()

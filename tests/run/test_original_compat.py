@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from library.models import load_model
+from library.records.jobs import Job
 from library.sampling import pipeline as pipeline_module
 from library.sampling.img2img import Img2ImgInput, StartIndices, start_indices
-from library.records.jobs import Job
-from library.models import load_model
 from library.sampling.pipeline import Pipeline
 from tests.helpers import make_pipeline, make_source, meta, pngs, run, run_img2img
 
@@ -186,6 +186,7 @@ def test_xformers_without_xformers_warns_and_uses_sdpa(tiny_models, tmp_path, ca
     assert run(tiny_models, tmp_path / "s", "--prompt", "x --d 1") == 0
     assert caplog.text.count("--xformers: xformers is not installed; using PyTorch SDPA attention instead") == 2
     import numpy as np
+
     from tests.helpers import pixels
     assert np.array_equal(pixels(pngs(tmp_path / "x")[0]), pixels(pngs(tmp_path / "s")[0]))
 
@@ -217,6 +218,7 @@ def test_zero_terminal_snr(tiny_models, tmp_path, capsys):
     assert run(tiny_models, tmp_path / "z", "--prompt", "x --d 1", "--zero_terminal_snr") == 0
     assert run(tiny_models, tmp_path / "n", "--prompt", "x --d 1") == 0
     import numpy as np
+
     from tests.helpers import pixels
     assert not np.array_equal(pixels(pngs(tmp_path / "z")[0]), pixels(pngs(tmp_path / "n")[0]))
     with pytest.raises(SystemExit):
@@ -245,6 +247,7 @@ def test_noise_offset_and_pyramid_noise_come_from_the_seed():
 
 def test_noise_options_on_the_command_line(tiny_models, tmp_path, capsys):
     import numpy as np
+
     from tests.helpers import pixels
 
     common = ["--prompt", "x --d 1", "--noise_offset_prob", "1", "--noise_offset_range", "0.3", "0.3"]
@@ -326,6 +329,7 @@ def test_highres_fix_img2img_1st_stage_strength_defaults_to_strength(tiny_models
 
 def test_latents_upscaling_flag_alone_is_bicubic(tiny_models, tmp_path):
     import numpy as np
+
     from tests.helpers import pixels
 
     common = ["--W", "128", "--H", "96", "--highres_fix_scale", "0.5", "--highres_fix_steps", "3", "--prompt", "x --d 1"]

@@ -6,14 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import pngs
-from tests.helpers import ROOT
-
-
+from tests.helpers import ROOT, pngs
 
 # --- the end of the process ---------------------------------------------------------------------
 

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
-from library.sampling.highres_fix import first_stage_size, parse_upscaler_args
 from library.images.metadata import parse_a1111_parameters, read_generation_text
+from library.sampling import latent_upscaler
+from library.sampling.highres_fix import first_stage_size, parse_upscaler_args
 from library.sampling.pipeline import Pipeline
 from tests.helpers import img2img_error, pixels, pngs
 from tests.helpers import run_img2img as run
-from library.sampling import latent_upscaler
 
 HIGHRES = ["--W", "128", "--H", "96", "--steps", "10", "--highres_fix_scale", "0.5", "--highres_fix_steps", "4",
            "--strength", "0.5"]
@@ -196,7 +196,7 @@ def test_latent_upscaler_init_tool(tmp_path):
     latents = torch.randn(2, 4, 4, 6)
 
     class Vae:  # only the config is read when latents are given
-        class config:  # noqa: N801
+        class config:
             block_out_channels = (1, 1, 1, 1)
 
     out = up.upscale(Vae, None, latents, torch.float32, 96, 64, batch_size=1)

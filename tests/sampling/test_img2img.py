@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from library.images.metadata import read_generation_text
 from library.features.inpainting import Inpainting
+from library.images.input_images import pil_to_tensor
+from library.images.metadata import read_generation_text
+from library.models import load_model
+from library.records.jobs import Job
 from library.sampling.img2img import Img2ImgInput, first_step, steps_to_run
 from library.sampling.patches import FixedFeature
-from library.images.input_images import pil_to_tensor
-from library.records.jobs import Job
-from library.models import load_model
 from library.sampling.pipeline import Pipeline
 from library.sampling.schedulers import make_scheduler
-from tests.helpers import img2img_error, StepRecorder, make_pipeline, make_source, pixels, pngs
+from tests.helpers import StepRecorder, img2img_error, make_pipeline, make_source, pixels, pngs
 from tests.helpers import run_img2img as run
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.records.jobs import Job
 from library.models import load_model
+from library.records.jobs import Job
 from library.records.samplers import noises_per_step, resolve, sampler_names
 from library.sampling.schedulers import make_scheduler
 from tests.helpers import make_pipeline

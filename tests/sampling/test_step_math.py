@@ -13,6 +13,7 @@ from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from library.records.gradual_latent_settings import Unsharp
+from library.sampling.schedulers import make_scheduler
 from library.sampling.step_math import (
     alpha_bar_at,
     ancestral_sigmas,
@@ -22,7 +23,6 @@ from library.sampling.step_math import (
     scale_input,
     sigma_at,
 )
-from library.sampling.schedulers import make_scheduler
 
 F64 = torch.float64
 

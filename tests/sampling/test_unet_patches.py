@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from library.run import build
 from library.cli.parser import parse_options
-from library.records.jobs import Job
 from library.models import load_model
-from library.sampling.schedulers import make_scheduler
+from library.records.jobs import Job
+from library.run import build
 from library.sampling.patches import BatchLayout, FixedFeature, Patch, StepContext
-from tests.helpers import make_pipeline
-from tests.helpers import ROOT
-
+from library.sampling.schedulers import make_scheduler
+from tests.helpers import ROOT, make_pipeline
 
 
 def _latents(model, patch: Patch | None, sampler: str = "euler", scale: float = 5.0) -> torch.Tensor:
@@ -255,8 +252,8 @@ def test_a_batch_with_every_feature_leaves_the_models_as_they_were(tiny_models, 
     pipeline.progress = False
     runner = build.runner(options, model, pipeline)
     before = _snapshot(model.unet, model.text_encoder)
-    from library.prompts.sources import Line
     from library.prompts.seeds import SeedSource
+    from library.prompts.sources import Line
 
     runner.run(runner.jobs([Line(options.rounds.prompt, "--prompt")], SeedSource(11, True), None))
     assert _snapshot(model.unet, model.text_encoder) == before

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from library.sampling import vae_slices as vae_memory
-from library.records.options import vae_batch_size
 from library.models.tiny import build_tiny_components
+from library.records.options import vae_batch_size
+from library.sampling import vae_slices as vae_memory
 from library.sampling.pipeline import Pipeline
 from tests.helpers import make_source, pixels, pngs
 from tests.helpers import run_img2img as run

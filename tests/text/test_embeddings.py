@@ -12,6 +12,11 @@ import torch
 from PIL import Image
 
 import gen_img
+from library.errors import UserError
+from library.features.xti import PerLayerText
+from library.models.loader import text_model
+from library.models.unet_blocks import cross_attention_layer_names
+from library.sampling.patches import Batch, BatchLayout, PatchOwner
 from library.text.embeddings import (
     EmbeddingSet,
     load_embeddings,
@@ -19,13 +24,7 @@ from library.text.embeddings import (
     write_embedding,
     write_xti,
 )
-from library.errors import UserError
-from library.models.loader import text_model
-from library.text.encoder import PromptEncoder
-from library.text.encoder import Conditioning
-from library.sampling.patches import Batch, BatchLayout, PatchOwner
-from library.features.xti import PerLayerText
-from library.models.unet_blocks import cross_attention_layer_names
+from library.text.encoder import Conditioning, PromptEncoder
 
 FAST = ["--steps", "3", "--W", "64", "--H", "64", "--seed", "1"]
 TINY_LAYERS = ["IN01", "MID", "OUT02", "OUT03"]

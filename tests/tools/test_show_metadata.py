@@ -14,9 +14,8 @@ from safetensors.torch import save_file
 
 from library.images.metadata import ImageRecord, generation_text
 from library.images.output_files import save_image
-from tools.show_metadata import main
 from tests.helpers import ROOT
-
+from tools.show_metadata import main
 
 
 @pytest.fixture

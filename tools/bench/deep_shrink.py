@@ -15,10 +15,10 @@ import time
 import torch
 
 from library.features.deep_shrink import ShrinkDeepLayers
-from library.records.deep_shrink_settings import DeepShrink
 from library.models import load_model
-from library.text.encoder import Conditioning
+from library.records.deep_shrink_settings import DeepShrink
 from library.sampling.patches import Batch, BatchLayout, FixedFeature, PatchOwner
+from library.text.encoder import Conditioning
 from tools.bench.common import DEFAULT_CACHE, DTYPES, checkpoint_path
 
 

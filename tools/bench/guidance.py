@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from library.features.guidance import ClipGuide, GuidedGeneration, Scales, VggGuide
-from library.records.jobs import Job
 from library.models import load_model
+from library.records.jobs import Job
 from library.sampling.pipeline import Pipeline
 from library.text.encoder import PromptEncoder
 from tools.bench.common import (

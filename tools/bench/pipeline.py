@@ -45,9 +45,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from library.records.jobs import Job  # noqa: E402
-from library.sampling.schedulers import make_scheduler  # noqa: E402
-from tools.bench.common import (  # noqa: E402
+from library.records.jobs import Job
+from library.sampling.schedulers import make_scheduler
+from tools.bench.common import (
     DEFAULT_CACHE,
     DTYPES,
     child_env,
