@@ -9,6 +9,7 @@ Test modules import helpers from here only, never from each other.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -82,6 +83,32 @@ def make_pipeline(model, sampler: str, *features: Feature) -> Pipeline:
     encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
     return Pipeline(model.unet, model.vae, encoder, sampler, model.kind.v_prediction,
                     torch.device("cpu"), torch.float32, torch.device("cpu"), progress=False, features=list(features))
+
+
+@dataclass
+class BuiltRun:
+    """The objects of a run, built as `gen_img.main` builds them."""
+
+    options: object
+    model: object
+    networks: object
+    pipeline: Pipeline
+    runner: object
+
+
+def build_run(argv: list[str]) -> BuiltRun:
+    """Parse `argv` and build model, networks, pipeline (no progress bars) and runner, for tests
+    that drive batches themselves."""
+    from library.cli.parser import parse_options
+    from library.run import build
+
+    options = parse_options(argv)
+    runtime = build.Runtime.from_options(options.load)
+    model = build.load(options.load, runtime)
+    networks = build.networks(options, model)
+    pipeline = build.pipeline(options, model, runtime, networks)
+    pipeline.progress = False
+    return BuiltRun(options, model, networks, pipeline, build.runner(options, model, pipeline))
 
 
 def make_source(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> Path:

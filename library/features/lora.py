@@ -21,7 +21,7 @@ import importlib
 import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from library.errors import UserError
 from library.sampling.patches import Batch, BatchRun, FeatureBase, Patch, RunSetup
@@ -36,10 +36,6 @@ class Networks(FeatureBase):
     loaded: list
     defaults: tuple[float, ...]
     merged: int = 0
-    _current: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._current = list(self.defaults)
 
     @classmethod
     def from_run(cls, setup: RunSetup) -> Networks | None:
@@ -71,7 +67,6 @@ class Networks(FeatureBase):
         wanted = batch.jobs[0].network_multipliers or self.defaults
         owners = {id(m): i for i, net in enumerate(self.loaded) if _owner_hooked(net) for m in net.unmerged_layers()}
         return owners, {i: float(v) for i, v in enumerate(wanted)}
-
 
 
 class NetworkLayers(Patch):

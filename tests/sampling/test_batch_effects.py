@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from library.cli.parser import parse_options
 from library.features.attention_couple import CouplePatch
 from library.features.controlnet import BatchControl, ControlNets
 from library.features.gradual_latent import GrowLatents
@@ -17,8 +16,8 @@ from library.features.guidance import GuidedBatch, GuidedGeneration
 from library.features.lora import NetworkLayers
 from library.prompts.seeds import SeedSource
 from library.prompts.sources import Line
-from library.run import build
 from library.sampling.patches import Patch
+from tests.helpers import build_run
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs",
                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
@@ -93,14 +92,9 @@ def _guide(path) -> str:
 
 def _built(argv: list[str]):
     """Model, networks, pipeline and the prompt's jobs, built as `gen_img` builds them."""
-    options = parse_options(argv)
-    runtime = build.Runtime.from_options(options.load)
-    model = build.load(options.load, runtime)
-    networks = build.networks(options, model)
-    pipeline = build.pipeline(options, model, runtime, networks)
-    pipeline.progress = False
-    runner = build.runner(options, model, pipeline)
-    jobs = list(runner.jobs([Line(options.rounds.prompt, "--prompt")], SeedSource(3, True), None))
+    run = build_run(argv)
+    model, networks, pipeline, options = run.model, run.networks, run.pipeline, run.options
+    jobs = list(run.runner.jobs([Line(options.rounds.prompt, "--prompt")], SeedSource(3, True), None))
     return model, networks, pipeline, jobs
 
 

@@ -17,7 +17,7 @@ from library.records.jobs import Job
 from library.run import build
 from library.sampling.patches import BatchLayout, FixedFeature, Patch, StepContext
 from library.sampling.schedulers import make_scheduler
-from tests.helpers import ROOT, make_pipeline
+from tests.helpers import ROOT, build_run, make_pipeline
 
 
 def _latents(model, patch: Patch | None, sampler: str = "euler", scale: float = 5.0) -> torch.Tensor:
@@ -244,13 +244,8 @@ def test_a_batch_with_every_feature_leaves_the_models_as_they_were(tiny_models, 
             "--control_net_preps", "canny", "--image_path", str(source), "--mask_path", str(mask),
             "--strength", "0.75"]
 
-    options = parse_options([*argv, "--outdir", str(tmp_path / "here")])
-    runtime = build.Runtime.from_options(options.load)
-    model = build.load(options.load, runtime)
-    networks = build.networks(options, model)
-    pipeline = build.pipeline(options, model, runtime, networks)
-    pipeline.progress = False
-    runner = build.runner(options, model, pipeline)
+    run = build_run([*argv, "--outdir", str(tmp_path / "here")])
+    options, model, runner = run.options, run.model, run.runner
     before = _snapshot(model.unet, model.text_encoder)
     from library.prompts.seeds import SeedSource
     from library.prompts.sources import Line
