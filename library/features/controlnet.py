@@ -1,4 +1,4 @@
-"""ControlNet guidance: hint images, their preprocessing, and which ControlNet runs at which step.
+"""ControlNet: hint images, their preprocessing, and which ControlNet runs at which step.
 
 Options (the manual's names): `--control_net_models` (one or more ControlNet 1.0 files or
 Diffusers folders, loaded by `library.models.controlnet`), `--control_net_preps`,
