@@ -134,7 +134,6 @@ class CouplePatch(Patch):
     def __init__(self, regions: Tensor) -> None:
         self.regions = regions  # (parts, H, W) at the mask's size
         self.run: BatchRun | None = None
-        self.attending: PartAttention | None = None  # the part whose attention runs now
         self._sized: dict[tuple[int, int, torch.dtype], Tensor] = {}  # the regions resized (a cache)
 
     def install(self, stack: ExitStack, run: BatchRun) -> None:
@@ -164,9 +163,8 @@ class CouplePatch(Patch):
             if parts:
                 text = states.clone()
                 text[rows] = parts[k].layer_states(layer).to(states)
-            call = self.attending = PartAttention(k, rows)
-            result = attend(text)
-            self.attending = None
+            call = PartAttention(k, rows)
+            result = attend(text, call)  # the LoRA deltas inside see it as ctx.attention
             term = weights[k][None, :, None] * result[rows] + self.output_delta(call, masks[k])
             merged = term if merged is None else merged + term
             if out is None:
@@ -202,7 +200,7 @@ class RegionalLoRAPatch(CouplePatch):
             text = self.run.text if self.run is not None else None
             return delta if text == ("prompt", network) else torch.zeros_like(delta)
         role = self.roles.get(id(layer.module))
-        call = self.attending if self.attending is not None and self.attending.part == network else None
+        call = ctx.attention if isinstance(ctx.attention, PartAttention) and ctx.attention.part == network else None
         if role == "kv":
             kept = torch.zeros_like(delta)
             if call is not None:

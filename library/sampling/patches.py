@@ -49,6 +49,7 @@ Cross-attention layers and blocks are named as in the original LDM layout (``IN0
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -122,6 +123,9 @@ class StepContext:
     layout: BatchLayout
     # the layout rows a U-Net call runs (a `guide` patch's extra call on some rows); None: all rows
     rows: tuple[int, ...] | None = None
+    # while a `cross_attention_output` patch runs `attend(states, tag)`: its `tag`, for the
+    # `lora_output` calls of that attention (Attention Couple's part); None otherwise
+    attention: object | None = None
 
     @property
     def last(self) -> bool:
@@ -137,7 +141,9 @@ class LoRALayer(Protocol):
                    modulate: Callable | None = None) -> Tensor: ...
 
 
-Attend = Callable[[Tensor], Tensor]
+#: `attend(states, tag=None)`: the layer's attention on `states`; the `lora_output` calls made
+#: inside it see `ctx.attention == tag`.
+Attend = Callable[..., Tensor]
 TextRole = Literal["prompt", "negative", "empty"]
 
 #: `unet(sample, rows)`: the U-Net's prediction for `sample` (one input row per entry of `rows`)
@@ -412,6 +418,15 @@ class BatchRun:
         for patch in self._with["install"]:
             patch.install(stack, self)
 
+    def tagged(self, tag: object, call: Callable[[], Tensor]) -> Tensor:
+        """`call()` with `ctx.attention` = `tag` for the point calls inside it (`Attend`)."""
+        outer = self.ctx
+        self.ctx = replace(outer, attention=tag)
+        try:
+            return call()
+        finally:
+            self.ctx = outer
+
     def _modulate(self, lora: LoRALayer, x: Tensor, delta: Tensor) -> Tensor:
         for patch in self._with["lora_output"]:
             delta = patch.lora_output(self.ctx, lora, x, delta)
@@ -493,8 +508,12 @@ class _PatchedCrossAttention:
         for patch in run._with["cross_attention_states"]:
             states = patch.cross_attention_states(run.ctx, self.layer, states, run.cond)
 
-        def attend(text: Tensor) -> Tensor:
-            return self.inner(attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, **kwargs)
+        def attend(text: Tensor, tag: object | None = None) -> Tensor:
+            def call() -> Tensor:
+                return self.inner(attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask,
+                                  **kwargs)
+
+            return call() if tag is None else run.tagged(tag, call)
 
         for patch in reversed(run._with["cross_attention_output"]):
             attend = _bound_output(patch, run, self.layer, hidden_states, attend)
@@ -502,7 +521,12 @@ class _PatchedCrossAttention:
 
 
 def _bound_output(patch: Patch, run: BatchRun, layer: str, hidden: Tensor, inner: Attend) -> Attend:
-    return lambda states: patch.cross_attention_output(run.ctx, layer, hidden, states, inner)
+    """`patch`'s output point around `inner`; a tag an outer patch gives reaches the attention."""
+    def bound(states: Tensor, tag: object | None = None) -> Tensor:
+        attend = inner if tag is None else functools.partial(inner, tag=tag)
+        return patch.cross_attention_output(run.ctx, layer, hidden, states, attend)
+
+    return bound
 
 
 def _hook_skip_concats(stack: ExitStack, block: nn.Module, index: int,

@@ -274,7 +274,7 @@ def test_masks_follow_whatever_resolution_the_layer_meets():
     patch.install(ExitStack(), SimpleNamespace(cond=cond))  # the run's current call: its texts
     hidden = torch.zeros(2, 36, 4)
     out = patch.cross_attention_output(ctx, "IN01", hidden, cond.states,
-                                       lambda text: text.mean(dim=1, keepdim=True).expand(-1, 36, 4))
+                                       lambda text, tag=None: text.mean(dim=1, keepdim=True).expand(-1, 36, 4))
     masks = F.interpolate(regions[None], (6, 6), mode="bilinear", align_corners=False)[0].flatten(1)
     expected = (masks[0] * 1.0 + masks[1] * 3.0) / (masks[0] + masks[1])
     assert torch.allclose(out[1, :, 0], expected, atol=1e-6)
