@@ -106,7 +106,7 @@ def test_a_failing_batch_with_every_effect_leaves_everything_as_it_was(tiny_mode
     processors); after it, and after the same batch raising at its last step, every module,
     hook, processor, `requires_grad`, checkpointing flag, weight and multiplier is as before,
     and the next batch's latents equal those of a pipeline built fresh."""
-    argv = ["--ckpt", str(tiny_models["sd1"]), "--W", "128", "--H", "128", "--steps", "8", "--sampler", "euler_a",
+    argv = ["--ckpt", str(tiny_models["sd1"]), "--W", "96", "--H", "96", "--steps", "6", "--sampler", "euler_a",
             "--prompt", "a cat AND a dog --am 0.6", "--outdir", str(tmp_path / "out"),
             "--network_module", "networks.lora", "--network_weights", str(tiny_models["lora"]), "--network_pre_calc",
             "--control_net_models", str(tiny_models["controlnet-sd1"]),
