@@ -1,8 +1,11 @@
 """Every per-batch effect of a feature is entered on the patch owner's `ExitStack` and undone when
 the batch ends, also when the batch fails: the models, their hooks and flags, and the networks'
-multipliers are exactly as before, and the next batch gives the image a fresh pipeline gives."""
+multipliers are exactly as before, and the next batch gives the latents a fresh process gives."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from library.features.lora import NetworkLayers
 from library.prompts.seeds import SeedSource
 from library.prompts.sources import Line
 from library.sampling.patches import Patch
-from tests.helpers import build_run
+from tests.helpers import ROOT, build_run
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs",
                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
@@ -105,7 +108,7 @@ def test_a_failing_batch_with_every_effect_leaves_everything_as_it_was(tiny_mode
     embedding's hook, the VAE's gradient checkpointing, the multiplier 0.6, the attention
     processors); after it, and after the same batch raising at its last step, every module,
     hook, processor, `requires_grad`, checkpointing flag, weight and multiplier is as before,
-    and the next batch's latents equal those of a pipeline built fresh."""
+    and the next batch's latents equal those of a fresh process."""
     argv = ["--ckpt", str(tiny_models["sd1"]), "--W", "96", "--H", "96", "--steps", "6", "--sampler", "euler_a",
             "--prompt", "a cat AND a dog --am 0.6", "--outdir", str(tmp_path / "out"),
             "--network_module", "networks.lora", "--network_weights", str(tiny_models["lora"]), "--network_pre_calc",
@@ -140,7 +143,22 @@ def test_a_failing_batch_with_every_effect_leaves_everything_as_it_was(tiny_mode
 
     inject.fail = False
     again = pipeline.latents(jobs)
-    *_, fresh_pipeline, fresh_jobs = _built(argv)
-    assert [j.seed for j in fresh_jobs] == [j.seed for j in jobs]
-    fresh = fresh_pipeline.latents(fresh_jobs)
+    fresh = _latents_of_a_fresh_process(argv, tmp_path / "fresh.pt")
     assert torch.equal(again, fresh) and torch.equal(first, fresh)
+
+
+_FRESH = """import sys, torch
+torch.set_num_threads(1)  # as the tests' process: the same kernels
+from library.prompts.seeds import SeedSource
+from library.prompts.sources import Line
+from tests.helpers import ROOT, build_run
+run = build_run(sys.argv[2:])
+jobs = list(run.runner.jobs([Line(run.options.rounds.prompt, "--prompt")], SeedSource(3, True), None))
+torch.save(run.pipeline.latents(jobs), sys.argv[1])
+"""
+
+
+def _latents_of_a_fresh_process(argv: list[str], path) -> torch.Tensor:
+    """The batch's latents made by a new Python process with the same command line."""
+    subprocess.run([sys.executable, "-c", _FRESH, str(path), *argv], cwd=ROOT, check=True, capture_output=True)
+    return torch.load(path)
