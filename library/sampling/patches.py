@@ -30,7 +30,8 @@ U-Net). Points, in the order a step meets them:
 ``down_block_input``       the hidden state entering ``down_blocks[depth]``
 ``before_skip_concat``     the hidden state before up block i concatenates its j-th skip
 ``cross_attention_states`` the text states a cross-attention layer attends to (XTI)
-``cross_attention_output`` a cross-attention layer's output; ``attend(states)`` runs it
+``cross_attention_output`` a cross-attention layer's output; ``attend(states, tag)`` runs it (the
+                           ``lora_output`` calls inside see ``ctx.attention == tag``)
 ``after_cfg``              the noise prediction after CFG combines (gradients may be enabled here)
 ``guide``                  the latents and noise prediction before the scheduler step; may run
                            the U-Net again on some rows (``unet(sample, rows)``, with grad)

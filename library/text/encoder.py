@@ -37,7 +37,6 @@ name), which `library.features.xti` hands to each layer. The default states are 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -249,8 +248,3 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor, mode: str) -> tor
     unchanged = (weights == 1).all(dim=(1, 2), keepdim=True)
     scale = torch.where(unchanged, torch.ones_like(before), before / after)
     return (weighted * scale).to(hidden.dtype)
-
-
-def chunks_needed(token_count: int) -> int:
-    """Chunks for `token_count` tokens (at least one)."""
-    return max(1, math.ceil(token_count / CHUNK))
