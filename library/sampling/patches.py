@@ -363,6 +363,9 @@ class BatchRun:
         kwargs: dict = {}
         for patch in self._with["unet_kwargs"]:
             kwargs = _add_kwargs(kwargs, patch.unet_kwargs(ctx, sample, timestep, cond) or {})
+        added = cond.added_cond_kwargs()  # SDXL: pooled text and size numbers per row
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
         return self.unet(sample, timestep, encoder_hidden_states=cond.states, **kwargs).sample
 
     def after_cfg(self, ctx: StepContext, latents: Tensor, eps: Tensor) -> Tensor:
@@ -378,7 +381,7 @@ class BatchRun:
 
         def unet(sample: Tensor, rows: Sequence[int]) -> Tensor:
             try:
-                return self.unet_call(replace(ctx, rows=tuple(rows)), sample, timestep, _rows(cond, rows))
+                return self.unet_call(replace(ctx, rows=tuple(rows)), sample, timestep, cond.rows(rows))
             finally:
                 self.ctx, self.sample, self.cond = ctx, full, cond
 
@@ -465,13 +468,6 @@ class BatchRun:
 
 
 _POINTS = [name for name in vars(Patch) if not name.startswith("_") and name not in ("lora_layers", "progress_label")]
-
-
-def _rows(cond: Conditioning, rows: Sequence[int]) -> Conditioning:
-    """The text states of some layout rows (default and per-layer)."""
-    index = list(rows)
-    layers = None if cond.per_layer is None else {k: v[index] for k, v in cond.per_layer.items()}
-    return type(cond)(cond.states[index], layers)
 
 
 def _add_kwargs(total: dict, extra: dict) -> dict:

@@ -26,7 +26,13 @@ prompt, over all its chunks, tokens and channels (`--emb_normalize_mode`):
 A prompt whose weights are all 1 is returned unchanged (the formulas give the same values).
 
 `--clip_skip N`: hidden state N from the end (1 = the last layer), then the text encoder's
-final layer norm, as in the original tool.
+final layer norm, as in the original tool. SDXL's encoders (`final_layer_norm=False`) take the
+hidden state without that norm, as SDXL was trained (`library.text.sdxl_encoder`).
+
+`pooled=True` (SDXL's bigG encoder) adds `Conditioning.pooled`: per prompt, the text
+projection of the final-norm output at the first EOS of its FIRST chunk (the text
+encoder's own pooling, taken by position so that an added embedding token with a larger id
+than EOS cannot be mistaken for it). It is unweighted: the weights change the states only.
 
 `encode` returns a `Conditioning`: the default states (B, 77*chunks, C) and, when a prompt of
 the batch uses an XTI embedding, one encoding per U-Net cross-attention layer (by LDM layer
@@ -72,10 +78,29 @@ class Conditioning:
     # prompts split at ` AND `: each part's encoding of the prompt rows (`library.features.attention_couple`);
     # `states` then holds part 0 in those rows
     parts: tuple[Conditioning, ...] = ()
+    # SDXL: the pooled text vector of each row (rows, P) and the size numbers of each row (rows, 6),
+    # the U-Net's `added_cond_kwargs` (`library.sampling.added_conditioning`); None on SD 1.x/2.x
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
         layers = None if self.per_layer is None else {k: v.to(device, dtype) for k, v in self.per_layer.items()}
-        return Conditioning(self.states.to(device, dtype), layers, tuple(p.to(device, dtype) for p in self.parts))
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        time_ids = None if self.time_ids is None else self.time_ids.to(device, dtype)
+        return Conditioning(self.states.to(device, dtype), layers, tuple(p.to(device, dtype) for p in self.parts),
+                            pooled, time_ids)
+
+    def rows(self, index: Sequence[int]) -> Conditioning:
+        """The conditioning of some rows (default, per-layer and added), without parts."""
+        index = list(index)
+        layers = None if self.per_layer is None else {k: v[index] for k, v in self.per_layer.items()}
+        return Conditioning(self.states[index], layers, (), _pick(self.pooled, index), _pick(self.time_ids, index))
+
+    def added_cond_kwargs(self) -> dict | None:
+        """The U-Net's `added_cond_kwargs` (SDXL's `text_time` embedding), or None without them."""
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
 
     def layer_states(self, layer: str) -> torch.Tensor:
         """The states cross-attention layer `layer` attends to (XTI: its own)."""
@@ -85,11 +110,26 @@ class Conditioning:
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
         """Rows of `parts` one after the other; a part without per-layer states uses its default."""
         states = torch.cat([p.states for p in parts])
+        pooled = _cat([p.pooled for p in parts])
+        time_ids = _cat([p.time_ids for p in parts])
         names = next((list(p.per_layer) for p in parts if p.per_layer is not None), None)
         if names is None:
-            return Conditioning(states)
+            return Conditioning(states, pooled=pooled, time_ids=time_ids)
         layers = {n: torch.cat([p.states if p.per_layer is None else p.per_layer[n] for p in parts]) for n in names}
-        return Conditioning(states, layers)
+        return Conditioning(states, layers, pooled=pooled, time_ids=time_ids)
+
+
+def _cat(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The rows of all `tensors`, or None when none is given (a mix is a programming error)."""
+    if all(t is None for t in tensors):
+        return None
+    if any(t is None for t in tensors):
+        raise ValueError("conditionings with and without added (SDXL) vectors cannot be joined")
+    return torch.cat(list(tensors))
+
+
+def _pick(tensor: torch.Tensor | None, index: list[int]) -> torch.Tensor | None:
+    return None if tensor is None else tensor[index]
 
 
 class PromptEncoder:
@@ -104,8 +144,12 @@ class PromptEncoder:
         max_embeddings_multiples: int = 1,
         normalize_mode: str = "original",
         embeddings=None,
+        final_layer_norm: bool = True,
+        pooled: bool = False,
     ) -> None:
-        """`embeddings` is a `library.text.embeddings.EmbeddingSet` or None."""
+        """`embeddings` is a `library.text.embeddings.EmbeddingSet` or None; `final_layer_norm`
+        False takes clip-skip states without the final norm (SDXL); `pooled` adds the projected
+        EOS state of each prompt's first chunk (SDXL's bigG encoder; module docstring)."""
         if normalize_mode not in ("original", "abs", "none"):
             raise ValueError(f"unknown emb_normalize_mode {normalize_mode!r}")
         layers = getattr(getattr(text_encoder, "config", None), "num_hidden_layers", None)
@@ -117,6 +161,8 @@ class PromptEncoder:
         self.max_chunks = max(1, max_embeddings_multiples)
         self.normalize_mode = normalize_mode
         self.embeddings = embeddings
+        self.final_layer_norm = final_layer_norm
+        self.pooled = pooled
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -202,27 +248,46 @@ class PromptEncoder:
         id_tensor = torch.tensor(ids, device=device)
         weight_tensor = torch.tensor(weights, device=device, dtype=torch.float32).unsqueeze(-1)
         layers = self.embeddings.layer_names if self.embeddings is not None and self.embeddings.has_xti else ()
+        first_rows = id_tensor[::chunks]  # each prompt's first chunk (the pooled vector's)
         if not layers or not any(self.embeddings.is_xti_id(t) for row in ids for t in row):
             layer = layers[0] if layers else None
-            return Conditioning(self._weighted(self._hidden_states(id_tensor, layer), weight_tensor, len(prompts)))
-        per_layer = {
-            layer: self._weighted(self._hidden_states(id_tensor, layer), weight_tensor, len(prompts))
-            for layer in layers
-        }
-        return Conditioning(per_layer[layers[0]], per_layer)
+            hidden, pooled = self._hidden_states(id_tensor, layer, first_rows)
+            return Conditioning(self._weighted(hidden, weight_tensor, len(prompts)), pooled=pooled)
+        per_layer, pooled = {}, None
+        for layer in layers:
+            hidden, layer_pooled = self._hidden_states(id_tensor, layer, first_rows)
+            per_layer[layer] = self._weighted(hidden, weight_tensor, len(prompts))
+            pooled = layer_pooled if pooled is None else pooled
+        return Conditioning(per_layer[layers[0]], per_layer, pooled=pooled)
 
-    def _hidden_states(self, ids: torch.Tensor, layer: str | None) -> torch.Tensor:
-        """Text-encoder output (rows, 77, C) for `ids`, with `--clip_skip` and the embeddings."""
+    def _hidden_states(self, ids: torch.Tensor, layer: str | None,
+                       first_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text-encoder output (rows, 77, C) for `ids`, with `--clip_skip` and the embeddings,
+        and the pooled vectors of `first_rows` (None unless `pooled`)."""
         if self.embeddings is None:
-            return self._run_text_encoder(ids)
+            return self._run_text_encoder(ids, first_rows)
         with self.embeddings.installed(self.text_encoder, layer):
-            return self._run_text_encoder(ids)
+            return self._run_text_encoder(ids, first_rows)
 
-    def _run_text_encoder(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.clip_skip == 1:
-            return self.text_encoder(ids).last_hidden_state
+    def _run_text_encoder(self, ids: torch.Tensor,
+                          first_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.clip_skip == 1 and self.final_layer_norm and not self.pooled:
+            return self.text_encoder(ids).last_hidden_state, None
         out = self.text_encoder(ids, output_hidden_states=True)
-        return text_model(self.text_encoder).final_layer_norm(out.hidden_states[-self.clip_skip])
+        hidden = out.hidden_states[-self.clip_skip]
+        if self.final_layer_norm:
+            hidden = text_model(self.text_encoder).final_layer_norm(hidden)
+        return hidden, self._pooled(out.last_hidden_state[:: ids.shape[0] // first_rows.shape[0]], first_rows)
+
+    def _pooled(self, last: torch.Tensor, first_rows: torch.Tensor) -> torch.Tensor | None:
+        """The text projection of `last` (final-norm states of each prompt's first chunk) at
+        the first EOS of each row; None unless `pooled`."""
+        if not self.pooled:
+            return None
+        eos = (first_rows == self.eos).int().argmax(dim=1)
+        picked = last[torch.arange(last.shape[0], device=last.device), eos]
+        projection = getattr(self.text_encoder, "text_projection", None)
+        return picked if projection is None else projection(picked)
 
     def _weighted(self, hidden: torch.Tensor, weights: torch.Tensor, batch: int) -> torch.Tensor:
         """Rows of one prompt joined to (B, 77*chunks, C), then weighted (module docstring)."""
