@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from library.records.deep_shrink_settings import DeepShrink
     from library.records.gradual_latent_settings import GradualLatent
+    from library.records.size_conditioning import SizeConditioning
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Job:
     deep_shrink: DeepShrink | None = None  # `library.features.deep_shrink` settings of this image
     gradual_latent: GradualLatent | None = None  # `library.features.gradual_latent` settings of this image
     prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
+    sizes: SizeConditioning | None = None  # SDXL's original / crop sizes (`library.records.size_conditioning`)
     # position in the run (0-based, across rounds): the number in the file name, the same in any process
     index: int = 0
 
@@ -65,6 +67,7 @@ class Job:
             self.deep_shrink,
             self.gradual_latent,
             len(self.prompt_parts),
+            self.sizes,
         )
 
 

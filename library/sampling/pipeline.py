@@ -31,6 +31,7 @@ from library.progress import progress as tqdm
 from library.records.jobs import Job
 from library.records.samplers import noises_per_step
 from library.sampling import img2img
+from library.sampling.added_conditioning import with_time_ids
 from library.sampling.checks import check_latents
 from library.sampling.img2img import Img2ImgInput
 from library.sampling.noise import draw_image_noise
@@ -158,7 +159,9 @@ class Pipeline:
         """Text states of the batch's rows, in the order `cfg` combines them.
 
         A prompt split at ` AND ` is encoded part by part (`Conditioning.parts`, part 0 in
-        the prompt rows of `states`); `run.text_encoding` tells the patches what is encoded.
+        the prompt rows of `states`; on SDXL the last part's pooled vector, as the original);
+        `run.text_encoding` tells the patches what is encoded. SDXL rows also get their size
+        numbers (`library.sampling.added_conditioning`).
         """
         first = jobs[0]
         prompts = [j.prompt for j in jobs]
@@ -170,12 +173,17 @@ class Pipeline:
 
         parts = tuple(encode([j.prompt_parts[k] for j in jobs], "prompt", k) for k in range(len(first.prompt_parts)))
         prompt = parts[0] if parts else encode(prompts)
+        if parts and parts[-1].pooled is not None:
+            prompt = replace(prompt, pooled=parts[-1].pooled)
         if cfg.copies == 1:
-            return replace(prompt, parts=parts)
-        negatives = encode([j.negative_prompt for j in jobs], "negative")
-        if cfg.copies == 3:
-            return replace(Conditioning.cat([encode([""] * len(jobs), "empty"), prompt, negatives]), parts=parts)
-        return replace(Conditioning.cat([negatives, prompt]), parts=parts)
+            rows = prompt
+        else:
+            negatives = encode([j.negative_prompt for j in jobs], "negative")
+            if cfg.copies == 3:
+                rows = Conditioning.cat([encode([""] * len(jobs), "empty"), prompt, negatives])
+            else:
+                rows = Conditioning.cat([negatives, prompt])
+        return replace(with_time_ids(rows, jobs, cfg.copies), parts=parts)
 
     def _step_kwargs(self, scheduler, generators: list[torch.Generator]) -> dict:
         accepted = inspect.signature(scheduler.step).parameters
