@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate images with Stable Diffusion 1.x / 2.x: `python gen_img.py --ckpt MODEL --prompt "..."`.
+"""Generate images with Stable Diffusion 1.x / 2.x / XL: `python gen_img.py --ckpt MODEL --prompt "..."`.
 
 The whole flow of a run; every step lives in `library/` (docs/architecture.md shows where).
 """
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runtime = build.Runtime.from_options(options.load, team.place.local_rank)
         model = build.load(options.load, runtime)
+        options = build.for_model(options, model)  # SDXL: 1024 x 1024 by default; SD 1.x/2.x: no size options
         networks = build.networks(options, model)
         pipeline = build.pipeline(options, model, runtime, networks)
         limits.check_defaults(options.generation, pipeline)

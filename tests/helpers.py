@@ -105,6 +105,7 @@ def build_run(argv: list[str]) -> BuiltRun:
     options = parse_options(argv)
     runtime = build.Runtime.from_options(options.load)
     model = build.load(options.load, runtime)
+    options = build.for_model(options, model)
     networks = build.networks(options, model)
     pipeline = build.pipeline(options, model, runtime, networks)
     pipeline.progress = False

@@ -30,8 +30,9 @@ TAIL = """## Prompt-line options
 Inside a prompt (command line, file or interactive), with spaces around them, e.g.
 `a castle --n blurry --w 768 --h 512 --d 1,2`. A malformed value is reported with the line
 and the option, and that line is skipped. An unknown option is reported with the file, line and
-option, and the line runs without it (the original ignores it silently); the original's SDXL
-size options `--ow --oh --nw --nh --ct --cl` are reported the same way. `--nl none` turns the
+option, and the line runs without it (the original ignores it silently). SDXL's size options
+`--oh --ow --nh --nw --ct --cl` (docs/sdxl.md) split batches like every per-image option; on an
+SD 1.x/2.x model they are reported and the line runs without them. `--nl none` turns the
 negative scale off for that line.
 
 ```

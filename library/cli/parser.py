@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from library.cli.validation import SDXL_ONLY_OPTIONS, validate
+from library.cli.validation import SDXL_ONLY_OPTIONS, SDXL_SIZE_OPTIONS, validate
 from library.errors import UserError
 from library.messages import argparse_text
 from library.records.options import Options, from_namespace
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(
         prog="gen_img.py",
-        description="Generate images with Stable Diffusion 1.x / 2.x checkpoints.",
+        description="Generate images with Stable Diffusion 1.x / 2.x / XL checkpoints.",
         epilog="Prompt options (inside a prompt, with spaces around them): --n negative prompt, --w width, "
         "--h height, --s steps, --d seeds, --l scale, --nl negative scale, --am network multipliers, "
         "--c CLIP prompt, --f file name, ... (docs/options.md lists them all).",
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", help="separate VAE: single file or Diffusers folder")
     g.add_argument("--v1", action="store_true", help="assert an SD 1.x model (detected automatically)")
     g.add_argument("--v2", action="store_true", help="assert an SD 2.x model (detected automatically)")
+    g.add_argument("--sdxl", action="store_true", help="assert an SDXL model (detected automatically)")
     g.add_argument("--v_parameterization", action="store_true",
                    help="force v-prediction (otherwise read from the checkpoint)")
     g.add_argument("--tokenizer_cache_dir", help="folder to keep the tokenizer in (created on first use)")
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_controlnet_group(p)
     _add_guidance_group(p)
     _add_original_compat_group(p)
+    _add_sdxl_group(p)
 
     g = p.add_argument_group("additional networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=[], help="module per network, e.g. networks.lora")
@@ -222,11 +224,18 @@ def _add_original_compat_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pyramid_noise_discount_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="range of the pyramid noise discount (needed with --pyramid_noise_prob)")
     for name, nargs, kind in SDXL_ONLY_OPTIONS:
-        sdxl_help = "SDXL only: refused (SDXL models are not supported)"
+        sdxl_help = "the original's SDXL-only option: refused (not supported yet)"
         if nargs == 0:
             g.add_argument(f"--{name}", action="store_true", help=sdxl_help)
         else:
             g.add_argument(f"--{name}", nargs=nargs, type=kind, default=None, help=sdxl_help)
+
+
+def _add_sdxl_group(p: argparse.ArgumentParser) -> None:
+    """SDXL's size conditioning (docs/sdxl.md); refused with an SD 1.x/2.x model."""
+    g = p.add_argument_group("SDXL size conditioning (SDXL models only)")
+    for name, meaning in SDXL_SIZE_OPTIONS:
+        g.add_argument(f"--{name}", type=int, default=None, metavar="N", help=meaning)
 
 
 def _add_controlnet_group(p: argparse.ArgumentParser) -> None:

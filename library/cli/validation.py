@@ -14,12 +14,22 @@ import argparse
 from library.errors import UserError
 from library.records import limits
 
-#: The original's SDXL-only options (name, nargs, type): accepted by the parser, then refused in one line.
+#: The original's SDXL-only options not supported yet (name, nargs, type): accepted by the parser,
+#: then refused in one line.
 SDXL_ONLY_OPTIONS: tuple[tuple[str, object, object], ...] = (
-    ("sdxl", 0, None), ("original_height", None, int), ("original_width", None, int),
-    ("original_height_negative", None, int), ("original_width_negative", None, int),
-    ("crop_top", None, int), ("crop_left", None, int), ("clip_vision_strength", None, float),
-    ("control_net_lllite_models", "*", str),
+    ("clip_vision_strength", None, float), ("control_net_lllite_models", "*", str),
+)
+
+#: SDXL's size conditioning (`library.records.size_conditioning`): option name, help.
+SDXL_SIZE_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("original_height", "original height the image is conditioned on (default: the height generated)"),
+    ("original_width", "original width the image is conditioned on (default: the width generated)"),
+    ("original_height_negative", "original height of the negative prompt's conditioning "
+     "(default: --original_height)"),
+    ("original_width_negative", "original width of the negative prompt's conditioning "
+     "(default: --original_width)"),
+    ("crop_top", "top of the crop the image is conditioned on (default 0)"),
+    ("crop_left", "left of the crop the image is conditioned on (default 0)"),
 )
 
 _FLOAT_OPTIONS = ("scale", "ddim_eta", "negative_scale", "strength", "highres_fix_scale", "highres_fix_strength",
@@ -54,8 +64,10 @@ def validate(args: argparse.Namespace) -> None:
                         "(or --image_path with images that have prompts in their metadata)")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
-    if args.v1 and args.v2:
-        raise UserError("--v1 and --v2 exclude each other")
+    kinds = [f"--{name}" for name in ("v1", "v2", "sdxl") if getattr(args, name)]
+    if len(kinds) > 1:
+        raise UserError(f"{' and '.join(kinds)} exclude each other")
+    validate_sdxl_sizes(args)
     validate_original_compat(args)
     validate_img2img(args)
     validate_controlnet(args)
@@ -94,8 +106,7 @@ def validate_original_compat(args: argparse.Namespace) -> None:
     for name, _nargs, _type in SDXL_ONLY_OPTIONS:
         value = getattr(args, name)
         if value not in (None, False):
-            raise UserError(f"--{name}: SDXL models are not supported (this tool runs SD 1.x/2.x models); "
-                            "leave it out")
+            raise UserError(f"--{name}: not supported yet (SDXL's CLIP Vision and ControlNet-LLLite); leave it out")
     for prob, rng in (("noise_offset_prob", "noise_offset_range"),
                       ("pyramid_noise_prob", "pyramid_noise_discount_range")):
         value = getattr(args, prob)
@@ -108,6 +119,18 @@ def validate_original_compat(args: argparse.Namespace) -> None:
             raise UserError(f"--{rng} {bounds[0]:g} {bounds[1]:g}: MIN must not be above MAX")
     if args.zero_terminal_snr:
         make_scheduler(args.sampler, False, zero_terminal_snr=True)
+
+
+def validate_sdxl_sizes(args: argparse.Namespace) -> None:
+    """SDXL's size conditioning: original sizes at least 1, crops at least 0 (an SD 1.x/2.x model
+    refuses them once its kind is known: `library.records.options.for_model`)."""
+    for name, _help in SDXL_SIZE_OPTIONS:
+        value = getattr(args, name)
+        least = 0 if name.startswith("crop") else 1
+        if value is not None and value < least:
+            raise UserError(f"--{name} {value}: must be at least {least}")
+        if value is not None and value > limits.MAX_CONDITIONING_SIZE:
+            raise UserError(f"--{name} {value}: must be at most {limits.MAX_CONDITIONING_SIZE}")
 
 
 def validate_img2img(args: argparse.Namespace) -> None:

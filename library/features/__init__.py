@@ -19,6 +19,7 @@ from library.features.gradual_latent import GradualLatentFeature
 from library.features.guidance import GuidedGeneration
 from library.features.inpainting import Inpainting
 from library.features.lora import Networks, load_networks
+from library.features.sdxl_sizes import SizeConditioningMetadata
 from library.features.xti import PerLayerText
 
 FEATURES = (
@@ -30,6 +31,7 @@ FEATURES = (
     GuidedGeneration,
     DeepShrinkFeature,
     GradualLatentFeature,
+    SizeConditioningMetadata,
 )
 
 __all__ = ["FEATURES", "load_networks"]

@@ -31,7 +31,10 @@ Rules and decisions:
 - A malformed value raises `PromptOptionError`; the caller reports it with the line and
   skips that line. An unknown option is kept in `PromptLine.unknown` (the caller warns
   with the file and line, and the line runs without it, as the original, which ignores
-  it silently); the SDXL-only options of the original (`SDXL_PROMPT_OPTIONS`) likewise.
+  it silently).
+- SDXL's size options (``--oh --ow --nh --nw --ct --cl``, `SDXL_PROMPT_OPTIONS`) are integers:
+  original sizes at least 1, crops at least 0; on an SD 1.x/2.x model the caller warns that
+  they are ignored.
 - ``--nl none`` (the original's) turns the negative scale off for the line
   (`PromptLine.negative_scale_off`).
 - An option given twice keeps the last value (as the original), with a warning.
@@ -48,7 +51,7 @@ from typing import Any, NoReturn
 
 from library.errors import UserError
 from library.messages import quoted
-from library.records.limits import MAX_DIGITS, MAX_SEED, MAX_SIDE, MAX_STEPS
+from library.records.limits import MAX_CONDITIONING_SIZE, MAX_DIGITS, MAX_SEED, MAX_SIDE, MAX_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +153,24 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
         "650", minimum=0,
     ),
     PromptOption("dsr", OptionKind.FLOAT, "ds_ratio", "Deep Shrink downsampling ratio", "0.5"),
+    PromptOption("oh", OptionKind.INT, "original_height", "SDXL: original height conditioned on", "1024",
+                 minimum=1, maximum=MAX_CONDITIONING_SIZE),
+    PromptOption("ow", OptionKind.INT, "original_width", "SDXL: original width conditioned on", "1024",
+                 minimum=1, maximum=MAX_CONDITIONING_SIZE),
+    PromptOption("nh", OptionKind.INT, "original_height_negative", "SDXL: original height of the negative prompt",
+                 "512", minimum=1, maximum=MAX_CONDITIONING_SIZE),
+    PromptOption("nw", OptionKind.INT, "original_width_negative", "SDXL: original width of the negative prompt",
+                 "512", minimum=1, maximum=MAX_CONDITIONING_SIZE),
+    PromptOption("ct", OptionKind.INT, "crop_top", "SDXL: crop top conditioned on", "0", minimum=0,
+                 maximum=MAX_CONDITIONING_SIZE),
+    PromptOption("cl", OptionKind.INT, "crop_left", "SDXL: crop left conditioned on", "0", minimum=0,
+                 maximum=MAX_CONDITIONING_SIZE),
 )
 
 _BY_NAME: dict[str, PromptOption] = {option.name: option for option in PROMPT_OPTIONS}
 
-#: The original's prompt options for SDXL's size conditioning: accepted and ignored, with a warning.
-SDXL_PROMPT_OPTIONS = ("ow", "oh", "nw", "nh", "ct", "cl")
+#: The prompt options of SDXL's size conditioning (ignored, with a warning, on SD 1.x/2.x).
+SDXL_PROMPT_OPTIONS = ("oh", "ow", "nh", "nw", "ct", "cl")
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,12 @@ class PromptOverrides:
     ds_ratio: float | None = None
     gradual_latent_s_noise: float | None = None
     gradual_latent_unsharp_params: str | None = None
+    original_height: int | None = None
+    original_width: int | None = None
+    original_height_negative: int | None = None
+    original_width_negative: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
 
 
 @dataclass(frozen=True)
@@ -229,9 +250,6 @@ def parse_prompt_line(line: str) -> PromptLine:
 def unknown_option_message(written: str) -> str:
     """The warning for an option `parse_prompt_line` did not know (`written` as "--zz 3")."""
     name = written.split(None, 1)[0]
-    if name[2:].lower() in SDXL_PROMPT_OPTIONS:
-        return (f"{name} ignored: SDXL models are not supported (this tool runs SD 1.x/2.x); "
-                "the line runs without it")
     known = ", ".join("--" + option.name for option in PROMPT_OPTIONS)
     return f'unknown prompt option {name} (in "{written}") ignored, the line runs without it; known: {known}'
 

@@ -26,7 +26,7 @@ from library.errors import UserError
 from library.images import input_images as image_io
 from library.images import metadata as image_metadata
 from library.prompts.dynamic import expand_enumerations, pick_variants
-from library.prompts.line_options import parse_prompt_line, unknown_option_message
+from library.prompts.line_options import SDXL_PROMPT_OPTIONS, parse_prompt_line, unknown_option_message
 from library.prompts.seeds import SeedSource, seeds_for_line
 from library.records.deep_shrink_settings import DeepShrink
 from library.records.deep_shrink_settings import with_overrides as deep_shrink_overrides
@@ -34,6 +34,7 @@ from library.records.gradual_latent_settings import GradualLatent, parse_unsharp
 from library.records.gradual_latent_settings import with_overrides as gradual_latent_overrides
 from library.records.jobs import Job
 from library.records.options import Options
+from library.records.size_conditioning import SizeConditioning
 from library.text.weighting import split_and
 from library.user_code import import_file
 
@@ -56,9 +57,11 @@ class Defaults:
     gradual_latent: GradualLatent | None = None
     regional_networks: int = 0  # regional LoRA: networks that each need a prompt part (`library.images.region_masks`)
     merged_networks: int = 0  # networks merged into the model (`--am` cannot change them)
+    sizes: SizeConditioning | None = None  # SDXL's size conditioning; None: the model has none (SD 1.x/2.x)
 
     @classmethod
-    def from_options(cls, options: Options) -> Defaults:
+    def from_options(cls, options: Options, sdxl: bool = False) -> Defaults:
+        """The command line's defaults; `sdxl`: the model has SDXL's size conditioning."""
         g, img2img = options.generation, options.sources.image_path is not None
         muls = tuple(options.networks.multipliers or [1.0] * len(options.networks.modules)) or None
         width = g.width if g.width_given or not img2img else None
@@ -70,7 +73,7 @@ class Defaults:
         merged = len(n.modules) if n.merge else min(n.merge_n_models or 0, len(n.modules))
         return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
                    deep_shrink=g.deep_shrink, gradual_latent=g.gradual_latent, regional_networks=regional,
-                   merged_networks=merged)
+                   merged_networks=merged, sizes=(g.sizes or SizeConditioning()) if sdxl else None)
 
 
 def _strength(options: Options) -> float | None:
@@ -198,6 +201,7 @@ def jobs_for_line(
     deep_shrink = deep_shrink_overrides(defaults.deep_shrink, o)
     unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
     gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
+    sizes = _line_sizes(defaults.sizes, o, line)
     jobs = []
     for prompt in expand_enumerations(parsed.prompt):
         for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
@@ -227,6 +231,7 @@ def jobs_for_line(
                     deep_shrink=deep_shrink,
                     gradual_latent=gradual_latent,
                     prompt_parts=tuple(parts) if len(parts) > 1 else (),
+                    sizes=sizes,
                 )
             )
     return jobs
@@ -250,6 +255,23 @@ def _warn_inert_am(defaults: Defaults, line: Line) -> None:
     elif defaults.merged_networks:
         logger.warning("%s: --am does not change the first %d network(s): they are merged into the model "
                        "(--network_merge / --network_merge_n_models)", line.where, defaults.merged_networks)
+
+
+_SIZE_FIELDS = ("original_height", "original_width", "original_height_negative", "original_width_negative",
+                "crop_top", "crop_left")
+
+
+def _line_sizes(default: SizeConditioning | None, o, line: Line) -> SizeConditioning | None:
+    """The line's SDXL size conditioning (`--oh --ow --nh --nw --ct --cl` over the command line's);
+    on an SD 1.x/2.x model (`default` None) given ones are warned about and ignored."""
+    given = {name: getattr(o, name) for name in _SIZE_FIELDS if getattr(o, name) is not None}
+    if default is None:
+        if given:
+            names = " ".join(f"--{n}" for n, f in zip(SDXL_PROMPT_OPTIONS, _SIZE_FIELDS) if f in given)
+            logger.warning("%s: %s ignored: SDXL only (this model is SD 1.x/2.x, without size conditioning); "
+                           "the line runs without it", line.where, names)
+        return None
+    return default.with_overrides(**given)
 
 
 def _line_negative_scale(off: bool, given: float | None, default: float | None) -> float | None:

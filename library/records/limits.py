@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from library.records.options import GenerationOptions
 
 MAX_SIDE = 8192
+#: Largest SDXL size-conditioning number (original size, crop): far past any training image;
+#: the sinusoids of larger numbers lose their precision in float32.
+MAX_CONDITIONING_SIZE = 65536
 MAX_STEPS = 1000
 MAX_SEED = 2**32 - 1
 MAX_DIGITS = 20

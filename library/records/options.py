@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from library.records.deep_shrink_settings import DeepShrink
     from library.records.gradual_latent_settings import GradualLatent
+    from library.records.size_conditioning import SizeConditioning
 
 DEFAULT_SIZE = 512  # --W / --H when not given (and no img2img source decides)
+SDXL_DEFAULT_SIZE = 1024  # --W / --H of an SDXL model when not given
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class LoadOptions:
     vae_tiling: bool
     blocked_attention: bool = False  # --blocked_attention: library.models.attention's blocked CPU bf16 self-attention
     compile: bool = False  # --compile: torch.compile of the U-Net and VAE decoder
+    sdxl: bool = False  # --sdxl: assert an SDXL model
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class GenerationOptions:
     zero_terminal_snr: bool = False  # --zero_terminal_snr (rescaled betas)
     noise_offset: tuple[float | None, tuple[float, float] | None] = (None, None)  # --noise_offset_prob/_range
     pyramid_noise: tuple[float | None, tuple[float, float] | None] = (None, None)  # --pyramid_noise_prob/_range
+    sizes: SizeConditioning | None = None  # SDXL's --original_* / --crop_* (prompt lines override them)
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,35 @@ def gradual_latent_of(a: argparse.Namespace) -> GradualLatent | None:
                          parse_unsharp(a.gradual_latent_unsharp_params))
 
 
+def sizes_of(a: argparse.Namespace) -> SizeConditioning:
+    """`--original_height ... --crop_left` as SDXL size settings (None where not given)."""
+    from library.records.size_conditioning import SizeConditioning
+
+    return SizeConditioning(a.original_height, a.original_width, a.original_height_negative,
+                            a.original_width_negative, a.crop_top, a.crop_left)
+
+
+def for_model(options: Options, family: str) -> Options:
+    """The options for a model of `family` ("sd1", "sd2", "sdxl"), known once it is read: SDXL
+    generates 1024 x 1024 when `--W/--H` are not given; an SD 1.x/2.x model has no size
+    conditioning, so `--original_*` / `--crop_*` are refused for it."""
+    from dataclasses import replace
+
+    from library.errors import UserError
+
+    g = options.generation
+    if family != "sdxl":
+        if g.sizes is not None and g.sizes.given:
+            name = next(n for n in ("original_height", "original_width", "original_height_negative",
+                                    "original_width_negative", "crop_top", "crop_left")
+                        if getattr(g.sizes, n) is not None)
+            raise UserError(f"--{name}: SDXL only; this model is SD 1.x/2.x, which has no size conditioning")
+        return options
+    width = g.width if g.width_given else SDXL_DEFAULT_SIZE
+    height = g.height if g.height_given else SDXL_DEFAULT_SIZE
+    return replace(options, generation=replace(g, width=width, height=height))
+
+
 def _tuple(values) -> tuple:
     return tuple(values or ())
 
@@ -228,7 +261,8 @@ def from_namespace(a: argparse.Namespace) -> Options:
     return Options(
         load=LoadOptions(a.ckpt, a.vae, a.v1, a.v2, a.v_parameterization, a.tokenizer_cache_dir, a.device,
                          a.fp16, a.bf16, a.no_half_vae, a.noise_device, a.xformers or a.diffusers_xformers,
-                         a.opt_channels_last, a.vae_slices, a.vae_tiling, a.blocked_attention, a.compile),
+                         a.opt_channels_last, a.vae_slices, a.vae_tiling, a.blocked_attention, a.compile,
+                         a.sdxl),
         text=TextOptions(a.clip_skip, a.max_embeddings_multiples, a.emb_normalize_mode,
                          _tuple(a.textual_inversion_embeddings), _tuple(a.XTI_embeddings)),
         generation=GenerationOptions(a.W or DEFAULT_SIZE, a.H or DEFAULT_SIZE, a.W is not None, a.H is not None,
@@ -240,7 +274,8 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                      noise_offset=(a.noise_offset_prob,
                                                    a.noise_offset_range and tuple(a.noise_offset_range)),
                                      pyramid_noise=(a.pyramid_noise_prob, a.pyramid_noise_discount_range
-                                                    and tuple(a.pyramid_noise_discount_range))),
+                                                    and tuple(a.pyramid_noise_discount_range)),
+                                     sizes=sizes_of(a)),
         sources=SourceOptions(a.image_path, a.mask_path, a.attention_couple),
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,

@@ -136,6 +136,13 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
     return model
 
 
+def for_model(options: Options, model: LoadedModel) -> Options:
+    """The options for the loaded model's kind (`library.records.options.for_model`)."""
+    from library.records.options import for_model as adjusted
+
+    return adjusted(options, model.kind.family)
+
+
 def xformers_usable() -> bool:
     """`--xformers` / `--diffusers_xformers`: True when xformers can be imported; otherwise a
     warning, and the run goes on with PyTorch SDPA (every example of the manual passes --xformers)."""
@@ -254,7 +261,8 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
                        "ignored here: the 2nd stage takes --strength, as in the original")
     guide_path = options.controlnet.guide_image_path
     guides = GuideImages(guide_path) if guide_path is not None else None
-    return Runner(pipeline, Defaults.from_options(options), output, g.batch_size,
+    defaults = Defaults.from_options(options, sdxl=model.kind.family == "sdxl")
+    return Runner(pipeline, defaults, output, g.batch_size,
                   sources=sources, highres=highres_fix.from_options(options.highres), guides=guides, team=team)
 
 

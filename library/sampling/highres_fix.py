@@ -6,6 +6,10 @@ direction (1024 x 0.5 -> 512, as the manual's example); the 2nd stage has the fi
 `--steps` and `--strength` (`--t` per prompt), started by the original's img2img rule
 (`library.sampling.img2img.start_indices`). As the original, `--highres_fix_strength` is the 1st
 stage's strength, which only counts when the 1st stage is img2img (default: `--strength`).
+SDXL's size conditioning (`library.records.size_conditioning`): the 1st stage's original sizes
+and crop are the given ones times `--highres_fix_scale` (`int(x * scale + 0.5)`, as the
+original); those not given follow the 1st stage's own size.
+
 Seeds: the 1st stage uses the image's seed, the 2nd seed + 1 (as the original); files and
 metadata show the image's seed. File names carry the stage, "0" for the 1st and "1" for the
 final image.
@@ -104,7 +108,8 @@ class HighresFix:
         strength = None
         if job.init_image is not None:
             strength = self.settings.first_strength if self.settings.first_strength is not None else job.strength
-        first = replace(job, width=width, height=height, steps=self.settings.steps, strength=strength)
+        sizes = None if job.sizes is None else job.sizes.scaled(self.settings.scale)
+        first = replace(job, width=width, height=height, steps=self.settings.steps, strength=strength, sizes=sizes)
         second = replace(job, seed=job.seed + 1, mask_image=None)
         if not self.settings.control_net_2nd:
             second = replace(second, guide_image=None)

@@ -25,7 +25,7 @@ from library.records.limits import MAX_DIGITS
 
 KNOWN = (
     "--n, --w, --h, --s, --d, --l, --t, --nl, --am, --c, --f, --glt, --glr, --gls, --gle, --glsn, --glus, "
-    "--dsd1, --dst1, --dsd2, --dst2, --dsr"
+    "--dsd1, --dst1, --dsd2, --dst2, --dsr, --oh, --ow, --nh, --nw, --ct, --cl"
 )
 
 
@@ -267,8 +267,6 @@ def test_arbitrary_lines_give_a_line_or_a_user_error(text: str) -> None:
         ("a --zz 3 --w 64", "a", PromptOverrides(width=64), ("--zz 3",)),
         ("a --w=512", "a", PromptOverrides(), ("--w=512",)),
         ("a ---w 5", "a", PromptOverrides(), ("---w 5",)),
-        ("a --ow 1024 --oh 768 --nw 512 --nh 512 --ct 0 --cl 8 --s 3", "a", PromptOverrides(steps=3),
-         ("--ow 1024", "--oh 768", "--nw 512", "--nh 512", "--ct 0", "--cl 8")),
     ],
 )
 def test_unknown_options_are_kept_for_a_warning(line, prompt, overrides, unknown) -> None:
@@ -278,8 +276,20 @@ def test_unknown_options_are_kept_for_a_warning(line, prompt, overrides, unknown
 def test_unknown_option_messages() -> None:
     assert unknown_option_message("--zz 3") == (
         f'unknown prompt option --zz (in "--zz 3") ignored, the line runs without it; known: {KNOWN}')
-    assert unknown_option_message("--OW 1024") == (
-        "--OW ignored: SDXL models are not supported (this tool runs SD 1.x/2.x); the line runs without it")
+
+
+def test_sdxl_size_options_are_integers_with_bounds() -> None:
+    line = parse_prompt_line("a --ow 1024 --oh 768 --nw 512 --nh 256 --ct 0 --cl 8 --s 3")
+    assert line == PromptLine("a", PromptOverrides(steps=3, original_width=1024, original_height=768,
+                                                   original_width_negative=512, original_height_negative=256,
+                                                   crop_top=0, crop_left=8))
+    assert parse_prompt_line(format_prompt_line(line)) == line
+    for bad, message in (("--oh 0", 'prompt option --oh expects a value from 1 to 65536, got "0" (e.g. --oh 1024)'),
+                         ("--ct -5", 'prompt option --ct expects a value from 0 to 65536, got "-5" (e.g. --ct 0)'),
+                         ("--nw 1.5", 'prompt option --nw expects an integer, got "1.5" (e.g. --nw 512)')):
+        with pytest.raises(PromptOptionError) as error:
+            parse_prompt_line(f"a {bad}")
+        assert str(error.value) == message
 
 
 def test_nl_none_turns_the_negative_scale_off() -> None:

@@ -193,4 +193,4 @@ def test_a_prompt_file_with_every_prompt_option(files, tmp_path, monkeypatch, ca
     assert "Denoising strength: 0.5" in by_seed["4"]["parameters"]
     assert "<lora:model1:0.5> <lora:model2:0.25>" in by_seed["5"]["parameters"]
     assert by_seed["5"]["clip-prompt"] == "a small bird"
-    assert "--ow ignored: SDXL models are not supported" in caplog.text
+    assert "--oh --ow --nh --nw --ct --cl ignored: SDXL only" in caplog.text

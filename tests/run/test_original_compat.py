@@ -122,7 +122,7 @@ def test_highres_fix_2nd_stage_uses_the_same_rule(tiny_models, tmp_path, schedul
 
 def test_unknown_and_sdxl_prompt_options_keep_the_line(tiny_models, tmp_path, caplog):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("first --zz 3 --d 1\nsecond --ow 1024 --d 2\nthird --nl none --d 3\n")
+    prompts.write_text("first --zz 3 --d 1\nsecond --ow 1024 --ct 8 --d 2\nthird --nl none --d 3\n")
     with caplog.at_level("WARNING"):
         assert run(tiny_models, tmp_path / "o", "--from_file", str(prompts), "--negative_scale", "2",
                    "--sequential_file_name") == 0
@@ -130,7 +130,8 @@ def test_unknown_and_sdxl_prompt_options_keep_the_line(tiny_models, tmp_path, ca
     assert [meta(p)["prompt"] for p in files] == ["first", "second", "third"]
     assert [meta(p).get("negative-scale") for p in files] == ["2.0", "2.0", None]
     assert f'{prompts}:1: unknown prompt option --zz (in "--zz 3") ignored, the line runs without it' in caplog.text
-    assert f"{prompts}:2: --ow ignored: SDXL models are not supported" in caplog.text
+    assert (f"{prompts}:2: --ow --ct ignored: SDXL only (this model is SD 1.x/2.x, without size conditioning); "
+            "the line runs without it") in caplog.text
 
 
 # --- the original's command line ----------------------------------------------------------------------
@@ -151,9 +152,9 @@ ORIGINAL_OPTIONS = (
     "highres_fix_disable_control_net negative_scale control_net_models control_net_preps control_net_multipliers "
     "control_net_ratios console_log_level console_log_file console_log_simple"
 ).split()
-SDXL_ONLY = ["--sdxl"] + [f"--{n} 8" for n in ("original_height", "original_width", "original_height_negative",
-                                             "original_width_negative", "crop_top", "crop_left")] + [
-    "--clip_vision_strength 0.5", "--control_net_lllite_models a.safetensors"]
+SDXL_ONLY = ["--clip_vision_strength 0.5", "--control_net_lllite_models a.safetensors"]
+SDXL_SIZES = [f"--{n} 8" for n in ("original_height", "original_width", "original_height_negative",
+                                   "original_width_negative", "crop_top", "crop_left")]
 
 
 def test_every_option_of_the_original_is_known():
@@ -170,8 +171,32 @@ def test_sdxl_only_options_are_one_clear_line(tiny_models, tmp_path, capsys, opt
     assert exit_.value.code == 2
     name = option.split()[0]
     assert capsys.readouterr().err.strip() == (
-        f"gen_img.py: error: {name}: SDXL models are not supported (this tool runs SD 1.x/2.x models); "
-        "leave it out (see --help)")
+        f"gen_img.py: error: {name}: not supported yet (SDXL's CLIP Vision and ControlNet-LLLite); leave it out "
+        "(see --help)")
+
+
+@pytest.mark.parametrize("option", SDXL_SIZES)
+def test_sdxl_size_options_on_an_sd1_model_are_one_clear_line(tiny_models, tmp_path, capsys, option):
+    assert run(tiny_models, tmp_path / "o", "--prompt", "x", *option.split()) == 2
+    name = option.split()[0]
+    assert capsys.readouterr().err.strip() == (
+        f"gen_img.py: error: {name}: SDXL only; this model is SD 1.x/2.x, which has no size conditioning")
+    assert not pngs(tmp_path / "o")
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--original_height 0", "--original_height 0: must be at least 1"),
+    ("--crop_top -5", "--crop_top -5: must be at least 0"),
+    ("--original_width_negative 70000", "--original_width_negative 70000: must be at most 65536"),
+    ("--sdxl --v2", "--v2 and --sdxl exclude each other"),
+])
+def test_bad_sdxl_options_stop_before_any_model_loads(tmp_path, capsys, option, message):
+    import gen_img
+
+    with pytest.raises(SystemExit) as exit_:
+        gen_img.main(["--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "x", *option.split()])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f"gen_img.py: error: {message} (see --help)"
 
 
 def test_xformers_without_xformers_warns_and_uses_sdpa(tiny_models, tmp_path, caplog):
