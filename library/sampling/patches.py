@@ -27,7 +27,8 @@ U-Net). Points, in the order a step meets them:
 ``scale_model_input``      the U-Net's input of a step (the scheduler's scaling by default); at
                            most one patch per batch
 ``unet_kwargs``            extra U-Net arguments; residuals of several producers add up
-``down_block_input``       the hidden state entering ``down_blocks[depth]``
+``down_block_input``       the hidden state entering ``down_blocks[depth]`` (SDXL: input block
+                           ``depth``, `library.sampling.entry_blocks`)
 ``before_skip_concat``     the hidden state before up block i concatenates its j-th skip
 ``cross_attention_states`` the text states a cross-attention layer attends to (XTI)
 ``cross_attention_output`` a cross-attention layer's output; ``attend(states, tag)`` runs it (the
@@ -407,8 +408,10 @@ class BatchRun:
             for layer, multiplier in patch.lora_layers():
                 self._hook_lora(stack, layer, multiplier)
         if self._with["down_block_input"]:
-            for model in (self.unet, *mirrors):
-                for depth, block in enumerate(model.down_blocks):
+            from library.sampling.entry_blocks import entry_blocks
+
+            for model in (self.unet, *mirrors):  # SD 1.x/2.x: down_blocks; SDXL: its nine input blocks
+                for depth, block in enumerate(entry_blocks(model)):
                     stack.callback(block.register_forward_pre_hook(self._down_hook(depth), with_kwargs=True).remove)
         if self._with["before_skip_concat"]:
             for index, block in enumerate(self.unet.up_blocks):
