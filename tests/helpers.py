@@ -79,8 +79,14 @@ def meta(path: Path) -> dict[str, str]:
 
 def make_pipeline(model, sampler: str, *features: Feature) -> Pipeline:
     """A CPU fp32 Pipeline on a loaded model, with the model's default clip skip and `features`
-    (none by default: give `Inpainting()` to inpaint, as a run with an inpainting mask has it)."""
+    (none by default: give `Inpainting()` to inpaint, as a run with an inpainting mask has it).
+    SDXL models get both text encoders, as a run has them."""
     encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
+    if getattr(model, "text_encoder_2", None) is not None:
+        from library.records.options import TextOptions
+        from library.run.build import prompt_encoder
+
+        encoder = prompt_encoder(TextOptions(None, None, "original", (), ()), model)
     return Pipeline(model.unet, model.vae, encoder, sampler, model.kind.v_prediction,
                     torch.device("cpu"), torch.float32, torch.device("cpu"), progress=False, features=list(features))
 
@@ -156,16 +162,16 @@ class StepRecorder(Patch):
 
 
 def assert_override_stays_on_its_line(tiny_models: dict[str, Path], tmp_path: Path, common: list[str],
-                                      override: str) -> None:
+                                      override: str, kind: str = "sd1") -> None:
     """A prompt file whose line 1 carries `override` and line 2 none: line 2 (batched with line 1
     when the settings allowed it) is bit-identical to line 2 run alone, and line 1 differs from
     itself without the override."""
     lines = tmp_path / "prompts.txt"
     lines.write_text(f"a cat --d 5 {override}\na dog --d 6\n")
     assert run(tiny_models, tmp_path / "file", *common, "--from_file", str(lines), "--batch_size", "2",
-               "--sequential_file_name") == 0
-    assert run(tiny_models, tmp_path / "alone", *common, "--prompt", "a dog --d 6") == 0
-    assert run(tiny_models, tmp_path / "first", *common, "--prompt", "a cat --d 5") == 0
+               "--sequential_file_name", kind=kind) == 0
+    assert run(tiny_models, tmp_path / "alone", *common, "--prompt", "a dog --d 6", kind=kind) == 0
+    assert run(tiny_models, tmp_path / "first", *common, "--prompt", "a cat --d 5", kind=kind) == 0
     first, second = pngs(tmp_path / "file")
     assert np.array_equal(pixels(second), pixels(pngs(tmp_path / "alone")[0]))
     assert np.abs(pixels(first) - pixels(pngs(tmp_path / "first")[0])).max() > 0

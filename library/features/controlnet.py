@@ -128,6 +128,9 @@ class ControlNets(FeatureBase):
         options = setup.options.controlnet
         if not options.models:
             return None
+        if setup.model.kind.family == "sdxl":
+            raise UserError("--control_net_models: ControlNet 1.0 models are SD 1.x/2.x models; SDXL ControlNets "
+                            "(and ControlNet-LLLite) are not supported yet")
         count = len(options.models)
         preps = [parse_prep(p) for p in per_model(options.preps, count, "none")]
         weights = per_model(options.weights, count, 1.0)

@@ -30,6 +30,7 @@ from library.sampling.img2img import SourceImages
 from library.sampling.patches import RunSetup
 from library.sampling.pipeline import Pipeline
 from library.text.encoder import PromptEncoder
+from library.text.sdxl_encoder import DualPromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         device=runtime.device,
         v1=options.v1,
         v2=options.v2,
+        sdxl=options.sdxl,
         v_parameterization=options.v_parameterization,
         tokenizer_cache_dir=options.tokenizer_cache_dir,
         # PyTorch SDPA unless asked: blocked attention is faster single-threaded, slower with 2 threads
@@ -207,19 +209,21 @@ def start_noise(options: Options):
     return change if change.active else None
 
 
-def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder:
-    """The prompt encoder with `--clip_skip`, the token limit and the run's embeddings."""
+def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder | DualPromptEncoder:
+    """The prompt encoder with `--clip_skip`, the token limit and the run's embeddings (SDXL: one
+    per text encoder, joined by `library.text.sdxl_encoder.DualPromptEncoder`)."""
     from library.text.embeddings import load_embeddings
 
     embeddings = load_embeddings(list(options.textual_inversion_embeddings), list(options.xti_embeddings),
                                  model.text_encoder, model.unet)
-    return PromptEncoder(
-        model.tokenizer,
-        model.text_encoder,
-        clip_skip=options.clip_skip or model.kind.default_clip_skip,
-        max_embeddings_multiples=options.max_embeddings_multiples or 1,
-        normalize_mode=options.emb_normalize_mode,
-        embeddings=embeddings,
+    common = dict(clip_skip=options.clip_skip or model.kind.default_clip_skip,
+                  max_embeddings_multiples=options.max_embeddings_multiples or 1,
+                  normalize_mode=options.emb_normalize_mode)
+    if model.text_encoder_2 is None:
+        return PromptEncoder(model.tokenizer, model.text_encoder, embeddings=embeddings, **common)
+    return DualPromptEncoder(
+        PromptEncoder(model.tokenizer, model.text_encoder, embeddings=embeddings, final_layer_norm=False, **common),
+        PromptEncoder(model.tokenizer_2, model.text_encoder_2, final_layer_norm=False, pooled=True, **common),
     )
 
 

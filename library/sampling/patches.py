@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from library.records.jobs import Job
     from library.records.options import Options
     from library.text.encoder import Conditioning, PromptEncoder
+    from library.text.sdxl_encoder import DualPromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class RunSetup:
     device: torch.device
     dtype: torch.dtype  # the U-Net's and the features' models'
     vae_dtype: torch.dtype
-    encoder: PromptEncoder
+    encoder: PromptEncoder | DualPromptEncoder
     # the run's networks (`library.features.lora.Networks`), loaded before the pipeline; None without
     networks: Feature | None = None
 

@@ -39,6 +39,7 @@ from library.sampling.patches import Batch, BatchLayout, Feature, PatchOwner, So
 from library.sampling.schedulers import make_scheduler
 from library.sampling.vae_slices import sliced_decode, sliced_encode_moments
 from library.text.encoder import Conditioning, PromptEncoder
+from library.text.sdxl_encoder import DualPromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Pipeline:
 
     unet: torch.nn.Module
     vae: torch.nn.Module
-    encoder: PromptEncoder
+    encoder: PromptEncoder | DualPromptEncoder  # SDXL: both text encoders (`library.text.sdxl_encoder`)
     sampler: str
     v_prediction: bool
     device: torch.device

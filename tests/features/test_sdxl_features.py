@@ -1,0 +1,115 @@
+"""Features on the tiny SDXL: Deep Shrink's input-block table, Attention Couple's pooled vector,
+Gradual Latent, CLIP / VGG16 guidance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from library.features.deep_shrink import DeepShrinkFeature, ShrinkDeepLayers
+from library.models import load_model
+from library.records.deep_shrink_settings import DeepShrink
+from library.records.jobs import Job
+from library.sampling.entry_blocks import entry_blocks
+from library.sampling.patches import Batch, BatchLayout, FixedFeature, Patch, PatchOwner
+from library.text.encoder import Conditioning
+from tests.helpers import make_pipeline, make_source, meta, pixels, pngs, run
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_models):
+    return load_model(str(tiny_models["sdxl-diffusers"]))
+
+
+def _block_outputs(unet, settings: DeepShrink | None) -> tuple[list[int], tuple]:
+    """The output side of each of the nine input blocks, and the U-Net's output shape, for a 16x16 sample."""
+    sizes: list[int] = []
+    hooks = [b.register_forward_hook(lambda m, a, out: sizes.append(
+        (out[0] if isinstance(out, tuple) else out).shape[-1])) for b in entry_blocks(unet)]
+    features = [FixedFeature(ShrinkDeepLayers(settings, unet if 0 in (settings.depth_1, settings.depth_2) else None))
+                ] if settings else []
+    owner = PatchOwner(unet, features)
+    batch = Batch((), BatchLayout(1, 1, 16, 16), None, torch.tensor([900]), torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(1)
+    width = unet.config.cross_attention_dim
+    pooled_width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    cond = Conditioning(torch.randn(1, 77, width, generator=g), pooled=torch.randn(1, pooled_width, generator=g),
+                        time_ids=torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]]))
+    sample = torch.randn(1, 4, 16, 16, generator=g)
+    try:
+        with torch.no_grad(), owner.installed(batch) as run_:
+            out = run_.unet_call(run_.context(0, torch.tensor(900)), sample, torch.tensor(900), cond)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes, tuple(out.shape)
+
+
+def test_deep_shrink_depths_index_the_nine_input_blocks(sdxl):
+    unet = sdxl.unet
+    assert len(entry_blocks(unet)) == 9
+    plain, shape = _block_outputs(unet, None)
+    assert plain == [16, 16, 16, 8, 8, 8, 4, 4, 4] and shape == (1, 4, 16, 16)
+    # depth 3 (the first downsample): its input is halved, so it and every later block run at half size
+    assert _block_outputs(unet, DeepShrink(3, 0)) == ([16, 16, 16, 4, 4, 4, 2, 2, 2], (1, 4, 16, 16))
+    # depth 7 (level 2's first resnet): only blocks 7 and 8 are small
+    assert _block_outputs(unet, DeepShrink(7, 0)) == ([16, 16, 16, 8, 8, 8, 4, 2, 2], (1, 4, 16, 16))
+    # depth 0 shrinks conv_in's input; the output is resized back before the final norm
+    assert _block_outputs(unet, DeepShrink(0, 0)) == ([8, 8, 8, 4, 4, 4, 2, 2, 2], (1, 4, 16, 16))
+    # the gate: below timesteps_1 nothing shrinks
+    assert _block_outputs(unet, DeepShrink(3, 950))[0] == plain
+
+
+def test_deep_shrink_depth_range_is_0_to_8(sdxl):
+    from library.errors import UserError
+
+    feature = DeepShrinkFeature(len(entry_blocks(sdxl.unet)), sdxl.unet)
+    feature.check_settings(DeepShrink(8))
+    with pytest.raises(UserError) as error:
+        feature.check_settings(DeepShrink(9))
+    assert str(error.value) == ("Deep Shrink depth 1 (--ds_depth_1/--dsd1) 9: this U-Net's input blocks are "
+                                "0 to 8")
+
+
+def test_deep_shrink_and_gradual_latent_runs_change_the_image(tiny_models, tmp_path):
+    common = ["--prompt", "a cat --d 3", "--sampler", "euler_a", "--steps", "4"]
+    assert run(tiny_models, tmp_path / "a", *common, kind="sdxl-diffusers") == 0
+    assert run(tiny_models, tmp_path / "b", *common, "--ds_depth_1", "3", "--ds_timesteps_1", "500",
+               kind="sdxl-diffusers") == 0
+    assert run(tiny_models, tmp_path / "c", *common, "--gradual_latent_timesteps", "900",
+               kind="sdxl-diffusers") == 0
+    base = pixels(pngs(tmp_path / "a")[0])
+    assert (pixels(pngs(tmp_path / "b")[0]) - base).any() and (pixels(pngs(tmp_path / "c")[0]) - base).any()
+
+
+class Pooled(Patch):
+    def __init__(self) -> None:
+        self.pooled: list[torch.Tensor] = []
+
+    def unet_kwargs(self, ctx, sample, timestep, cond):
+        self.pooled.append(cond.pooled.clone())
+
+
+def test_attention_couple_pooled_vector_is_the_last_parts(sdxl):
+    recorder = Pooled()
+    pipeline = make_pipeline(sdxl, "ddim", FixedFeature(recorder))
+    parts = ("a red cat", "a blue dog")
+    job = Job(" AND ".join(parts), "", seed=1, width=64, height=64, steps=1, scale=5.0, prompt_parts=parts)
+    cond = pipeline._conditioning((job,), type("C", (), {"copies": 2})())
+    last = pipeline.encoder.conditioning(["a blue dog"], 1).pooled
+    first = pipeline.encoder.conditioning(["a red cat"], 1)
+    assert torch.equal(cond.pooled[1], last[0]) and not torch.equal(cond.pooled[1], first.pooled[0])
+    assert torch.equal(cond.states[1], first.states[0])  # the states of the prompt rows: part 0's
+
+
+def test_clip_and_vgg16_guidance_run_on_sdxl(tiny_models, tmp_path):
+    common = ["--prompt", "a girl --d 2", "--sampler", "ddim", "--steps", "3"]
+    assert run(tiny_models, tmp_path / "a", *common, kind="sdxl-diffusers") == 0
+    assert run(tiny_models, tmp_path / "b", *common, "--clip_guidance_scale", "100", "--clip_model",
+               str(tiny_models["clip"]), kind="sdxl-diffusers") == 0
+    guide = make_source(tmp_path / "guide.png", seed=3)
+    assert run(tiny_models, tmp_path / "c", *common, "--vgg16_guidance_scale", "100", "--guide_image_path",
+               str(guide), "--vgg16_weights", str(tiny_models["vgg16"]), kind="sdxl-diffusers") == 0
+    base = pixels(pngs(tmp_path / "a")[0])
+    assert (pixels(pngs(tmp_path / "b")[0]) - base).any() and (pixels(pngs(tmp_path / "c")[0]) - base).any()
+    assert "CLIP guidance scale: 100" in meta(pngs(tmp_path / "b")[0])["parameters"]
