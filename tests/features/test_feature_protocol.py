@@ -22,6 +22,7 @@ from library.features.gradual_latent import GradualLatentFeature
 from library.features.guidance import GuidedGeneration
 from library.features.inpainting import Inpainting
 from library.features.lora import Networks
+from library.features.sdxl_sizes import SizeConditioningMetadata
 from library.features.xti import PerLayerText
 from library.images.metadata import FeatureMetadata
 from library.models import load_model
@@ -33,7 +34,7 @@ from library.sampling.patches import Feature, FeatureBase, FixedFeature, Patch, 
 from tests.helpers import ROOT, make_pipeline
 
 ORDER = (Inpainting, Networks, PerLayerText, ControlNets, AttentionCouple, GuidedGeneration, DeepShrinkFeature,
-         GradualLatentFeature)
+         GradualLatentFeature, SizeConditioningMetadata)
 #: the classes every run has: a prompt line may turn them on (` AND `, --dsd1, --glt)
 ALWAYS = (AttentionCouple, DeepShrinkFeature, GradualLatentFeature)
 PROTOCOL = ("from_run", "check_job", "metadata", "mirrors", "for_batch")
@@ -112,7 +113,7 @@ def test_a_run_with_every_option_has_every_feature(tiny_models, tmp_path, files)
     with_lora = setup_of(tiny_models, tmp_path, "--network_module", "networks.lora", "--network_weights",
                          str(tiny_models["lora"]))
     features = built(setup)
-    assert tuple(features) == tuple(c for c in ORDER if c is not Networks)
+    assert tuple(features) == tuple(c for c in ORDER if c not in (Networks, SizeConditioningMetadata))  # SDXL's
     assert Networks.from_run(with_lora) is with_lora.networks and with_lora.networks.loaded
     control = features[ControlNets]
     assert control.mirrors() == [control.units[0].model]

@@ -23,7 +23,8 @@ def sdxl(tiny_models):
 
 
 def _job(seed: int, **extra) -> Job:
-    return Job(f"a cat number {seed}", "dog", seed=seed, width=64, height=64, steps=3, scale=6.0, **extra)
+    return Job(**{"prompt": f"a cat number {seed}", "negative_prompt": "dog", "seed": seed, "width": 64,
+                  "height": 64, "steps": 3, "scale": 6.0, **extra})
 
 
 class AddedKwargs(Patch):
@@ -56,8 +57,9 @@ def test_every_row_gets_its_pooled_vector_and_size_numbers(sdxl):
     ids = recorder.calls[0]["time_ids"].tolist()
     assert ids == [[40, 48, 8, 16, 64, 64]] * 2 + [[96, 80, 8, 16, 64, 64]] * 2  # [negative rows, prompt rows]
     pooled = recorder.calls[0]["pooled"]
-    expected = pipeline.encoder.conditioning(["dog", "dog", "a cat number 1", "a cat number 2"], 1).pooled
-    assert torch.equal(pooled, expected)
+    negatives = pipeline.encoder.conditioning(["dog", "dog"], 1).pooled  # encoded as the loop encodes them
+    prompts = pipeline.encoder.conditioning(["a cat number 1", "a cat number 2"], 1).pooled
+    assert torch.equal(pooled, torch.cat([negatives, prompts]))
 
 
 @pytest.mark.parametrize("latents_upscaling", [None, "bilinear"])
@@ -100,7 +102,7 @@ def test_default_size_is_1024_and_clip_skip_2(tiny_models):
 
 def test_prompt_file_n_iter_skip_existing_and_v_prediction(tiny_models, tmp_path):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a cat --d 1 --ow 96\na dog --d 2 BREAK a hat --n (blur:1.3)\n")
+    prompts.write_text("a cat --d 1 --ow 96\na dog BREAK a hat --d 2 --n (blur:1.3)\n")
     common = ["--from_file", str(prompts), "--n_iter", "2", "--sequential_file_name", "--max_embeddings_multiples",
               "3", "--sampler", "k_euler_a"]
     assert run(tiny_models, tmp_path / "o", *common, kind="sdxl-diffusers") == 0
@@ -115,15 +117,10 @@ def test_prompt_file_n_iter_skip_existing_and_v_prediction(tiny_models, tmp_path
 
 
 def test_interactive_mode(tiny_models, tmp_path, monkeypatch):
-    answers = iter(["a cat --ct 8", ""])
+    import io
+    import sys
 
-    def read(prompt):
-        try:
-            return next(answers)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", read)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a cat --ct 8\n"))
     assert gen_img.main(["--ckpt", str(tiny_models["sdxl-diffusers"]), "--outdir", str(tmp_path / "o"), *FAST,
                          "--interactive", "--no_preview"]) == 0
     (png,) = pngs(tmp_path / "o")
