@@ -215,15 +215,17 @@ def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder | 
     from library.text.embeddings import load_embeddings
 
     embeddings = load_embeddings(list(options.textual_inversion_embeddings), list(options.xti_embeddings),
-                                 model.text_encoder, model.unet)
+                                 model.text_encoder, model.unet, text_encoder_2=model.text_encoder_2)
     common = dict(clip_skip=options.clip_skip or model.kind.default_clip_skip,
                   max_embeddings_multiples=options.max_embeddings_multiples or 1,
                   normalize_mode=options.emb_normalize_mode)
     if model.text_encoder_2 is None:
         return PromptEncoder(model.tokenizer, model.text_encoder, embeddings=embeddings, **common)
+    second = None if embeddings is None else embeddings.for_encoder(1)  # the same words, clip_g's vectors
     return DualPromptEncoder(
         PromptEncoder(model.tokenizer, model.text_encoder, embeddings=embeddings, final_layer_norm=False, **common),
-        PromptEncoder(model.tokenizer_2, model.text_encoder_2, final_layer_norm=False, pooled=True, **common),
+        PromptEncoder(model.tokenizer_2, model.text_encoder_2, embeddings=second, final_layer_norm=False,
+                      pooled=True, **common),
     )
 
 
