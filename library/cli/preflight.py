@@ -41,6 +41,7 @@ def check_inputs(options: Options) -> None:
             check_file(path, option)
     check_network_modules(options.networks.modules)
     check_model_families(options)
+    check_size_conditioning(options)
     check_guidance_models(options.guidance)
     check_outdir(options.output.outdir)
 
@@ -68,6 +69,20 @@ def check_model_families(options: Options) -> None:
                 made_for = "an SDXL" if found == "sdxl" else "an SD 1.x/2.x"
                 raise UserError(f"{option} {path}: {made_for} {what}, but --ckpt {options.load.ckpt} is {model} "
                                 f"model; use {'an' if what == 'embedding' else 'a'} {what} made for {wanted}")
+
+
+def check_size_conditioning(options: Options) -> None:
+    """SDXL's `--original_*` / `--crop_*` with an SD 1.x/2.x checkpoint, where its header tells
+    (otherwise `library.records.options.for_model` refuses them once the model is read)."""
+    from library.models.checkpoint import resolve_model_path
+    from library.models.family_headers import checkpoint_family
+    from library.records.options import for_model
+
+    sizes = options.generation.sizes
+    if options.load.ckpt and sizes is not None and sizes.given:
+        family = checkpoint_family(resolve_model_path(options.load.ckpt))
+        if family is not None:
+            for_model(options, family)
 
 
 def check_prompt_source(rounds: RoundOptions) -> None:

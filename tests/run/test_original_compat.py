@@ -176,7 +176,10 @@ def test_sdxl_only_options_are_one_clear_line(tiny_models, tmp_path, capsys, opt
 
 
 @pytest.mark.parametrize("option", SDXL_SIZES)
-def test_sdxl_size_options_on_an_sd1_model_are_one_clear_line(tiny_models, tmp_path, capsys, option):
+def test_sdxl_size_options_on_an_sd1_model_are_one_clear_line(tiny_models, tmp_path, capsys, monkeypatch, option):
+    import library.models.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert run(tiny_models, tmp_path / "o", "--prompt", "x", *option.split()) == 2
     name = option.split()[0]
     assert capsys.readouterr().err.strip() == (
