@@ -138,3 +138,29 @@ def test_img2img_and_inpainting(tiny_models, tmp_path):
                str(mask), "--strength", "0.5", kind="sdxl-diffusers") == 0
     (plain,), (masked,) = pngs(tmp_path / "i"), pngs(tmp_path / "m")
     assert np.abs(pixels(plain) - pixels(masked)).max() > 0
+
+
+def test_each_kind_of_sampler_runs(sdxl):
+    """One sampler of each scheduler class (the loop passes the added conditioning the same way to all)."""
+    for sampler in ("ddim", "lms", "euler_a", "heun", "dpm_2_a", "dpmsolver++", "dpmsingle", "unipc", "lcm",
+                    "euler_karras"):
+        job = _job(5, steps=2)
+        latents = make_pipeline(sdxl, sampler).latents([job])
+        assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all(), sampler
+
+
+def test_an_sdxl_embedding_reaches_both_encoders(tiny_models, sdxl):
+    from pathlib import Path
+
+    from library.records.options import TextOptions
+    from library.run.build import prompt_encoder
+
+    path = tiny_models["embedding-sdxl"]
+    encoder = prompt_encoder(TextOptions(None, None, "original", (str(path),), ()), sdxl)
+    word = Path(path).stem
+    with_word = encoder.conditioning([f"a {word} cat"], 1)
+    plain = prompt_encoder(TextOptions(None, None, "original", (), ()), sdxl).conditioning([f"a {word} cat"], 1)
+    width_l = sdxl.text_encoder.config.hidden_size
+    assert (with_word.states[..., :width_l] - plain.states[..., :width_l]).abs().max() > 0  # CLIP-L's half
+    assert (with_word.states[..., width_l:] - plain.states[..., width_l:]).abs().max() > 0  # bigG's half
+    assert (with_word.pooled - plain.pooled).abs().max() > 0
