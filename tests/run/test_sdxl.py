@@ -120,11 +120,11 @@ def test_interactive_mode(tiny_models, tmp_path, monkeypatch):
     import io
     import sys
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("a cat --ct 8\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a cat --ct 8 --nl 2\n"))  # with a negative scale: 3 rows
     assert gen_img.main(["--ckpt", str(tiny_models["sdxl-diffusers"]), "--outdir", str(tmp_path / "o"), *FAST,
                          "--interactive", "--no_preview"]) == 0
     (png,) = pngs(tmp_path / "o")
-    assert meta(png)["crop-top"] == "8"
+    assert meta(png)["crop-top"] == "8" and meta(png)["negative-scale"] == "2.0"
 
 
 def test_img2img_and_inpainting(tiny_models, tmp_path):
