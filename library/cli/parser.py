@@ -178,7 +178,7 @@ def _add_high_resolution_group(p: argparse.ArgumentParser) -> None:
     """Deep Shrink and Gradual Latent (docs/deep_shrink.md); prompt lines override them."""
     g = p.add_argument_group("Deep Shrink and Gradual Latent")
     g.add_argument("--ds_depth_1", type=int, help="Deep Shrink: down block whose input is shrunk, 0 to 3 for "
-                   "SD 1.x/2.x (off when absent)")
+                   "SD 1.x/2.x, input block 0 to 8 for SDXL (off when absent)")
     g.add_argument("--ds_timesteps_1", type=int, default=650,
                    help="Deep Shrink: shrink at depth 1 while the timestep is at least this (default 650)")
     g.add_argument("--ds_depth_2", type=int, help="Deep Shrink: second depth, used after --ds_timesteps_1")

@@ -211,7 +211,7 @@ def validate_high_resolution(args: argparse.Namespace) -> None:
     for name in ("ds_depth_1", "ds_depth_2"):
         value = getattr(args, name)
         if value is not None and value < 0:
-            raise UserError(f"--{name} {value}: must be 0 to 3 (the down block of SD 1.x/2.x)")
+            raise UserError(f"--{name} {value}: must be 0 to 3 (the down block of SD 1.x/2.x; SDXL: 0 to 8)")
     if args.ds_depth_1 is None and args.ds_depth_2 is not None:
         raise UserError("--ds_depth_2 needs --ds_depth_1")
     if not args.ds_ratio > 0:

@@ -139,14 +139,16 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
         "Gradual Latent: unsharp mask ksize,sigma,strength[,target_x]", "3,0.5,0.5,1",
     ),
     PromptOption(
-        "dsd1", OptionKind.INT, "ds_depth_1", "Deep Shrink depth 1 (0 to 3 for SD 1.x/2.x)", "3", minimum=0, maximum=8
+        "dsd1", OptionKind.INT, "ds_depth_1", "Deep Shrink depth 1 (0 to 3 for SD 1.x/2.x, 0 to 8 for SDXL)", "3",
+        minimum=0, maximum=8
     ),
     PromptOption(
         "dst1", OptionKind.INT, "ds_timesteps_1", "Deep Shrink: apply depth 1 until this timestep",
         "650", minimum=0,
     ),
     PromptOption(
-        "dsd2", OptionKind.INT, "ds_depth_2", "Deep Shrink depth 2 (0 to 3 for SD 1.x/2.x)", "1", minimum=0, maximum=8
+        "dsd2", OptionKind.INT, "ds_depth_2", "Deep Shrink depth 2 (0 to 3 for SD 1.x/2.x, 0 to 8 for SDXL)", "1",
+        minimum=0, maximum=8
     ),
     PromptOption(
         "dst2", OptionKind.INT, "ds_timesteps_2", "Deep Shrink: apply depth 2 until this timestep",
