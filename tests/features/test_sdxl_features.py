@@ -3,17 +3,20 @@ Gradual Latent, CLIP / VGG16 guidance."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from library.features.deep_shrink import DeepShrinkFeature, ShrinkDeepLayers
 from library.models import load_model
 from library.records.deep_shrink_settings import DeepShrink
+from library.records.gradual_latent_settings import GradualLatent
 from library.records.jobs import Job
 from library.sampling.entry_blocks import entry_blocks
 from library.sampling.patches import Batch, BatchLayout, FixedFeature, Patch, PatchOwner
 from library.text.encoder import Conditioning
-from tests.helpers import make_pipeline, make_source, meta, pixels, pngs, run
+from tests.helpers import make_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +74,15 @@ def test_deep_shrink_depth_range_is_0_to_8(sdxl):
                                 "0 to 8")
 
 
-def test_deep_shrink_and_gradual_latent_runs_change_the_image(tiny_models, tmp_path):
-    common = ["--prompt", "a cat --d 3", "--sampler", "euler_a", "--steps", "4"]
-    assert run(tiny_models, tmp_path / "a", *common, kind="sdxl-diffusers") == 0
-    assert run(tiny_models, tmp_path / "b", *common, "--ds_depth_1", "3", "--ds_timesteps_1", "500",
-               kind="sdxl-diffusers") == 0
-    assert run(tiny_models, tmp_path / "c", *common, "--gradual_latent_timesteps", "900",
-               kind="sdxl-diffusers") == 0
-    base = pixels(pngs(tmp_path / "a")[0])
-    assert (pixels(pngs(tmp_path / "b")[0]) - base).any() and (pixels(pngs(tmp_path / "c")[0]) - base).any()
+def test_gradual_latent_changes_the_sdxl_image(sdxl):
+    from library.features.gradual_latent import GradualLatentFeature
+
+    settings = GradualLatent(900, 0.5, 0.25, 1, 1.0, None)
+    job = Job("a cat", "", seed=1, width=64, height=64, steps=4, scale=5.0)
+    pipeline = make_pipeline(sdxl, "euler_a", GradualLatentFeature("euler_a"))
+    plain, grown = pipeline.latents([job]), pipeline.latents([replace(job, gradual_latent=settings)])
+    assert grown.shape == plain.shape == (1, 4, 8, 8) and torch.isfinite(grown).all()
+    assert (grown - plain).abs().max() > 0.01
 
 
 class Pooled(Patch):
@@ -102,14 +105,18 @@ def test_attention_couple_pooled_vector_is_the_last_parts(sdxl):
     assert torch.equal(cond.states[1], first.states[0])  # the states of the prompt rows: part 0's
 
 
-def test_clip_and_vgg16_guidance_run_on_sdxl(tiny_models, tmp_path):
-    common = ["--prompt", "a girl --d 2", "--sampler", "ddim", "--steps", "3"]
-    assert run(tiny_models, tmp_path / "a", *common, kind="sdxl-diffusers") == 0
-    assert run(tiny_models, tmp_path / "b", *common, "--clip_guidance_scale", "100", "--clip_model",
-               str(tiny_models["clip"]), kind="sdxl-diffusers") == 0
-    guide = make_source(tmp_path / "guide.png", seed=3)
-    assert run(tiny_models, tmp_path / "c", *common, "--vgg16_guidance_scale", "100", "--guide_image_path",
-               str(guide), "--vgg16_weights", str(tiny_models["vgg16"]), kind="sdxl-diffusers") == 0
-    base = pixels(pngs(tmp_path / "a")[0])
-    assert (pixels(pngs(tmp_path / "b")[0]) - base).any() and (pixels(pngs(tmp_path / "c")[0]) - base).any()
-    assert "CLIP guidance scale: 100" in meta(pngs(tmp_path / "b")[0])["parameters"]
+def test_clip_guidance_guides_sdxl_rows(tiny_models, sdxl):
+    """The guide's extra U-Net call on one row carries that row's pooled vector and size numbers."""
+    from library.features.guidance import ClipGuide, GuidedGeneration, Scales
+    from library.models.clip_guidance import load_clip_model
+
+    clip = ClipGuide(load_clip_model(str(tiny_models["clip"]), torch.device("cpu"), torch.float32), sdxl.tokenizer)
+    recorder = Pooled()
+    job = Job("a girl", "", seed=2, width=64, height=64, steps=3, scale=5.0)
+    plain = make_pipeline(sdxl, "ddim").latents([job])
+    guided_pipeline = make_pipeline(sdxl, "ddim", FixedFeature(recorder))
+    guided_pipeline.patches.add(GuidedGeneration(sdxl.vae, Scales(clip_text=100), clip))
+    guided = guided_pipeline.latents([job])
+    assert (guided - plain).abs().max() > 0
+    assert [p.shape[0] for p in recorder.pooled] == [2, 1] * 3  # each step: the CFG call, then the guide's row
+    assert all(torch.equal(one[0], both[1]) for both, one in zip(recorder.pooled[::2], recorder.pooled[1::2]))

@@ -12,7 +12,7 @@ from library.records.jobs import Job
 from library.records.size_conditioning import SizeConditioning
 from library.sampling.highres_fix import HighresFix, HighresSettings
 from library.sampling.patches import FixedFeature, Patch
-from tests.helpers import assert_override_stays_on_its_line, build_run, make_pipeline, meta, pixels, pngs, run
+from tests.helpers import assert_override_stays_on_its_line, make_pipeline, meta, pixels, pngs, run
 
 FAST = ["--steps", "3", "--W", "64", "--H", "64"]
 
@@ -92,12 +92,21 @@ def test_png_keys_and_parameters(tiny_models, tmp_path):
     assert "Size: 64x64" in keys["parameters"] and "Negative prompt: blur" in keys["parameters"]
 
 
-def test_default_size_is_1024_and_clip_skip_2(tiny_models):
-    built = build_run(["--ckpt", str(tiny_models["sdxl-diffusers"]), "--prompt", "x", "--outdir", "unused"])
-    assert (built.options.generation.width, built.options.generation.height) == (1024, 1024)
-    assert built.pipeline.encoder.first.clip_skip == 2 and built.pipeline.encoder.second.clip_skip == 2
-    given = build_run(["--ckpt", str(tiny_models["sdxl-diffusers"]), "--prompt", "x", "--W", "64", "--outdir", "u"])
-    assert (given.options.generation.width, given.options.generation.height) == (64, 1024)
+def test_default_size_is_1024_and_clip_skip_2(sdxl):
+    from library.cli.parser import parse_options
+    from library.records.options import for_model
+    from library.run.build import prompt_encoder
+
+    options = parse_options(["--prompt", "x"])
+    assert (options.generation.width, options.generation.height) == (512, 512)  # before the model is known
+    sized = for_model(options, "sdxl").generation
+    assert (sized.width, sized.height, sized.width_given) == (1024, 1024, False)
+    given = for_model(parse_options(["--prompt", "x", "--W", "64"]), "sdxl").generation
+    assert (given.width, given.height) == (64, 1024)
+    assert for_model(options, "sd1") is options
+    encoder = prompt_encoder(options.text, sdxl)
+    assert (encoder.first.clip_skip, encoder.second.clip_skip) == (2, 2)
+    assert not encoder.first.final_layer_norm and not encoder.second.final_layer_norm and encoder.second.pooled
 
 
 def test_prompt_file_n_iter_skip_existing_and_v_prediction(tiny_models, tmp_path):
@@ -142,8 +151,7 @@ def test_img2img_and_inpainting(tiny_models, tmp_path):
 
 def test_each_kind_of_sampler_runs(sdxl):
     """One sampler of each scheduler class (the loop passes the added conditioning the same way to all)."""
-    for sampler in ("ddim", "lms", "euler_a", "heun", "dpm_2_a", "dpmsolver++", "dpmsingle", "unipc", "lcm",
-                    "euler_karras"):
+    for sampler in ("ddim", "lms", "euler_a", "dpmsolver++", "unipc", "lcm", "euler_karras"):
         job = _job(5, steps=2)
         latents = make_pipeline(sdxl, sampler).latents([job])
         assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all(), sampler
