@@ -19,11 +19,13 @@ from library.features.gradual_latent import GradualLatentFeature
 from library.features.guidance import GuidedGeneration
 from library.features.inpainting import Inpainting
 from library.features.lora import Networks, load_networks
+from library.features.lora_tags import PromptLoras
 from library.features.xti import PerLayerText
 
 FEATURES = (
     Inpainting,
     Networks,
+    PromptLoras,
     PerLayerText,
     ControlNets,
     AttentionCouple,

@@ -17,19 +17,20 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.errors import UserError
 from library.images import input_images as image_io
 from library.images import metadata as image_metadata
 from library.prompts.dynamic import expand_enumerations, pick_variants
+from library.prompts.extra_networks import NetworkFiles, prompt_networks
 from library.prompts.line_options import parse_prompt_line, unknown_option_message
 from library.prompts.seeds import SeedSource, seeds_for_line
 from library.records.deep_shrink_settings import DeepShrink
 from library.records.deep_shrink_settings import with_overrides as deep_shrink_overrides
+from library.records.extra_networks import HypernetUse
 from library.records.gradual_latent_settings import GradualLatent, parse_unsharp
 from library.records.gradual_latent_settings import with_overrides as gradual_latent_overrides
 from library.records.jobs import Job
@@ -56,6 +57,9 @@ class Defaults:
     gradual_latent: GradualLatent | None = None
     regional_networks: int = 0  # regional LoRA: networks that each need a prompt part (`library.images.region_masks`)
     merged_networks: int = 0  # networks merged into the model (`--am` cannot change them)
+    # where `<lora:...>` / `<hypernet:...>` tags find their files (`library.prompts.extra_networks`)
+    network_files: NetworkFiles = field(default_factory=NetworkFiles, compare=False)
+    hypernetworks: tuple[HypernetUse, ...] = ()  # `--hypernetwork` files: every image's
 
     @classmethod
     def from_options(cls, options: Options) -> Defaults:
@@ -70,7 +74,22 @@ class Defaults:
         merged = len(n.modules) if n.merge else min(n.merge_n_models or 0, len(n.modules))
         return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
                    deep_shrink=g.deep_shrink, gradual_latent=g.gradual_latent, regional_networks=regional,
-                   merged_networks=merged)
+                   merged_networks=merged, network_files=_network_files(options),
+                   hypernetworks=_run_hypernetworks(options))
+
+
+def _network_files(options: Options) -> NetworkFiles:
+    """Tag folders: `--lora_dir` then the `--network_weights` files' folders; `--hypernetwork_dir`."""
+    d = options.dialect
+    weight_dirs = tuple(str(Path(w).parent) for w in options.networks.weights)
+    return NetworkFiles(tuple(dict.fromkeys((*d.lora_dirs, *weight_dirs))), d.hypernetwork_dirs)
+
+
+def _run_hypernetworks(options: Options) -> tuple[HypernetUse, ...]:
+    """`--hypernetwork FILE ... --hypernetwork_mul M ...` (1 by default)."""
+    d = options.dialect
+    muls = d.hypernetwork_muls or (1.0,) * len(d.hypernetworks)
+    return tuple(HypernetUse(Path(f).stem, f, float(m)) for f, m in zip(d.hypernetworks, muls))
 
 
 def _strength(options: Options) -> float | None:
@@ -187,7 +206,6 @@ def jobs_for_line(
     o = parsed.overrides
     for written in parsed.unknown:
         logger.warning("%s: %s", line.where, unknown_option_message(written))
-    _warn_unsupported_tags(parsed.prompt, line)
     if o.network_multipliers is not None:
         _warn_inert_am(defaults, line)
     width, height = o.width or defaults.width, o.height or defaults.height
@@ -201,8 +219,10 @@ def jobs_for_line(
     jobs = []
     for prompt in expand_enumerations(parsed.prompt):
         for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
-            text = pick_variants(prompt, seed)
-            negative = pick_variants(o.negative_prompt or "", seed)
+            text, tagged = prompt_networks(pick_variants(prompt, seed), defaults.network_files)
+            negative, negative_tagged = prompt_networks(pick_variants(o.negative_prompt or "", seed),
+                                                        defaults.network_files)
+            tagged += negative_tagged
             parts = split_and(text)
             if defaults.regional_networks > len(parts):
                 raise UserError(f"{defaults.regional_networks} networks are loaded for regional LoRA but the prompt "
@@ -227,20 +247,11 @@ def jobs_for_line(
                     deep_shrink=deep_shrink,
                     gradual_latent=gradual_latent,
                     prompt_parts=tuple(parts) if len(parts) > 1 else (),
+                    loras=tagged.loras,
+                    hypernetworks=defaults.hypernetworks + tagged.hypernetworks,
                 )
             )
     return jobs
-
-
-_EXTRA_NETWORK_TAG = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
-
-
-def _warn_unsupported_tags(prompt: str, line: Line) -> None:
-    """`<lora:name:w>` / `<hypernet:...>` in a prompt (the web UI's syntax): a warning, the text stays."""
-    tags = [m.group(0) for m in _EXTRA_NETWORK_TAG.finditer(prompt)]
-    if tags:
-        logger.warning("%s: %s not supported in prompts (they stay in the text); load LoRA with "
-                       "--network_module/--network_weights and set weights with --am", line.where, " ".join(tags))
 
 
 def _warn_inert_am(defaults: Defaults, line: Line) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from library.records.deep_shrink_settings import DeepShrink
+    from library.records.extra_networks import HypernetUse, LoraUse
     from library.records.gradual_latent_settings import GradualLatent
 
 
@@ -45,6 +46,8 @@ class Job:
     deep_shrink: DeepShrink | None = None  # `library.features.deep_shrink` settings of this image
     gradual_latent: GradualLatent | None = None  # `library.features.gradual_latent` settings of this image
     prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
+    loras: tuple[LoraUse, ...] = ()  # the prompt's `<lora:...>` tags (`library.prompts.extra_networks`)
+    hypernetworks: tuple[HypernetUse, ...] = ()  # `--hypernetwork` and the prompt's `<hypernet:...>` tags
     # position in the run (0-based, across rounds): the number in the file name, the same in any process
     index: int = 0
 
@@ -65,6 +68,8 @@ class Job:
             self.deep_shrink,
             self.gradual_latent,
             len(self.prompt_parts),
+            self.loras,
+            self.hypernetworks,
         )
 
 
