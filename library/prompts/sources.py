@@ -35,6 +35,7 @@ from library.records.gradual_latent_settings import GradualLatent, parse_unsharp
 from library.records.gradual_latent_settings import with_overrides as gradual_latent_overrides
 from library.records.jobs import Job
 from library.records.options import Options
+from library.text.prompt_editing import distinct_texts
 from library.text.weighting import split_and
 from library.user_code import import_file
 
@@ -238,7 +239,7 @@ def jobs_for_line(
                     scale=o.scale if o.scale is not None else defaults.scale,
                     negative_scale=_line_negative_scale(parsed.negative_scale_off, o.negative_scale,
                                                         defaults.negative_scale),
-                    chunks=chunk_count(*parts, negative),
+                    chunks=chunk_count(*distinct_texts((*parts, negative), o.steps or defaults.steps)),
                     raw_prompt=line.text,  # always written, as the original (the line as given)
                     clip_prompt=o.clip_prompt,
                     file_name=o.file_name,
