@@ -46,6 +46,10 @@ def check_inputs(options: Options) -> None:
         for folder in folders:
             if not Path(folder).is_dir():
                 raise UserError(f"{option} {folder}: no such folder")
+    if options.dialect.styles:
+        from library.prompts.styles import read_styles
+
+        read_styles(options.dialect.styles)
     check_network_modules(options.networks.modules)
     check_guidance_models(options.guidance)
     check_outdir(options.output.outdir)

@@ -150,6 +150,8 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
         "650", minimum=0,
     ),
     PromptOption("dsr", OptionKind.FLOAT, "ds_ratio", "Deep Shrink downsampling ratio", "0.5"),
+    PromptOption("style", OptionKind.NAME, "styles", "styles of the --styles file to apply, comma-separated",
+                 "Cinematic,Film grain"),
 )
 
 _BY_NAME: dict[str, PromptOption] = {option.name: option for option in PROMPT_OPTIONS}
@@ -184,6 +186,7 @@ class PromptOverrides:
     ds_ratio: float | None = None
     gradual_latent_s_noise: float | None = None
     gradual_latent_unsharp_params: str | None = None
+    styles: str | None = None  # `--style NAME[,NAME]` (`library.prompts.styles`)
 
 
 @dataclass(frozen=True)

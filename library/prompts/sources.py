@@ -28,6 +28,7 @@ from library.prompts.dynamic import expand_enumerations, pick_variants
 from library.prompts.extra_networks import NetworkFiles, prompt_networks
 from library.prompts.line_options import parse_prompt_line, unknown_option_message
 from library.prompts.seeds import SeedSource, seeds_for_line
+from library.prompts.styles import Style, apply_styles, read_styles
 from library.records.deep_shrink_settings import DeepShrink
 from library.records.deep_shrink_settings import with_overrides as deep_shrink_overrides
 from library.records.extra_networks import HypernetUse
@@ -61,6 +62,8 @@ class Defaults:
     # where `<lora:...>` / `<hypernet:...>` tags find their files (`library.prompts.extra_networks`)
     network_files: NetworkFiles = field(default_factory=NetworkFiles, compare=False)
     hypernetworks: tuple[HypernetUse, ...] = ()  # `--hypernetwork` files: every image's
+    styles: dict[str, Style] | None = field(default=None, compare=False)  # `--styles` (a line's `--style` picks)
+    styles_file: str | None = None
 
     @classmethod
     def from_options(cls, options: Options) -> Defaults:
@@ -76,7 +79,9 @@ class Defaults:
         return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
                    deep_shrink=g.deep_shrink, gradual_latent=g.gradual_latent, regional_networks=regional,
                    merged_networks=merged, network_files=_network_files(options),
-                   hypernetworks=_run_hypernetworks(options))
+                   hypernetworks=_run_hypernetworks(options),
+                   styles=read_styles(options.dialect.styles) if options.dialect.styles else None,
+                   styles_file=options.dialect.styles)
 
 
 def _network_files(options: Options) -> NetworkFiles:
@@ -205,6 +210,8 @@ def jobs_for_line(
     """The Jobs of one prompt line; a malformed line raises `UserError` (caller skips it)."""
     parsed = parse_prompt_line(line.text)
     o = parsed.overrides
+    styled, styled_negative = apply_styles(o.styles, parsed.prompt, o.negative_prompt, defaults.styles,
+                                           defaults.styles_file)
     for written in parsed.unknown:
         logger.warning("%s: %s", line.where, unknown_option_message(written))
     if o.network_multipliers is not None:
@@ -218,10 +225,10 @@ def jobs_for_line(
     unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
     gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
     jobs = []
-    for prompt in expand_enumerations(parsed.prompt):
+    for prompt in expand_enumerations(styled):
         for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
             text, tagged = prompt_networks(pick_variants(prompt, seed), defaults.network_files)
-            negative, negative_tagged = prompt_networks(pick_variants(o.negative_prompt or "", seed),
+            negative, negative_tagged = prompt_networks(pick_variants(styled_negative or "", seed),
                                                         defaults.network_files)
             tagged += negative_tagged
             parts = split_and(text)
