@@ -54,12 +54,14 @@ JOINED_FIELDS = ("Lora hashes",)
 
 
 def joined_fields(items: Sequence[tuple[str, object]]) -> tuple[tuple[str, object], ...]:
-    """`items` with the values of a repeated `JOINED_FIELDS` key joined by ", " at its first place."""
+    """`items` with the values of a repeated `JOINED_FIELDS` key joined by ", " at its first place
+    (an entry both give is listed once)."""
     out: list[tuple[str, object]] = []
     for key, value in items:
         first = next((i for i, (k, _) in enumerate(out) if k == key), None)
         if key in JOINED_FIELDS and first is not None:
-            out[first] = (key, f"{out[first][1]}, {value}")
+            entries = dict.fromkeys([*str(out[first][1]).split(", "), *str(value).split(", ")])
+            out[first] = (key, ", ".join(entries))
         else:
             out.append((key, value))
     return tuple(out)

@@ -77,3 +77,20 @@ def test_fuzz_only_user_errors_and_plain_prompts_unchanged(prompt, steps):
     assert len(texts) == steps and all(isinstance(t, str) for t in texts)
     if not edited:
         assert set(texts) == {prompt}
+
+
+def test_and_parts_and_negatives_are_resolved_per_step_and_chunks_cover_every_step():
+    from library.prompts.seeds import SeedSource
+    from library.prompts.sources import Defaults, Line, jobs_for_line
+    from library.sampling.prompt_schedule import jobs_at
+
+    long = " ".join(["word"] * 100)
+    chunks = lambda *texts: max(len(t.split()) // 75 + 1 for t in texts)  # noqa: E731
+    (job,) = jobs_for_line(Line(f"[a:{long}:2] AND c [d|e] --n [x::1] --d 1", "p.txt:1"),
+                           Defaults(64, 64, 4, 7.5, None, 1), SeedSource(1, False), None, chunks)
+    assert job.chunks == 2  # step 3's text is 101 words
+    assert job.prompt_parts == (f"[a:{long}:2]", "c [d|e]")
+    (at2,) = jobs_at((job,), 2, 4, 2)
+    assert (at2.prompt_parts, at2.negative_prompt, at2.chunks) == (("a", "c e"), "", 2)
+    (at3,) = jobs_at((job,), 3, 4, 2)
+    assert at3.prompt_parts == (long, "c d")
