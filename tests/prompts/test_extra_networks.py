@@ -73,7 +73,7 @@ def test_a_missing_name_lists_close_names(files, tmp_path):
     assert str(info.value) == "<hypernet:x>: no folder to look for 'x' in; give --hypernetwork_dir"
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from(["<", ">", ":", "=", "lora", "hypernet", "lyco", "foo", "style", "1", "0.5",
                                  "nan", "te", "unet", "dyn", " ", "é", "\\"]) | st.text(max_size=3),
