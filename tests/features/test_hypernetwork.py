@@ -127,3 +127,44 @@ def test_images_with_tags_and_the_run_option(tiny_models, tmp_path):
     params = meta(pngs(tmp_path / "tag")[0])["parameters"]
     assert params.startswith("a cat <hypernet:anime:0.8>\n")
     assert "Hypernet: anime, Hypernet strength: 0.8" in params
+
+
+class _Fails(Exception):
+    pass
+
+
+def test_a_failing_batch_with_tags_and_editing_leaves_no_hook(tiny_models, tmp_path):
+    """A hypernetwork, a LoRA tag and alternation in one batch that raises at its last step: during
+    it the projections and LoRA layers are hooked; after it every module's hooks are as before."""
+    from library.prompts.seeds import SeedSource
+    from library.prompts.sources import Line
+    from library.sampling.patches import FixedFeature, Patch
+    from tests.helpers import build_run
+
+    write_webui_hypernetwork(tmp_path / "hn" / "anime.pt", widths=(32, 64))
+    lora = Path(tiny_models["lora"])
+    built = build_run(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path / "out"), "--steps", "3",
+                       "--W", "64", "--H", "64", "--lora_dir", str(lora.parent), "--hypernetwork_dir",
+                       str(tmp_path / "hn"), "--prompt", f"a [cat|dog] <lora:{lora.stem}:0.5> <hypernet:anime:0.7>"])
+    jobs = list(built.runner.jobs([Line(built.options.rounds.prompt, "--prompt")], SeedSource(3, True), None))
+    models = (built.model.unet, built.model.text_encoder)
+
+    def hooks() -> list:
+        return [(name, tuple(m._forward_pre_hooks), tuple(m._forward_hooks), tuple(m._forward_hooks_with_kwargs))
+                for model in models for name, m in model.named_modules()]
+
+    before, during = hooks(), []
+
+    class Boom(Patch):
+        def after_step(self, ctx, latents):
+            if ctx.last:
+                during.extend(hooks())
+                raise _Fails()
+            return latents
+
+    built.pipeline.patches.add(FixedFeature(Boom()))
+    with pytest.raises(_Fails):
+        built.pipeline.latents(jobs)
+    assert hooks() == before
+    assert sum(len(pre) for _, pre, _, _ in during) == 2 * len(attention_modules(built.model.unet))
+    assert sum(len(kw) for _, _, _, kw in during) > 0  # the LoRA tag's layers
