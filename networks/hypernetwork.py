@@ -108,10 +108,12 @@ def _load(path: Path):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        if "Unsupported global" in str(exc) or "weights_only" in str(exc):
+        if "Unsupported global" in str(exc):
             raise UserError(f"hypernetwork {path}: the file needs code to load and was refused (only tensors and "
                             "plain values are read from hypernetwork files)") from None
-        raise UserError(f"hypernetwork {path}: cannot read it ({first_line(exc, 120)})") from None
+        message = str(exc).split("WeightsUnpickler error:", 1)[-1]  # torch's cause, after its long preamble
+        raise UserError(f"hypernetwork {path}: damaged or not a hypernetwork file "
+                        f"({first_line(RuntimeError(message), 120)})") from None
 
 
 def _mlp(path: Path, width: int, state: dict, activation: str, activate_output: bool) -> HypernetMLP:

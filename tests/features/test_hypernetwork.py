@@ -105,6 +105,11 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, capsys):
     assert str(info.value) == (f"hypernetwork {path}: the file needs code to load and was refused (only tensors "
                                "and plain values are read from hypernetwork files)")
     assert "must never run" not in capsys.readouterr().out
+    (tmp_path / "bad.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(UserError) as info:
+        read_hypernetwork(tmp_path / "bad.pt")
+    assert str(info.value) == (f"hypernetwork {tmp_path / 'bad.pt'}: damaged or not a hypernetwork file "
+                               "(Unsupported operand 103)")
     torch.save({"name": "x"}, tmp_path / "empty.pt")
     with pytest.raises(UserError) as info:
         read_hypernetwork(tmp_path / "empty.pt")
