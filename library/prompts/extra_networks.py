@@ -9,9 +9,10 @@ the web UI, which applies the first prompt's tags to its whole batch).
 - `<lora:NAME>` (and `<lyco:NAME>`, the same): TE defaults to 1, UNET to TE. DYN (DyLoRA's
   rank) is not supported: given, it is ignored with a warning.
 - `<hypernet:NAME>`: MULT defaults to 1.
-- NAME is a file name without its extension, found (also in sub-folders) in `--lora_dir` and
-  the folders of the `--network_weights` files (LoRA), or in `--hypernetwork_dir`. A name
-  that is not found is an error listing the close names there.
+- NAME is a file name without its extension, found (also in sub-folders) in `--lora_dir`, or in
+  the folders of the `--network_weights` files themselves (not their sub-folders: such a folder
+  may be any folder), or (also in sub-folders) in `--hypernetwork_dir`. A name that is not
+  found is an error listing the close names there.
 
 Every mistake is a `UserError` naming the tag; the caller skips the prompt line.
 """
@@ -98,12 +99,13 @@ class NetworkFiles:
 
     lora_dirs: tuple[str, ...] = ()
     hypernetwork_dirs: tuple[str, ...] = ()
+    flat_dirs: tuple[str, ...] = ()  # LoRA folders searched without their sub-folders
     _listings: dict[tuple[str, tuple[str, ...]], dict[str, list[Path]]] = field(default_factory=dict, repr=False)
 
     def find(self, tag: Tag, name: str) -> Path:
         """The file NAME of `tag` names, or a `UserError` with the close names."""
         lora = tag.kind in LORA_KINDS
-        folders = self.lora_dirs if lora else self.hypernetwork_dirs
+        folders = tuple(dict.fromkeys((*self.lora_dirs, *self.flat_dirs))) if lora else self.hypernetwork_dirs
         option = "--lora_dir (or the folder of a --network_weights file)" if lora else "--hypernetwork_dir"
         if not folders:
             raise UserError(f"{tag.text}: no folder to look for '{name}' in; give {option}")
@@ -123,8 +125,9 @@ class NetworkFiles:
         if key not in self._listings:
             stems: dict[str, list[Path]] = {}
             root = Path(folder)
-            files = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()) \
-                if root.is_dir() else []
+            found = (root.glob("*") if folder in self.flat_dirs and folder not in self.lora_dirs
+                     else root.rglob("*")) if root.is_dir() else ()
+            files = sorted(p for p in found if p.suffix.lower() in suffixes and p.is_file())
             for path in files:
                 stems.setdefault(path.stem, []).append(path)
             self._listings[key] = stems

@@ -88,7 +88,7 @@ def _network_files(options: Options) -> NetworkFiles:
     """Tag folders: `--lora_dir` then the `--network_weights` files' folders; `--hypernetwork_dir`."""
     d = options.dialect
     weight_dirs = tuple(str(Path(w).parent) for w in options.networks.weights)
-    return NetworkFiles(tuple(dict.fromkeys((*d.lora_dirs, *weight_dirs))), d.hypernetwork_dirs)
+    return NetworkFiles(d.lora_dirs, d.hypernetwork_dirs, tuple(dict.fromkeys(weight_dirs)))
 
 
 def _run_hypernetworks(options: Options) -> tuple[HypernetUse, ...]:

@@ -84,3 +84,11 @@ def test_fuzz_tags_raise_only_user_errors(files, text):
     except UserError:
         return
     assert "<lora:" not in stripped.lower() or ">" not in stripped.split("<lora:", 1)[-1]
+
+
+def test_network_weights_folders_are_searched_without_sub_folders(tmp_path, files):
+    flat = NetworkFiles(flat_dirs=(str(tmp_path / "loras"),))
+    assert prompt_networks("<lora:style>", flat)[1].loras[0].path == str(tmp_path / "loras" / "style.safetensors")
+    with pytest.raises(UserError) as info:
+        prompt_networks("<lora:detail>", flat)
+    assert str(info.value) == f"<lora:detail>: no file named 'detail' in {tmp_path / 'loras'}"
