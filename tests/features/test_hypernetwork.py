@@ -173,3 +173,28 @@ def test_a_failing_batch_with_tags_and_editing_leaves_no_hook(tiny_models, tmp_p
     assert hooks() == before
     assert sum(len(pre) for _, pre, _, _ in during) == 2 * len(attention_modules(built.model.unet))
     assert sum(len(kw) for _, _, _, kw in during) > 0  # the LoRA tag's layers
+
+
+def test_it_composes_with_attention_couple_controlnet_deep_shrink_and_editing(tiny_models, tmp_path):
+    """The same run with Attention Couple, ControlNet, Deep Shrink, a LoRA tag and alternation: a
+    hypernetwork at 0 is the run without it bit for bit; at 0.8 it changes the image."""
+    from PIL import Image
+
+    from tests.helpers import make_source
+
+    write_webui_hypernetwork(tmp_path / "hn" / "anime.pt", widths=(32, 64), seed=2)
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[:, :32, 0], mask[:, 32:, 1] = 255, 255
+    Image.fromarray(mask).save(tmp_path / "rg.png")
+    lora = Path(tiny_models["lora"])
+    common = ["--attention_couple", "--mask_path", str(tmp_path / "rg.png"), "--control_net_models",
+              str(tiny_models["controlnet-sd1"]), "--guide_image_path", str(make_source(tmp_path / "g.png")),
+              "--ds_depth_1", "1", "--ds_timesteps_1", "900", "--lora_dir", str(lora.parent),
+              "--hypernetwork_dir", str(tmp_path / "hn")]
+    prompt = f"a [cat|dog] <lora:{lora.stem}:0.5> AND a bird --d 4"
+    images = {}
+    for name, tag in (("none", ""), ("zero", " <hypernet:anime:0>"), ("on", " <hypernet:anime:0.8>")):
+        assert run(tiny_models, tmp_path / name, "--prompt", prompt.replace(" AND", f"{tag} AND"), *common) == 0
+        images[name] = pixels(pngs(tmp_path / name)[0])
+    assert np.array_equal(images["zero"], images["none"])
+    assert np.abs(images["on"] - images["none"]).max() > 10
