@@ -5,7 +5,11 @@ Sources: `--prompt`, `--from_file` (one prompt per line; blank lines and `#` lin
 (`Type prompt:`; end of input ends the run), and with none of them the `--image_path`
 sources' own metadata (`metadata_lines`). Each line's options (`--n --w --h --s --d --l
 --nl ...`) are parsed by `library.prompts.line_options`; a malformed line is reported with its
-number and skipped. Dynamic variants (`{a|b}`) are picked per image from its seed.
+number and skipped. Dynamic variants (`{a|b}`) are picked per image from its seed. The web UI's
+dialect (docs/webui.md): a line's `--style` names are applied to its text first
+(`library.prompts.styles`), and each image's `<lora:...>` / `<hypernet:...>` tags are cut from
+its text into its Job (`library.prompts.extra_networks`); its chunk count covers every step's
+text under prompt editing (`library.text.prompt_editing`).
 
 img2img: `Defaults.width/height` are None when the size comes from each source image
 (no `--W/--H`), and `strength` is the img2img (or Highres fix 2nd stage) strength that a
@@ -63,7 +67,7 @@ class Defaults:
     network_files: NetworkFiles = field(default_factory=NetworkFiles, compare=False)
     hypernetworks: tuple[HypernetUse, ...] = ()  # `--hypernetwork` files: every image's
     styles: dict[str, Style] | None = field(default=None, compare=False)  # `--styles` (a line's `--style` picks)
-    styles_file: str | None = None
+    styles_file: str | None = None  # its path, for messages
 
     @classmethod
     def from_options(cls, options: Options) -> Defaults:
