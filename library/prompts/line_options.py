@@ -167,6 +167,8 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
                  maximum=MAX_CONDITIONING_SIZE),
     PromptOption("cl", OptionKind.INT, "crop_left", "SDXL: crop left conditioned on", "0", minimum=0,
                  maximum=MAX_CONDITIONING_SIZE),
+    PromptOption("style", OptionKind.NAME, "styles", "styles of the --styles file to apply, comma-separated",
+                 "Cinematic,Film grain"),
 )
 
 _BY_NAME: dict[str, PromptOption] = {option.name: option for option in PROMPT_OPTIONS}
@@ -207,6 +209,7 @@ class PromptOverrides:
     original_width_negative: int | None = None
     crop_top: int | None = None
     crop_left: int | None = None
+    styles: str | None = None  # `--style NAME[,NAME]` (`library.prompts.styles`)
 
 
 @dataclass(frozen=True)

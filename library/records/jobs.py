@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from library.records.deep_shrink_settings import DeepShrink
+    from library.records.extra_networks import HypernetUse, LoraUse
     from library.records.gradual_latent_settings import GradualLatent
     from library.records.size_conditioning import SizeConditioning
 
@@ -47,6 +48,8 @@ class Job:
     gradual_latent: GradualLatent | None = None  # `library.features.gradual_latent` settings of this image
     prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
     sizes: SizeConditioning | None = None  # SDXL's original / crop sizes (`library.records.size_conditioning`)
+    loras: tuple[LoraUse, ...] = ()  # the prompt's `<lora:...>` tags (`library.prompts.extra_networks`)
+    hypernetworks: tuple[HypernetUse, ...] = ()  # `--hypernetwork` and the prompt's `<hypernet:...>` tags
     # position in the run (0-based, across rounds): the number in the file name, the same in any process
     index: int = 0
 
@@ -68,6 +71,8 @@ class Job:
             self.gradual_latent,
             len(self.prompt_parts),
             self.sizes,
+            self.loras,
+            self.hypernetworks,
         )
 
 

@@ -28,7 +28,7 @@ from library.errors import UserError
 from library.images import input_images, output_files
 from library.images import metadata as image_metadata
 from library.images.input_images import GuideImages
-from library.images.run_metadata import lora_tags
+from library.images.run_metadata import joined_fields, lora_tags, prompt_tags
 from library.progress import progress as tqdm
 from library.prompts.sources import Defaults, Line, jobs_for_line
 from library.records import limits
@@ -202,8 +202,9 @@ class Runner:
             return
         extra = self.highres.metadata(job) if stage == "1" else ()
         features = self.pipeline.metadata(job)  # each feature's own (`Feature.metadata`), in their order
-        extra = (*extra, *features.parameters, *self.output.run_metadata)
+        extra = joined_fields((*extra, *features.parameters, *self.output.run_metadata))
         tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
+        tags += prompt_tags(job)
         record = image_metadata.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,
