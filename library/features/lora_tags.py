@@ -38,7 +38,9 @@ class PromptLoras(FeatureBase):
     @classmethod
     def from_run(cls, setup: RunSetup) -> PromptLoras:
         """Always there: any prompt line may carry tags (it loads nothing until one does)."""
-        return cls(setup.model.text_encoder, setup.model.unet)
+        second = getattr(setup.model, "text_encoder_2", None)  # SDXL: both encoders, kohya's list convention
+        encoders = setup.model.text_encoder if second is None else [setup.model.text_encoder, second]
+        return cls(encoders, setup.model.unet)
 
     def check_job(self, job: Job) -> None:
         """Load the tags' files now, so that a file that does not fit the model skips its line."""
@@ -52,7 +54,7 @@ class PromptLoras(FeatureBase):
         layers = []
         for use in uses:
             for module in self._network(use.path).unmerged_layers():
-                text = module.target.component == "text_encoder"
+                text = module.target.component != "unet"  # text_encoder, or SDXL's text_encoder_2
                 layers.append((module, use.text_encoder if text else use.unet))
         return NetworkLayers(layers)
 

@@ -120,3 +120,25 @@ def test_clip_guidance_guides_sdxl_rows(tiny_models, sdxl):
     assert (guided - plain).abs().max() > 0
     assert [p.shape[0] for p in recorder.pooled] == [2, 1] * 3  # each step: the CFG call, then the guide's row
     assert all(torch.equal(one[0], both[1]) for both, one in zip(recorder.pooled[::2], recorder.pooled[1::2]))
+
+
+def test_a_lora_tag_weighs_both_text_encoders_by_its_te_multiplier(tiny_models, sdxl):
+    """`<lora:NAME:TE:UNET>` on SDXL: the lora_te1_ and lora_te2_ layers take TE, the U-Net's UNET."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from library.features.lora_tags import PromptLoras
+    from library.records.extra_networks import LoraUse
+
+    path = str(tiny_models["lora-sdxl"])
+    feature = PromptLoras.from_run(SimpleNamespace(model=sdxl))
+    job = Job("a cat", "", seed=1, width=64, height=64, steps=1, scale=5.0,
+              loras=(LoraUse(Path(path).stem, path, 0.25, 0.75),))
+    batch = Batch((job,), BatchLayout(1, 2, 8, 8), None, torch.tensor([1]), torch.device("cpu"), torch.float32)
+    patch = feature.for_batch(batch)
+    encoders = {id(m) for m in sdxl.text_encoder.modules()}, {id(m) for m in sdxl.text_encoder_2.modules()}
+    weights = {"te1": set(), "te2": set(), "unet": set()}
+    for layer, multiplier in patch.lora_layers():
+        where = "te1" if id(layer.module) in encoders[0] else "te2" if id(layer.module) in encoders[1] else "unet"
+        weights[where].add(multiplier)
+    assert weights == {"te1": {0.25}, "te2": {0.25}, "unet": {0.75}}
