@@ -1,10 +1,10 @@
-"""Convert a Stable Diffusion 1.x/2.x model between a single file and a Diffusers folder.
+"""Convert a Stable Diffusion 1.x/2.x/XL model between a single file and a Diffusers folder.
 
     python tools/convert_model.py SRC DST [--fp16 | --bf16] [--vae VAE] [--v_parameterization]
 
 SRC is anything `gen_img.py --ckpt` accepts (file, folder, HF ID in the local cache). If DST
 ends with `.safetensors` a single file in the original (LDM) key layout is written, else a
-Diffusers folder. The model kind (SD1/SD2, v-prediction) is detected and carried over: a
+Diffusers folder. The model kind (SD1/SD2/SDXL, v-prediction) is detected and carried over: a
 v-prediction single file gets a `v_pred` key, a folder a scheduler config saying so.
 Weights keep fp32 unless `--fp16`/`--bf16` is given.
 """
@@ -25,18 +25,20 @@ from library.errors import UserError
 
 
 def convert(src: str, dst: Path, dtype: torch.dtype, vae: str | None = None, v_parameterization: bool = False) -> str:
-    """Load `src`, write `dst`; return the kind written (sd1, sd2 or sd2-v)."""
+    """Load `src`, write `dst`; return the kind written (sd1, sd2, sd2-v, sdxl or sdxl-v)."""
     from library.models import load_model
     from library.models.save import save_diffusers_folder, save_single_file
 
     model = load_model(src, vae=vae, dtype=dtype, v_parameterization=v_parameterization)
-    kind = "sd1" if model.kind.family == "sd1" else ("sd2-v" if model.kind.v_prediction else "sd2")
+    family = model.kind.family
+    kind = "sd1" if family == "sd1" else family + ("-v" if model.kind.v_prediction else "")
     if dst.suffix.lower() == ".safetensors":
-        save_single_file(model.text_encoder, model.unet, model.vae, kind, dst)
+        save_single_file(model.text_encoder, model.unet, model.vae, kind, dst, text_encoder_2=model.text_encoder_2)
     elif dst.suffix:
         raise UserError(f"{dst}: write a .safetensors file or a folder (no other suffix)")
     else:
-        save_diffusers_folder(model.text_encoder, model.tokenizer, model.unet, model.vae, kind, dst)
+        save_diffusers_folder(model.text_encoder, model.tokenizer, model.unet, model.vae, kind, dst,
+                              model.text_encoder_2, model.tokenizer_2)
     return kind
 
 

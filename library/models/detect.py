@@ -1,8 +1,8 @@
 """What a checkpoint is, read from its tensor names and shapes alone.
 
 One pure function, `detect_model`, maps `{key: shape}` of an original-layout (LDM)
-checkpoint to a `ModelSpec`: the family (SD 1.x or SD 2.x) and the full Diffusers /
-transformers configs of its U-Net, VAE and text encoder. Every size (channels, levels,
+checkpoint to a `ModelSpec`: the family (SD 1.x, SD 2.x or SDXL) and the full Diffusers /
+transformers configs of its U-Net, VAE and text encoder(s). Every size (channels, levels,
 blocks per level, attention placement, transformer depth, linear vs conv projections,
 cross-attention width, text encoder depth/width, VAE size) comes from shapes, so a tiny
 test model and a 2 GB checkpoint load through the same code. Written by hand: no library
@@ -13,7 +13,15 @@ What shapes cannot tell is fixed by family, as in the released models:
 - SD2: OpenCLIP ViT-H text encoder (`gelu`), U-Net attention with 64-wide heads; the last
   text-encoder block is not used (SD2 conditions on the penultimate layer), as in the
   original tool, which is why `--clip_skip` counts from the 23rd of 24 blocks there.
+- SDXL (Stability AI's layout: text encoders under `conditioner.embedders.0.transformer.`
+  (HF CLIP ViT-L keys) and `conditioner.embedders.1.model.` (OpenCLIP ViT-bigG keys), the
+  U-Net's added-conditioning MLP at `label_emb.0.*`): CLIP ViT-L (`quick_gelu`) plus
+  OpenCLIP bigG (`gelu`, every block used, text projection kept for the pooled vector),
+  U-Net attention with 64-wide heads, VAE scaling factor 0.13025. The width of the
+  sinusoid of each added size number is (label_emb input width - pooled width) / 6.
 - Text encoders: 64-wide attention heads. GroupNorm: 32 groups.
+
+The family is read from the weights, never from the file size.
 
 `normalize_keys` first gives every tensor its canonical prefix, so files whose keys lack
 `model.diffusion_model.` / `first_stage_model.` / `cond_stage_model.` load too.
@@ -25,13 +33,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
-Family = Literal["sd1", "sd2"]
+Family = Literal["sd1", "sd2", "sdxl"]
 Shape = Sequence[int]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TE_PREFIX = "cond_stage_model.transformer.text_model."
 SD2_TE_PREFIX = "cond_stage_model.model."
+SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_TE2_PREFIX = "conditioner.embedders.1.model."
+SDXL_PREFIX = "conditioner.embedders."
+#: VAE scaling factors: SD 1.x / 2.x, and SDXL's VAE.
+SD_VAE_SCALE = 0.18215
+SDXL_VAE_SCALE = 0.13025
+#: Sinusoid width per added size number when a file has no bigG text encoder to tell it.
+SDXL_TIME_EMBED_DIM = 256
 
 # Marker key (without prefix) -> canonical prefix, and the names a component's keys
 # start with below its prefix (so prefix-less files are split between components).
@@ -50,17 +66,19 @@ _COMPONENTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 
 class DetectionError(ValueError):
-    """The tensors do not form a Stable Diffusion 1.x/2.x checkpoint; the message says why."""
+    """The tensors do not form a Stable Diffusion 1.x/2.x/XL checkpoint; the message says why."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A checkpoint's family and the configs to build its networks (plain dicts)."""
+    """A checkpoint's family and the configs to build its networks (plain dicts);
+    `text_encoder_2` (bigG) is SDXL's only."""
 
     family: Family
     unet: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
     text_encoder: dict = field(default_factory=dict)
+    text_encoder_2: dict | None = None
 
 
 def normalize_keys(keys: Sequence[str]) -> dict[str, str]:
@@ -68,9 +86,11 @@ def normalize_keys(keys: Sequence[str]) -> dict[str, str]:
 
     The prefix in front of a component's marker key (e.g. `""` or `"diffusion_model."`
     before `input_blocks.0.0.weight`) is found once and replaced by the canonical one.
-    Old `transformers` layouts without `text_model.` are moved below it.
+    Old `transformers` layouts without `text_model.` are moved below it. SDXL's text
+    encoders (`conditioner.embedders.*`) keep their names.
     """
-    mapping: dict[str, str] = {}
+    mapping: dict[str, str] = {k: k for k in keys if k.startswith(SDXL_PREFIX)}
+    keys = [k for k in keys if k not in mapping]
     for marker, canonical, roots in _COMPONENTS:
         found = [k[: -len(marker)] for k in keys if k.endswith(marker)]
         if not found:
@@ -86,16 +106,29 @@ def normalize_keys(keys: Sequence[str]) -> dict[str, str]:
 def detect_model(shapes: Mapping[str, Shape]) -> ModelSpec:
     """Infer family and configs from canonical (normalized) key names and shapes."""
     family = detect_family(shapes)
+    if family != "sdxl":
+        return ModelSpec(
+            family=family,
+            unet=infer_unet_config(_strip(shapes, UNET_PREFIX), family),
+            vae=infer_vae_config(_strip(shapes, VAE_PREFIX)),
+            text_encoder=infer_text_config(shapes, family),
+        )
+    te2 = infer_text_config(shapes, "sdxl-2")
+    unet = infer_unet_config(_strip(shapes, UNET_PREFIX), family, pooled_width=te2["projection_dim"])
     return ModelSpec(
         family=family,
-        unet=infer_unet_config(_strip(shapes, UNET_PREFIX), family),
-        vae=infer_vae_config(_strip(shapes, VAE_PREFIX)),
-        text_encoder=infer_text_config(shapes, family),
+        unet=unet,
+        vae=dict(infer_vae_config(_strip(shapes, VAE_PREFIX)), scaling_factor=SDXL_VAE_SCALE),
+        text_encoder=infer_text_config(shapes, "sdxl"),
+        text_encoder_2=te2,
     )
 
 
 def detect_family(shapes: Mapping[str, Shape]) -> Family:
-    """SD2 if the text encoder has the OpenCLIP layout, SD1 if CLIP's; else from the U-Net."""
+    """SDXL if it has SDXL's text encoders or added-conditioning MLP; SD2 if the text encoder
+    has the OpenCLIP layout, SD1 if CLIP's; else from the U-Net."""
+    if any(k.startswith(SDXL_PREFIX) for k in shapes) or UNET_PREFIX + "label_emb.0.0.weight" in shapes:
+        return "sdxl"
     if any(k.startswith(SD2_TE_PREFIX + "transformer.resblocks.") for k in shapes):
         return "sd2"
     if any(k.startswith(SD1_TE_PREFIX) for k in shapes):
@@ -115,8 +148,12 @@ def _indices(keys, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
 
 
-def infer_unet_config(u: Mapping[str, tuple[int, ...]], family: Family) -> dict:
-    """UNet2DConditionModel kwargs from LDM U-Net keys (prefix removed)."""
+def infer_unet_config(u: Mapping[str, tuple[int, ...]], family: Family, pooled_width: int | None = None) -> dict:
+    """UNet2DConditionModel kwargs from LDM U-Net keys (prefix removed).
+
+    SDXL's added-conditioning MLP (`label_emb.0.*`) takes the pooled text vector
+    (`pooled_width` wide, bigG's projection) and six sinusoid-embedded size numbers.
+    """
     if "input_blocks.0.0.weight" not in u:
         raise DetectionError("no U-Net weights (model.diffusion_model.input_blocks.*)")
     blocks = _indices(u, r"input_blocks\.(\d+)\.")
@@ -140,11 +177,11 @@ def infer_unet_config(u: Mapping[str, tuple[int, ...]], family: Family) -> dict:
     if attn_key is None:
         raise DetectionError("U-Net has no cross-attention layers")
     proj_in = next(u[k] for k in u if k.endswith(".proj_in.weight"))
-    heads = [max(1, c // 64) for c in channels] if family == "sd2" else 8
+    heads = [max(1, c // 64) for c in channels] if family != "sd1" else 8
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)]
-    return dict(
-        sample_size=64 if family == "sd1" else 96,
+    config = dict(
+        sample_size={"sd1": 64, "sd2": 96, "sdxl": 128}[family],
         in_channels=u["input_blocks.0.0.weight"][1],
         out_channels=u["out.2.weight"][0],
         down_block_types=tuple(down),
@@ -156,6 +193,24 @@ def infer_unet_config(u: Mapping[str, tuple[int, ...]], family: Family) -> dict:
         attention_head_dim=tuple(heads) if isinstance(heads, list) else heads,
         use_linear_projection=len(proj_in) == 2,
         norm_num_groups=32,
+    )
+    if family == "sdxl":
+        config.update(_added_conditioning(u, pooled_width))
+    return config
+
+
+def _added_conditioning(u: Mapping[str, tuple[int, ...]], pooled_width: int | None) -> dict:
+    """SDXL's `text_time` added-conditioning config from `label_emb.0.0.weight` [out, in]."""
+    if "label_emb.0.0.weight" not in u:
+        raise DetectionError("SDXL U-Net without its added-conditioning weights (label_emb.0.*)")
+    width = u["label_emb.0.0.weight"][1]
+    time_dim = SDXL_TIME_EMBED_DIM if pooled_width is None else (width - pooled_width) // 6
+    if time_dim <= 0 or (pooled_width is not None and pooled_width + 6 * time_dim != width):
+        raise DetectionError(f"SDXL added conditioning of width {width} does not fit a pooled vector of {pooled_width}")
+    return dict(
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=width,
     )
 
 
@@ -177,28 +232,34 @@ def infer_vae_config(v: Mapping[str, tuple[int, ...]]) -> dict:
         latent_channels=v["decoder.conv_in.weight"][1],
         norm_num_groups=32,
         sample_size=8 * 2 ** (n - 1) * 8,
-        scaling_factor=0.18215,
+        scaling_factor=SD_VAE_SCALE,
     )
 
 
-def infer_text_config(shapes: Mapping[str, Shape], family: Family) -> dict:
-    """CLIPTextConfig kwargs for the text encoder (SD2's OpenCLIP layout included)."""
-    if family == "sd1":
-        t = _strip(shapes, SD1_TE_PREFIX)
+def infer_text_config(shapes: Mapping[str, Shape], family: Family | Literal["sdxl-2"]) -> dict:
+    """CLIPTextConfig kwargs for the text encoder (SD2's OpenCLIP layout included).
+
+    `family` "sdxl" is SDXL's CLIP ViT-L, "sdxl-2" its OpenCLIP bigG (all blocks kept).
+    """
+    if family in ("sd1", "sdxl"):
+        prefix = SD1_TE_PREFIX if family == "sd1" else SDXL_TE1_PREFIX
+        t = _strip(shapes, prefix)
         if "embeddings.token_embedding.weight" not in t:
-            raise DetectionError("no text encoder weights (cond_stage_model.transformer.*)")
+            raise DetectionError(f"no text encoder weights ({prefix}*)")
         vocab, width = t["embeddings.token_embedding.weight"]
         layers = len(_indices(t, r"encoder\.layers\.(\d+)\."))
         inner = t["encoder.layers.0.mlp.fc1.weight"][0]
         positions = t["embeddings.position_embedding.weight"][0]
         act, projection = "quick_gelu", width
     else:
-        t = _strip(shapes, SD2_TE_PREFIX)
+        prefix = SD2_TE_PREFIX if family == "sd2" else SDXL_TE2_PREFIX
+        t = _strip(shapes, prefix)
         if "token_embedding.weight" not in t:
-            raise DetectionError("no text encoder weights (cond_stage_model.model.*)")
+            raise DetectionError(f"no text encoder weights ({prefix}*)")
         vocab, width = t["token_embedding.weight"]
-        # The last block is dropped: SD2 conditions on the penultimate layer.
-        layers = len(_indices(t, r"transformer\.resblocks\.(\d+)\.")) - 1
+        # SD2 drops the last block (it conditions on the penultimate layer); SDXL's pooled
+        # vector needs bigG's last layer, so every block is kept there.
+        layers = len(_indices(t, r"transformer\.resblocks\.(\d+)\.")) - (1 if family == "sd2" else 0)
         inner = t["transformer.resblocks.0.mlp.c_fc.weight"][0]
         positions = t["positional_embedding"][0]
         act = "gelu"

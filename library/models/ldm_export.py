@@ -28,6 +28,10 @@ Layout summary (LDM names on the right):
   carry ``text_model.`` in the file (transformers >= 5.6 no longer has that wrapper).
 * SD2 text encoder: ``cond_stage_model.model.`` + OpenCLIP names, q/k/v fused into
   ``attn.in_proj_*``, ``text_projection`` stored as ``[width, proj_dim]``, plus ``logit_scale``.
+* SDXL (Stability AI's layout): CLIP ViT-L as in SD1 under
+  ``conditioner.embedders.0.transformer.``, OpenCLIP ViT-bigG as in SD2 (every block, its
+  real projection) under ``conditioner.embedders.1.model.``; the U-Net's added-conditioning
+  MLP at ``label_emb.0.0`` / ``label_emb.0.2``.
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ VAE_PREFIX = "first_stage_model."
 CONTROLNET_PREFIX = "control_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 V_PRED_KEY = "v_pred"
-CHECKPOINT_KINDS: tuple[str, ...] = ("sd1", "sd2", "sd2-v")
+CHECKPOINT_KINDS: tuple[str, ...] = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-v")
 
 # OpenCLIP's learned temperature saturates at its clamp of 100; real SD2 files store ln(100).
 _OPEN_CLIP_LOGIT_SCALE = math.log(100.0)
@@ -232,7 +238,7 @@ def _hf_text_keys(te_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def clip_to_ldm(te_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def clip_to_ldm(te_sd: Mapping[str, Tensor], prefix: str = CLIP_PREFIX) -> dict[str, Tensor]:
     """Write an SD1 (CLIP ViT-L) text encoder as "cond_stage_model.transformer.text_model.*".
 
     The HF key names are kept (SD1 files embed a HF `CLIPTextModel`). A projection weight,
@@ -242,10 +248,11 @@ def clip_to_ldm(te_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     keys = _hf_text_keys(te_sd)
     if keys.pop(_HF_PROJECTION_KEY, None) is not None:
         logger.info("SD1 checkpoints carry no text projection; leaving text_projection.weight out")
-    return {CLIP_PREFIX + key: tensor for key, tensor in keys.items()}
+    return {prefix + key: tensor for key, tensor in keys.items()}
 
 
-def open_clip_to_ldm(te_sd: Mapping[str, Tensor], projection: Tensor | None = None) -> dict[str, Tensor]:
+def open_clip_to_ldm(te_sd: Mapping[str, Tensor], projection: Tensor | None = None,
+                     prefix: str = OPEN_CLIP_PREFIX) -> dict[str, Tensor]:
     """Write an SD2 text encoder (HF CLIP keys) in OpenCLIP layout: "cond_stage_model.model.*".
 
     Every encoder layer given is written: Diffusers' SD2 text encoder has 23 layers where
@@ -309,7 +316,7 @@ def open_clip_to_ldm(te_sd: Mapping[str, Tensor], projection: Tensor | None = No
         projection = torch.eye(width, dtype=embedding.dtype, device=embedding.device)
     out["text_projection"] = projection.T.contiguous()
     out["logit_scale"] = torch.tensor(_OPEN_CLIP_LOGIT_SCALE, dtype=embedding.dtype, device=embedding.device)
-    return {OPEN_CLIP_PREFIX + key: tensor for key, tensor in out.items()}
+    return {prefix + key: tensor for key, tensor in out.items()}
 
 
 def to_ldm_checkpoint(
@@ -318,18 +325,25 @@ def to_ldm_checkpoint(
     te_sd: Mapping[str, Tensor],
     unet_config: Mapping[str, Any],
     kind: str,
+    te2_sd: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Assemble a whole single-file SD checkpoint from Diffusers state dicts.
 
-    `kind` is "sd1" (CLIP text encoder), "sd2" (OpenCLIP text encoder) or "sd2-v" (SD2
-    with v-prediction). The weights of a v-prediction model cannot say so, so "sd2-v" adds
-    the marker key `v_pred`, a 0-dim tensor holding 1, as kohya's tools do.
+    `kind` is "sd1" (CLIP text encoder), "sd2" (OpenCLIP text encoder), "sdxl" (CLIP ViT-L
+    `te_sd` plus OpenCLIP bigG `te2_sd`, a `CLIPTextModelWithProjection`'s) or "sd2-v" /
+    "sdxl-v" (with v-prediction). The weights of a v-prediction model cannot say so, so
+    those add the marker key `v_pred`, a 0-dim tensor holding 1, as kohya's tools do.
     """
     if kind not in CHECKPOINT_KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {CHECKPOINT_KINDS}")
-    text = clip_to_ldm(te_sd) if kind == "sd1" else open_clip_to_ldm(te_sd)
+    if kind.startswith("sdxl"):
+        if te2_sd is None:
+            raise ValueError("an SDXL checkpoint needs the second text encoder's state dict")
+        text = {**clip_to_ldm(te_sd, SDXL_CLIP_PREFIX), **open_clip_to_ldm(te2_sd, prefix=SDXL_OPEN_CLIP_PREFIX)}
+    else:
+        text = clip_to_ldm(te_sd) if kind == "sd1" else open_clip_to_ldm(te_sd)
     checkpoint = {**unet_to_ldm(unet_sd, unet_config), **vae_to_ldm(vae_sd), **text}
-    if kind == "sd2-v":
+    if kind.endswith("-v"):
         checkpoint[V_PRED_KEY] = torch.tensor(1)
     logger.debug("built a %s single-file checkpoint with %d tensors", kind, len(checkpoint))
     return checkpoint

@@ -1,10 +1,15 @@
-"""One entry point that loads any SD 1.x / 2.x model: `load_model`.
+"""One entry point that loads any SD 1.x / 2.x / XL model: `load_model`.
 
 Single files in the original (LDM) layout are detected from their shapes
 (`library.models.detect`), converted to Diffusers names with diffusers' own single-file
 helpers, and assigned into networks built on the `meta` device, so no memory is spent on
 random initialisation and tensors already in the wanted dtype are used without a copy.
 Diffusers folders (and HF IDs from the local cache) load with `from_pretrained`.
+
+SDXL has two text encoders: `text_encoder` is CLIP ViT-L (`CLIPTextModel`), `text_encoder_2`
+OpenCLIP ViT-bigG as a `CLIPTextModelWithProjection` (its projection gives the pooled
+vector), each with its own tokenizer (`tokenizer`, `tokenizer_2`: the same vocabulary, the
+second padding with "!").
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from library.errors import UserError, first_line
 from library.models import checkpoint
 from library.models.detect import (
     SD2_TE_PREFIX,
+    SDXL_TE2_PREFIX,
+    SDXL_VAE_SCALE,
     VAE_PREFIX,
     DetectionError,
     ModelSpec,
@@ -39,7 +46,12 @@ logger = logging.getLogger(__name__)
 
 ENCODER_PREFIX = f"{VAE_PREFIX}encoder."  # the VAE encoder's LDM keys, after `normalize_keys`
 
-Family = Literal["sd1", "sd2"]
+Family = Literal["sd1", "sd2", "sdxl"]
+#: What each family is called in messages, and the text encoder that tells it apart.
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+_FAMILY_ENCODERS = {"sd1": "CLIP ViT-L text encoder", "sd2": "OpenCLIP ViT-H text encoder",
+                    "sdxl": "CLIP ViT-L + OpenCLIP ViT-bigG text encoders"}
+_FAMILY_FLAGS = {"sd1": "--v1", "sd2": "--v2", "sdxl": "--sdxl"}
 VaeEncoder = Literal["eager", "lazy"]
 
 
@@ -52,17 +64,20 @@ class ModelKind:
 
     @property
     def name(self) -> str:
-        return {"sd1": "SD 1.x", "sd2": "SD 2.x"}[self.family] + (" v-prediction" if self.v_prediction else "")
+        return FAMILY_NAMES[self.family] + (" v-prediction" if self.v_prediction else "")
 
     @property
     def default_clip_skip(self) -> int:
-        """1 for SD1, 2 for SD2, as the original tool."""
-        return 2 if self.family == "sd2" else 1
+        """1 for SD1, 2 for SD2 and SDXL, as the original tool."""
+        return 1 if self.family == "sd1" else 2
 
 
 @dataclass
 class LoadedModel:
-    """The networks of a checkpoint, ready to run, and what is known about it."""
+    """The networks of a checkpoint, ready to run, and what is known about it.
+
+    `text_encoder_2` / `tokenizer_2` (OpenCLIP ViT-bigG) are SDXL's only, None otherwise.
+    """
 
     text_encoder: torch.nn.Module
     tokenizer: object
@@ -71,6 +86,8 @@ class LoadedModel:
     kind: ModelKind
     path: Path
     name: str
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
 
 
 def load_model(
@@ -82,6 +99,7 @@ def load_model(
     device: str | torch.device = "cpu",
     v1: bool = False,
     v2: bool = False,
+    sdxl: bool = False,
     v_parameterization: bool = False,
     tokenizer_cache_dir: str | Path | None = None,
     attention: str = "auto",
@@ -89,7 +107,7 @@ def load_model(
 ) -> LoadedModel:
     """Load text encoder, tokenizer, U-Net and VAE of `ckpt`, plus its detected kind.
 
-    `v1`/`v2` must agree with what the weights are (a mismatch is a `UserError`);
+    `v1`/`v2`/`sdxl` must agree with what the weights are (a mismatch is a `UserError`);
     `v_parameterization` forces v-prediction, otherwise it comes from the checkpoint.
     `attention` picks the U-Net's attention processor for the run (`library.models.attention`:
     "auto" = blocked attention on CPU in bf16, diffusers' SDPA processor elsewhere).
@@ -101,34 +119,41 @@ def load_model(
 
     from library.models.tokenizer import load_tokenizer
 
-    if v1 and v2:
-        raise UserError("--v1 and --v2 contradict each other; give at most one")
+    given = [flag for flag, on in (("--v1", v1), ("--v2", v2), ("--sdxl", sdxl)) if on]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} contradict each other; give at most one")
     path = checkpoint.resolve_model_path(ckpt)
     lazy = vae_encoder == "lazy"
     limit_heap_retention()
     with _collector_paused(), contextlib.ExitStack() as background:  # exit: background page-in done
         with_vae = vae is None  # with --vae the checkpoint's VAE is never built
         if path.is_dir():
-            te, unet, vae_model, family, v_pred_source = _load_diffusers_folder(path, dtype, with_vae)
+            te, unet, vae_model, family, v_pred_source, te2 = _load_diffusers_folder(path, dtype, with_vae)
             diffusers_dir: Path | None = path
         else:
-            te, unet, vae_model, family, v_pred_source = _load_single_file(
+            te, unet, vae_model, family, v_pred_source, te2 = _load_single_file(
                 path, dtype, background, vae_dtype, lazy, with_vae)
             diffusers_dir = None
-        _check_family_flags(path, family, v1, v2)
+        _check_family_flags(path, family, v1, v2, sdxl)
         v_pred = _decide_v_prediction(v_parameterization, v_pred_source)
         if vae is not None:
             vae_model = load_vae(vae, dtype, vae_encoder)
+            if family == "sdxl":  # a VAE file cannot tell its scale; SDXL's latents use SDXL's
+                vae_model.register_to_config(scaling_factor=SDXL_VAE_SCALE)
         if vae_model.dtype != (vae_dtype or dtype):
             vae_model = vae_model.to(dtype=vae_dtype or dtype)
         kind = ModelKind(family, v_pred)
         logger.info("model %s: %s", path.name, kind.name)
         tokenizer = load_tokenizer(family, diffusers_dir=diffusers_dir, cache_dir=tokenizer_cache_dir)
-        for module in (te, unet, vae_model):
+        tokenizer_2 = None
+        if te2 is not None:
+            tokenizer_2 = load_tokenizer("sdxl-2", diffusers_dir=diffusers_dir, cache_dir=tokenizer_cache_dir)
+        for module in (m for m in (te, te2, unet, vae_model) if m is not None):
             _move(module, torch.device(device)).eval().requires_grad_(False)
         set_attention(unet, attention)
     release_freed_memory()  # what the cast freed leaves before generation starts
-    return LoadedModel(te, tokenizer, unet, vae_model, kind, path, path.stem if path.is_file() else path.name)
+    name = path.stem if path.is_file() else path.name
+    return LoadedModel(te, tokenizer, unet, vae_model, kind, path, name, te2, tokenizer_2)
 
 
 @contextlib.contextmanager
@@ -175,11 +200,14 @@ def _load_single_file(path: Path, dtype: torch.dtype, background: contextlib.Exi
     try:
         spec = detect_model({k: tuple(v.shape) for k, v in sd.items()})
     except DetectionError as exc:
-        raise UserError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint ({exc})") from None
+        raise UserError(f"{path}: not a Stable Diffusion 1.x/2.x/XL checkpoint ({exc})") from None
     logger.debug("detected %s", spec)
     unet, vae, te = build_from_ldm(sd, spec, dtype, path, pages, vae_dtype, lazy_encoder, with_vae)
+    te2 = None
+    if spec.text_encoder_2 is not None:
+        te2 = build_bigg_from_ldm(sd, spec.text_encoder_2, dtype, path, pages)
     source = _v_pred_from_file(path, v_flag)
-    return te, unet, vae, spec.family, source
+    return te, unet, vae, spec.family, source, te2
 
 
 def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, path: Path,
@@ -210,6 +238,8 @@ def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dt
         vae_sd = _defer_encoder(vae, vae_sd, vae_dtype or dtype, f"{path}: VAE encoder", pages)
     if spec.family == "sd1":
         te_sd = convert_ldm_clip_checkpoint(sd)
+    elif spec.family == "sdxl":  # CLIP ViT-L; `build_bigg_from_ldm` makes the second encoder
+        te_sd = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith("conditioner.embedders.0.")})
     else:
         te_sd = convert_open_clip_checkpoint(te, _without_last_block(sd, spec))
         te_sd = {k: v for k, v in te_sd.items() if not k.startswith("text_projection")}
@@ -217,11 +247,35 @@ def build_from_ldm(sd: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dt
     parts = (("U-Net", unet, unet_sd, dtype), ("VAE", vae, vae_sd, vae_dtype or dtype), ("text encoder", te, te_sd, dtype))
     for name, module, state, part_dtype in (part for part in parts if part[1] is not None):
         _assign(module, state, part_dtype, f"{path}: {name}", pages)
+    _add_position_ids(te)
+    return unet, vae, te
+
+
+def build_bigg_from_ldm(sd: dict[str, torch.Tensor], config: dict, dtype: torch.dtype, path: Path,
+                        pages: checkpoint.FilePages | None = None) -> torch.nn.Module:
+    """SDXL's OpenCLIP ViT-bigG text encoder (`conditioner.embedders.1.model.*`) as a
+    `CLIPTextModelWithProjection`: fused `in_proj` q/k/v split, `text_projection` transposed
+    (diffusers' OpenCLIP converter does both), every block kept."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with _empty_modules():
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, attn_implementation="sdpa"))
+    part = {k: v for k, v in sd.items() if k.startswith(SDXL_TE2_PREFIX)}
+    state = convert_open_clip_checkpoint(te2, part, prefix=SDXL_TE2_PREFIX)
+    state = {("text_model." + k if not k.startswith(("text_model.", "text_projection")) else k): v
+             for k, v in state.items()}
+    _assign(te2, state, dtype, f"{path}: second text encoder (OpenCLIP ViT-bigG)", pages)
+    _add_position_ids(te2)
+    return te2
+
+
+def _add_position_ids(te: torch.nn.Module) -> None:
+    """The non-persistent `position_ids` buffer a meta-built CLIP text model lacks."""
     max_positions = te.config.max_position_embeddings
     text_model(te).embeddings.register_buffer(
         "position_ids", torch.arange(max_positions).unsqueeze(0), persistent=False
     )
-    return unet, vae, te
 
 
 @contextlib.contextmanager
@@ -325,9 +379,10 @@ def _v_pred_from_file(path: Path, v_flag: torch.Tensor | None) -> tuple[bool, st
 
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype, with_vae: bool = True):
-    """Networks from a Diffusers folder; its vae/ is neither needed nor loaded when `with_vae` is False."""
+    """Networks from a Diffusers folder; its vae/ is neither needed nor loaded when `with_vae` is False.
+    An SDXL folder (a U-Net with `text_time` added conditioning) also loads text_encoder_2/."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     parts = ("unet", "vae", "text_encoder") if with_vae else ("unet", "text_encoder")
     absent = [p for p in parts if not (path / p / "config.json").is_file()]
@@ -339,20 +394,28 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype, with_vae: bool = True
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype) if with_vae else None
+        is_sdxl = unet.config.get("addition_embed_type") == "text_time"
+        if is_sdxl and not (path / "text_encoder_2" / "config.json").is_file():
+            raise UserError(f"--ckpt {path}: an SDXL Diffusers folder needs text_encoder_2/config.json, "
+                            "which is missing")
+        te2 = None
         with _quiet_transformers_progress():
             te = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, attn_implementation="sdpa")
+            if is_sdxl:
+                te2 = CLIPTextModelWithProjection.from_pretrained(
+                    path / "text_encoder_2", torch_dtype=dtype, attn_implementation="sdpa")
     except pickle.UnpicklingError as exc:
         raise UserError(f"--ckpt {checkpoint.pickle_refusal(path, exc)}") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"--ckpt {path}: cannot load the Diffusers model ({first_line(exc)})") from None
-    family: Family = "sd2" if te.config.hidden_act == "gelu" else "sd1"
+    family: Family = "sdxl" if is_sdxl else "sd2" if te.config.hidden_act == "gelu" else "sd1"
     source = None
     scheduler_config = path / "scheduler" / "scheduler_config.json"
     if scheduler_config.is_file():
         prediction = json.loads(scheduler_config.read_text()).get("prediction_type")
         if prediction:
             source = (prediction == "v_prediction", f"scheduler/scheduler_config.json (prediction_type={prediction})")
-    return te, unet, vae, family, source
+    return te, unet, vae, family, source, te2
 
 
 @contextlib.contextmanager
@@ -412,15 +475,16 @@ def load_vae(spec: str, dtype: torch.dtype, encoder: VaeEncoder = "eager") -> to
 # --- decisions ----------------------------------------------------------------------------
 
 
-def _check_family_flags(path: Path, family: Family, v1: bool, v2: bool) -> None:
-    if v2 and family == "sd1":
-        raise UserError(
-            f"--v2 was given but {path.name} is an SD 1.x model (CLIP ViT-L text encoder); remove --v2"
-        )
-    if v1 and family == "sd2":
-        raise UserError(
-            f"--v1 was given but {path.name} is an SD 2.x model (OpenCLIP ViT-H text encoder); remove --v1"
-        )
+def _check_family_flags(path: Path, family: Family, v1: bool, v2: bool, sdxl: bool = False) -> None:
+    """A `--v1`/`--v2`/`--sdxl` that names another family than the weights: one line naming the found one."""
+    asserted = "sd1" if v1 else "sd2" if v2 else "sdxl" if sdxl else None
+    if asserted is None or asserted == family:
+        return
+    flag = _FAMILY_FLAGS[asserted]
+    raise UserError(
+        f"{flag} was given but {path.name} is an {FAMILY_NAMES[family]} model ({_FAMILY_ENCODERS[family]}); "
+        f"remove {flag}"
+    )
 
 
 def _decide_v_prediction(flag: bool, source: tuple[bool, str] | None) -> bool:

@@ -32,14 +32,25 @@ MODEL_INDEX = {
     "tokenizer": ["transformers", "CLIPTokenizer"],
     "scheduler": ["diffusers", "DDIMScheduler"],
 }
+SDXL_MODEL_INDEX = {
+    **MODEL_INDEX,
+    "_class_name": "StableDiffusionXLPipeline",
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+}
+#: SDXL's scheduler settings differ from SD's only in the timestep spacing.
+SDXL_SCHEDULER_CONFIG = {**SCHEDULER_CONFIG, "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading"}
 
 
-def save_single_file(text_encoder, unet, vae, kind: str, path: Path, dtype: torch.dtype | None = None) -> None:
-    """One `.safetensors` in the original key layout (`kind`: sd1, sd2 or sd2-v)."""
+def save_single_file(text_encoder, unet, vae, kind: str, path: Path, dtype: torch.dtype | None = None,
+                     text_encoder_2=None) -> None:
+    """One `.safetensors` in the original key layout (`kind`: sd1, sd2, sd2-v, sdxl or sdxl-v;
+    SDXL also takes `text_encoder_2`)."""
     te_sd = dict(text_encoder.state_dict())
-    if kind != "sd1":
+    if kind in ("sd2", "sd2-v"):
         te_sd.update(unused_last_block(te_sd, text_encoder.config.num_hidden_layers))
-    ckpt = to_ldm_checkpoint(unet.state_dict(), vae.state_dict(), te_sd, dict(unet.config), kind)
+    te2_sd = dict(text_encoder_2.state_dict()) if text_encoder_2 is not None else None
+    ckpt = to_ldm_checkpoint(unet.state_dict(), vae.state_dict(), te_sd, dict(unet.config), kind, te2_sd)
     if dtype is not None:
         ckpt = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.items()}
     save_tensors(ckpt, path)
@@ -56,18 +67,25 @@ def unused_last_block(te_sd: dict[str, torch.Tensor], layers: int) -> dict[str, 
     }
 
 
-def save_diffusers_folder(text_encoder, tokenizer, unet, vae, kind: str, folder: Path) -> None:
-    """A Diffusers model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+def save_diffusers_folder(text_encoder, tokenizer, unet, vae, kind: str, folder: Path,
+                          text_encoder_2=None, tokenizer_2=None) -> None:
+    """A Diffusers model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL adds
+    text_encoder_2/ and tokenizer_2/)."""
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp / "unet")
     vae.save_pretrained(tmp / "vae")
     text_encoder.save_pretrained(tmp / "text_encoder")
     tokenizer.save_pretrained(tmp / "tokenizer")
-    scheduler = dict(SCHEDULER_CONFIG, prediction_type="v_prediction" if kind == "sd2-v" else "epsilon")
+    sdxl = kind.startswith("sdxl")
+    if sdxl:
+        text_encoder_2.save_pretrained(tmp / "text_encoder_2")
+        tokenizer_2.save_pretrained(tmp / "tokenizer_2")
+    base = SDXL_SCHEDULER_CONFIG if sdxl else SCHEDULER_CONFIG
+    scheduler = dict(base, prediction_type="v_prediction" if kind.endswith("-v") else "epsilon")
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    (tmp / "model_index.json").write_text(json.dumps(SDXL_MODEL_INDEX if sdxl else MODEL_INDEX, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 

@@ -1,6 +1,6 @@
 """Tiny Stable Diffusion components with fixed random weights, for tests and the demo.
 
-The networks have the real SD 1.x / 2.x *structure* (same block types, same key layout,
+The networks have the real SD 1.x / 2.x / XL *structure* (same block types, same key layout,
 8x VAE downsampling, 77-token CLIP text encoder with the full 49,408-token vocabulary) but
 tiny widths, so a whole model builds in about a second on a CPU and goes through exactly the
 same loading code as a 2 GB checkpoint.
@@ -8,6 +8,14 @@ same loading code as a 2 GB checkpoint.
 Widths follow the rules that `library.models.detect` uses for what weights cannot tell
 (attention head counts): SD1 U-Nets have 8 heads per attention layer, SD2 U-Nets and all
 text encoders have 64-wide heads (at least one head).
+
+The tiny SDXL has SDXL's structure in miniature: a CLIP ViT-L-like text encoder (quick_gelu)
+and a bigG-like `CLIPTextModelWithProjection` (gelu, a projection narrower than its width,
+so a transposed projection cannot go unnoticed); a U-Net of three levels with two resnets
+each (nine input blocks, as SDXL's), level 0 without attention, the deeper levels with
+transformer depths 1 and 2, linear projections, cross-attention over the two encoders'
+widths concatenated, and the `text_time` added conditioning (pooled vector + six sinusoids
+of 8 numbers each); the VAE with SDXL's scaling factor 0.13025.
 """
 
 from __future__ import annotations
@@ -17,23 +25,28 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["sd1", "sd2", "sd2-v"]
-KINDS: tuple[Kind, ...] = ("sd1", "sd2", "sd2-v")
+Kind = Literal["sd1", "sd2", "sd2-v", "sdxl"]
+KINDS: tuple[Kind, ...] = ("sd1", "sd2", "sd2-v", "sdxl")
+#: Tiny SDXL: sinusoid width per added size number (256 on real SDXL).
+SDXL_TIME_EMBED_DIM = 8
 
 
 @dataclass(frozen=True)
 class TinyComponents:
-    """The three networks of a tiny model; `kind` says which family it imitates."""
+    """The networks of a tiny model; `kind` says which family it imitates
+    (`text_encoder_2`, the bigG-like encoder, is SDXL's only)."""
 
     kind: Kind
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
     vae: torch.nn.Module
+    text_encoder_2: torch.nn.Module | None = None
 
 
 def text_encoder_config(kind: Kind) -> dict:
-    """CLIPTextConfig kwargs: SD1 imitates CLIP ViT-L (quick_gelu), SD2 OpenCLIP ViT-H (gelu)."""
-    sd2 = kind != "sd1"
+    """CLIPTextConfig kwargs: SD1 and SDXL's first encoder imitate CLIP ViT-L (quick_gelu),
+    SD2 OpenCLIP ViT-H (gelu)."""
+    sd2 = kind not in ("sd1", "sdxl")
     return dict(
         vocab_size=49408,
         hidden_size=64 if sd2 else 32,
@@ -49,8 +62,16 @@ def text_encoder_config(kind: Kind) -> dict:
     )
 
 
+def text_encoder_2_config() -> dict:
+    """CLIPTextConfig kwargs of the tiny SDXL's bigG-like encoder: gelu, projection 48 of width 64."""
+    return dict(text_encoder_config("sd2"), projection_dim=48)
+
+
 def unet_config(kind: Kind) -> dict:
-    """UNet2DConditionModel kwargs in SD layout: attention in all but the deepest block."""
+    """UNet2DConditionModel kwargs in SD layout: attention in all but the deepest block
+    (SDXL: in all but the first, see the module docstring)."""
+    if kind == "sdxl":
+        return sdxl_unet_config()
     sd2 = kind != "sd1"
     channels = (64, 128) if sd2 else (32, 64)
     return dict(
@@ -70,8 +91,31 @@ def unet_config(kind: Kind) -> dict:
     )
 
 
-def vae_config() -> dict:
-    """AutoencoderKL kwargs: four blocks (8x downsampling) of 32 channels, SD's scaling."""
+def sdxl_unet_config() -> dict:
+    """The tiny SDXL U-Net: 3 levels x 2 resnets, attention (depth 1, 2) below level 0."""
+    channels = (32, 64, 64)
+    pooled = text_encoder_2_config()["projection_dim"]
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=channels,
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=text_encoder_config("sdxl")["hidden_size"] + text_encoder_2_config()["hidden_size"],
+        attention_head_dim=tuple(max(1, c // 64) for c in channels),
+        use_linear_projection=True,
+        norm_num_groups=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=pooled + 6 * SDXL_TIME_EMBED_DIM,
+    )
+
+
+def vae_config(kind: Kind = "sd1") -> dict:
+    """AutoencoderKL kwargs: four blocks (8x downsampling) of 32 channels, SD's (or SDXL's) scaling."""
     return dict(
         in_channels=3,
         out_channels=3,
@@ -82,14 +126,14 @@ def vae_config() -> dict:
         latent_channels=4,
         norm_num_groups=32,
         sample_size=64,
-        scaling_factor=0.18215,
+        scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
     )
 
 
 def build_tiny_components(kind: Kind, seed: int = 0) -> TinyComponents:
     """Build the tiny networks of `kind` with weights drawn from `seed` (fp32, eval mode)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
@@ -98,10 +142,13 @@ def build_tiny_components(kind: Kind, seed: int = 0) -> TinyComponents:
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(kind)))
         unet = UNet2DConditionModel(**unet_config(kind))
-        vae = AutoencoderKL(**vae_config())
+        vae = AutoencoderKL(**vae_config(kind))
+        text_encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2_config()))
+                          if kind == "sdxl" else None)
+        modules = [m for m in (text_encoder, unet, vae, text_encoder_2) if m is not None]
         # Default inits leave some layers (zero-initialised outputs) inert; give every
         # parameter a small random value so every weight matters in equality tests.
-        for module in (text_encoder, unet, vae):
+        for module in modules:
             with torch.no_grad():
                 for name, param in module.named_parameters():
                     if name.endswith("weight") and param.ndim == 1:  # norms: near 1
@@ -113,9 +160,9 @@ def build_tiny_components(kind: Kind, seed: int = 0) -> TinyComponents:
                         param.copy_(torch.randn_like(param) / fan_in**0.5)
     finally:
         torch.random.set_rng_state(generator_state)
-    for module in (text_encoder, unet, vae):
+    for module in modules:
         module.eval().requires_grad_(False)
-    return TinyComponents(kind, text_encoder, unet, vae)
+    return TinyComponents(kind, text_encoder, unet, vae, text_encoder_2)
 
 
 #: Hint-encoder widths of the tiny ControlNets: four widths, so three stride-2 convs take

@@ -1,11 +1,12 @@
-"""Write the tiny SD1 / SD2 / SD2-v models (`library.models.tiny`) in the real file layouts.
+"""Write the tiny SD1 / SD2 / SD2-v / SDXL models (`library.models.tiny`) in the real file layouts.
 
 The demo model that `gen_img.py` uses without `--ckpt` and the test fixtures come from here;
 `tools/make_tiny_model.py` is the command line over it.
 
 For each kind it writes `tiny-<kind>.safetensors` (one file, original LDM key layout, as
 downloaded from model sites) and `tiny-<kind>/` (a Diffusers folder with unet/, vae/,
-text_encoder/, tokenizer/, scheduler/) holding the same weights; plus `tiny-vae.safetensors`,
+text_encoder/, tokenizer/, scheduler/; SDXL's also text_encoder_2/, tokenizer_2/) holding the
+same weights (SDXL's single file is in Stability AI's layout, `conditioner.embedders.*`); plus `tiny-vae.safetensors`,
 a separate VAE with other weights (for `--vae`). The files that go with a model but are read
 by later stages (an embedding, a LoRA) are written by `tools/make_tiny_model.py`
 (`write_tiny_extras`). The v-prediction file carries a `v_pred`
@@ -44,9 +45,10 @@ def make_tiny_models(outdir: Path, kinds: tuple[Kind, ...] = KINDS) -> dict[str,
             from library.models.tokenizer import load_tokenizer
 
             c = build_tiny_components(kind, seed=0)
-            save_single_file(c.text_encoder, c.unet, c.vae, kind, single)
-            tokenizer = load_tokenizer("sd1" if kind == "sd1" else "sd2")
-            save_diffusers_folder(c.text_encoder, tokenizer, c.unet, c.vae, kind, folder)
+            save_single_file(c.text_encoder, c.unet, c.vae, kind, single, text_encoder_2=c.text_encoder_2)
+            tokenizer = load_tokenizer("sd1" if kind in ("sd1", "sdxl") else "sd2")
+            tokenizer_2 = load_tokenizer("sdxl-2") if kind == "sdxl" else None
+            save_diffusers_folder(c.text_encoder, tokenizer, c.unet, c.vae, kind, folder, c.text_encoder_2, tokenizer_2)
         paths[kind], paths[f"{kind}-diffusers"] = single, folder
     vae_path = outdir / "tiny-vae.safetensors"
     if not vae_path.is_file():

@@ -1,19 +1,23 @@
-"""The CLIP tokenizer for Stable Diffusion 1.x / 2.x, built offline from files shipped with the project.
+"""The CLIP tokenizers for Stable Diffusion 1.x / 2.x / XL, built offline from files shipped with the project.
 
 `load_tokenizer(kind)` returns a Hugging Face `CLIPTokenizer` whose token ids are those of
 `openai/clip-vit-large-patch14` (SD1's text encoder; SD2's OpenCLIP ViT-H uses the same
 vocabulary): ``<|startoftext|>`` 49406, ``<|endoftext|>`` 49407, 49,408 tokens, 48,894 merges,
-77 tokens a sequence. The vocabulary lives in `library/models/clip_tokenizer/` (made by
+77 tokens a sequence. SDXL has two tokenizers over that same vocabulary: kind ``"sdxl"`` is
+its CLIP ViT-L one (as SD1's), kind ``"sdxl-2"`` its OpenCLIP ViT-bigG one (``!`` pads, as
+SD2's). The vocabulary lives in `library/models/clip_tokenizer/` (made by
 `tools/build_clip_vocab.py`), so nothing is downloaded.
 
 Where the tokenizer comes from, first match wins:
 
-1. ``<diffusers_dir>/tokenizer/`` when a Diffusers model folder is given and has one: its
-   files are used as they are (vocabulary, special tokens, padding);
+1. ``<diffusers_dir>/tokenizer/`` (``tokenizer_2/`` for ``"sdxl-2"``) when a Diffusers model
+   folder is given and has one: its files are used as they are (vocabulary, special tokens,
+   padding);
 2. ``<cache_dir>/<name>/`` (the ``--tokenizer_cache_dir`` option) when it holds a saved
    tokenizer; ``<name>`` is ``openai_clip-vit-large-patch14`` for SD1 and
-   ``stabilityai_stable-diffusion-2`` for SD2, the folder names the original `gen_img.py` uses,
-   so its caches are reused;
+   ``stabilityai_stable-diffusion-2`` for SD2 and ``laion_CLIP-ViT-bigG-14-laion2B-39B-b160k``
+   for SDXL's second tokenizer, the folder names the original `gen_img.py` uses, so its
+   caches are reused;
 3. the shipped vocabulary, saved into ``<cache_dir>/<name>/`` when a cache folder is given.
 
 Decisions, each tested in `tests/models/test_tokenizer.py`:
@@ -60,12 +64,17 @@ BOS_ID = 49406
 EOS_ID = 49407
 VOCAB_SIZE = 49408
 MAX_LENGTH = 77
-#: Pad token per tokenizer family: SD1 pads with the end token, SD2 with "!" (id 0).
-PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": "!"}
-PAD_IDS = {"sd1": EOS_ID, "sd2": 0}
+#: Pad token per tokenizer family: SD1 (and SDXL's CLIP ViT-L) pads with the end token, SD2
+#: and SDXL's bigG with "!" (id 0).
+PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": "!", "bigg": "!"}
+PAD_IDS = {"sd1": EOS_ID, "sd2": 0, "bigg": 0}
 #: Sub-folder of ``cache_dir`` per family: the original tool's names (hub path, "/" -> "_").
-CACHE_NAMES = {"sd1": "openai_clip-vit-large-patch14", "sd2": "stabilityai_stable-diffusion-2"}
-_FAMILIES = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2"}
+CACHE_NAMES = {"sd1": "openai_clip-vit-large-patch14", "sd2": "stabilityai_stable-diffusion-2",
+               "bigg": "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"}
+#: Model kind -> tokenizer family; SDXL's second tokenizer is kind "sdxl-2".
+_FAMILIES = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sd1", "sdxl-2": "bigg"}
+#: Sub-folder of a Diffusers model folder holding the tokenizer of a family.
+_SUBFOLDERS = {"bigg": "tokenizer_2"}
 
 
 def clean_text(text: str) -> str:
@@ -129,7 +138,7 @@ def _clean_any(text: Any) -> Any:
 
 
 def _family(kind: str) -> str:
-    """The tokenizer family ("sd1" or "sd2") of a model kind; ValueError for an unknown kind (a bug)."""
+    """The tokenizer family ("sd1", "sd2", "bigg") of a model kind; ValueError for an unknown kind (a bug)."""
     try:
         return _FAMILIES[kind]
     except KeyError:
@@ -137,7 +146,7 @@ def _family(kind: str) -> str:
 
 
 def build_tokenizer(kind: str) -> SDCLIPTokenizer:
-    """A new tokenizer for ``kind`` ("sd1", "sd2", "sd2-v") from the shipped vocabulary.
+    """A new tokenizer for ``kind`` ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-2") from the shipped vocabulary.
 
     The file paths go straight to the `tokenizers` backend, which reads them in Rust: about
     30 ms, against 45 ms (up to 0.15 s when Python's garbage collector runs meanwhile) for
@@ -184,24 +193,28 @@ def _load_from_cache(folder: Path, family: str) -> SDCLIPTokenizer:
     tokenizer = _load_folder(folder, fix)
     if tokenizer.pad_token_id != PAD_IDS[family]:
         raise UserError(
-            f"{folder}: cached tokenizer pads with id {tokenizer.pad_token_id}, an {family.upper()} tokenizer "
+            f"{folder}: cached tokenizer pads with id {tokenizer.pad_token_id}, {_FAMILY_TEXT[family]} "
             f"pads with {PAD_IDS[family]}; {fix}"
         )
     return tokenizer
 
 
-def load_tokenizer(kind: str, diffusers_dir: Path | None = None, cache_dir: Path | None = None) -> SDCLIPTokenizer:
-    """The CLIP tokenizer for a model of ``kind`` ("sd1", "sd2" or "sd2-v"), without network.
+_FAMILY_TEXT = {"sd1": "an SD1 tokenizer", "sd2": "an SD2 tokenizer", "bigg": "SDXL's second (bigG) tokenizer"}
 
-    ``diffusers_dir``: a Diffusers model folder; its ``tokenizer/`` sub-folder, when present,
-    is loaded as it is. ``cache_dir`` (``--tokenizer_cache_dir``): a tokenizer saved there for
+
+def load_tokenizer(kind: str, diffusers_dir: Path | None = None, cache_dir: Path | None = None) -> SDCLIPTokenizer:
+    """The CLIP tokenizer for a model of ``kind`` ("sd1", "sd2", "sd2-v", "sdxl" or SDXL's
+    second, "sdxl-2"), without network.
+
+    ``diffusers_dir``: a Diffusers model folder; its ``tokenizer/`` sub-folder (SDXL's second:
+    ``tokenizer_2/``), when present, is loaded as it is. ``cache_dir`` (``--tokenizer_cache_dir``): a tokenizer saved there for
     this kind is loaded; otherwise the shipped one is built and saved there for later runs.
     A folder whose contents cannot be loaded raises `UserError`. Each call returns a new
     tokenizer object. See the module docstring for how text is tokenized.
     """
     family = _family(kind)
     if diffusers_dir is not None:
-        folder = Path(diffusers_dir) / "tokenizer"
+        folder = Path(diffusers_dir) / _SUBFOLDERS.get(family, "tokenizer")
         if folder.is_dir():
             logger.debug("tokenizer: from the Diffusers folder %s", folder)
             return _load_folder(folder, f"repair or remove {folder} to use the built-in CLIP tokenizer")

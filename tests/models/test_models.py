@@ -14,23 +14,34 @@ from library.errors import UserError
 from library.models import load_model
 from library.models.loader import text_model
 
-KINDS = ["sd1", "sd2", "sd2-v"]
+KINDS = ["sd1", "sd2", "sd2-v", "sdxl"]
 
 
 def _outputs(model) -> dict[str, torch.Tensor]:
-    """Text-encoder hidden states, U-Net and VAE outputs on fixed inputs."""
+    """Text-encoder hidden states (SDXL: both encoders', and bigG's pooled projection), U-Net
+    and VAE outputs on fixed inputs."""
     g = torch.Generator().manual_seed(0)
     ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [model.tokenizer.pad_token_id] * 70])
     x = torch.randn(1, 4, 8, 8, generator=g)
     h = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=g)
+    added = None
+    if model.text_encoder_2 is not None:
+        width = model.unet.config.projection_class_embeddings_input_dim
+        pooled = model.text_encoder_2.config.projection_dim
+        added = {"text_embeds": torch.randn(1, pooled, generator=g),
+                 "time_ids": torch.rand(1, (width - pooled) // model.unet.config.addition_time_embed_dim, generator=g) * 1024}
     with torch.no_grad():
         hidden = model.text_encoder(ids, output_hidden_states=True).hidden_states
-        return {
+        out = {
             "te": torch.stack(hidden),
-            "unet": model.unet(x, 500, h).sample,
+            "unet": model.unet(x, 500, h, added_cond_kwargs=added).sample,
             "vae_dec": model.vae.decode(x).sample,
             "vae_enc": model.vae.encode(torch.rand(1, 3, 32, 32, generator=g) * 2 - 1).latent_dist.mean,
         }
+        if model.text_encoder_2 is not None:
+            te2 = model.text_encoder_2(ids, output_hidden_states=True)
+            out.update(te2=torch.stack(te2.hidden_states), pooled=te2.text_embeds)
+        return out
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -54,12 +65,14 @@ def test_folder_load_prints_no_progress_bar(tiny_models, capsys):
     assert hf_logging.is_progress_bar_enabled()  # switched off only while loading
 
 
-@pytest.mark.parametrize("kind,family,v", [("sd1", "sd1", False), ("sd2", "sd2", False), ("sd2-v", "sd2", True)])
+@pytest.mark.parametrize("kind,family,v", [("sd1", "sd1", False), ("sd2", "sd2", False), ("sd2-v", "sd2", True),
+                                           ("sdxl", "sdxl", False)])
 def test_kind_is_detected_without_flags(tiny_models, kind, family, v):
     for path in (tiny_models[kind], tiny_models[f"{kind}-diffusers"]):
         model = load_model(str(path))
         assert (model.kind.family, model.kind.v_prediction) == (family, v)
-        assert model.kind.default_clip_skip == (2 if family == "sd2" else 1)
+        assert model.kind.default_clip_skip == (1 if family == "sd1" else 2)
+        assert (model.text_encoder_2 is None, model.tokenizer_2 is None) == (family != "sdxl",) * 2
 
 
 def test_v_parameterization_flag_wins_and_yaml_beside_file_is_read(tiny_models, tmp_path):
@@ -195,7 +208,7 @@ def test_bad_inputs_are_one_line_user_errors(tiny_models, tmp_path):
         str(tmp_path / "missing.safetensors"): r"missing\.safetensors: no such file or folder",
         "nobody/no-such-model": r"nobody/no-such-model: no such file or folder, and not in the local Hugging Face cache",
         "nobody/model.safetensors": r"nobody/model\.safetensors: no such file or folder$",
-        str(not_sd): r"other\.safetensors: not a Stable Diffusion 1\.x/2\.x checkpoint",
+        str(not_sd): r"other\.safetensors: not a Stable Diffusion 1\.x/2\.x/XL checkpoint",
     }
     for ckpt, pattern in cases.items():
         with pytest.raises(UserError, match=pattern) as info:
