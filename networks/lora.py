@@ -129,7 +129,7 @@ class LoRANetwork:
         self.metadata: dict[str, str] = dict(metadata or {})
         self.source = source
         self.modules: list[LoRAModule] = [LoRAModule(self, t, a) for t, a in modules.items()]
-        self.text_encoder_loras = [m for m in self.modules if m.target.component == "text_encoder"]
+        self.text_encoder_loras = [m for m in self.modules if m.target.component != "unet"]
         self.unet_loras = [m for m in self.modules if m.target.component == "unet"]
         self._applied = False  # apply_to() or use_unmerged() called and not removed
         self._owner_hooked = False  # use_unmerged(): the patch owner hooks the layers per batch
@@ -149,7 +149,7 @@ class LoRANetwork:
             m
             for m in self.modules
             if (m.target.component == "unet" and self._apply_unet)
-            or (m.target.component == "text_encoder" and self._apply_te)
+            or (m.target.component != "unet" and self._apply_te)
         ]
 
     def is_mergeable(self) -> bool:
@@ -278,13 +278,13 @@ class LoRANetwork:
                 f"mode={self.mode})")
 
 
-def _single(model: Any) -> nn.Module | None:
-    """kohya passes text encoders as a list for SDXL; SD1/2 have exactly one."""
+def _encoders(model: Any) -> tuple[nn.Module | None, nn.Module | None]:
+    """(first, second) text encoder: kohya passes SDXL's two as a list, SD1/2's one alone."""
     if isinstance(model, (list, tuple)):
-        if len(model) > 1:
-            logger.warning("only the first of %d text encoders is used", len(model))
-        return model[0] if model else None
-    return model
+        if len(model) > 2:
+            raise ValueError(f"at most two text encoders, got {len(model)}")
+        return (model[0] if model else None), (model[1] if len(model) == 2 else None)
+    return model, None
 
 
 def create_network_from_weights(
@@ -298,6 +298,8 @@ def create_network_from_weights(
     **network_args: Any,
 ) -> LoRANetwork:
     """Load a LoRA / LyCORIS file (or `weights_sd`) for `text_encoder` + `unet`.
+
+    `text_encoder` is one encoder (SD1/2) or SDXL's two as a list, kohya's convention.
 
     `vae` and `for_inference` exist for kohya's call signature (this network is always an
     inference network; the VAE is never patched). `network_args` are ignored, with a warning.
@@ -314,14 +316,15 @@ def create_network_from_weights(
         if file is None:
             raise UserError("no LoRA file given; pass one with --network_weights")
         weights_sd, metadata = read_lora_file(file)
-    table = TargetTable(_single(text_encoder), unet)
+    first, second = _encoders(text_encoder)
+    table = TargetTable(first, unet, second)
     try:
         parsed = parse_state_dict(weights_sd, table)
     except LayerMismatch as exc:
         raise UserError(
             f"LoRA file {label} is for a different base model: layer {exc.target.name} has weight "
             f"{list(exc.target.weight_shape)} but the file's {exc.detail} does not fit it; "
-            "use a LoRA trained for this model (SD1.x and SD2.x LoRAs are not interchangeable)"
+            "use a LoRA trained for this model (SD1.x, SD2.x and SDXL LoRAs are not interchangeable)"
         ) from exc
     if not parsed.adapters:
         if parsed.lora_like_keys:

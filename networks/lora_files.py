@@ -28,15 +28,17 @@ def random_kohya_state_dict(
     alpha: float | None = None,
     conv: bool = False,
     dtype: torch.dtype = torch.float32,
+    text_encoder_2: nn.Module | None = None,
 ) -> dict[str, Tensor]:
-    """Kohya keys with random ``lora_down`` / ``lora_up`` for every default target.
+    """Kohya keys with random ``lora_down`` / ``lora_up`` for every default target (SDXL:
+    with `text_encoder_2`, ``lora_te1_`` / ``lora_te2_`` keys for the two encoders).
 
     Conv layers get a k x k ``lora_down`` and a 1x1 ``lora_up`` (LoCon). `alpha` None writes
     no alpha keys (the loader then uses alpha = rank).
     """
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, Tensor] = {}
-    for target in sorted(default_targets(text_encoder, unet, conv=conv), key=lambda t: t.name):
+    for target in sorted(default_targets(text_encoder, unet, conv, text_encoder_2), key=lambda t: t.name):
         shape = target.weight_shape
         r = min(rank, shape[0], shape[1])
         fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
@@ -59,6 +61,7 @@ def write_kohya_lora(
     alpha: float | None = None,
     conv: bool = False,
     dtype: torch.dtype = torch.float32,
+    text_encoder_2: nn.Module | None = None,
 ) -> dict[str, Tensor]:
     """Write a kohya-format ``.safetensors`` LoRA for the given models; return its tensors.
 
@@ -66,7 +69,7 @@ def write_kohya_lora(
     MLP; with `conv` also the resnet / down / upsample convs). Metadata carries the usual
     ``ss_network_*`` fields so ``--network_show_meta`` has something to show.
     """
-    state = random_kohya_state_dict(text_encoder, unet, rank, seed, alpha, conv, dtype)
+    state = random_kohya_state_dict(text_encoder, unet, rank, seed, alpha, conv, dtype, text_encoder_2)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),

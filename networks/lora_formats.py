@@ -5,7 +5,7 @@ Accepted key layouts (all converted to our targets through `TargetTable`):
 * kohya / LyCORIS: ``<kohya name>.<param>`` with the name in diffusers or LDM spelling and
   params ``lora_down.weight``, ``lora_up.weight``, ``lora_mid.weight``, ``alpha``,
   ``hada_w1_a`` ... ``hada_t2``, ``lokr_w1`` ... ``lokr_t2``, ``diff``, ``dora_scale``;
-* diffusers / PEFT: ``[unet.|text_encoder.][base_model.model.]<module path>.<param>`` with
+* diffusers / PEFT: ``[unet.|text_encoder.|text_encoder_2.][base_model.model.]<module path>.<param>`` with
   params ``lora_A[.adapter].weight`` / ``lora_B[...]`` (PEFT), ``lora.down.weight`` /
   ``lora.up.weight`` (diffusers LoRACompatible layers), ``lora_linear_layer.down.weight``
   (diffusers text encoder), ``processor.to_q_lora.down.weight`` (diffusers attention
@@ -54,8 +54,11 @@ _PROCESSOR = re.compile(r"^(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_o
 _COMPONENT_PREFIXES: tuple[tuple[str, Component], ...] = (
     ("unet.", "unet"),
     ("text_encoder.", "text_encoder"),
+    ("text_encoder_2.", "text_encoder_2"),
     ("lora_unet.", "unet"),
     ("lora_te.", "text_encoder"),
+    ("lora_te1.", "text_encoder"),
+    ("lora_te2.", "text_encoder_2"),
 )
 
 #: Words that mark a key as LoRA-like even when it names no layer of this model.

@@ -51,8 +51,34 @@ def check_inputs(options: Options) -> None:
 
         read_styles(options.dialect.styles)
     check_network_modules(options.networks.modules)
+    check_model_families(options)
     check_guidance_models(options.guidance)
     check_outdir(options.output.outdir)
+
+
+def check_model_families(options: Options) -> None:
+    """An SDXL LoRA / embedding with an SD 1.x/2.x checkpoint, or the reverse, where the files'
+    headers tell (`library.models.family_headers`; nothing but headers and configs is read)."""
+    from library.models.checkpoint import resolve_model_path
+    from library.models.family_headers import checkpoint_family, embedding_generation, lora_generation
+
+    if not options.load.ckpt:
+        return
+    family = checkpoint_family(resolve_model_path(options.load.ckpt))
+    if family is None:
+        return
+    model = "an SDXL" if family == "sdxl" else f"an SD {family[2]}.x"
+    wanted = "SDXL" if family == "sdxl" else "SD 1.x/2.x"
+    kinds = (("--network_weights", "LoRA", options.networks.weights, lora_generation),
+             ("--textual_inversion_embeddings", "embedding", options.text.textual_inversion_embeddings,
+              embedding_generation))
+    for option, what, paths, generation in kinds:
+        for path in paths:
+            found = generation(Path(path))
+            if found is not None and (found == "sdxl") != (family == "sdxl"):
+                made_for = "an SDXL" if found == "sdxl" else "an SD 1.x/2.x"
+                raise UserError(f"{option} {path}: {made_for} {what}, but --ckpt {options.load.ckpt} is {model} "
+                                f"model; use {'an' if what == 'embedding' else 'a'} {what} made for {wanted}")
 
 
 def check_prompt_source(rounds: RoundOptions) -> None:

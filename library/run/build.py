@@ -205,7 +205,7 @@ def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder:
     from library.text.embeddings import load_embeddings
 
     embeddings = load_embeddings(list(options.textual_inversion_embeddings), list(options.xti_embeddings),
-                                 model.text_encoder, model.unet)
+                                 model.text_encoder, model.unet, text_encoder_2=model.text_encoder_2)
     return PromptEncoder(
         model.tokenizer,
         model.text_encoder,

@@ -12,7 +12,14 @@ File formats read (`--textual_inversion_embeddings`):
 * any of those holding a single tensor (Diffusers' ``learned_embeds.bin`` is ``{"<token>": tensor[width]}``).
 
 Pickles are read with ``torch.load(weights_only=True)``, so a file that wants to run code is
-refused. SDXL embeddings (``clip_l``/``clip_g``) are refused with a clear message.
+refused.
+
+SDXL embeddings hold two tensors, ``clip_l`` (for CLIP ViT-L, 768 wide on SDXL) and ``clip_g``
+(for OpenCLIP bigG, 1280 wide), with the same number of vectors. The prompt word is the same
+for both tokenizers and gets the same private ids in both; each encoder looks them up in its
+own table (`EmbeddingSet.for_encoder(1)` is the view for the second encoder). An SDXL
+embedding on SD 1.x/2.x and a single-encoder embedding on SDXL are refused with one line;
+XTI exists for SD 1.x/2.x only.
 
 XTI files (`--XTI_embeddings`) hold one ``[N, width]`` tensor per U-Net cross-attention layer,
 keyed by the layer's name in the original (LDM) layout: ``IN01``, ``IN02``, ``IN04``, ... ,
@@ -60,6 +67,7 @@ class Embedding:
     path: Path
     vectors: torch.Tensor | None = None  # (N, width), float32
     layers: dict[str, torch.Tensor] | None = None  # layer name -> (N, width), float32
+    vectors_2: torch.Tensor | None = None  # SDXL's second encoder (clip_g): (N, width 2), float32
 
     @property
     def size(self) -> int:
@@ -68,8 +76,13 @@ class Embedding:
             return int(self.vectors.shape[0])
         return int(next(iter(self.layers.values())).shape[0])
 
-    def vectors_for(self, layer: str | None) -> torch.Tensor:
-        """The vectors used for U-Net layer `layer` (TI: the same for every layer)."""
+    def vectors_for(self, layer: str | None, encoder: int = 0) -> torch.Tensor:
+        """The vectors used for U-Net layer `layer` (TI: the same for every layer) by text
+        encoder `encoder` (1: SDXL's second, which takes `vectors_2`)."""
+        if encoder == 1:
+            if self.vectors_2 is None:
+                raise ValueError(f"embedding {self.name!r} has no vectors for a second text encoder")
+            return self.vectors_2
         if self.layers is None:
             return self.vectors
         if layer is None:
@@ -83,12 +96,14 @@ class EmbeddingSet:
 
     `base_vocab` is the text encoder's vocabulary size; embedding k's vectors get the ids
     ``base_vocab + offset_k ... base_vocab + offset_k + N_k - 1``. `layer_names` is the U-Net's
-    cross-attention layer order (XTI only; empty without XTI).
+    cross-attention layer order (XTI only; empty without XTI). `encoder` is the text encoder
+    whose vectors `installed` puts in (1: SDXL's second; see `for_encoder`).
     """
 
     base_vocab: int
     embeddings: list[Embedding] = field(default_factory=list)
     layer_names: tuple[str, ...] = ()
+    encoder: int = 0
     _ids: dict[str, tuple[int, ...]] = field(default_factory=dict, init=False, repr=False)
     _pattern: re.Pattern | None = field(default=None, init=False, repr=False)
     _tables: dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
@@ -134,6 +149,13 @@ class EmbeddingSet:
             parts.append(text[position:])
         return parts
 
+    def for_encoder(self, encoder: int) -> EmbeddingSet:
+        """This set for text encoder `encoder` (0 or SDXL's second, 1): the same words and ids,
+        that encoder's vectors."""
+        if encoder == self.encoder:
+            return self
+        return EmbeddingSet(self.base_vocab, self.embeddings, self.layer_names, encoder)
+
     def is_xti_id(self, token: int) -> bool:
         """Whether `token` belongs to an XTI embedding (its vector differs per layer)."""
         return token in self._xti_ids
@@ -143,7 +165,7 @@ class EmbeddingSet:
         key = (layer, dtype, device)
         cached = self._tables.get(key)
         if cached is None:
-            rows = [emb.vectors_for(layer) for emb in self.embeddings]
+            rows = [emb.vectors_for(layer, self.encoder) for emb in self.embeddings]
             cached = torch.cat(rows).to(device=device, dtype=dtype)
             self._tables[key] = cached
         return cached
@@ -190,14 +212,25 @@ def load_embeddings(
     xti_files: Sequence[str] | None,
     text_encoder: torch.nn.Module,
     unet: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> EmbeddingSet | None:
-    """The EmbeddingSet of `--textual_inversion_embeddings` and `--XTI_embeddings` (None if both empty)."""
+    """The EmbeddingSet of `--textual_inversion_embeddings` and `--XTI_embeddings` (None if both empty).
+
+    With `text_encoder_2` (SDXL) every file must be an SDXL embedding (``clip_l`` + ``clip_g``);
+    the set is the first encoder's, `for_encoder(1)` the second's.
+    """
     ti_files, xti_files = list(ti_files or []), list(xti_files or [])
     if not ti_files and not xti_files:
         return None
     token_embedding = text_model(text_encoder).embeddings.token_embedding
     width = token_embedding.embedding_dim
-    loaded = [load_textual_inversion(f, width) for f in ti_files]
+    if text_encoder_2 is not None:
+        if xti_files:
+            raise UserError(f"{XTI_OPTION} {xti_files[0]}: XTI embeddings work with SD 1.x/2.x only, not SDXL")
+        width_2 = text_model(text_encoder_2).embeddings.token_embedding.embedding_dim
+        loaded = [load_sdxl_embedding(f, width, width_2) for f in ti_files]
+    else:
+        loaded = [load_textual_inversion(f, width) for f in ti_files]
     layer_names: tuple[str, ...] = ()
     if xti_files:
         from library.models.unet_blocks import cross_attention_layer_names
@@ -220,6 +253,23 @@ def load_textual_inversion(file: str | Path, width: int) -> Embedding:
     vectors = _as_matrix(_ti_tensor(data, path), path, TI_OPTION)
     _check_width(vectors, width, path, TI_OPTION)
     return Embedding(path.stem, path, vectors=vectors)
+
+
+def load_sdxl_embedding(file: str | Path, width: int, width_2: int) -> Embedding:
+    """An SDXL embedding (``clip_l`` `width` wide, ``clip_g`` `width_2` wide, as many vectors)."""
+    path = _existing(file, TI_OPTION)
+    data = read_embedding_file(path, TI_OPTION)
+    if "clip_l" not in data or "clip_g" not in data:
+        raise UserError(f"{TI_OPTION} {path}: not an SDXL embedding (no clip_l and clip_g tensors); "
+                        "SDXL needs an embedding trained for SDXL")
+    first = _as_matrix(data["clip_l"], path, TI_OPTION)
+    second = _as_matrix(data["clip_g"], path, TI_OPTION)
+    _check_width(first, width, path, TI_OPTION)
+    _check_width(second, width_2, path, TI_OPTION)
+    if first.shape[0] != second.shape[0]:
+        raise UserError(f"{TI_OPTION} {path}: clip_l holds {first.shape[0]} vectors but clip_g {second.shape[0]}; "
+                        "damaged file?")
+    return Embedding(path.stem, path, vectors=first, vectors_2=second)
 
 
 def load_xti(file: str | Path, width: int, layer_names: Sequence[str]) -> Embedding:
@@ -308,7 +358,8 @@ def _check_width(vectors: torch.Tensor, width: int, path: Path, option: str) -> 
     if vectors.shape[1] != width:
         raise UserError(
             f"{option} {path}: its vectors are {vectors.shape[1]} wide but this model's text encoder takes "
-            f"{width}; use an embedding trained for this model family (SD 1.x: 768, SD 2.x: 1024)"
+            f"{width}; use an embedding trained for this model family (SD 1.x: 768, SD 2.x: 1024, "
+            "SDXL: clip_l 768 and clip_g 1280)"
         )
 
 
@@ -341,6 +392,15 @@ def write_embedding(path: str | Path, vectors: torch.Tensor, fmt: EmbeddingForma
         torch.save({f"<{path.stem}>": vectors}, path)
     else:
         raise ValueError(f"unknown embedding format {fmt!r}; expected pt, safetensors or bin")
+    return path
+
+
+def write_sdxl_embedding(path: str | Path, clip_l: torch.Tensor, clip_g: torch.Tensor) -> Path:
+    """Write an SDXL embedding: a safetensors file with `clip_l` and `clip_g` tensors."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file({"clip_l": clip_l.detach().contiguous(), "clip_g": clip_g.detach().contiguous()}, str(path))
     return path
 
 
