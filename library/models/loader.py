@@ -136,12 +136,15 @@ def load_model(
             diffusers_dir = None
         _check_family_flags(path, family, v1, v2, sdxl)
         v_pred = _decide_v_prediction(v_parameterization, v_pred_source)
+        wanted_vae_dtype = safe_vae_dtype(family, vae_dtype or dtype)
+        if wanted_vae_dtype != (vae_dtype or dtype):
+            logger.info("SDXL's VAE overflows in float16 (NaN or black images): it runs in float32")
         if vae is not None:
-            vae_model = load_vae(vae, dtype, vae_encoder)
+            vae_model = load_vae(vae, wanted_vae_dtype, vae_encoder)
             if family == "sdxl":  # a VAE file cannot tell its scale; SDXL's latents use SDXL's
                 vae_model.register_to_config(scaling_factor=SDXL_VAE_SCALE)
-        if vae_model.dtype != (vae_dtype or dtype):
-            vae_model = vae_model.to(dtype=vae_dtype or dtype)
+        if vae_model.dtype != wanted_vae_dtype:
+            vae_model = vae_model.to(dtype=wanted_vae_dtype)
         kind = ModelKind(family, v_pred)
         logger.info("model %s: %s", path.name, kind.name)
         tokenizer = load_tokenizer(family, diffusers_dir=diffusers_dir, cache_dir=tokenizer_cache_dir)
@@ -202,6 +205,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, background: contextlib.Exi
     except DetectionError as exc:
         raise UserError(f"{path}: not a Stable Diffusion 1.x/2.x/XL checkpoint ({exc})") from None
     logger.debug("detected %s", spec)
+    vae_dtype = safe_vae_dtype(spec.family, vae_dtype)
     unet, vae, te = build_from_ldm(sd, spec, dtype, path, pages, vae_dtype, lazy_encoder, with_vae)
     te2 = None
     if spec.text_encoder_2 is not None:
@@ -473,6 +477,12 @@ def load_vae(spec: str, dtype: torch.dtype, encoder: VaeEncoder = "eager") -> to
 
 
 # --- decisions ----------------------------------------------------------------------------
+
+
+def safe_vae_dtype(family: Family, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE runs in: `dtype`, except float32 for SDXL's VAE in float16, whose
+    activations overflow float16 (NaN or black images); bfloat16 has float32's range and stays."""
+    return torch.float32 if family == "sdxl" and dtype == torch.float16 else dtype
 
 
 def _check_family_flags(path: Path, family: Family, v1: bool, v2: bool, sdxl: bool = False) -> None:

@@ -65,3 +65,59 @@ def test_family_flags_name_the_kind_found(tiny_models):
     assert load_model(str(tiny_models["sdxl"]), sdxl=True).kind.family == "sdxl"
     with pytest.raises(UserError, match="^--v2 and --sdxl contradict each other; give at most one$"):
         load_model(str(tiny_models["sdxl"]), v2=True, sdxl=True)
+
+
+def test_sdxl_vae_runs_in_fp32_when_the_run_is_fp16_with_one_log_line(tiny_models, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="library.models.loader"):
+        half = load_model(str(tiny_models["sdxl"]), dtype=torch.float16)
+    assert (half.unet.dtype, half.vae.dtype, half.text_encoder_2.dtype) == (torch.float16, torch.float32, torch.float16)
+    notes = [r.getMessage() for r in caplog.records if "overflows in float16" in r.getMessage()]
+    assert notes == ["SDXL's VAE overflows in float16 (NaN or black images): it runs in float32"]
+    assert load_model(str(tiny_models["sdxl"]), dtype=torch.bfloat16).vae.dtype == torch.bfloat16
+    assert load_model(str(tiny_models["sdxl-diffusers"]), dtype=torch.float16).vae.dtype == torch.float32
+    assert load_model(str(tiny_models["sd1"]), dtype=torch.float16).vae.dtype == torch.float16
+
+
+def test_separate_vae_on_sdxl_takes_sdxl_scale_and_fp32_in_fp16_runs(tiny_models):
+    from library.models.loader import load_vae
+
+    model = load_model(str(tiny_models["sdxl"]), vae=str(tiny_models["vae"]), dtype=torch.float16)
+    assert (model.vae.config.scaling_factor, model.vae.dtype) == (0.13025, torch.float32)
+    expected = load_vae(str(tiny_models["vae"]), torch.float32).state_dict()
+    assert all(torch.equal(model.vae.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_v_pred_key_marks_an_sdxl_file_as_v_prediction(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tiny_models["sdxl"]))
+    save_file({**tensors, "v_pred": torch.tensor(1)}, str(tmp_path / "xl-v.safetensors"))
+    assert load_model(str(tmp_path / "xl-v.safetensors")).kind == ModelKind("sdxl", True)
+
+
+def test_full_size_sdxl_layout_is_detected_as_sdxl_base():
+    """Stability AI's SDXL base layout, built on the meta device: every config value that matters."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.models.detect import detect_model
+    from library.models.ldm_export import to_ldm_checkpoint
+    from tests.helpers import CLIP_L, SD_VAE, SDXL_UNET, OPENCLIP_BIGG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**dict(SD_VAE, scaling_factor=0.13025))
+        te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG))
+    ckpt = to_ldm_checkpoint(unet.state_dict(), vae.state_dict(), te1.state_dict(), dict(unet.config), "sdxl",
+                             te2.state_dict())
+    assert "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight" in ckpt
+    assert tuple(ckpt["model.diffusion_model.label_emb.0.0.weight"].shape) == (1280, 2816)
+    spec = detect_model({k: tuple(v.shape) for k, v in ckpt.items()})
+    assert spec.family == "sdxl"
+    assert {k: spec.unet[k] for k in SDXL_UNET} == SDXL_UNET
+    assert {k: spec.text_encoder[k] for k in CLIP_L} == CLIP_L
+    assert {k: spec.text_encoder_2[k] for k in OPENCLIP_BIGG} == OPENCLIP_BIGG
+    assert spec.vae["scaling_factor"] == 0.13025
