@@ -321,10 +321,12 @@ def create_network_from_weights(
     try:
         parsed = parse_state_dict(weights_sd, table)
     except LayerMismatch as exc:
+        families = ("SD1.x/SD2.x LoRAs do not fit SDXL" if table.dual
+                    else "SD1.x and SD2.x LoRAs are not interchangeable")
         raise UserError(
             f"LoRA file {label} is for a different base model: layer {exc.target.name} has weight "
             f"{list(exc.target.weight_shape)} but the file's {exc.detail} does not fit it; "
-            "use a LoRA trained for this model (SD1.x, SD2.x and SDXL LoRAs are not interchangeable)"
+            f"use a LoRA trained for this model ({families})"
         ) from exc
     if not parsed.adapters:
         if parsed.lora_like_keys:

@@ -30,6 +30,7 @@ def convert(src: str, dst: Path, dtype: torch.dtype, vae: str | None = None, v_p
     from library.models.save import save_diffusers_folder, save_single_file
 
     model = load_model(src, vae=vae, dtype=dtype, v_parameterization=v_parameterization)
+    model.vae.to(dtype)  # stored as asked (an SDXL VAE loads in fp32 for fp16 runs)
     family = model.kind.family
     kind = "sd1" if family == "sd1" else family + ("-v" if model.kind.v_prediction else "")
     if dst.suffix.lower() == ".safetensors":

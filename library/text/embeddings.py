@@ -264,8 +264,8 @@ def load_sdxl_embedding(file: str | Path, width: int, width_2: int) -> Embedding
                         "SDXL needs an embedding trained for SDXL")
     first = _as_matrix(data["clip_l"], path, TI_OPTION)
     second = _as_matrix(data["clip_g"], path, TI_OPTION)
-    _check_width(first, width, path, TI_OPTION)
-    _check_width(second, width_2, path, TI_OPTION)
+    _check_width(first, width, path, TI_OPTION, "SDXL: clip_l 768, clip_g 1280")
+    _check_width(second, width_2, path, TI_OPTION, "SDXL: clip_l 768, clip_g 1280")
     if first.shape[0] != second.shape[0]:
         raise UserError(f"{TI_OPTION} {path}: clip_l holds {first.shape[0]} vectors but clip_g {second.shape[0]}; "
                         "damaged file?")
@@ -354,12 +354,12 @@ def _as_matrix(tensor: torch.Tensor, path: Path, option: str) -> torch.Tensor:
     return matrix.contiguous()
 
 
-def _check_width(vectors: torch.Tensor, width: int, path: Path, option: str) -> None:
+def _check_width(vectors: torch.Tensor, width: int, path: Path, option: str,
+                 hint: str = "SD 1.x: 768, SD 2.x: 1024") -> None:
     if vectors.shape[1] != width:
         raise UserError(
             f"{option} {path}: its vectors are {vectors.shape[1]} wide but this model's text encoder takes "
-            f"{width}; use an embedding trained for this model family (SD 1.x: 768, SD 2.x: 1024, "
-            "SDXL: clip_l 768 and clip_g 1280)"
+            f"{width}; use an embedding trained for this model family ({hint})"
         )
 
 

@@ -268,5 +268,7 @@ def test_unexpected_weights_are_refused():
     del te_sd["encoder.layers.1.self_attn.k_proj.bias"]
     with pytest.raises(UserError, match="incomplete.*layers.1.self_attn.q_proj.bias"):
         open_clip_to_ldm(te_sd)
-    with pytest.raises(ValueError, match="unknown checkpoint kind 'sdxl'"):
+    with pytest.raises(ValueError, match="unknown checkpoint kind 'sd3'"):
+        to_ldm_checkpoint({}, {}, {}, c.unet.config, "sd3")
+    with pytest.raises(ValueError, match="an SDXL checkpoint needs the second text encoder's state dict"):
         to_ldm_checkpoint({}, {}, {}, c.unet.config, "sdxl")

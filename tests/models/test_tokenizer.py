@@ -94,11 +94,11 @@ def test_sd1_pads_with_end_token() -> None:
     assert ids == [49406, 320, 2368, 49407, 49407, 49407, 49407, 49407]
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "sdxl-2"])
 def test_exclamation_marks_are_text_not_padding(kind: str) -> None:
-    """SD2 pads with "!", yet a prompt's "!!!" and "!" keep open-clip's BPE ids (995, 256)."""
+    """SD2 and SDXL's bigG pad with "!", yet a prompt's "!!!" and "!" keep open-clip's BPE ids (995, 256)."""
     tok = load_tokenizer(kind)
-    pad = 0 if kind == "sd2" else 49407
+    pad = 0 if kind in ("sd2", "sdxl-2") else 49407
     ids = tok("wow!!! great!", padding="max_length", max_length=10).input_ids
     assert ids == [49406, 2781, 995, 830, 256, 49407, pad, pad, pad, pad]
     assert tok.tokenize("wow!!! great!") == ["wow</w>", "!!!</w>", "great</w>", "!</w>"]
@@ -154,8 +154,8 @@ def test_loading_is_fast() -> None:
 
 
 def test_unknown_kind() -> None:
-    with pytest.raises(ValueError, match="unknown model kind 'sdxl'"):
-        load_tokenizer("sdxl")
+    with pytest.raises(ValueError, match="unknown model kind 'sd3'"):
+        load_tokenizer("sd3")
 
 
 # --- Diffusers folders -----------------------------------------------------------------------
@@ -237,7 +237,8 @@ def test_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind:
 
 
 def test_cache_names_are_the_original_tools() -> None:
-    assert CACHE_NAMES == {"sd1": "openai_clip-vit-large-patch14", "sd2": "stabilityai_stable-diffusion-2"}
+    assert CACHE_NAMES == {"sd1": "openai_clip-vit-large-patch14", "sd2": "stabilityai_stable-diffusion-2",
+                           "bigg": "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"}
 
 
 def test_cache_holds_both_kinds(tmp_path: Path) -> None:
@@ -346,3 +347,12 @@ def test_builder_rejects_short_file(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert build_clip_vocab.main([str(gz), "--out", str(tmp_path / "out")]) == 2
     assert "needs 48894" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_sdxl_second_tokenizer_is_cached_under_the_original_tools_name(tmp_path) -> None:
+    first = load_tokenizer("sdxl-2", cache_dir=tmp_path)
+    folder = tmp_path / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"
+    assert (folder / "tokenizer.json").is_file()
+    again = load_tokenizer("sdxl-2", cache_dir=tmp_path)
+    assert (first.pad_token_id, again.pad_token_id) == (0, 0)
+    assert again("a cat!", padding="max_length", max_length=8).input_ids == [49406, 320, 2368, 256, 49407, 0, 0, 0]

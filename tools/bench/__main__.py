@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "deep-shrink": ("deep_shrink", "one U-Net call with and without Deep Shrink"),
     "guidance": ("guidance", "CLIP / VGG16 guidance per step: time and peak memory against plain steps"),
     "vae-memory": ("vae_memory", "peak memory of a full-size VAE decode or encode: plain, slices, tiling"),
+    "sdxl": ("sdxl", "SDXL: U-Net s/call against diffusers' StableDiffusionXLPipeline, process wall and peak RSS"),
     "report": ("report", "the figures of record in one run: start-up, peak RSS, U-Net against diffusers"),
 }
 PROG = "python -m tools.bench"
