@@ -8,7 +8,8 @@ checkpoint with fixed random weights (`full_size_sdxl_checkpoint`: SDXL base's s
 fp16, ~6.9 GB, Stability AI's single-file layout). Writing it holds the fp16 tensors in memory
 once (~7 GB); a bf16 run holds the bf16 weights (~7 GB) plus activations.
 
-The measurement runs in a child process, so its wall time (interpreter start to exit) and its
+The checkpoint is written before the measurement starts. The measurement runs in a child
+process, so its wall time (interpreter start to exit) and its
 peak RSS (`ru_maxrss`) are those of a whole run. In the child, `load_model` loads the file
 (with our attention processor, `library.models.attention`), diffusers' `StableDiffusionXLPipeline`
 is built from the very same modules and run for `--steps` steps per size (latents out, no
@@ -124,6 +125,8 @@ def command(args: argparse.Namespace) -> int:
     if args.child is not None:
         args.child.write_text(json.dumps(measure(args)))
         return 0
+    if not (args.ckpt or args.tiny):  # written here, so the measured process only reads it
+        args.ckpt = str(full_size_sdxl_checkpoint(Path(args.cache_dir)))
     with tempfile.TemporaryDirectory(prefix="sdxl-bench-") as scratch:
         out = Path(scratch) / "figures.json"
         argv = [*_passed_on(args), "--child", str(out)]
