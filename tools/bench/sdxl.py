@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -112,6 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_CACHE})")
     parser.add_argument("--json", type=Path, help="write all figures here")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # internal: the measuring process
+    parser.add_argument("--write_only", action="store_true", help=argparse.SUPPRESS)  # internal: the writer
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
@@ -125,18 +126,27 @@ def command(args: argparse.Namespace) -> int:
     if args.child is not None:
         args.child.write_text(json.dumps(measure(args)))
         return 0
-    if not (args.ckpt or args.tiny):  # written here, so the measured process only reads it
-        args.ckpt = str(full_size_sdxl_checkpoint(Path(args.cache_dir)))
+    if args.write_only:
+        full_size_sdxl_checkpoint(Path(args.cache_dir))
+        return 0
+    if not (args.ckpt or args.tiny):  # written first, by a process of its own (it holds ~7 GB)
+        path = Path(args.cache_dir).expanduser() / SDXL_CHECKPOINT_NAME
+        if not path.is_file():
+            subprocess.run(entry_command("sdxl", "--write_only", "--cache_dir", args.cache_dir),
+                           env=child_env(), check=True)
+        args.ckpt = str(path)
     with tempfile.TemporaryDirectory(prefix="sdxl-bench-") as scratch:
         out = Path(scratch) / "figures.json"
         argv = [*_passed_on(args), "--child", str(out)]
         start = time.perf_counter()
-        done = subprocess.run(entry_command("sdxl", *argv), env=child_env(), check=False)
+        child = subprocess.Popen(entry_command("sdxl", *argv), env=child_env())
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (not the writer's)
+        child.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
-        peak = maxrss_gb(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-        if done.returncode != 0:
-            logger.error("the measuring process failed (exit %d)", done.returncode)
-            return done.returncode
+        peak = maxrss_gb(usage.ru_maxrss)
+        if child.returncode != 0:
+            logger.error("the measuring process failed (exit %d)", child.returncode)
+            return child.returncode
         figures = json.loads(out.read_text())
     figures.update(process_wall_s=round(wall, 2), process_peak_rss_gb=round(peak, 2), machine=machine_info())
     print(report(figures))
