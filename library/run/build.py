@@ -116,6 +116,7 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         device=runtime.device,
         v1=options.v1,
         v2=options.v2,
+        sdxl=getattr(options, "sdxl", False),  # --sdxl asserts an SDXL model
         v_parameterization=options.v_parameterization,
         tokenizer_cache_dir=options.tokenizer_cache_dir,
         # PyTorch SDPA unless asked: blocked attention is faster single-threaded, slower with 2 threads
