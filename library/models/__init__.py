@@ -1,4 +1,4 @@
-"""Model loading: any SD 1.x / 2.x checkpoint, offline. See `loader.load_model`.
+"""Model loading: any SD 1.x / 2.x / XL checkpoint, offline. See `loader.load_model`.
 
 The names below load `library.models.loader` (and torch) on first use, so that modules such
 as `library.models.checkpoint` can be used before torch is imported (preflight checks).

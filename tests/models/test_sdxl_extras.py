@@ -54,6 +54,9 @@ def test_embedding_of_the_wrong_generation_is_one_line(tiny_models, tmp_path):
     bad = write_sdxl_embedding(tmp_path / "bad.safetensors", torch.zeros(2, 32), torch.zeros(3, 64))
     with pytest.raises(UserError, match=r"bad\.safetensors: clip_l holds 2 vectors but clip_g 3"):
         load_embeddings([str(bad)], [], c.text_encoder, c.unet, text_encoder_2=c.text_encoder_2)
+    with pytest.raises(UserError, match=r"^--XTI_embeddings x\.safetensors: XTI embeddings work with SD 1\.x/2\.x "
+                                         r"only, not SDXL$"):
+        load_embeddings([], ["x.safetensors"], c.text_encoder, c.unet, text_encoder_2=c.text_encoder_2)
 
 
 @pytest.mark.parametrize("kind,option,extra,message", [
