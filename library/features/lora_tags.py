@@ -16,7 +16,7 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from library.features.lora import NetworkLayers
+from library.features.lora import NetworkLayers, text_encoders
 from library.images.hashes import lora_short_hash
 from library.images.metadata import FeatureMetadata
 from library.records.jobs import Job
@@ -38,7 +38,7 @@ class PromptLoras(FeatureBase):
     @classmethod
     def from_run(cls, setup: RunSetup) -> PromptLoras:
         """Always there: any prompt line may carry tags (it loads nothing until one does)."""
-        return cls(setup.model.text_encoder, setup.model.unet)
+        return cls(text_encoders(setup.model), setup.model.unet)  # SDXL: both, as a list
 
     def check_job(self, job: Job) -> None:
         """Load the tags' files now, so that a file that does not fit the model skips its line."""
@@ -52,7 +52,7 @@ class PromptLoras(FeatureBase):
         layers = []
         for use in uses:
             for module in self._network(use.path).unmerged_layers():
-                text = module.target.component == "text_encoder"
+                text = module.target.component != "unet"  # SDXL: either text encoder
                 layers.append((module, use.text_encoder if text else use.unet))
         return NetworkLayers(layers)
 
