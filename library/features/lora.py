@@ -134,7 +134,7 @@ def _create(module_name: str, weights: str, multiplier: float, args_text: str, m
     except ImportError as exc:
         raise UserError(f"--network_module {module_name}: cannot import it ({exc})") from None
     return module.create_network_from_weights(
-        multiplier, weights, model.vae, _text_encoders(model), model.unet, for_inference=True,
+        multiplier, weights, model.vae, text_encoders(model), model.unet, for_inference=True,
         **network_args(args_text),
     )
 
@@ -150,7 +150,7 @@ def network_args(text: str) -> dict[str, str]:
     return pairs
 
 
-def _text_encoders(model):
+def text_encoders(model):
     """The text encoder, or SDXL's two as a list (kohya's `create_network_from_weights` convention)."""
     second = getattr(model, "text_encoder_2", None)
     return model.text_encoder if second is None else [model.text_encoder, second]

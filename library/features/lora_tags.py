@@ -16,7 +16,7 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from library.features.lora import NetworkLayers
+from library.features.lora import NetworkLayers, text_encoders
 from library.images.hashes import lora_short_hash
 from library.images.metadata import FeatureMetadata
 from library.records.jobs import Job
@@ -38,9 +38,7 @@ class PromptLoras(FeatureBase):
     @classmethod
     def from_run(cls, setup: RunSetup) -> PromptLoras:
         """Always there: any prompt line may carry tags (it loads nothing until one does)."""
-        second = getattr(setup.model, "text_encoder_2", None)  # SDXL: both encoders, kohya's list convention
-        encoders = setup.model.text_encoder if second is None else [setup.model.text_encoder, second]
-        return cls(encoders, setup.model.unet)
+        return cls(text_encoders(setup.model), setup.model.unet)  # SDXL: both, as a list
 
     def check_job(self, job: Job) -> None:
         """Load the tags' files now, so that a file that does not fit the model skips its line."""
@@ -54,7 +52,7 @@ class PromptLoras(FeatureBase):
         layers = []
         for use in uses:
             for module in self._network(use.path).unmerged_layers():
-                text = module.target.component != "unet"  # text_encoder, or SDXL's text_encoder_2
+                text = module.target.component != "unet"  # SDXL: either text encoder
                 layers.append((module, use.text_encoder if text else use.unet))
         return NetworkLayers(layers)
 

@@ -180,9 +180,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     weights = sum(p.numel() for m in (model.unet, model.vae, model.text_encoder, model.text_encoder_2)
                   for p in m.parameters()) * 2 / 1e9
     pipe = _diffusers_pipeline(model)
-    sizes = {str(side): _measure_size(pipe, model.unet, side, args) for side in args.sizes}
-    return {"checkpoint": str(path), "dtype": args.dtype, "steps": args.steps, "rounds": args.rounds,
-            "load_s": round(load_s, 2), "weights_16bit_gb": round(weights, 2), "sizes": sizes}
+    sizes: dict[str, Any] = {}
+    figures = {"checkpoint": str(path), "dtype": args.dtype, "steps": args.steps, "rounds": args.rounds,
+               "load_s": round(load_s, 2), "weights_16bit_gb": round(weights, 2), "sizes": sizes}
+    for side in args.sizes:
+        sizes[str(side)] = _measure_size(pipe, model.unet, side, args)
+        logger.info("size %d: %s", side, sizes[str(side)])  # on stderr at once: long runs may be cut short
+    return figures
 
 
 def _checkpoint(args: argparse.Namespace) -> Path:
