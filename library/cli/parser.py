@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from library.cli.validation import SDXL_ONLY_OPTIONS, validate
+from library.cli.webui_options import add_webui_groups
 from library.errors import UserError
 from library.messages import argparse_text
 from library.records.options import Options, from_namespace
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_controlnet_group(p)
     _add_guidance_group(p)
     _add_original_compat_group(p)
+    add_webui_groups(p)
 
     g = p.add_argument_group("additional networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=[], help="module per network, e.g. networks.lora")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from library.cli.webui_options import validate_webui
 from library.errors import UserError
 from library.records import limits
 
@@ -83,6 +84,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.network_merge and args.network_pre_calc:
         raise UserError("--network_merge and --network_pre_calc exclude each other")
     check_options(args)  # finite numbers, seeds, size and steps limits
+    validate_webui(args)  # variation seeds, seed resize, ENSD, sweeps
     validate_high_resolution(args)  # last: it imports torch
 
 

@@ -150,6 +150,14 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
         "650", minimum=0,
     ),
     PromptOption("dsr", OptionKind.FLOAT, "ds_ratio", "Deep Shrink downsampling ratio", "0.5"),
+    PromptOption("vs", OptionKind.INT, "subseed", "variation seed of the line's first image (+1 per image)", "1234",
+                 minimum=0, maximum=MAX_SEED),
+    PromptOption("vss", OptionKind.FLOAT, "subseed_strength", "variation seed strength (0: the seed, 1: the "
+                 "variation seed)", "0.1", minimum=0, maximum=1),
+    PromptOption("srw", OptionKind.INT, "seed_resize_from_w", "seed resize from this width", "512", minimum=8,
+                 maximum=MAX_SIDE, multiple_of=8),
+    PromptOption("srh", OptionKind.INT, "seed_resize_from_h", "seed resize from this height", "512", minimum=8,
+                 maximum=MAX_SIDE, multiple_of=8),
 )
 
 _BY_NAME: dict[str, PromptOption] = {option.name: option for option in PROMPT_OPTIONS}
@@ -184,6 +192,10 @@ class PromptOverrides:
     ds_ratio: float | None = None
     gradual_latent_s_noise: float | None = None
     gradual_latent_unsharp_params: str | None = None
+    subseed: int | None = None
+    subseed_strength: float | None = None
+    seed_resize_from_w: int | None = None
+    seed_resize_from_h: int | None = None
 
 
 @dataclass(frozen=True)

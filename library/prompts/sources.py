@@ -28,12 +28,14 @@ from library.images import metadata as image_metadata
 from library.prompts.dynamic import expand_enumerations, pick_variants
 from library.prompts.line_options import parse_prompt_line, unknown_option_message
 from library.prompts.seeds import SeedSource, seeds_for_line
+from library.prompts.variation import line_variations
 from library.records.deep_shrink_settings import DeepShrink
 from library.records.deep_shrink_settings import with_overrides as deep_shrink_overrides
 from library.records.gradual_latent_settings import GradualLatent, parse_unsharp
 from library.records.gradual_latent_settings import with_overrides as gradual_latent_overrides
 from library.records.jobs import Job
 from library.records.options import Options
+from library.records.variation_settings import VariationDefaults
 from library.text.weighting import split_and
 from library.user_code import import_file
 
@@ -56,6 +58,7 @@ class Defaults:
     gradual_latent: GradualLatent | None = None
     regional_networks: int = 0  # regional LoRA: networks that each need a prompt part (`library.images.region_masks`)
     merged_networks: int = 0  # networks merged into the model (`--am` cannot change them)
+    variation: VariationDefaults = VariationDefaults()  # `--subseed` ... (`library.prompts.variation`)
 
     @classmethod
     def from_options(cls, options: Options) -> Defaults:
@@ -70,7 +73,7 @@ class Defaults:
         merged = len(n.modules) if n.merge else min(n.merge_n_models or 0, len(n.modules))
         return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
                    deep_shrink=g.deep_shrink, gradual_latent=g.gradual_latent, regional_networks=regional,
-                   merged_networks=merged)
+                   merged_networks=merged, variation=g.variation or VariationDefaults())
 
 
 def _strength(options: Options) -> float | None:
@@ -200,7 +203,8 @@ def jobs_for_line(
     gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
     jobs = []
     for prompt in expand_enumerations(parsed.prompt):
-        for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
+        drawn = seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed)
+        for seed, variation in zip(*line_variations(drawn, defaults.variation, o, bool(o.seeds))):
             text = pick_variants(prompt, seed)
             negative = pick_variants(o.negative_prompt or "", seed)
             parts = split_and(text)
@@ -227,6 +231,7 @@ def jobs_for_line(
                     deep_shrink=deep_shrink,
                     gradual_latent=gradual_latent,
                     prompt_parts=tuple(parts) if len(parts) > 1 else (),
+                    variation=variation,
                 )
             )
     return jobs

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from library.records.deep_shrink_settings import DeepShrink
     from library.records.gradual_latent_settings import GradualLatent
+    from library.records.variation_settings import Variation
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Job:
     deep_shrink: DeepShrink | None = None  # `library.features.deep_shrink` settings of this image
     gradual_latent: GradualLatent | None = None  # `library.features.gradual_latent` settings of this image
     prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
+    # variation seed / seed resize (`library.sampling.variation_noise`): only the start noise, so not in `batch_key`
+    variation: Variation | None = None
     # position in the run (0-based, across rounds): the number in the file name, the same in any process
     index: int = 0
 

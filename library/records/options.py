@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from library.records.deep_shrink_settings import DeepShrink
     from library.records.gradual_latent_settings import GradualLatent
+    from library.records.variation_settings import VariationDefaults
 
 DEFAULT_SIZE = 512  # --W / --H when not given (and no img2img source decides)
 
@@ -77,6 +78,8 @@ class GenerationOptions:
     zero_terminal_snr: bool = False  # --zero_terminal_snr (rescaled betas)
     noise_offset: tuple[float | None, tuple[float, float] | None] = (None, None)  # --noise_offset_prob/_range
     pyramid_noise: tuple[float | None, tuple[float, float] | None] = (None, None)  # --pyramid_noise_prob/_range
+    variation: VariationDefaults | None = None  # --subseed/--subseed_strength/--seed_resize_from_w/_h
+    eta_noise_seed_delta: int = 0  # --eta_noise_seed_delta (ENSD)
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,13 @@ def gradual_latent_of(a: argparse.Namespace) -> GradualLatent | None:
                          parse_unsharp(a.gradual_latent_unsharp_params))
 
 
+def variation_of(a: argparse.Namespace) -> VariationDefaults:
+    """`--subseed`, `--subseed_strength`, `--seed_resize_from_w/_h` as defaults of the prompt lines."""
+    from library.records.variation_settings import VariationDefaults
+
+    return VariationDefaults(a.subseed, a.subseed_strength or 0.0, a.seed_resize_from_w, a.seed_resize_from_h)
+
+
 def _tuple(values) -> tuple:
     return tuple(values or ())
 
@@ -240,7 +250,8 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                      noise_offset=(a.noise_offset_prob,
                                                    a.noise_offset_range and tuple(a.noise_offset_range)),
                                      pyramid_noise=(a.pyramid_noise_prob, a.pyramid_noise_discount_range
-                                                    and tuple(a.pyramid_noise_discount_range))),
+                                                    and tuple(a.pyramid_noise_discount_range)),
+                                     variation=variation_of(a), eta_noise_seed_delta=a.eta_noise_seed_delta or 0),
         sources=SourceOptions(a.image_path, a.mask_path, a.attention_couple),
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,

@@ -177,6 +177,7 @@ def pipeline(options: Options, model: LoadedModel, runtime: Runtime, nets=None) 
         zero_steps_offset=options.generation.zero_steps_offset,
         zero_terminal_snr=options.generation.zero_terminal_snr,
         start_noise=start_noise(options),
+        eta_noise_seed_delta=options.generation.eta_noise_seed_delta,
         features=features,
     )
 

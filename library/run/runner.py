@@ -29,6 +29,7 @@ from library.images import input_images, output_files
 from library.images import metadata as image_metadata
 from library.images.input_images import GuideImages
 from library.images.run_metadata import lora_tags
+from library.images.seed_metadata import seed_metadata
 from library.progress import progress as tqdm
 from library.prompts.sources import Defaults, Line, jobs_for_line
 from library.records import limits
@@ -202,6 +203,7 @@ class Runner:
             return
         extra = self.highres.metadata(job) if stage == "1" else ()
         features = self.pipeline.metadata(job)  # each feature's own (`Feature.metadata`), in their order
+        features = seed_metadata(job.variation, self.pipeline.eta_noise_seed_delta) + features
         extra = (*extra, *features.parameters, *self.output.run_metadata)
         tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
         record = image_metadata.ImageRecord(

@@ -62,6 +62,7 @@ class Pipeline:
     zero_steps_offset: bool = False  # `--force_scheduler_zero_steps_offset` (img2img start only)
     zero_terminal_snr: bool = False  # `--zero_terminal_snr`: the scheduler's betas rescaled
     start_noise: Callable | None = None  # `library.sampling.start_noise.StartNoise` (noise offset / pyramid noise)
+    eta_noise_seed_delta: int = 0  # `--eta_noise_seed_delta` (ENSD): re-seeds each stream after its first draw
     # what the patch owner installs per batch, in order (`library.features.FEATURES` in a run)
     features: list[Feature] = field(default_factory=list)
 
@@ -104,6 +105,8 @@ class Pipeline:
             device=self.noise_device,
             dtype=self.dtype,
             modify=self.start_noise,
+            variations=[j.variation for j in jobs],
+            eta_noise_seed_delta=self.eta_noise_seed_delta,
         )
         timesteps, source = scheduler.timesteps, None
         if from_source:
