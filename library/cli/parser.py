@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     g.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
     g.add_argument("--sampler", default="ddim", metavar="NAME",
-                   help="sampler (default ddim): " + ", ".join(sampler_names()))
+                   help="sampler (default ddim): " + ", ".join(sampler_names())
+                   + '; or the web UI\'s names, e.g. "Euler a", "DPM++ 2M Karras" (docs/webui.md)')
     g.add_argument("--ddim_eta", type=float, default=0.0, help="eta for ddim (default 0)")
     g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--n_iter", type=int, default=1, help="times to repeat all prompts (default 1)")

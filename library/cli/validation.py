@@ -44,9 +44,9 @@ def check_options(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check what argparse cannot: ranges, exclusive options, sampler names."""
-    from library.records.samplers import resolve
+    from library.records.webui_samplers import canonical_sampler
 
-    resolve(args.sampler)
+    args.sampler = canonical_sampler(args.sampler)  # the web UI's names ("DPM++ 2M Karras") become ours
     sources = [o for o in ("prompt", "from_file", "from_module", "interactive") if getattr(args, o)]
     if len(sources) > 1:
         raise UserError(f"give one prompt source, not {' and '.join('--' + s for s in sources)}")
