@@ -115,6 +115,8 @@ def prompt_lines(options: Options) -> list:
     from library.prompts import sources as prompts
 
     rounds = options.rounds
+    if rounds.png_lines:  # --from_png: one line per PNG, with its settings
+        return [prompts.Line(text, where) for text, where in rounds.png_lines]
     if rounds.prompt is None and rounds.from_file is None:
         return prompts.metadata_lines(options.sources.image_path)
     if rounds.prompt is not None:

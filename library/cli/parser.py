@@ -275,12 +275,21 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate; a bad combination exits with one line and status 2."""
+    from library.cli import regenerate
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, png_lines = regenerate.expand(argv, parser)  # --from_png: the PNGs' settings, then ours
+    except UserError as exc:
+        parser.error(str(exc))
     args = parser.parse_args(argv)
     try:
         validate(args)
     except UserError as exc:
         parser.error(str(exc))
+    args.png_lines = png_lines
+    args.run_record = regenerate.run_record(args, parser)  # written into every image (`run-options`)
     return args
 
 

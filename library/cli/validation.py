@@ -47,12 +47,12 @@ def validate(args: argparse.Namespace) -> None:
     from library.records.webui_samplers import canonical_sampler
 
     args.sampler = canonical_sampler(args.sampler)  # the web UI's names ("DPM++ 2M Karras") become ours
-    sources = [o for o in ("prompt", "from_file", "from_module", "interactive") if getattr(args, o)]
+    sources = [o for o in ("prompt", "from_file", "from_module", "interactive", "from_png") if getattr(args, o)]
     if len(sources) > 1:
         raise UserError(f"give one prompt source, not {' and '.join('--' + s for s in sources)}")
     if not sources and args.image_path is None:
         raise UserError("no prompt: give --prompt, --from_file, --from_module or --interactive "
-                        "(or --image_path with images that have prompts in their metadata)")
+                        "(or --image_path with images that have prompts in their metadata, or --from_png)")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
     if args.v1 and args.v2:

@@ -27,6 +27,11 @@ def add_webui_groups(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eta_noise_seed_delta", type=int, default=None, metavar="ENSD",
                    help="re-seed each image's random stream with seed + ENSD after its start noise: changes "
                    "ancestral and SDE samplers' noise only (the web UI's ENSD, e.g. 31337)")
+    g = p.add_argument_group("regenerate from a PNG (docs/webui.md)")
+    g.add_argument("--from_png", metavar="FILE|DIR",
+                   help="make a PNG's picture again from its metadata (this tool's, the original tool's, or an "
+                   "A1111/Forge parameters text), or each PNG of a folder; options given beside it override the "
+                   "file's (--steps, --seed, --sampler, ...)")
 
 
 def validate_webui(args: argparse.Namespace) -> None:

@@ -152,6 +152,7 @@ class OutputOptions:
     use_original_file_name: bool
     preview: bool  # interactive mode shows images (not --no_preview)
     skip_existing: bool = False  # resume: images whose files are there are not made again
+    run_record: str | None = None  # the run's pixel-deciding options as JSON (`library.cli.regenerate`)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class RoundOptions:
     n_iter: int
     iter_same_seed: bool
     shuffle_prompts: bool
+    png_lines: tuple[tuple[str, str], ...] = ()  # `--from_png`: (prompt line, file) per image (cli.regenerate)
 
 
 @dataclass(frozen=True)
@@ -267,8 +269,9 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                 a.network_merge_n_models, a.network_pre_calc,
                                 a.network_regional_mask_max_color_codes),
         output=OutputOptions(a.outdir, a.sequential_file_name, a.use_original_file_name,
-                             a.interactive and not a.no_preview, a.skip_existing),
+                             a.interactive and not a.no_preview, a.skip_existing,
+                             getattr(a, "run_record", None)),
         rounds=RoundOptions(a.prompt, a.from_file, a.from_module, a.interactive, a.seed, a.n_iter,
-                            a.iter_same_seed, a.shuffle_prompts),
+                            a.iter_same_seed, a.shuffle_prompts, tuple(getattr(a, "png_lines", ()))),
         namespace=a,
     )

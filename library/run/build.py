@@ -245,6 +245,7 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
         lora_multipliers=tuple(options.networks.multipliers or [1.0] * len(options.networks.weights)),
         timestamp=team.timestamp or output_files.timestamp_now(),
         skip_existing=options.output.skip_existing,
+        run_text=(("run-options", options.output.run_record),) if options.output.run_record else (),
     )
     s = options.sources
     inpainting_masks = None if has_region_mask(options) else s.mask_path

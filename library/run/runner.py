@@ -28,6 +28,7 @@ from library.errors import UserError
 from library.images import input_images, output_files
 from library.images import metadata as image_metadata
 from library.images.input_images import GuideImages
+from library.images.job_record import job_options_text
 from library.images.run_metadata import lora_tags
 from library.images.seed_metadata import seed_metadata
 from library.progress import progress as tqdm
@@ -63,6 +64,7 @@ class OutputSettings:
     lora_multipliers: tuple[float, ...] = ()  # defaults; a line's --am wins
     timestamp: str = field(default_factory=output_files.timestamp_now)  # of default file names
     skip_existing: bool = False  # `--skip_existing`: batches whose files are all there are not made
+    run_text: tuple[tuple[str, str], ...] = ()  # the `run-options` PNG text item (`library.images.job_record`)
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ class Runner:
         extra = self.highres.metadata(job) if stage == "1" else ()
         features = self.pipeline.metadata(job)  # each feature's own (`Feature.metadata`), in their order
         features = seed_metadata(job.variation, self.pipeline.eta_noise_seed_delta) + features
+        regen = (*job_options_text(job, self.output.lora_multipliers or None), *self.output.run_text)
         extra = (*extra, *features.parameters, *self.output.run_metadata)
         tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
         record = image_metadata.ImageRecord(
@@ -225,7 +228,7 @@ class Runner:
             karras=self.output.sampler.endswith("_karras"),
             extra=extra,
             a1111_prompt_suffix=tags,
-            feature_text=features.text,
+            feature_text=(*features.text, *regen),
         )
         path = output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record),
                                        variant_of=self._names.asked(name))
