@@ -90,6 +90,11 @@ def generate(options: Options, runner, pipeline, networks: list, team) -> None:
                            unseeded=team.seed)  # without --seed: the same draws on every rank
         total = len(lines) * per_prompt if lines else None
         shuffle = team.shuffler()
+        if rounds.sweep or rounds.prompt_matrix:  # --xyz / --prompt_matrix: cell lines, then labelled grids
+            from library.run.sweep_run import run_sweep
+
+            run_sweep(runner, rounds, lines, seeds, per_prompt, team)
+            return
         run_rounds(runner, rounds, lambda _: prompts.shuffled(lines, rounds.shuffle_prompts, shuffle), seeds, total)
 
 

@@ -41,6 +41,10 @@ def job_options(job: Job, default_multipliers: tuple[float, ...] | None = None) 
         if gl.unsharp is not None:
             u = gl.unsharp
             o["glus"] = f"{u.ksize},{u.sigma!r},{u.strength!r},{int(u.target_x)}"
+    if job.sampler is not None:
+        o["sa"] = job.sampler
+    if job.highres_scale is not None:
+        o["hfs"] = _num(job.highres_scale)
     variation = job.variation
     if variation is not None and variation.varies:
         o.update(vs=str(variation.subseed), vss=_num(variation.strength))

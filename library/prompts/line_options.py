@@ -158,6 +158,10 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
                  maximum=MAX_SIDE, multiple_of=8),
     PromptOption("srh", OptionKind.INT, "seed_resize_from_h", "seed resize from this height", "512", minimum=8,
                  maximum=MAX_SIDE, multiple_of=8),
+    PromptOption("sa", OptionKind.NAME, "sampler", "sampler of the line's images (ours or the web UI's name)",
+                 "euler_a"),
+    PromptOption("hfs", OptionKind.FLOAT, "highres_scale", "Highres fix scale of the line's images (with "
+                 "--highres_fix_scale)", "0.5", minimum=0.05, maximum=1),
 )
 
 _BY_NAME: dict[str, PromptOption] = {option.name: option for option in PROMPT_OPTIONS}
@@ -196,6 +200,8 @@ class PromptOverrides:
     subseed_strength: float | None = None
     seed_resize_from_w: int | None = None
     seed_resize_from_h: int | None = None
+    sampler: str | None = None
+    highres_scale: float | None = None
 
 
 @dataclass(frozen=True)

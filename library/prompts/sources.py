@@ -36,6 +36,7 @@ from library.records.gradual_latent_settings import with_overrides as gradual_la
 from library.records.jobs import Job
 from library.records.options import Options
 from library.records.variation_settings import VariationDefaults
+from library.records.webui_samplers import canonical_sampler
 from library.text.weighting import split_and
 from library.user_code import import_file
 
@@ -198,6 +199,7 @@ def jobs_for_line(
         if value is not None and value % 8:
             raise UserError(f"{name} {value}: must be a multiple of 8")
     strength = _line_strength(o.strength, defaults.strength, line)
+    sampler = _line_sampler(o.sampler)
     deep_shrink = deep_shrink_overrides(defaults.deep_shrink, o)
     unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
     gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
@@ -232,6 +234,8 @@ def jobs_for_line(
                     gradual_latent=gradual_latent,
                     prompt_parts=tuple(parts) if len(parts) > 1 else (),
                     variation=variation,
+                    sampler=sampler,
+                    highres_scale=o.highres_scale,
                 )
             )
     return jobs
@@ -255,6 +259,16 @@ def _warn_inert_am(defaults: Defaults, line: Line) -> None:
     elif defaults.merged_networks:
         logger.warning("%s: --am does not change the first %d network(s): they are merged into the model "
                        "(--network_merge / --network_merge_n_models)", line.where, defaults.merged_networks)
+
+
+def _line_sampler(name: str | None) -> str | None:
+    """The line's `--sa` as our sampler name (the web UI's names too), None without it."""
+    if name is None:
+        return None
+    try:
+        return canonical_sampler(name)
+    except UserError as exc:
+        raise UserError(str(exc).replace("--sampler", "--sa")) from None
 
 
 def _line_negative_scale(off: bool, given: float | None, default: float | None) -> float | None:

@@ -48,6 +48,8 @@ class Job:
     prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
     # variation seed / seed resize (`library.sampling.variation_noise`): only the start noise, so not in `batch_key`
     variation: Variation | None = None
+    sampler: str | None = None  # the line's `--sa`; None: the run's `--sampler`
+    highres_scale: float | None = None  # the line's `--hfs`; None: the run's `--highres_fix_scale`
     # position in the run (0-based, across rounds): the number in the file name, the same in any process
     index: int = 0
 
@@ -68,6 +70,8 @@ class Job:
             self.deep_shrink,
             self.gradual_latent,
             len(self.prompt_parts),
+            self.sampler,
+            self.highres_scale,
         )
 
 

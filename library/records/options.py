@@ -167,6 +167,8 @@ class RoundOptions:
     n_iter: int
     iter_same_seed: bool
     shuffle_prompts: bool
+    sweep: tuple[str, ...] = ()  # `--xyz` axes (`library.prompts.sweeps`)
+    prompt_matrix: bool = False  # `--prompt_matrix`
     png_lines: tuple[tuple[str, str], ...] = ()  # `--from_png`: (prompt line, file) per image (cli.regenerate)
 
 
@@ -272,6 +274,7 @@ def from_namespace(a: argparse.Namespace) -> Options:
                              a.interactive and not a.no_preview, a.skip_existing,
                              getattr(a, "run_record", None)),
         rounds=RoundOptions(a.prompt, a.from_file, a.from_module, a.interactive, a.seed, a.n_iter,
-                            a.iter_same_seed, a.shuffle_prompts, tuple(getattr(a, "png_lines", ()))),
+                            a.iter_same_seed, a.shuffle_prompts, tuple(a.xyz or ()), a.prompt_matrix,
+                            tuple(getattr(a, "png_lines", ()))),
         namespace=a,
     )

@@ -100,6 +100,7 @@ class Runner:
         self._existing = output_files.ExistingImages(output.outdir) if output.skip_existing else None
         self._jobs_made = 0  # Jobs numbered so far (the next Job's index)
         self._batches_made = 0  # batches formed so far, by every process alike (the next one's number)
+        self.saved: list[tuple[Job, Path]] = []  # final images written by this process (sweep grids read them)
 
     def jobs(self, lines: Iterable[Line], seeds, iter_seed: int | None) -> Iterator[Job]:
         """Jobs of every line; a malformed line is reported (file and line) and skipped."""
@@ -212,7 +213,7 @@ class Runner:
         record = image_metadata.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,
-            sampler=self.output.sampler,
+            sampler=job.sampler or self.output.sampler,
             steps=job.steps,
             scale=job.scale,
             width=job.width,
@@ -225,7 +226,7 @@ class Runner:
             model_hash=self.output.model_hash,
             clip_skip=self.output.clip_skip,
             strength=job.strength,
-            karras=self.output.sampler.endswith("_karras"),
+            karras=(job.sampler or self.output.sampler).endswith("_karras"),
             extra=extra,
             a1111_prompt_suffix=tags,
             feature_text=(*features.text, *regen),
@@ -233,6 +234,8 @@ class Runner:
         path = output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record),
                                        variant_of=self._names.asked(name))
         self.summary.written.append(path)
+        if stage != "0":
+            self.saved.append((job, path))
 
 
 def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[int | None], Iterable[Line]],

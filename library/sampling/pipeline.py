@@ -92,7 +92,8 @@ class Pipeline:
         selects is run, starting from the noised source.
         """
         first = jobs[0]
-        scheduler = make_scheduler(self.sampler, self.v_prediction, zero_terminal_snr=self.zero_terminal_snr)
+        sampler = first.sampler or self.sampler  # a prompt line's `--sa`, else the run's
+        scheduler = make_scheduler(sampler, self.v_prediction, zero_terminal_snr=self.zero_terminal_snr)
         scheduler.set_timesteps(first.steps, device=self.device)
         shape = (LATENT_CHANNELS, first.height // self.vae_scale, first.width // self.vae_scale)
         from_source = init is not None and not init.ignores_source
@@ -100,7 +101,7 @@ class Pipeline:
             [j.seed for j in jobs],
             shape,
             steps=first.steps,
-            noises_per_step=noises_per_step(self.sampler),
+            noises_per_step=noises_per_step(sampler),
             img2img=from_source,
             device=self.noise_device,
             dtype=self.dtype,

@@ -1,0 +1,93 @@
+"""Running a sweep (`--xyz`, `--prompt_matrix`): its cell lines through the Runner, then the grids.
+
+Each prompt line gets its seeds first (`--d` as written, else drawn now, one per image), so
+every cell of the line has the same seeds unless a `seed` axis changes them; then its cell
+lines (`library.prompts.sweeps`) run like any prompt lines (batched where their settings
+allow). After each round, one grid PNG per prompt line and Z value is written next to the images
+(`library.images.grids`): `xyz_grid_<timestamp>_<round>_<grid>.png`. In a split run
+(torchrun) each process saves only its own images, so the grids are not drawn there (a warning
+says so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+from library.images import grids, output_files
+from library.prompts import sweeps
+from library.prompts.line_options import format_prompt_line, parse_prompt_line
+from library.prompts.seeds import SeedSource, seeds_for_line
+from library.prompts.sources import Line
+from library.records.options import RoundOptions
+
+logger = logging.getLogger(__name__)
+
+
+def _seeded(text: str, seeds: SeedSource, per_prompt: int, iter_seed: int | None) -> str:
+    """`text` with the seeds of its images written out (`--d`)."""
+    parsed = parse_prompt_line(text)
+    if parsed.overrides.seeds:
+        return text
+    drawn = seeds_for_line(seeds, per_prompt, None, iter_seed)
+    return format_prompt_line(replace(parsed, overrides=replace(parsed.overrides, seeds=tuple(drawn))))
+
+
+def plan(rounds: RoundOptions, lines: list[Line], seeds: SeedSource, per_prompt: int,
+         iter_seed: int | None) -> tuple[list[Line], list[sweeps.SweepCell], list[sweeps.GridPlan]]:
+    """The cell lines of one round, where each goes, and the grids."""
+    texts = [_seeded(line.text, seeds, per_prompt, iter_seed) for line in lines]
+    if rounds.prompt_matrix:
+        cells, plans = [], []
+        for text in texts:
+            mine, grid = sweeps.prompt_matrix(text)
+            cells += [(t, replace(c, grid=len(plans))) for t, c in mine]
+            plans += grid
+    else:
+        axes = [sweeps.parse_axis(text) for text in rounds.sweep]
+        sweeps.check_search(axes, texts)
+        cells, plans = sweeps.sweep(texts, axes)
+    made = [Line(text, f"{lines[0].where if len(lines) == 1 else 'sweep'} cell {i + 1}") for i, (text, _) in
+            enumerate(cells)]
+    return made, [cell for _, cell in cells], plans
+
+
+def run_sweep(runner, rounds: RoundOptions, lines: list[Line], seeds: SeedSource, per_prompt: int,
+              team) -> list[Path]:
+    """Every round of the sweep; returns the grid files written."""
+    written: list[Path] = []
+    for round_index in range(rounds.n_iter):
+        iter_seed = seeds.draw() if rounds.iter_same_seed else None
+        cell_lines, cells, plans = plan(rounds, lines, seeds, per_prompt, iter_seed)
+        start = len(runner.saved)
+        runner.run(runner.jobs(cell_lines, seeds, iter_seed), len(cell_lines) * per_prompt)
+        if team.size > 1:
+            if team.leads and round_index == 0:
+                logger.warning("sweep grids are not drawn in a split run (each process has only its own images); "
+                               "every image is saved")
+            continue
+        written += _grids(runner, runner.saved[start:], cell_lines, cells, plans, round_index)
+    return written
+
+
+def _grids(runner, saved, cell_lines: Iterable[Line], cells, plans, round_index: int) -> list[Path]:
+    """Write the round's grids from the images saved for its cell lines."""
+    by_text: dict[str, list[Path]] = {}
+    for job, path in saved:
+        by_text.setdefault(job.raw_prompt, []).append(path)
+    tables = [[[None] * len(p.columns) for _ in p.rows] for p in plans]
+    for line, cell in zip(cell_lines, cells):
+        paths = by_text.get(line.text)
+        tables[cell.grid][cell.y][cell.x] = paths.pop(0) if paths else None
+        if paths is not None and runner.defaults.images_per_prompt > 1:
+            del paths[: runner.defaults.images_per_prompt - 1]  # a cell shows its first image
+    written = []
+    for number, (grid_plan, table) in enumerate(zip(plans, tables)):
+        image, description = grids.make_grid(grid_plan.title, list(grid_plan.columns), list(grid_plan.rows), table)
+        name = f"xyz_grid_{runner.output.timestamp}_{round_index:02d}_{number:03d}.png"
+        written.append(output_files.save_image(image, runner.output.outdir, name,
+                                               {"grid": json.dumps(description, ensure_ascii=False)}))
+    return written
