@@ -1,0 +1,63 @@
+"""`--xyz` and `--prompt_matrix` runs: every image with its own settings, grids whose cells are those images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import gen_img
+from tests.helpers import meta, pngs, run
+
+
+def test_two_axes_of_three_values_make_nine_images_and_one_grid(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    assert run(tiny_models, out, "--prompt", "a cat --n dog", "--seed", "3", "--batch_size", "3",
+               "--xyz", "cfg: 5, 7, 9", "steps: 1-3") == 0
+    images = [p for p in pngs(out) if p.name.startswith("im_")]
+    (grid_file,) = [p for p in pngs(out) if p.name.startswith("xyz_grid_")]
+    assert len(images) == 9
+    settings = [(meta(p)["steps"], meta(p)["scale"], meta(p)["seed"]) for p in images]
+    assert settings == [(s, c, "3") for s in ("1", "2", "3") for c in ("5.0", "7.0", "9.0")]
+    grid = Image.open(grid_file)
+    description = json.loads(grid.text["grid"])
+    assert description["columns"] == ["cfg: 5", "cfg: 7", "cfg: 9"]
+    assert description["rows"] == ["steps: 1", "steps: 2", "steps: 3"]
+    pixels = np.asarray(grid.convert("RGB"))
+    assert [(c["row"], c["column"], c["file"]) for c in description["cells"]] == [
+        (r, c, images[3 * r + c].name) for r in range(3) for c in range(3)]
+    for cell in description["cells"]:
+        x0, y0, x1, y1 = cell["box"]
+        assert np.array_equal(pixels[y0:y1, x0:x1], np.asarray(Image.open(out / cell["file"]).convert("RGB")))
+
+
+def test_prompt_matrix_with_a_prompt_file(tiny_models, tmp_path):
+    lines = tmp_path / "p.txt"
+    lines.write_text("a house | red --d 4\na tree | tall\n")
+    assert run(tiny_models, tmp_path / "out", "--from_file", str(lines), "--prompt_matrix") == 0
+    images = [p for p in pngs(tmp_path / "out") if p.name.startswith("im_")]
+    assert [meta(p)["prompt"] for p in images] == ["a house", "a house, red", "a tree", "a tree, tall"]
+    assert meta(images[0])["seed"] == meta(images[1])["seed"] == "4"
+    assert meta(images[2])["seed"] == meta(images[3])["seed"]
+    assert len([p for p in pngs(tmp_path / "out") if p.name.startswith("xyz_grid_")]) == 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--prompt", "a cat", "--xyz", "prompt s/r: dog, fox"],
+     '--xyz "prompt s/r: ...": "dog" is not in the prompt "a cat" nor in its negative prompt; Prompt S/R '
+     "replaces its first value"),
+    (["--prompt", "a cat", "--xyz", "flavour: 1, 2"], '--xyz "flavour: 1, 2": unknown axis "flavour"'),
+    (["--prompt", "a cat", "--xyz", "steps: 1-100", "seed: 1-100"],
+     "--xyz: 100 x 100 = 10000 cells per prompt line; at most 1000"),
+    (["--prompt", "a cat", "--prompt_matrix"], '--prompt_matrix: the prompt "a cat" has no "|" parts to combine'),
+])
+def test_bad_sweeps_are_one_line_before_the_model_loads(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        gen_img.main(["--ckpt", str(tmp_path / "no-such-model.safetensors"), "--outdir", str(tmp_path / "o"),
+                      *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gen_img.py: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
