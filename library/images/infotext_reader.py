@@ -83,8 +83,11 @@ def _ours(path: Path, text: dict[str, str]) -> PngSettings:
     run = _json_object(path, text["run-options"], "run-options") if "run-options" in text else {}
     if "sampler" not in run and "sampler" in text:
         run["sampler"] = text["sampler"]
+    ignored = []
+    if "t" in line and "highres_fix_scale" not in run:
+        ignored.append("an img2img picture: its source is not recorded (give --image_path)")
     return PngSettings(path, "this tool", text["prompt"], text.get("negative-prompt"), text.get("clip-prompt"),
-                       line, run)
+                       line, run, ignored)
 
 
 def _original(path: Path, text: dict[str, str]) -> PngSettings:

@@ -20,6 +20,7 @@ LINES = (
     "a {red|blue} cat --n dog --d 5 --w 64 --h 72 --s 4 --l 6 --vs 9 --vss 0.4\n"
     "two parts AND a tree --d 6 --dsd1 1 --dst1 900 --nl 2 --srw 48 --srh 56\n"
     "a house --d 7 --glt 800 --glr 0.5 --gls 0.25\n"
+    "a boat --d 8 --sa DPM++ 2M SDE Karras --s 4\n"
 )
 
 
@@ -34,8 +35,9 @@ def test_pictures_of_this_tool_are_made_again_bit_for_bit(tiny_models, tmp_path)
     assert run(tiny_models, tmp_path / "made", *common, "--from_file", str(prompts)) == 0
     assert gen_img.main(["--outdir", str(tmp_path / "again"), "--from_png", str(tmp_path / "made")]) == 0
     made, again = pngs(tmp_path / "made"), pngs(tmp_path / "again")
-    assert _same_images(made, again) == [True, True, True]
+    assert _same_images(made, again) == [True] * 4
     assert [meta(p)["prompt"] for p in again] == [meta(p)["prompt"] for p in made]
+    assert meta(again[3])["sampler"] == "dpmsolver++_sde_karras"
 
 
 def test_highres_fix_and_lora_are_made_again_and_options_beside_it_win(tiny_models, tmp_path):
