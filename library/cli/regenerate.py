@@ -123,7 +123,7 @@ def _run_argv(run: dict[str, object], parser: argparse.ArgumentParser, user: lis
 
 def expand(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[tuple[str, str]]]:
     """(command line to parse, [(prompt line, file)]) for a command line with `--from_png`."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--from_png")
     known, _ = pre.parse_known_args(argv)
     if known.from_png is None:
