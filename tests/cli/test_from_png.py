@@ -17,10 +17,10 @@ from library.images.infotext_reader import read_png_settings
 from tests.helpers import meta, pixels, pngs, run
 
 LINES = (
-    "a {red|blue} cat --n dog --d 5 --w 64 --h 72 --s 4 --l 6 --vs 9 --vss 0.4\n"
-    "two parts AND a tree --d 6 --dsd1 1 --dst1 900 --nl 2 --srw 48 --srh 56\n"
-    "a house --d 7 --glt 800 --glr 0.5 --gls 0.25\n"
-    "a boat --d 8 --sa DPM++ 2M SDE Karras --s 4\n"
+    "a {red|blue} cat --n dog --d 5,15 --w 64 --h 72 --s 4 --l 6 --vs 9 --vss 0.4\n"
+    "two parts AND a tree --d 6,16 --dsd1 1 --dst1 900 --nl 2 --srw 48 --srh 56\n"
+    "a house --d 7,17 --glt 800 --glr 0.5 --gls 0.25\n"
+    "a boat --d 8,18 --sa DPM++ 2M SDE Karras --s 4\n"
 )
 
 
@@ -32,12 +32,13 @@ def test_pictures_of_this_tool_are_made_again_bit_for_bit(tiny_models, tmp_path)
     prompts = tmp_path / "p.txt"
     prompts.write_text(LINES)
     common = ["--sampler", "euler_a", "--eta_noise_seed_delta", "31337", "--negative_scale", "3"]
-    assert run(tiny_models, tmp_path / "made", *common, "--from_file", str(prompts)) == 0
+    assert run(tiny_models, tmp_path / "made", *common, "--from_file", str(prompts), "--images_per_prompt", "2") == 0
     assert gen_img.main(["--outdir", str(tmp_path / "again"), "--from_png", str(tmp_path / "made")]) == 0
     made, again = pngs(tmp_path / "made"), pngs(tmp_path / "again")
-    assert _same_images(made, again) == [True] * 4
+    assert _same_images(made, again) == [True] * 8
     assert [meta(p)["prompt"] for p in again] == [meta(p)["prompt"] for p in made]
-    assert meta(again[3])["sampler"] == "dpmsolver++_sde_karras"
+    assert meta(again[7])["sampler"] == "dpmsolver++_sde_karras"
+    assert [meta(p)["variation-seed"] for p in made[:2]] == ["9", "10"]
 
 
 def test_highres_fix_and_lora_are_made_again_and_options_beside_it_win(tiny_models, tmp_path):
@@ -169,3 +170,11 @@ def test_a_folder_of_pngs_with_different_samplers_is_refused(tmp_path, capsys):
     assert _error(tmp_path, capsys, "--from_png", str(folder)) == (
         f"gen_img.py: error: --from_png {folder}: a.png and b.png differ in --sampler (euler_a / ddim); one run "
         "has one value: regenerate them separately (see --help)\n")
+
+
+def test_the_original_tools_keys_and_the_image_size(tmp_path):
+    s = read_png_settings(_png(tmp_path / "o.png", prompt="a cat", seed="7", sampler="k_euler_a", steps="20",
+                               scale="7.5", **{"negative-prompt": "dog", "negative-scale": "2"}))
+    assert (s.source, s.prompt, s.negative) == ("the original tool", "a cat", "dog")
+    assert s.line == {"w": "64", "h": "64", "s": "20", "d": "7", "l": "7.5", "nl": "2.0"}
+    assert s.run == {"sampler": "k_euler_a"}
