@@ -5,8 +5,9 @@ every cell of the line has the same seeds unless a `seed` axis changes them; the
 lines (`library.prompts.sweeps`) run like any prompt lines (batched where their settings
 allow). After each round, one grid PNG per prompt line and Z value is written next to the images
 (`library.images.grids`): `xyz_grid_<timestamp>_<round>_<grid>.png`. In a split run
-(torchrun) each process saves only its own images, so the grids are not drawn there (a warning
-says so).
+(torchrun) each process saves its own images; the first process gathers the list of every
+process's files and draws the grids (from a shared `--outdir`; a file it cannot read leaves its
+grid out, with a warning).
 """
 
 from __future__ import annotations
@@ -57,27 +58,35 @@ def plan(rounds: RoundOptions, lines: list[Line], seeds: SeedSource, per_prompt:
 
 def run_sweep(runner, rounds: RoundOptions, lines: list[Line], seeds: SeedSource, per_prompt: int,
               team) -> list[Path]:
-    """Every round of the sweep; returns the grid files written."""
+    """Every round of the sweep; returns the grid files written (by the first process of a split run)."""
     written: list[Path] = []
     for round_index in range(rounds.n_iter):
         iter_seed = seeds.draw() if rounds.iter_same_seed else None
         cell_lines, cells, plans = plan(rounds, lines, seeds, per_prompt, iter_seed)
         start = len(runner.saved)
         runner.run(runner.jobs(cell_lines, seeds, iter_seed), len(cell_lines) * per_prompt)
-        if team.size > 1:
-            if team.leads and round_index == 0:
-                logger.warning("sweep grids are not drawn in a split run (each process has only its own images); "
-                               "every image is saved")
-            continue
-        written += _grids(runner, runner.saved[start:], cell_lines, cells, plans, round_index)
+        saved = collect(team, [(job.raw_prompt, job.index, str(path)) for job, path in runner.saved[start:]])
+        if saved is not None:
+            written += _grids(runner, saved, cell_lines, cells, plans, round_index)
     return written
+
+
+def collect(team, saved: list[tuple[str, int, str]]) -> list[tuple[str, int, str]] | None:
+    """Every process's saved images (prompt line, Job index, file) in Job order, for the first
+    process; None for the others. Every process of a split run must call it (it gathers)."""
+    if team.size == 1:
+        return saved
+    everyone = team.gather({"saved": saved})
+    if not team.leads:
+        return None
+    return sorted((tuple(item) for part in everyone for item in part["saved"]), key=lambda item: item[1])
 
 
 def _grids(runner, saved, cell_lines: Iterable[Line], cells, plans, round_index: int) -> list[Path]:
     """Write the round's grids from the images saved for its cell lines."""
     by_text: dict[str, list[Path]] = {}
-    for job, path in saved:
-        by_text.setdefault(job.raw_prompt, []).append(path)
+    for text, _index, path in saved:
+        by_text.setdefault(text, []).append(Path(path))
     tables = [[[None] * len(p.columns) for _ in p.rows] for p in plans]
     for line, cell in zip(cell_lines, cells):
         paths = by_text.get(line.text)
@@ -86,7 +95,12 @@ def _grids(runner, saved, cell_lines: Iterable[Line], cells, plans, round_index:
             del paths[: runner.defaults.images_per_prompt - 1]  # a cell shows its first image
     written = []
     for number, (grid_plan, table) in enumerate(zip(plans, tables)):
-        image, description = grids.make_grid(grid_plan.title, list(grid_plan.columns), list(grid_plan.rows), table)
+        try:
+            image, description = grids.make_grid(grid_plan.title, list(grid_plan.columns), list(grid_plan.rows),
+                                                 table)
+        except OSError as exc:  # a split run over machines without a shared --outdir
+            logger.warning("sweep grid %d not drawn: cannot read its images (%s)", number, exc)
+            continue
         name = f"xyz_grid_{runner.output.timestamp}_{round_index:02d}_{number:03d}.png"
         written.append(output_files.save_image(image, runner.output.outdir, name,
                                                {"grid": json.dumps(description, ensure_ascii=False)}))

@@ -61,3 +61,22 @@ def test_bad_sweeps_are_one_line_before_the_model_loads(tmp_path, capsys, extra,
     err = capsys.readouterr().err
     assert err.startswith(f"gen_img.py: error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+class _Team:
+    """The part of a split run's team that `collect` uses: two processes' lists."""
+
+    def __init__(self, leads: bool, other: list) -> None:
+        self.size, self.leads, self.other = 2, leads, other
+
+    def gather(self, summary: dict) -> list[dict]:
+        return [summary, {"saved": self.other}]
+
+
+def test_the_first_process_of_a_split_run_gets_every_process_images_in_job_order():
+    from library.run.sweep_run import collect
+
+    mine, theirs = [("a --s 1", 0, "a.png"), ("a --s 3", 2, "c.png")], [["a --s 2", 1, "b.png"]]
+    assert collect(_Team(True, theirs), mine) == [("a --s 1", 0, "a.png"), ("a --s 2", 1, "b.png"),
+                                                  ("a --s 3", 2, "c.png")]
+    assert collect(_Team(False, theirs), mine) is None
