@@ -39,21 +39,23 @@ def _seeded(text: str, seeds: SeedSource, per_prompt: int, iter_seed: int | None
 
 def plan(rounds: RoundOptions, lines: list[Line], seeds: SeedSource, per_prompt: int,
          iter_seed: int | None) -> tuple[list[Line], list[sweeps.SweepCell], list[sweeps.GridPlan]]:
-    """The cell lines of one round, where each goes, and the grids."""
-    texts = [_seeded(line.text, seeds, per_prompt, iter_seed) for line in lines]
-    if rounds.prompt_matrix:
-        cells, plans = [], []
-        for text in texts:
-            mine, grid = sweeps.prompt_matrix(text)
-            cells += [(t, replace(c, grid=len(plans))) for t, c in mine]
-            plans += grid
-    else:
-        axes = [sweeps.parse_axis(text) for text in rounds.sweep]
-        sweeps.check_search(axes, texts)
-        cells, plans = sweeps.sweep(texts, axes)
-    made = [Line(text, f"{lines[0].where if len(lines) == 1 else 'sweep'} cell {i + 1}") for i, (text, _) in
-            enumerate(cells)]
-    return made, [cell for _, cell in cells], plans
+    """The cell lines of one round (each named after its prompt line), where each goes, and the grids."""
+    axes = [sweeps.parse_axis(text) for text in rounds.sweep]
+    made: list[Line] = []
+    cells: list[sweeps.SweepCell] = []
+    plans: list[sweeps.GridPlan] = []
+    for line in lines:
+        text = _seeded(line.text, seeds, per_prompt, iter_seed)
+        if rounds.prompt_matrix:
+            mine, grids_of_line = sweeps.prompt_matrix(text)
+        else:
+            sweeps.check_search(axes, [text])
+            mine, grids_of_line = sweeps.sweep([text], axes)
+        for number, (cell_text, cell) in enumerate(mine, 1):
+            made.append(Line(cell_text, f"{line.where} (cell {number})", image=line.image))
+            cells.append(replace(cell, grid=cell.grid + len(plans)))
+        plans += grids_of_line
+    return made, cells, plans
 
 
 def run_sweep(runner, rounds: RoundOptions, lines: list[Line], seeds: SeedSource, per_prompt: int,
