@@ -60,6 +60,7 @@ class Defaults:
     regional_networks: int = 0  # regional LoRA: networks that each need a prompt part (`library.images.region_masks`)
     merged_networks: int = 0  # networks merged into the model (`--am` cannot change them)
     variation: VariationDefaults = VariationDefaults()  # `--subseed` ... (`library.prompts.variation`)
+    highres: bool = False  # `--highres_fix_scale` given (a line's `--hfs` changes it)
 
     @classmethod
     def from_options(cls, options: Options) -> Defaults:
@@ -74,7 +75,8 @@ class Defaults:
         merged = len(n.modules) if n.merge else min(n.merge_n_models or 0, len(n.modules))
         return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
                    deep_shrink=g.deep_shrink, gradual_latent=g.gradual_latent, regional_networks=regional,
-                   merged_networks=merged, variation=g.variation or VariationDefaults())
+                   merged_networks=merged, variation=g.variation or VariationDefaults(),
+                   highres=options.highres.scale is not None)
 
 
 def _strength(options: Options) -> float | None:
@@ -200,6 +202,8 @@ def jobs_for_line(
             raise UserError(f"{name} {value}: must be a multiple of 8")
     strength = _line_strength(o.strength, defaults.strength, line)
     sampler = _line_sampler(o.sampler)
+    if o.highres_scale is not None and not defaults.highres:
+        logger.warning("%s: --hfs ignored: it changes the Highres fix scale (give --highres_fix_scale)", line.where)
     deep_shrink = deep_shrink_overrides(defaults.deep_shrink, o)
     unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
     gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
@@ -235,7 +239,7 @@ def jobs_for_line(
                     prompt_parts=tuple(parts) if len(parts) > 1 else (),
                     variation=variation,
                     sampler=sampler,
-                    highres_scale=o.highres_scale,
+                    highres_scale=o.highres_scale if defaults.highres else None,
                 )
             )
     return jobs
