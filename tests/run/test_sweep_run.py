@@ -80,3 +80,10 @@ def test_the_first_process_of_a_split_run_gets_every_process_images_in_job_order
     assert collect(_Team(True, theirs), mine) == [("a --s 1", 0, "a.png"), ("a --s 2", 1, "b.png"),
                                                   ("a --s 3", 2, "c.png")]
     assert collect(_Team(False, theirs), mine) is None
+
+
+def test_hfs_without_highres_fix_is_a_warning(tiny_models, tmp_path, caplog):
+    assert run(tiny_models, tmp_path / "out", "--prompt", "a cat --d 1 --hfs 0.5") == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--hfs" in r.getMessage()] == [
+        "--prompt: --hfs ignored: it changes the Highres fix scale (give --highres_fix_scale)"]
+    assert '"hfs"' not in meta(pngs(tmp_path / "out")[0])["job-options"]

@@ -167,9 +167,3 @@ def test_bad_prompt_line_strength_and_resize(tiny_models, tmp_path, caplog):
         "the width and the height",
     ]
 
-
-def test_hfs_without_highres_fix_is_a_warning(tiny_models, tmp_path, caplog):
-    assert run(tiny_models, tmp_path / "out", "--prompt", "a cat --d 1 --hfs 0.5") == 0
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--hfs" in r.getMessage()] == [
-        "--prompt: --hfs ignored: it changes the Highres fix scale (give --highres_fix_scale)"]
-    assert '"hfs"' not in meta(pngs(tmp_path / "out")[0])["job-options"]
