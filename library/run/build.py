@@ -33,7 +33,7 @@ from library.text.encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "models"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "models"  # the repository's models/ (git-ignored)
 
 
 FP16_ON_CPU = ("--fp16 on the CPU: most CPUs have no fast float16 kernels (a 256x256 SD 1.5 step took 100 s "
