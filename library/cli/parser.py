@@ -133,7 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regional LoRA: read the --mask_path regions as exact colour codes (red, green, yellow, "
                    "blue, magenta, cyan, white) for the first N (1-7) parts, instead of R/G/B channels "
                    "(docs/regional.md)")
+    _add_prompt_dialect_group(p)
     return p
+
+
+def _add_prompt_dialect_group(p: argparse.ArgumentParser) -> None:
+    """The web UI's prompt dialect (docs/webui.md): tag folders, hypernetworks, styles."""
+    g = p.add_argument_group("web UI prompt dialect (docs/webui.md)")
+    g.add_argument("--lora_dir", nargs="+", default=[],
+                   help="folders where <lora:NAME:WEIGHT> tags find NAME.safetensors (also sub-folders; the "
+                   "folders of --network_weights files are searched too)")
+    g.add_argument("--hypernetwork_dir", nargs="+", default=[],
+                   help="folders where <hypernet:NAME:MULT> tags find NAME.pt (also sub-folders)")
+    g.add_argument("--hypernetwork", nargs="+", default=[],
+                   help="hypernetwork .pt files (the web UI's layout) applied to every image")
+    g.add_argument("--hypernetwork_mul", type=float, nargs="+", default=[],
+                   help="multiplier per --hypernetwork file (default 1)")
+    g.add_argument("--styles", default=None,
+                   help="a web UI styles.csv (name,prompt,negative_prompt) for the prompt option --style NAME[,NAME]")
 
 
 def _add_img2img_group(p: argparse.ArgumentParser) -> None:

@@ -35,10 +35,21 @@ def check_inputs(options: Options) -> None:
         check_model(spec, "--control_net_models")
     files = (("--network_weights", options.networks.weights),
              ("--textual_inversion_embeddings", options.text.textual_inversion_embeddings),
-             ("--XTI_embeddings", options.text.xti_embeddings))
+             ("--XTI_embeddings", options.text.xti_embeddings),
+             ("--hypernetwork", options.dialect.hypernetworks),
+             ("--styles", (options.dialect.styles,) if options.dialect.styles else ()))
     for option, paths in files:
         for path in paths:
             check_file(path, option)
+    for option, folders in (("--lora_dir", options.dialect.lora_dirs),
+                            ("--hypernetwork_dir", options.dialect.hypernetwork_dirs)):
+        for folder in folders:
+            if not Path(folder).is_dir():
+                raise UserError(f"{option} {folder}: no such folder")
+    if options.dialect.styles:
+        from library.prompts.styles import read_styles
+
+        read_styles(options.dialect.styles)
     check_network_modules(options.networks.modules)
     check_guidance_models(options.guidance)
     check_outdir(options.output.outdir)

@@ -24,7 +24,8 @@ SDXL_ONLY_OPTIONS: tuple[tuple[str, object, object], ...] = (
 )
 
 _FLOAT_OPTIONS = ("scale", "ddim_eta", "negative_scale", "strength", "highres_fix_scale", "highres_fix_strength",
-                  "vae_batch_size", "network_mul", "control_net_weights", "control_net_ratios")
+                  "vae_batch_size", "network_mul", "control_net_weights", "control_net_ratios",
+                  "hypernetwork_mul")
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -58,6 +59,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.v1 and args.v2:
         raise UserError("--v1 and --v2 exclude each other")
     validate_original_compat(args)
+    validate_prompt_dialect(args)
     validate_img2img(args)
     validate_controlnet(args)
     validate_guidance(args)
@@ -206,3 +208,12 @@ def validate_high_resolution(args: argparse.Namespace) -> None:
         raise UserError(f"--gradual_latent_ratio_step {args.gradual_latent_ratio_step}: must be above 0")
     if args.gradual_latent_every_n_steps < 1:
         raise UserError(f"--gradual_latent_every_n_steps {args.gradual_latent_every_n_steps}: must be at least 1")
+
+
+def validate_prompt_dialect(args: argparse.Namespace) -> None:
+    """`--hypernetwork_mul`: one value per `--hypernetwork` file."""
+    files, muls = getattr(args, "hypernetwork", []), getattr(args, "hypernetwork_mul", [])
+    if muls and not files:
+        raise UserError("--hypernetwork_mul given without --hypernetwork")
+    if muls and len(muls) != len(files):
+        raise UserError(f"--hypernetwork_mul has {len(muls)} values but --hypernetwork has {len(files)}")

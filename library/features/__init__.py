@@ -17,13 +17,17 @@ from library.features.controlnet import ControlNets
 from library.features.deep_shrink import DeepShrinkFeature
 from library.features.gradual_latent import GradualLatentFeature
 from library.features.guidance import GuidedGeneration
+from library.features.hypernetwork import Hypernetworks
 from library.features.inpainting import Inpainting
 from library.features.lora import Networks, load_networks
+from library.features.lora_tags import PromptLoras
 from library.features.xti import PerLayerText
 
 FEATURES = (
     Inpainting,
     Networks,
+    PromptLoras,
+    Hypernetworks,
     PerLayerText,
     ControlNets,
     AttentionCouple,

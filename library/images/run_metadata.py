@@ -41,3 +41,27 @@ def run_parameters(*, vae: str | None, sampler: str, ddim_eta: float, lora_files
 def lora_tags(lora_files: Sequence[str], multipliers: Sequence[float]) -> str:
     """`<lora:name:weight>` for each network, as A1111 prompts carry them (empty without networks)."""
     return "".join(f" <lora:{_name(f)}:{w:g}>" for f, w in zip(lora_files, multipliers))
+
+
+def prompt_tags(job) -> str:
+    """The web UI's tags of a `Job`'s `<lora:...>` / `<hypernet:...>` uses, for the A1111 prompt
+    (the `prompt` key holds the text without them, `raw-prompt` the line as written)."""
+    return "".join(f" {use.tag()}" for use in (*job.loras, *job.hypernetworks))
+
+
+#: A1111 fields that several producers may write (the run's networks and the prompt's tags): joined.
+JOINED_FIELDS = ("Lora hashes",)
+
+
+def joined_fields(items: Sequence[tuple[str, object]]) -> tuple[tuple[str, object], ...]:
+    """`items` with the values of a repeated `JOINED_FIELDS` key joined by ", " at its first place
+    (an entry both give is listed once)."""
+    out: list[tuple[str, object]] = []
+    for key, value in items:
+        first = next((i for i, (k, _) in enumerate(out) if k == key), None)
+        if key in JOINED_FIELDS and first is not None:
+            entries = dict.fromkeys([*str(out[first][1]).split(", "), *str(value).split(", ")])
+            out[first] = (key, ", ".join(entries))
+        else:
+            out.append((key, value))
+    return tuple(out)

@@ -162,6 +162,8 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
                  "euler_a"),
     PromptOption("hfs", OptionKind.FLOAT, "highres_scale", "Highres fix scale of the line's images (with "
                  "--highres_fix_scale)", "0.5", minimum=0.05, maximum=1),
+    PromptOption("style", OptionKind.NAME, "styles", "styles of the --styles file to apply, comma-separated",
+                 "Cinematic,Film grain"),
 )
 
 _BY_NAME: dict[str, PromptOption] = {option.name: option for option in PROMPT_OPTIONS}
@@ -202,6 +204,7 @@ class PromptOverrides:
     seed_resize_from_h: int | None = None
     sampler: str | None = None
     highres_scale: float | None = None
+    styles: str | None = None  # `--style NAME[,NAME]` (`library.prompts.styles`)
 
 
 @dataclass(frozen=True)

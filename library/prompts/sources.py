@@ -5,7 +5,11 @@ Sources: `--prompt`, `--from_file` (one prompt per line; blank lines and `#` lin
 (`Type prompt:`; end of input ends the run), and with none of them the `--image_path`
 sources' own metadata (`metadata_lines`). Each line's options (`--n --w --h --s --d --l
 --nl ...`) are parsed by `library.prompts.line_options`; a malformed line is reported with its
-number and skipped. Dynamic variants (`{a|b}`) are picked per image from its seed.
+number and skipped. Dynamic variants (`{a|b}`) are picked per image from its seed. The web UI's
+dialect (docs/webui.md): a line's `--style` names are applied to its text first
+(`library.prompts.styles`), and each image's `<lora:...>` / `<hypernet:...>` tags are cut from
+its text into its Job (`library.prompts.extra_networks`); its chunk count covers every step's
+text under prompt editing (`library.text.prompt_editing`).
 
 img2img: `Defaults.width/height` are None when the size comes from each source image
 (no `--W/--H`), and `strength` is the img2img (or Highres fix 2nd stage) strength that a
@@ -17,26 +21,29 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.errors import UserError
 from library.images import input_images as image_io
 from library.images import metadata as image_metadata
 from library.prompts.dynamic import expand_enumerations, pick_variants
+from library.prompts.extra_networks import NetworkFiles, prompt_networks
 from library.prompts.line_options import parse_prompt_line, unknown_option_message
 from library.prompts.seeds import SeedSource, seeds_for_line
+from library.prompts.styles import Style, apply_styles, read_styles
 from library.prompts.variation import line_variations
 from library.records.deep_shrink_settings import DeepShrink
 from library.records.deep_shrink_settings import with_overrides as deep_shrink_overrides
+from library.records.extra_networks import HypernetUse
 from library.records.gradual_latent_settings import GradualLatent, parse_unsharp
 from library.records.gradual_latent_settings import with_overrides as gradual_latent_overrides
 from library.records.jobs import Job
 from library.records.options import Options
 from library.records.variation_settings import VariationDefaults
 from library.records.webui_samplers import canonical_sampler
+from library.text.prompt_editing import distinct_texts
 from library.text.weighting import split_and
 from library.user_code import import_file
 
@@ -59,6 +66,11 @@ class Defaults:
     gradual_latent: GradualLatent | None = None
     regional_networks: int = 0  # regional LoRA: networks that each need a prompt part (`library.images.region_masks`)
     merged_networks: int = 0  # networks merged into the model (`--am` cannot change them)
+    # where `<lora:...>` / `<hypernet:...>` tags find their files (`library.prompts.extra_networks`)
+    network_files: NetworkFiles = field(default_factory=NetworkFiles, compare=False)
+    hypernetworks: tuple[HypernetUse, ...] = ()  # `--hypernetwork` files: every image's
+    styles: dict[str, Style] | None = field(default=None, compare=False)  # `--styles` (a line's `--style` picks)
+    styles_file: str | None = None  # its path, for messages
     variation: VariationDefaults = VariationDefaults()  # `--subseed` ... (`library.prompts.variation`)
     highres: bool = False  # `--highres_fix_scale` given (a line's `--hfs` changes it)
 
@@ -75,8 +87,25 @@ class Defaults:
         merged = len(n.modules) if n.merge else min(n.merge_n_models or 0, len(n.modules))
         return cls(width, height, g.steps, g.scale, g.negative_scale, g.images_per_prompt, muls, _strength(options),
                    deep_shrink=g.deep_shrink, gradual_latent=g.gradual_latent, regional_networks=regional,
-                   merged_networks=merged, variation=g.variation or VariationDefaults(),
+                   merged_networks=merged, network_files=_network_files(options),
+                   hypernetworks=_run_hypernetworks(options),
+                   styles=read_styles(options.dialect.styles) if options.dialect.styles else None,
+                   styles_file=options.dialect.styles, variation=g.variation or VariationDefaults(),
                    highres=options.highres.scale is not None)
+
+
+def _network_files(options: Options) -> NetworkFiles:
+    """Tag folders: `--lora_dir` then the `--network_weights` files' folders; `--hypernetwork_dir`."""
+    d = options.dialect
+    weight_dirs = tuple(str(Path(w).parent) for w in options.networks.weights)
+    return NetworkFiles(d.lora_dirs, d.hypernetwork_dirs, tuple(dict.fromkeys(weight_dirs)))
+
+
+def _run_hypernetworks(options: Options) -> tuple[HypernetUse, ...]:
+    """`--hypernetwork FILE ... --hypernetwork_mul M ...` (1 by default)."""
+    d = options.dialect
+    muls = d.hypernetwork_muls or (1.0,) * len(d.hypernetworks)
+    return tuple(HypernetUse(Path(f).stem, f, float(m)) for f, m in zip(d.hypernetworks, muls))
 
 
 def _strength(options: Options) -> float | None:
@@ -191,9 +220,10 @@ def jobs_for_line(
     """The Jobs of one prompt line; a malformed line raises `UserError` (caller skips it)."""
     parsed = parse_prompt_line(line.text)
     o = parsed.overrides
+    styled, styled_negative = apply_styles(o.styles, parsed.prompt, o.negative_prompt, defaults.styles,
+                                           defaults.styles_file)
     for written in parsed.unknown:
         logger.warning("%s: %s", line.where, unknown_option_message(written))
-    _warn_unsupported_tags(parsed.prompt, line)
     if o.network_multipliers is not None:
         _warn_inert_am(defaults, line)
     width, height = o.width or defaults.width, o.height or defaults.height
@@ -208,11 +238,13 @@ def jobs_for_line(
     unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
     gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
     jobs = []
-    for prompt in expand_enumerations(parsed.prompt):
+    for prompt in expand_enumerations(styled):
         drawn = seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed)
         for seed, variation in zip(*line_variations(drawn, defaults.variation, o, bool(o.seeds))):
-            text = pick_variants(prompt, seed)
-            negative = pick_variants(o.negative_prompt or "", seed)
+            text, tagged = prompt_networks(pick_variants(prompt, seed), defaults.network_files)
+            negative, negative_tagged = prompt_networks(pick_variants(styled_negative or "", seed),
+                                                        defaults.network_files)
+            tagged += negative_tagged
             parts = split_and(text)
             if defaults.regional_networks > len(parts):
                 raise UserError(f"{defaults.regional_networks} networks are loaded for regional LoRA but the prompt "
@@ -228,7 +260,7 @@ def jobs_for_line(
                     scale=o.scale if o.scale is not None else defaults.scale,
                     negative_scale=_line_negative_scale(parsed.negative_scale_off, o.negative_scale,
                                                         defaults.negative_scale),
-                    chunks=chunk_count(*parts, negative),
+                    chunks=chunk_count(*distinct_texts((*parts, negative), o.steps or defaults.steps)),
                     raw_prompt=line.text,  # always written, as the original (the line as given)
                     clip_prompt=o.clip_prompt,
                     file_name=o.file_name,
@@ -237,23 +269,14 @@ def jobs_for_line(
                     deep_shrink=deep_shrink,
                     gradual_latent=gradual_latent,
                     prompt_parts=tuple(parts) if len(parts) > 1 else (),
+                    loras=tagged.loras,
+                    hypernetworks=defaults.hypernetworks + tagged.hypernetworks,
                     variation=variation,
                     sampler=sampler,
                     highres_scale=o.highres_scale if defaults.highres else None,
                 )
             )
     return jobs
-
-
-_EXTRA_NETWORK_TAG = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
-
-
-def _warn_unsupported_tags(prompt: str, line: Line) -> None:
-    """`<lora:name:w>` / `<hypernet:...>` in a prompt (the web UI's syntax): a warning, the text stays."""
-    tags = [m.group(0) for m in _EXTRA_NETWORK_TAG.finditer(prompt)]
-    if tags:
-        logger.warning("%s: %s not supported in prompts (they stay in the text); load LoRA with "
-                       "--network_module/--network_weights and set weights with --am", line.where, " ".join(tags))
 
 
 def _warn_inert_am(defaults: Defaults, line: Line) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from library.records.deep_shrink_settings import DeepShrink
+    from library.records.extra_networks import HypernetUse, LoraUse
     from library.records.gradual_latent_settings import GradualLatent
     from library.records.variation_settings import Variation
 
@@ -50,6 +51,8 @@ class Job:
     variation: Variation | None = None
     sampler: str | None = None  # the line's `--sa`; None: the run's `--sampler`
     highres_scale: float | None = None  # the line's `--hfs`; None: the run's `--highres_fix_scale`
+    loras: tuple[LoraUse, ...] = ()  # the prompt's `<lora:...>` tags (`library.prompts.extra_networks`)
+    hypernetworks: tuple[HypernetUse, ...] = ()  # `--hypernetwork` and the prompt's `<hypernet:...>` tags
     # position in the run (0-based, across rounds): the number in the file name, the same in any process
     index: int = 0
 
@@ -72,6 +75,8 @@ class Job:
             len(self.prompt_parts),
             self.sampler,
             self.highres_scale,
+            self.loras,
+            self.hypernetworks,
         )
 
 

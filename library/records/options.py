@@ -144,6 +144,18 @@ class NetworkOptions:
 
 
 @dataclass(frozen=True)
+class DialectOptions:
+    """The web UI's prompt dialect: where `<lora:...>` / `<hypernet:...>` tags find their files,
+    run-wide hypernetworks, and the styles file (`library.prompts.extra_networks`, `library.prompts.styles`)."""
+
+    lora_dirs: tuple[str, ...] = ()
+    hypernetwork_dirs: tuple[str, ...] = ()
+    hypernetworks: tuple[str, ...] = ()  # `--hypernetwork FILE ...`
+    hypernetwork_muls: tuple[float, ...] = ()  # `--hypernetwork_mul M ...` (default 1 each)
+    styles: str | None = None  # `--styles FILE` (a web UI styles.csv)
+
+
+@dataclass(frozen=True)
 class OutputOptions:
     """Where and how images are written."""
 
@@ -187,6 +199,7 @@ class Options:
     output: OutputOptions
     rounds: RoundOptions
     namespace: argparse.Namespace  # only for `--from_module` prompters (the original's signature)
+    dialect: DialectOptions = DialectOptions()  # the web UI's prompt dialect (tags, hypernetworks, styles)
 
 
 def vae_batch_size(value: float | None, batch_size: int) -> int:
@@ -277,4 +290,7 @@ def from_namespace(a: argparse.Namespace) -> Options:
                             a.iter_same_seed, a.shuffle_prompts, tuple(a.xyz or ()), a.prompt_matrix,
                             tuple(getattr(a, "png_lines", ()))),
         namespace=a,
+        dialect=DialectOptions(_tuple(getattr(a, "lora_dir", ())), _tuple(getattr(a, "hypernetwork_dir", ())),
+                               _tuple(getattr(a, "hypernetwork", ())), _tuple(getattr(a, "hypernetwork_mul", ())),
+                               getattr(a, "styles", None)),
     )

@@ -29,7 +29,7 @@ from library.images import input_images, output_files
 from library.images import metadata as image_metadata
 from library.images.input_images import GuideImages
 from library.images.job_record import job_options_text
-from library.images.run_metadata import lora_tags
+from library.images.run_metadata import joined_fields, lora_tags, prompt_tags
 from library.images.seed_metadata import seed_metadata
 from library.progress import progress as tqdm
 from library.prompts.sources import Defaults, Line, jobs_for_line
@@ -208,8 +208,9 @@ class Runner:
         features = self.pipeline.metadata(job)  # each feature's own (`Feature.metadata`), in their order
         features = seed_metadata(job.variation, self.pipeline.eta_noise_seed_delta) + features
         regen = (*job_options_text(job, self.output.lora_multipliers or None), *self.output.run_text)
-        extra = (*extra, *features.parameters, *self.output.run_metadata)
+        extra = joined_fields((*extra, *features.parameters, *self.output.run_metadata))
         tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
+        tags += prompt_tags(job)
         record = image_metadata.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,

@@ -35,6 +35,7 @@ from library.sampling.checks import check_latents
 from library.sampling.img2img import Img2ImgInput
 from library.sampling.noise import draw_image_noise
 from library.sampling.patches import Batch, BatchLayout, Feature, PatchOwner, SourceLatents
+from library.sampling.prompt_schedule import step_conditionings
 from library.sampling.schedulers import make_scheduler
 from library.sampling.vae_slices import sliced_decode, sliced_encode_moments
 from library.text.encoder import Conditioning, PromptEncoder
@@ -138,13 +139,14 @@ class Pipeline:
             latents = run.start(latents)
             if len(batch.timesteps) == 0:
                 return latents
-            cond = self._conditioning(batch.jobs, cfg, run)
+            conds = step_conditionings(batch.jobs, len(batch.timesteps), len(scheduler.timesteps),
+                                       lambda jobs: self._conditioning(jobs, cfg, run), self.encoder.chunk_count)
             desc = run.description("steps")
             for i, t in enumerate(tqdm(batch.timesteps, desc=desc, leave=False, disable=not self.progress)):
                 ctx = run.context(i, t)
                 scale = lambda x, t=t: scheduler.scale_model_input(x, t)  # noqa: E731
                 model_input = run.scale_model_input(ctx, torch.cat([latents] * cfg.copies), scale)
-                eps = run.after_cfg(ctx, latents, cfg.combine(run.unet_call(ctx, model_input, t, cond)))
+                eps = run.after_cfg(ctx, latents, cfg.combine(run.unet_call(ctx, model_input, t, conds[i])))
                 latents, eps = run.guide(ctx, latents, eps, t)
                 step = lambda e, x, t=t: scheduler.step(e, t, x, **step_kwargs).prev_sample  # noqa: E731
                 latents = run.after_step(ctx, run.scheduler_step(ctx, eps, latents, step))

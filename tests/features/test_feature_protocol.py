@@ -20,8 +20,10 @@ from library.features.controlnet import ControlNets
 from library.features.deep_shrink import DeepShrinkFeature
 from library.features.gradual_latent import GradualLatentFeature
 from library.features.guidance import GuidedGeneration
+from library.features.hypernetwork import Hypernetworks
 from library.features.inpainting import Inpainting
 from library.features.lora import Networks
+from library.features.lora_tags import PromptLoras
 from library.features.xti import PerLayerText
 from library.images.metadata import FeatureMetadata
 from library.models import load_model
@@ -32,10 +34,10 @@ from library.run import build
 from library.sampling.patches import Feature, FeatureBase, FixedFeature, Patch, RunSetup
 from tests.helpers import ROOT, make_pipeline
 
-ORDER = (Inpainting, Networks, PerLayerText, ControlNets, AttentionCouple, GuidedGeneration, DeepShrinkFeature,
-         GradualLatentFeature)
-#: the classes every run has: a prompt line may turn them on (` AND `, --dsd1, --glt)
-ALWAYS = (AttentionCouple, DeepShrinkFeature, GradualLatentFeature)
+ORDER = (Inpainting, Networks, PromptLoras, Hypernetworks, PerLayerText, ControlNets, AttentionCouple,
+         GuidedGeneration, DeepShrinkFeature, GradualLatentFeature)
+#: the classes every run has: a prompt line may turn them on (<lora:...>, <hypernet:...>, ` AND `, --dsd1, --glt)
+ALWAYS = (PromptLoras, Hypernetworks, AttentionCouple, DeepShrinkFeature, GradualLatentFeature)
 PROTOCOL = ("from_run", "check_job", "metadata", "mirrors", "for_batch")
 
 

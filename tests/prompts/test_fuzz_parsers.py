@@ -19,7 +19,7 @@ PIECES = st.sampled_from([
     "(", ")", "[", "]", "{", "}", "|", ":", "\\", " ", "$$", "e$$", "2$$", "1-3$$", "-", ",", ".", "BREAK",
     " AND ", " --n ", " --w ", " --h ", " --s ", " --d ", " --l ", " --am ", " --t ", " --f ", " --x ", "--",
     "1.5", "0", "-1", "8", "64", "9" * 400, "9" * 5000, "1e309", "nan", "inf", "(" * 300, "{" * 40, "}" * 40,
-    "a", "cat", "é", "猫", "\u200b", "\x1b[1m", "\n", "\t",
+    "a", "cat", "é", "猫", "\u200b", "\x1b[1m", "\n", "\t", "<", ">", "<lora:", "<hypernet:a:", " --style ",
 ])
 LINES = st.lists(PIECES | st.text(max_size=3), max_size=30).map("".join)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -431,14 +431,13 @@ def test_silent_no_ops_are_warned(tiny_models, tmp_path, caplog):
     lora = tmp_path / "l.safetensors"
     write_kohya_lora(lora, model.text_encoder, model.unet, rank=4, seed=1)
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a <lora:x:0.5> cat <hypernet:h:1> --am 0.5 --d 1\n")
+    prompts.write_text("a cat --am 0.5 --d 1\n")
     with caplog.at_level("WARNING"):
         assert run(tiny_models, tmp_path / "a", "--from_file", str(prompts), "--sampler", "euler",
                    "--ddim_eta", "0.3") == 0
         assert run(tiny_models, tmp_path / "b", "--from_file", str(prompts), "--network_module", "networks.lora",
                    "--network_weights", str(lora), "--network_merge", "--network_args", "foo=1,bar=2") == 0
     text = caplog.text
-    assert f"{prompts}:1: <lora:x:0.5> <hypernet:h:1> not supported in prompts (they stay in the text)" in text
     assert f"{prompts}:1: --am ignored: no networks are loaded" in text
     assert "--ddim_eta 0.3 ignored: --sampler euler has no eta (ddim has)" in text
     assert f"{prompts}:1: --am does not change the first 1 network(s): they are merged into the model" in text
