@@ -95,10 +95,12 @@ def _escape(prompt: str) -> str:
 
 def prompt_line(settings: PngSettings, dropped: set[str]) -> str:
     """The prompt line that makes the PNG's image (its options minus `dropped`)."""
-    parts = [_escape(settings.prompt)]
+    line = dict(settings.line)
+    tags = line.pop("tags", "")
+    parts = [_escape(settings.prompt) + (f" {tags}" if tags else "")]
     if settings.negative is not None:
         parts.append(f"--n {settings.negative}".rstrip())
-    parts += [f"--{name} {value}" for name, value in settings.line.items() if name not in dropped]
+    parts += [f"--{name} {value}" for name, value in line.items() if name not in dropped]
     if settings.clip_prompt:
         parts.append(f"--c {settings.clip_prompt}")
     return " ".join(parts)

@@ -19,8 +19,19 @@ def _num(value: float | int) -> str:
     return repr(value)
 
 
-def job_options(job: Job, default_multipliers: tuple[float, ...] | None = None) -> dict[str, str]:
-    """The image's settings as prompt-line options (name -> value text)."""
+def prompt_network_tags(job: Job, run_hypernetworks: tuple = ()) -> str:
+    """The prompt's `<lora:...>` / `<hypernet:...>` tags with their exact multipliers (the `prompt`
+    key holds the text without them); hypernetworks of the run's `--hypernetwork` are not tags."""
+    tags = [f"<lora:{use.name}:{use.text_encoder!r}:{use.unet!r}>" for use in getattr(job, "loras", ())]
+    tags += [f"<hypernet:{use.name}:{use.multiplier!r}>" for use in getattr(job, "hypernetworks", ())
+             if use not in run_hypernetworks]
+    return " ".join(tags)
+
+
+def job_options(job: Job, default_multipliers: tuple[float, ...] | None = None,
+                run_hypernetworks: tuple = ()) -> dict[str, str]:
+    """The image's settings as prompt-line options (name -> value text); `tags`: its prompt's
+    network tags (`prompt_network_tags`), which `--from_png` puts back into the prompt."""
     o: dict[str, str] = {"w": str(job.width), "h": str(job.height), "s": str(job.steps), "d": str(job.seed),
                          "l": _num(job.scale)}
     if job.negative_scale is not None:
@@ -50,9 +61,14 @@ def job_options(job: Job, default_multipliers: tuple[float, ...] | None = None) 
         o.update(vs=str(variation.subseed), vss=_num(variation.strength))
     if variation is not None and variation.resize_from is not None:
         o.update(srw=str(variation.resize_from[0]), srh=str(variation.resize_from[1]))
+    tags = prompt_network_tags(job, run_hypernetworks)
+    if tags:
+        o["tags"] = tags
     return o
 
 
-def job_options_text(job: Job, default_multipliers: tuple[float, ...] | None = None) -> tuple[tuple[str, str], ...]:
+def job_options_text(job: Job, default_multipliers: tuple[float, ...] | None = None,
+                     run_hypernetworks: tuple = ()) -> tuple[tuple[str, str], ...]:
     """The `job-options` PNG text item of one image."""
-    return (("job-options", json.dumps(job_options(job, default_multipliers), separators=(",", ":"))),)
+    options = job_options(job, default_multipliers, run_hypernetworks)
+    return (("job-options", json.dumps(options, separators=(",", ":"), ensure_ascii=False)),)

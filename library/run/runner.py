@@ -207,7 +207,8 @@ class Runner:
         extra = self.highres.metadata(job) if stage == "1" else ()
         features = self.pipeline.metadata(job)  # each feature's own (`Feature.metadata`), in their order
         features = seed_metadata(job.variation, self.pipeline.eta_noise_seed_delta) + features
-        regen = (*job_options_text(job, self.output.lora_multipliers or None), *self.output.run_text)
+        regen = (*job_options_text(job, self.output.lora_multipliers or None, self.defaults.hypernetworks),
+                 *self.output.run_text)
         extra = joined_fields((*extra, *features.parameters, *self.output.run_metadata))
         tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
         tags += prompt_tags(job)

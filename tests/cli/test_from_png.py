@@ -178,3 +178,15 @@ def test_the_original_tools_keys_and_the_image_size(tmp_path):
     assert (s.source, s.prompt, s.negative) == ("the original tool", "a cat", "dog")
     assert s.line == {"w": "64", "h": "64", "s": "20", "d": "7", "l": "7.5", "nl": "2.0"}
     assert s.run == {"sampler": "k_euler_a"}
+
+
+def test_a_prompt_lora_tag_is_made_again(tiny_models, tmp_path):
+    lora_dir = str(Path(tiny_models["lora"]).parent)
+    assert run(tiny_models, tmp_path / "made", "--lora_dir", lora_dir,
+               "--prompt", "a cat <lora:tiny-lora-sd1:0.6> --d 4") == 0
+    assert run(tiny_models, tmp_path / "plain", "--prompt", "a cat --d 4") == 0
+    (made,), (plain,) = pngs(tmp_path / "made"), pngs(tmp_path / "plain")
+    assert json.loads(meta(made)["job-options"])["tags"] == "<lora:tiny-lora-sd1:0.6:0.6>"
+    assert gen_img.main(["--outdir", str(tmp_path / "again"), "--from_png", str(made)]) == 0
+    assert _same_images([made], pngs(tmp_path / "again")) == [True]
+    assert not np.array_equal(pixels(made), pixels(plain))  # the tag changed the picture
