@@ -187,9 +187,11 @@ class Recorder:
 
     def attach(self, text_encoder: torch.nn.Module, unet: torch.nn.Module, vae: torch.nn.Module) -> None:
         """Hook the forwards of text encoder and U-Net, and wrap `vae.decode` on the instance."""
+        # torch.compiler.disable: a compiled U-Net (--compile) runs its hooks as they are, untraced
+        start, stop = torch.compiler.disable(self.start), torch.compiler.disable(self.stop)
         for part, module in (("text_encoder", text_encoder), ("unet", unet)):
-            module.register_forward_pre_hook(lambda _m, _a, part=part: self.start(part))
-            module.register_forward_hook(lambda _m, _a, _o, part=part: self.stop(part))
+            module.register_forward_pre_hook(lambda _m, _a, part=part: start(part))
+            module.register_forward_hook(lambda _m, _a, _o, part=part: stop(part))
         original = vae.decode
 
         def timed_decode(*args, **kwargs):
