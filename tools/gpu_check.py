@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_TEST_FILES = ("tests/run/test_gpu.py",)
 DEADLINE_S = 470  # the whole check: 7 min 50 s
 MIN_PART_S = 30  # a part that would get less is skipped ("no time left")
+TESTS_LIMIT_S = 130  # the GPU tests part (tiny models: about a minute on a GPU machine)
 BENCH = ["--device", "cuda", "--dtype", "fp16", "--size", "512", "--steps", "20", "--runs", "2", "--load_runs", "1"]
 
 
@@ -71,7 +72,7 @@ class Part:
 
 def parts() -> list[Part]:
     """The check's parts, in the order they run."""
-    tests = Part("tests", ["pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES], 130,
+    tests = Part("tests", ["pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES], TESTS_LIMIT_S,
                  needs_cuda=False, json_flag=None)
     bench = ["tools.bench", "pipeline", *BENCH]
     return [
