@@ -91,6 +91,11 @@ def generate(options: Options, runner, pipeline, networks: list, team) -> None:
                            unseeded=team.seed)  # without --seed: the same draws on every rank
         total = len(lines) * per_prompt if lines else None
         shuffle = team.shuffler()
+        if rounds.sweep or rounds.prompt_matrix:  # --xyz / --prompt_matrix: cell lines, then labelled grids
+            from library.run.sweep_run import run_sweep
+
+            run_sweep(runner, rounds, lines, seeds, per_prompt, team)
+            return
         run_rounds(runner, rounds, lambda _: prompts.shuffled(lines, rounds.shuffle_prompts, shuffle), seeds, total)
 
 
@@ -116,6 +121,8 @@ def prompt_lines(options: Options) -> list:
     from library.prompts import sources as prompts
 
     rounds = options.rounds
+    if rounds.png_lines:  # --from_png: one line per PNG, with its settings
+        return [prompts.Line(text, where) for text, where in rounds.png_lines]
     if rounds.prompt is None and rounds.from_file is None:
         return prompts.metadata_lines(options.sources.image_path)
     if rounds.prompt is not None:

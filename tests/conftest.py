@@ -18,13 +18,22 @@ os.environ.setdefault("SDGEN_CACHE_DIR", tempfile.mkdtemp(prefix="sdgen-test-cac
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests (full-size models) run only with RUN_SLOW=1."""
-    if os.environ.get("RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="full-size model test; set RUN_SLOW=1 to run")
+    """Slow tests (full-size models) run only with RUN_SLOW=1; GPU tests only where torch sees CUDA."""
+    slow = os.environ.get("RUN_SLOW") != "1"
+    skip_slow = pytest.mark.skip(reason="full-size model test; set RUN_SLOW=1 to run")
+    gpu = any("gpu" in item.keywords for item in items) and not _cuda_available()
+    skip_gpu = pytest.mark.skip(reason="GPU test; no CUDA device here (python -m tools.gpu_check runs them on one)")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if slow and "slow" in item.keywords:
+            item.add_marker(skip_slow)
+        if gpu and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from library.cli.validation import SDXL_ONLY_OPTIONS, SDXL_SIZE_OPTIONS, validate
+from library.cli.webui_options import add_webui_groups
 from library.errors import UserError
 from library.messages import argparse_text
 from library.records.options import Options, from_namespace
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     g.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
     g.add_argument("--sampler", default="ddim", metavar="NAME",
-                   help="sampler (default ddim): " + ", ".join(sampler_names()))
+                   help="sampler (default ddim): " + ", ".join(sampler_names())
+                   + '; or the web UI\'s names, e.g. "Euler a", "DPM++ 2M Karras" (docs/webui.md)')
     g.add_argument("--ddim_eta", type=float, default=0.0, help="eta for ddim (default 0)")
     g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--n_iter", type=int, default=1, help="times to repeat all prompts (default 1)")
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guidance_group(p)
     _add_original_compat_group(p)
     _add_sdxl_group(p)
+    add_webui_groups(p)
 
     g = p.add_argument_group("additional networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=[], help="module per network, e.g. networks.lora")
@@ -298,12 +301,21 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate; a bad combination exits with one line and status 2."""
+    from library.cli import regenerate
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, png_lines = regenerate.expand(argv, parser)  # --from_png: the PNGs' settings, then ours
+    except UserError as exc:
+        parser.error(str(exc))
     args = parser.parse_args(argv)
     try:
         validate(args)
     except UserError as exc:
         parser.error(str(exc))
+    args.png_lines = png_lines
+    args.run_record = regenerate.run_record(args, parser)  # written into every image (`run-options`)
     return args
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from library.cli.webui_options import validate_webui
 from library.errors import UserError
 from library.records import limits
 
@@ -54,15 +55,15 @@ def check_options(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check what argparse cannot: ranges, exclusive options, sampler names."""
-    from library.records.samplers import resolve
+    from library.records.webui_samplers import canonical_sampler
 
-    resolve(args.sampler)
-    sources = [o for o in ("prompt", "from_file", "from_module", "interactive") if getattr(args, o)]
+    args.sampler = canonical_sampler(args.sampler)  # the web UI's names ("DPM++ 2M Karras") become ours
+    sources = [o for o in ("prompt", "from_file", "from_module", "interactive", "from_png") if getattr(args, o)]
     if len(sources) > 1:
         raise UserError(f"give one prompt source, not {' and '.join('--' + s for s in sources)}")
     if not sources and args.image_path is None:
         raise UserError("no prompt: give --prompt, --from_file, --from_module or --interactive "
-                        "(or --image_path with images that have prompts in their metadata)")
+                        "(or --image_path with images that have prompts in their metadata, or --from_png)")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
     kinds = [f"--{name}" for name in ("v1", "v2", "sdxl") if getattr(args, name)]
@@ -97,6 +98,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.network_merge and args.network_pre_calc:
         raise UserError("--network_merge and --network_pre_calc exclude each other")
     check_options(args)  # finite numbers, seeds, size and steps limits
+    validate_webui(args)  # variation seeds, seed resize, ENSD, sweeps
     validate_high_resolution(args)  # last: it imports torch
 
 

@@ -56,8 +56,9 @@ class GradualLatentFeature(FeatureBase):
     def check_job(self, job) -> None:
         if job.gradual_latent is None:
             return
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"Gradual Latent works with --sampler euler_a or k_euler_a, not {self.sampler}")
+        sampler = job.sampler or self.sampler  # a prompt line's `--sa`, else the run's
+        if sampler not in SAMPLERS:
+            raise UserError(f"Gradual Latent works with --sampler euler_a or k_euler_a, not {sampler}")
 
     def for_batch(self, batch: Batch) -> GrowLatents | None:
         settings = batch.jobs[0].gradual_latent

@@ -7,6 +7,7 @@ temporary name and renamed, so an interrupted write never leaves a half model be
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -91,9 +92,14 @@ def save_diffusers_folder(text_encoder, tokenizer, unet, vae, kind: str, folder:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """`safetensors` file written atomically."""
+    """`safetensors` file written atomically (under a temporary name of this process's own, so
+    processes that write the same file at once do not meet)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -114,6 +114,23 @@ def sdxl_unet_config() -> dict:
     )
 
 
+def demo_unet_config() -> dict:
+    """The demo model's U-Net (SD1 layout): three levels of 32, 32 and 64 channels with attention
+    only at the deepest (and in the middle block), 4x smaller on each side than the latent.
+
+    The demo runs at the default 512x512 (a 64x64 latent). The tiny test U-Net attends at full
+    latent size, 4096 tokens in 8 heads of 4 channels, which made the first image of a new user
+    take 1.9 s per step on 2 cores; at 256 tokens the attention costs little and the
+    convolutions are what remains. Everything else is the tiny SD1 model's.
+    """
+    return dict(
+        unet_config("sd1"),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 32, 64),
+    )
+
+
 def vae_config(kind: Kind = "sd1") -> dict:
     """AutoencoderKL kwargs: four blocks (8x downsampling) of 32 channels, SD's (or SDXL's) scaling."""
     return dict(
@@ -130,8 +147,9 @@ def vae_config(kind: Kind = "sd1") -> dict:
     )
 
 
-def build_tiny_components(kind: Kind, seed: int = 0) -> TinyComponents:
-    """Build the tiny networks of `kind` with weights drawn from `seed` (fp32, eval mode)."""
+def build_tiny_components(kind: Kind, seed: int = 0, unet: dict | None = None) -> TinyComponents:
+    """Build the tiny networks of `kind` with weights drawn from `seed` (fp32, eval mode);
+    `unet`: other U-Net kwargs than `unet_config(kind)` (the demo model's)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -141,7 +159,7 @@ def build_tiny_components(kind: Kind, seed: int = 0) -> TinyComponents:
     try:
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(kind)))
-        unet = UNet2DConditionModel(**unet_config(kind))
+        unet = UNet2DConditionModel(**(unet or unet_config(kind)))
         vae = AutoencoderKL(**vae_config(kind))
         text_encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2_config()))
                           if kind == "sdxl" else None)

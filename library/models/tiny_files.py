@@ -1,7 +1,8 @@
 """Write the tiny SD1 / SD2 / SD2-v / SDXL models (`library.models.tiny`) in the real file layouts.
 
-The demo model that `gen_img.py` uses without `--ckpt` and the test fixtures come from here;
-`tools/make_tiny_model.py` is the command line over it.
+The test fixtures and the demo model that `gen_img.py` uses without `--ckpt` (`make_demo_model`:
+one file, `demo-sd1.safetensors`, the tiny SD1 model with the U-Net of `tiny.demo_unet_config`)
+come from here; `tools/make_tiny_model.py` is the command line over it.
 
 For each kind it writes `tiny-<kind>.safetensors` (one file, original LDM key layout, as
 downloaded from model sites) and `tiny-<kind>/` (a Diffusers folder with unet/, vae/,
@@ -32,7 +33,25 @@ from pathlib import Path
 
 from library.models.ldm_export import controlnet_to_ldm, vae_to_ldm
 from library.models.save import save_diffusers_folder, save_single_file, save_tensors
-from library.models.tiny import KINDS, Kind, build_tiny_components, tiny_controlnet
+from library.models.tiny import KINDS, Kind, build_tiny_components, demo_unet_config, tiny_controlnet
+
+DEMO_FILE = "demo-sd1.safetensors"
+
+
+def make_demo_model(outdir: Path) -> tuple[Path, bool]:
+    """The demo model's one file in `outdir`, written if missing; and whether it was written now.
+
+    Only this file is written (no Diffusers folder, VAE, ControlNets or guidance models: the demo
+    uses none of them). The write is atomic under a name of this process's own, so processes of
+    a split run that start together may each write it; they write the same bytes.
+    """
+    path = outdir / DEMO_FILE
+    if path.is_file():
+        return path, False
+    outdir.mkdir(parents=True, exist_ok=True)
+    c = build_tiny_components("sd1", seed=0, unet=demo_unet_config())
+    save_single_file(c.text_encoder, c.unet, c.vae, "sd1", path)
+    return path, True
 
 
 def make_tiny_models(outdir: Path, kinds: tuple[Kind, ...] = KINDS) -> dict[str, Path]:

@@ -167,6 +167,18 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
                  maximum=MAX_CONDITIONING_SIZE),
     PromptOption("cl", OptionKind.INT, "crop_left", "SDXL: crop left conditioned on", "0", minimum=0,
                  maximum=MAX_CONDITIONING_SIZE),
+    PromptOption("vs", OptionKind.INT, "subseed", "variation seed of the line's first image (+1 per image)", "1234",
+                 minimum=0, maximum=MAX_SEED),
+    PromptOption("vss", OptionKind.FLOAT, "subseed_strength", "variation seed strength (0: the seed, 1: the "
+                 "variation seed)", "0.1", minimum=0, maximum=1),
+    PromptOption("srw", OptionKind.INT, "seed_resize_from_w", "seed resize from this width", "512", minimum=8,
+                 maximum=MAX_SIDE, multiple_of=8),
+    PromptOption("srh", OptionKind.INT, "seed_resize_from_h", "seed resize from this height", "512", minimum=8,
+                 maximum=MAX_SIDE, multiple_of=8),
+    PromptOption("sa", OptionKind.NAME, "sampler", "sampler of the line's images (ours or the web UI's name)",
+                 "euler_a"),
+    PromptOption("hfs", OptionKind.FLOAT, "highres_scale", "Highres fix scale of the line's images (with "
+                 "--highres_fix_scale)", "0.5", minimum=0.05, maximum=1),
     PromptOption("style", OptionKind.NAME, "styles", "styles of the --styles file to apply, comma-separated",
                  "Cinematic,Film grain"),
 )
@@ -209,6 +221,12 @@ class PromptOverrides:
     original_width_negative: int | None = None
     crop_top: int | None = None
     crop_left: int | None = None
+    subseed: int | None = None
+    subseed_strength: float | None = None
+    seed_resize_from_w: int | None = None
+    seed_resize_from_h: int | None = None
+    sampler: str | None = None
+    highres_scale: float | None = None
     styles: str | None = None  # `--style NAME[,NAME]` (`library.prompts.styles`)
 
 

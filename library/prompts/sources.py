@@ -33,6 +33,7 @@ from library.prompts.extra_networks import NetworkFiles, prompt_networks
 from library.prompts.line_options import SDXL_PROMPT_OPTIONS, parse_prompt_line, unknown_option_message
 from library.prompts.seeds import SeedSource, seeds_for_line
 from library.prompts.styles import Style, apply_styles, read_styles
+from library.prompts.variation import line_variations
 from library.records.deep_shrink_settings import DeepShrink
 from library.records.deep_shrink_settings import with_overrides as deep_shrink_overrides
 from library.records.extra_networks import HypernetUse
@@ -41,6 +42,8 @@ from library.records.gradual_latent_settings import with_overrides as gradual_la
 from library.records.jobs import Job
 from library.records.options import Options
 from library.records.size_conditioning import SizeConditioning
+from library.records.variation_settings import VariationDefaults
+from library.records.webui_samplers import canonical_sampler
 from library.text.prompt_editing import distinct_texts
 from library.text.weighting import split_and
 from library.user_code import import_file
@@ -70,6 +73,8 @@ class Defaults:
     hypernetworks: tuple[HypernetUse, ...] = ()  # `--hypernetwork` files: every image's
     styles: dict[str, Style] | None = field(default=None, compare=False)  # `--styles` (a line's `--style` picks)
     styles_file: str | None = None  # its path, for messages
+    variation: VariationDefaults = VariationDefaults()  # `--subseed` ... (`library.prompts.variation`)
+    highres: bool = False  # `--highres_fix_scale` given (a line's `--hfs` changes it)
 
     @classmethod
     def from_options(cls, options: Options, sdxl: bool = False) -> Defaults:
@@ -88,7 +93,8 @@ class Defaults:
                    merged_networks=merged, network_files=_network_files(options),
                    hypernetworks=_run_hypernetworks(options),
                    styles=read_styles(options.dialect.styles) if options.dialect.styles else None,
-                   styles_file=options.dialect.styles, sizes=(g.sizes or SizeConditioning()) if sdxl else None)
+                   styles_file=options.dialect.styles, variation=g.variation or VariationDefaults(),
+                   highres=options.highres.scale is not None, sizes=(g.sizes or SizeConditioning()) if sdxl else None)
 
 
 def _network_files(options: Options) -> NetworkFiles:
@@ -228,13 +234,17 @@ def jobs_for_line(
         if value is not None and value % 8:
             raise UserError(f"{name} {value}: must be a multiple of 8")
     strength = _line_strength(o.strength, defaults.strength, line)
+    sampler = _line_sampler(o.sampler)
+    if o.highres_scale is not None and not defaults.highres:
+        logger.warning("%s: --hfs ignored: it changes the Highres fix scale (give --highres_fix_scale)", line.where)
     deep_shrink = deep_shrink_overrides(defaults.deep_shrink, o)
     unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
     gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
     sizes = _line_sizes(defaults.sizes, o, line)
     jobs = []
     for prompt in expand_enumerations(styled):
-        for seed in seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed):
+        drawn = seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed)
+        for seed, variation in zip(*line_variations(drawn, defaults.variation, o, bool(o.seeds))):
             text, tagged = prompt_networks(pick_variants(prompt, seed), defaults.network_files)
             negative, negative_tagged = prompt_networks(pick_variants(styled_negative or "", seed),
                                                         defaults.network_files)
@@ -266,6 +276,9 @@ def jobs_for_line(
                     sizes=sizes,
                     loras=tagged.loras,
                     hypernetworks=defaults.hypernetworks + tagged.hypernetworks,
+                    variation=variation,
+                    sampler=sampler,
+                    highres_scale=o.highres_scale if defaults.highres else None,
                 )
             )
     return jobs
@@ -295,6 +308,14 @@ def _line_sizes(default: SizeConditioning | None, o, line: Line) -> SizeConditio
                            "the line runs without it", line.where, names)
         return None
     return default.with_overrides(**given)
+def _line_sampler(name: str | None) -> str | None:
+    """The line's `--sa` as our sampler name (the web UI's names too), None without it."""
+    if name is None:
+        return None
+    try:
+        return canonical_sampler(name)
+    except UserError as exc:
+        raise UserError(str(exc).replace("--sampler", "--sa")) from None
 
 
 def _line_negative_scale(off: bool, given: float | None, default: float | None) -> float | None:

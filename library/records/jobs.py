@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from library.records.extra_networks import HypernetUse, LoraUse
     from library.records.gradual_latent_settings import GradualLatent
     from library.records.size_conditioning import SizeConditioning
+    from library.records.variation_settings import Variation
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class Job:
     gradual_latent: GradualLatent | None = None  # `library.features.gradual_latent` settings of this image
     prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part
     sizes: SizeConditioning | None = None  # SDXL's original / crop sizes (`library.records.size_conditioning`)
+    # variation seed / seed resize (`library.sampling.variation_noise`): only the start noise, so not in `batch_key`
+    variation: Variation | None = None
+    sampler: str | None = None  # the line's `--sa`; None: the run's `--sampler`
+    highres_scale: float | None = None  # the line's `--hfs`; None: the run's `--highres_fix_scale`
     loras: tuple[LoraUse, ...] = ()  # the prompt's `<lora:...>` tags (`library.prompts.extra_networks`)
     hypernetworks: tuple[HypernetUse, ...] = ()  # `--hypernetwork` and the prompt's `<hypernet:...>` tags
     # position in the run (0-based, across rounds): the number in the file name, the same in any process
@@ -71,6 +76,8 @@ class Job:
             self.gradual_latent,
             len(self.prompt_parts),
             self.sizes,
+            self.sampler,
+            self.highres_scale,
             self.loras,
             self.hypernetworks,
         )

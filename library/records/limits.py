@@ -97,7 +97,7 @@ def check_jobs(jobs: list, pipeline, highres=None) -> None:
                 if value is not None and (value < smallest or value > MAX_SIDE):
                     raise UserError(f"image {name} {value}: this model makes {smallest} to {MAX_SIDE} pixels "
                                     "a side")
-            check_steps(stage.steps, pipeline.sampler, "steps")
+            check_steps(stage.steps, getattr(stage, "sampler", None) or pipeline.sampler, "steps")
 
 
 def check_defaults(generation: GenerationOptions, pipeline) -> None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from library.records.deep_shrink_settings import DeepShrink
     from library.records.gradual_latent_settings import GradualLatent
     from library.records.size_conditioning import SizeConditioning
+    from library.records.variation_settings import VariationDefaults
 
 DEFAULT_SIZE = 512  # --W / --H when not given (and no img2img source decides)
 SDXL_DEFAULT_SIZE = 1024  # --W / --H of an SDXL model when not given
@@ -81,6 +82,8 @@ class GenerationOptions:
     noise_offset: tuple[float | None, tuple[float, float] | None] = (None, None)  # --noise_offset_prob/_range
     pyramid_noise: tuple[float | None, tuple[float, float] | None] = (None, None)  # --pyramid_noise_prob/_range
     sizes: SizeConditioning | None = None  # SDXL's --original_* / --crop_* (prompt lines override them)
+    variation: VariationDefaults | None = None  # --subseed/--subseed_strength/--seed_resize_from_w/_h
+    eta_noise_seed_delta: int = 0  # --eta_noise_seed_delta (ENSD)
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ class OutputOptions:
     use_original_file_name: bool
     preview: bool  # interactive mode shows images (not --no_preview)
     skip_existing: bool = False  # resume: images whose files are there are not made again
+    run_record: str | None = None  # the run's pixel-deciding options as JSON (`library.cli.regenerate`)
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,9 @@ class RoundOptions:
     n_iter: int
     iter_same_seed: bool
     shuffle_prompts: bool
+    sweep: tuple[str, ...] = ()  # `--xyz` axes (`library.prompts.sweeps`)
+    prompt_matrix: bool = False  # `--prompt_matrix`
+    png_lines: tuple[tuple[str, str], ...] = ()  # `--from_png`: (prompt line, file) per image (cli.regenerate)
 
 
 @dataclass(frozen=True)
@@ -263,6 +270,11 @@ def for_model(options: Options, family: str) -> Options:
     width = g.width if g.width_given else SDXL_DEFAULT_SIZE
     height = g.height if g.height_given else SDXL_DEFAULT_SIZE
     return replace(options, generation=replace(g, width=width, height=height))
+def variation_of(a: argparse.Namespace) -> VariationDefaults:
+    """`--subseed`, `--subseed_strength`, `--seed_resize_from_w/_h` as defaults of the prompt lines."""
+    from library.records.variation_settings import VariationDefaults
+
+    return VariationDefaults(a.subseed, a.subseed_strength or 0.0, a.seed_resize_from_w, a.seed_resize_from_h)
 
 
 def _tuple(values) -> tuple:
@@ -288,7 +300,8 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                                    a.noise_offset_range and tuple(a.noise_offset_range)),
                                      pyramid_noise=(a.pyramid_noise_prob, a.pyramid_noise_discount_range
                                                     and tuple(a.pyramid_noise_discount_range)),
-                                     sizes=sizes_of(a)),
+                                     sizes=sizes_of(a),
+                                     variation=variation_of(a), eta_noise_seed_delta=a.eta_noise_seed_delta or 0),
         sources=SourceOptions(a.image_path, a.mask_path, a.attention_couple),
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,
@@ -304,9 +317,11 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                 a.network_merge_n_models, a.network_pre_calc,
                                 a.network_regional_mask_max_color_codes),
         output=OutputOptions(a.outdir, a.sequential_file_name, a.use_original_file_name,
-                             a.interactive and not a.no_preview, a.skip_existing),
+                             a.interactive and not a.no_preview, a.skip_existing,
+                             getattr(a, "run_record", None)),
         rounds=RoundOptions(a.prompt, a.from_file, a.from_module, a.interactive, a.seed, a.n_iter,
-                            a.iter_same_seed, a.shuffle_prompts),
+                            a.iter_same_seed, a.shuffle_prompts, tuple(a.xyz or ()), a.prompt_matrix,
+                            tuple(getattr(a, "png_lines", ()))),
         namespace=a,
         dialect=DialectOptions(_tuple(getattr(a, "lora_dir", ())), _tuple(getattr(a, "hypernetwork_dir", ())),
                                _tuple(getattr(a, "hypernetwork", ())), _tuple(getattr(a, "hypernetwork_mul", ())),

@@ -38,6 +38,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
         karras=True,
     ),
     "dpmsolver++": SamplerSpec("DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"),), karras=True),
+    # the web UI's "DPM++ 2M SDE": its noise comes from each image's own generator (batch-invariant)
+    "dpmsolver++_sde": SamplerSpec("DPMSolverMultistepScheduler", (("algorithm_type", "sde-dpmsolver++"),),
+                                   karras=True),
     "dpmsingle": SamplerSpec("DPMSolverSinglestepScheduler", karras=True),
     "unipc": SamplerSpec("UniPCMultistepScheduler", karras=True),
     "lcm": SamplerSpec("LCMScheduler"),

@@ -7,9 +7,7 @@ Each function takes the records it needs (`library.records.options`) and returns
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +32,9 @@ from library.text.sdxl_encoder import DualPromptEncoder
 
 logger = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "models"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "models"  # the repository's models/ (git ignores it)
+DEMO_LINE = ("no --ckpt given: using the demo model {path}{written} (tiny, random weights: the images are noise; "
+             "give your model with --ckpt)")
 
 
 FP16_ON_CPU = ("--fp16 on the CPU: most CPUs have no fast float16 kernels (a 256x256 SD 1.5 step took 100 s "
@@ -76,31 +76,15 @@ def device_name(given: str | None, cuda: bool, local_rank: int = 0) -> str:
 
 
 def checkpoint_path(options: LoadOptions) -> str:
-    """`--ckpt`, or the tiny demo model (written on first use) when none is given."""
+    """`--ckpt`, or the demo model (written on first use, announced in one line) when none is given."""
     if options.ckpt:
         return options.ckpt
-    from library.models.tiny_files import make_tiny_models
+    from library.models.tiny_files import make_demo_model
 
-    logger.warning("no --ckpt given: using the tiny demo model (random weights: the images are noise)")
-    DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    with _exclusive(DEMO_DIR / ".writing"):  # the processes of a split run write it once
-        return str(make_tiny_models(DEMO_DIR, ("sd1",))["sd1"])
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` (POSIX `flock`; elsewhere no lock) for the block."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    path, written = make_demo_model(DEMO_DIR)
+    size = f", written now ({path.stat().st_size / 1e6:.0f} MB)" if written else ""
+    logger.warning(DEMO_LINE.format(path=path, written=size))
+    return str(path)
 
 
 def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
@@ -186,6 +170,7 @@ def pipeline(options: Options, model: LoadedModel, runtime: Runtime, nets=None) 
         zero_steps_offset=options.generation.zero_steps_offset,
         zero_terminal_snr=options.generation.zero_terminal_snr,
         start_noise=start_noise(options),
+        eta_noise_seed_delta=options.generation.eta_noise_seed_delta,
         features=features,
     )
 
@@ -257,6 +242,7 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
         lora_multipliers=tuple(options.networks.multipliers or [1.0] * len(options.networks.weights)),
         timestamp=team.timestamp or output_files.timestamp_now(),
         skip_existing=options.output.skip_existing,
+        run_text=(("run-options", options.output.run_record),) if options.output.run_record else (),
     )
     s = options.sources
     inpainting_masks = None if has_region_mask(options) else s.mask_path

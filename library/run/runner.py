@@ -28,7 +28,9 @@ from library.errors import UserError
 from library.images import input_images, output_files
 from library.images import metadata as image_metadata
 from library.images.input_images import GuideImages
+from library.images.job_record import job_options_text
 from library.images.run_metadata import joined_fields, lora_tags, prompt_tags
+from library.images.seed_metadata import seed_metadata
 from library.progress import progress as tqdm
 from library.prompts.sources import Defaults, Line, jobs_for_line
 from library.records import limits
@@ -62,6 +64,7 @@ class OutputSettings:
     lora_multipliers: tuple[float, ...] = ()  # defaults; a line's --am wins
     timestamp: str = field(default_factory=output_files.timestamp_now)  # of default file names
     skip_existing: bool = False  # `--skip_existing`: batches whose files are all there are not made
+    run_text: tuple[tuple[str, str], ...] = ()  # the `run-options` PNG text item (`library.images.job_record`)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class Runner:
         self._existing = output_files.ExistingImages(output.outdir) if output.skip_existing else None
         self._jobs_made = 0  # Jobs numbered so far (the next Job's index)
         self._batches_made = 0  # batches formed so far, by every process alike (the next one's number)
+        self.saved: list[tuple[Job, Path]] = []  # final images written by this process (sweep grids read them)
 
     def jobs(self, lines: Iterable[Line], seeds, iter_seed: int | None) -> Iterator[Job]:
         """Jobs of every line; a malformed line is reported (file and line) and skipped."""
@@ -202,13 +206,16 @@ class Runner:
             return
         extra = self.highres.metadata(job) if stage == "1" else ()
         features = self.pipeline.metadata(job)  # each feature's own (`Feature.metadata`), in their order
+        features = seed_metadata(job.variation, self.pipeline.eta_noise_seed_delta) + features
+        regen = (*job_options_text(job, self.output.lora_multipliers or None, self.defaults.hypernetworks),
+                 *self.output.run_text)
         extra = joined_fields((*extra, *features.parameters, *self.output.run_metadata))
         tags = lora_tags(self.output.lora_files, job.network_multipliers or self.output.lora_multipliers)
         tags += prompt_tags(job)
         record = image_metadata.ImageRecord(
             prompt=job.prompt,
             seed=job.seed,
-            sampler=self.output.sampler,
+            sampler=job.sampler or self.output.sampler,
             steps=job.steps,
             scale=job.scale,
             width=job.width,
@@ -221,14 +228,16 @@ class Runner:
             model_hash=self.output.model_hash,
             clip_skip=self.output.clip_skip,
             strength=job.strength,
-            karras=self.output.sampler.endswith("_karras"),
+            karras=(job.sampler or self.output.sampler).endswith("_karras"),
             extra=extra,
             a1111_prompt_suffix=tags,
-            feature_text=features.text,
+            feature_text=(*features.text, *regen),
         )
         path = output_files.save_image(picture, self.output.outdir, name, image_metadata.generation_text(record),
                                        variant_of=self._names.asked(name))
         self.summary.written.append(path)
+        if stage != "0":
+            self.saved.append((job, path))
 
 
 def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[int | None], Iterable[Line]],

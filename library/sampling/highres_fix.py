@@ -104,7 +104,7 @@ class HighresFix:
     def stages(self, job: Job) -> tuple[Job, Job]:
         """The 1st-stage job (small; txt2img, or img2img of the job's source) and the
         2nd-stage job (img2img of the upscaled 1st image, seed + 1, no mask)."""
-        width, height = first_stage_size(job.width, job.height, self.settings.scale)
+        width, height = first_stage_size(job.width, job.height, job.highres_scale or self.settings.scale)
         strength = None
         if job.init_image is not None:
             strength = self.settings.first_strength if self.settings.first_strength is not None else job.strength
@@ -117,7 +117,7 @@ class HighresFix:
 
     def metadata(self, job: Job) -> tuple[tuple[str, object], ...]:
         """Extra A1111-style parameters of a final image."""
-        width, height = first_stage_size(job.width, job.height, self.settings.scale)
+        width, height = first_stage_size(job.width, job.height, job.highres_scale or self.settings.scale)
         return (("Hires 1st pass size", f"{width}x{height}"), ("Hires 1st pass steps", self.settings.steps),
                 ("Hires upscaler", self.settings.upscaler_label))
 

@@ -65,6 +65,7 @@ class Pipeline:
     zero_steps_offset: bool = False  # `--force_scheduler_zero_steps_offset` (img2img start only)
     zero_terminal_snr: bool = False  # `--zero_terminal_snr`: the scheduler's betas rescaled
     start_noise: Callable | None = None  # `library.sampling.start_noise.StartNoise` (noise offset / pyramid noise)
+    eta_noise_seed_delta: int = 0  # `--eta_noise_seed_delta` (ENSD): re-seeds each stream after its first draw
     # what the patch owner installs per batch, in order (`library.features.FEATURES` in a run)
     features: list[Feature] = field(default_factory=list)
 
@@ -94,7 +95,8 @@ class Pipeline:
         selects is run, starting from the noised source.
         """
         first = jobs[0]
-        scheduler = make_scheduler(self.sampler, self.v_prediction, zero_terminal_snr=self.zero_terminal_snr)
+        sampler = first.sampler or self.sampler  # a prompt line's `--sa`, else the run's
+        scheduler = make_scheduler(sampler, self.v_prediction, zero_terminal_snr=self.zero_terminal_snr)
         scheduler.set_timesteps(first.steps, device=self.device)
         shape = (LATENT_CHANNELS, first.height // self.vae_scale, first.width // self.vae_scale)
         from_source = init is not None and not init.ignores_source
@@ -102,11 +104,13 @@ class Pipeline:
             [j.seed for j in jobs],
             shape,
             steps=first.steps,
-            noises_per_step=noises_per_step(self.sampler),
+            noises_per_step=noises_per_step(sampler),
             img2img=from_source,
             device=self.noise_device,
             dtype=self.dtype,
             modify=self.start_noise,
+            variations=[j.variation for j in jobs],
+            eta_noise_seed_delta=self.eta_noise_seed_delta,
         )
         timesteps, source = scheduler.timesteps, None
         if from_source:

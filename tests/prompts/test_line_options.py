@@ -25,7 +25,8 @@ from library.records.limits import MAX_DIGITS
 
 KNOWN = (
     "--n, --w, --h, --s, --d, --l, --t, --nl, --am, --c, --f, --glt, --glr, --gls, --gle, --glsn, --glus, "
-    "--dsd1, --dst1, --dsd2, --dst2, --dsr, --oh, --ow, --nh, --nw, --ct, --cl, --style"
+    "--dsd1, --dst1, --dsd2, --dst2, --dsr, --oh, --ow, --nh, --nw, --ct, --cl, --vs, --vss, --srw, --srh, --sa, "
+    "--hfs, --style"
 )
 
 
@@ -175,7 +176,7 @@ def test_table_covers_every_override_once() -> None:
     fields = [field.name for field in dataclasses.fields(PromptOverrides)]
     assert sorted(option.field for option in PROMPT_OPTIONS) == sorted(fields)
     names = [option.name for option in PROMPT_OPTIONS]
-    assert len(set(names)) == len(names) == 29
+    assert len(set(names)) == len(names) == 35
     assert all(name == name.lower() for name in names)
 
 
@@ -187,13 +188,14 @@ def test_every_example_parses(option: object) -> None:
 
 def test_help_text() -> None:
     lines = prompt_options_help().splitlines()
-    assert len(lines) == 29
+    assert len(lines) == 35
     assert lines[0] == "--n TEXT        negative prompt (e.g. --n lowres, bad hands)"
     assert lines[1] == "--w INT         image width (e.g. --w 768)"
     assert lines[4] == "--d INT,...     seed of each image of the line (e.g. --d 1,2,3,4)"
     assert lines[8] == "--am FLOAT,...  multiplier of each additional network (e.g. --am 0.8,0.5)"
     assert lines[21] == "--dsr FLOAT     Deep Shrink downsampling ratio (e.g. --dsr 0.5)"
     assert lines[27] == "--cl INT        SDXL: crop left conditioned on (e.g. --cl 0)"
+    assert lines[31] == "--srh INT       seed resize from this height (e.g. --srh 512)"
     assert lines[-1] == ("--style NAME    styles of the --styles file to apply, comma-separated "
                          "(e.g. --style Cinematic,Film grain)")
 

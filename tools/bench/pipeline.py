@@ -1,6 +1,6 @@
 """Benchmark our txt2img path against diffusers' `StableDiffusionPipeline` on the same weights.
 
-    python -m tools.bench pipeline [--device cpu] [--dtype fp32|fp16|bf16] [--channels_last]
+    python -m tools.bench pipeline [--device cpu] [--dtype fp32|fp16|bf16] [--channels_last] [--compile]
         [--size 256] [--steps 10] [--batch_size 1] [--sampler ddim] [--runs 2]
         [--cache_dir ~/.cache/sdgen-bench | --ckpt FILE | --tiny] [--json PATH] [--load_only]
 
@@ -187,9 +187,11 @@ class Recorder:
 
     def attach(self, text_encoder: torch.nn.Module, unet: torch.nn.Module, vae: torch.nn.Module) -> None:
         """Hook the forwards of text encoder and U-Net, and wrap `vae.decode` on the instance."""
+        # torch.compiler.disable: a compiled U-Net (--compile) runs its hooks as they are, untraced
+        start, stop = torch.compiler.disable(self.start), torch.compiler.disable(self.stop)
         for part, module in (("text_encoder", text_encoder), ("unet", unet)):
-            module.register_forward_pre_hook(lambda _m, _a, part=part: self.start(part))
-            module.register_forward_hook(lambda _m, _a, _o, part=part: self.stop(part))
+            module.register_forward_pre_hook(lambda _m, _a, part=part: start(part))
+            module.register_forward_hook(lambda _m, _a, _o, part=part: stop(part))
         original = vae.decode
 
         def timed_decode(*args, **kwargs):
@@ -275,8 +277,9 @@ def count_unet_flops(unet, inputs: dict[str, torch.Tensor], t: torch.Tensor) -> 
     """FLOPs of one U-Net call, counting PyTorch's CPU SDPA kernel too (not in the stock table)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    call = unet.forward if getattr(unet, "_compiled_call_impl", None) else unet  # compiled: count the eager graph
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
-        unet(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"])
+        call(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"])
     return counter.get_total_flops()
 
 
@@ -297,6 +300,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(str(path), dtype=dtype, device=device)
     if args.channels_last:
         model.unet.to(memory_format=torch.channels_last)
+    if args.compile:  # as gen_img's --compile: both pipelines then call the compiled U-Net and decoder
+        from library.models.compiling import compile_networks
+
+        compile_networks(model.unet, model.vae, device)
     v_pred = model.kind.v_prediction
     encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=model.kind.default_clip_skip)
     gen = Pipeline(unet=model.unet, vae=model.vae, encoder=encoder, sampler=args.sampler, v_prediction=v_pred,
@@ -454,6 +461,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--channels_last", action="store_true", help="U-Net in channels-last memory format")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the U-Net and VAE decoder as gen_img.py --compile does (in the warm-up)")
     parser.add_argument("--size", type=int, default=256, help="image width and height (default 256)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=1)
