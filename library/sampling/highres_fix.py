@@ -104,11 +104,12 @@ class HighresFix:
     def stages(self, job: Job) -> tuple[Job, Job]:
         """The 1st-stage job (small; txt2img, or img2img of the job's source) and the
         2nd-stage job (img2img of the upscaled 1st image, seed + 1, no mask)."""
-        width, height = first_stage_size(job.width, job.height, job.highres_scale or self.settings.scale)
+        scale = job.highres_scale or self.settings.scale
+        width, height = first_stage_size(job.width, job.height, scale)
         strength = None
         if job.init_image is not None:
             strength = self.settings.first_strength if self.settings.first_strength is not None else job.strength
-        sizes = None if job.sizes is None else job.sizes.scaled(self.settings.scale)
+        sizes = None if job.sizes is None else job.sizes.scaled(scale)  # the line's --hfs too
         first = replace(job, width=width, height=height, steps=self.settings.steps, strength=strength, sizes=sizes)
         second = replace(job, seed=job.seed + 1, mask_image=None)
         if not self.settings.control_net_2nd:

@@ -74,6 +74,9 @@ def test_highres_fix_first_stage_scales_the_sizes(sdxl, latents_upscaling):
     # int(x * 0.5 + 0.5): 301 -> 151, 200 -> 100, 7 -> 4; the target is the 1st stage's size
     assert first["time_ids"].tolist()[1] == [151, 100, 4, 0, 64, 64]
     assert last["time_ids"].tolist()[1] == [301, 200, 7, 0, 128, 128]
+    recorder.calls.clear()  # a line's --hfs scales them by its own scale
+    highres.generate(pipeline, [_job(1, width=128, height=128, sizes=sizes, strength=0.5, highres_scale=0.25)], 1)
+    assert recorder.calls[0]["time_ids"].tolist()[1] == [75, 50, 2, 0, 32, 32]  # int(x * 0.25 + 0.5)
 
 
 def test_size_prompt_options_reach_only_their_own_images(tiny_models, tmp_path):
