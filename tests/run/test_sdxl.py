@@ -175,3 +175,11 @@ def test_an_sdxl_embedding_reaches_both_encoders(tiny_models, sdxl):
     assert (with_word.states[..., :width_l] - plain.states[..., :width_l]).abs().max() > 0  # CLIP-L's half
     assert (with_word.states[..., width_l:] - plain.states[..., width_l:]).abs().max() > 0  # bigG's half
     assert (with_word.pooled - plain.pooled).abs().max() > 0
+
+
+def test_single_file_and_diffusers_folder_give_the_same_image(tiny_models, tmp_path):
+    for kind in ("sdxl", "sdxl-diffusers"):
+        assert run(tiny_models, tmp_path / kind, "--prompt", "a cat --n blur", "--seed", "5", kind=kind) == 0
+    (single,), (folder,) = pngs(tmp_path / "sdxl"), pngs(tmp_path / "sdxl-diffusers")
+    assert np.array_equal(pixels(single), pixels(folder))
+    assert pixels(single).std() > 0
