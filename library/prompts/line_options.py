@@ -11,8 +11,9 @@ manual says ("put spaces before and after the prompt option"), e.g.::
 
 Rules and decisions:
 
-- An option starts at ``--`` that follows whitespace (or starts the line) and is
-  followed by a non-space character; ``a--b`` and a lone ``--`` are prompt text. An
+- An option starts at ``--`` that follows a space and is followed by a non-space
+  character, as the original splits the line at `` --``: ``--n x`` at the very start of
+  the line, ``a\t--w 8`` (after a tab), ``a--b`` and a lone ``--`` are prompt text. An
   option inside a ``{...}`` variant group is prompt text too, so that a group may hold
   `` --`` (see `library.prompts.dynamic`); an unclosed ``{`` therefore hides the options
   after it, and `library.prompts.dynamic.pick_variants` then reports the brace.
@@ -20,11 +21,18 @@ Rules and decisions:
   whitespace; the value is the rest, stripped. The prompt is stripped too.
 - Text options (``--n``, ``--c``) may be empty (``--n`` alone sets an empty negative
   prompt); every other option needs a value.
-- Numbers are ASCII decimal (``1e-3`` allowed for floats, ``nan``/``inf`` not); lists are
-  comma-separated, spaces around items allowed, empty items not.
+- Numbers are read as the original reads them: the longest run at the start of the value
+  of digits (``--w --h --s``), of digits and ``.`` (the other numbers) or of digits, ``.``,
+  ``-`` and ``,`` (``--am``), converted with ``int``/``float``. So ``--w 64abc`` is 64,
+  ``--l 1e3`` is 1 and ``--s 28.0`` is 28, each with a note; a value that does not start
+  with such a run (``--l -3``, ``--l nan``) or that does not convert (``--glt 750.0``,
+  ``--l 1.2.3``) leaves the option out, with a note. ``--d`` keeps its strict reading
+  (comma-separated integers, spaces around items allowed, empty items not).
+- `PromptLine.notes` holds those notes; the caller logs them with the file and line.
 - Width and height must be positive multiples of 8: an error, not a silent rounding,
   so the image size is always what the line says (the original's pipeline also
-  refuses other sizes), at most 8192. Steps 1..1000, seeds 0..2**32 - 1 (`library.records.limits`;
+  refuses other sizes), at most 8192. Steps are clamped to 1..1000 (as the original, with a
+  note), seeds 0..2**32 - 1 (`library.records.limits`;
   the sampler's own step range is checked when the line's images are made), strength in
   [0, 1], Deep Shrink depths in 0..8 (the manual's range), timesteps >= 0, Gradual Latent
   interval >= 1. Integers have at most 20 digits (checked before converting them).
@@ -37,7 +45,8 @@ Rules and decisions:
   they are ignored.
 - ``--nl none`` (the original's) turns the negative scale off for the line
   (`PromptLine.negative_scale_off`).
-- An option given twice keeps the last value (as the original), with a warning.
+- An option given twice keeps the last value, except ``--d``, which keeps the first (the
+  original searches the line for the first `` --d ``), with a note.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, NoReturn
 
 from library.errors import UserError
@@ -82,6 +92,9 @@ class PromptOption:
 
     `minimum`/`maximum` are inclusive bounds and `multiple_of` a step, checked on each
     number (each item of a list); `example` is a valid value for messages and help.
+    `lead` is the original's pattern for the value's leading number (None: the kind's
+    default, `LEADS`; ``""``: read the whole value strictly); `clamp` brings a number
+    outside the bounds to the nearest one (with a note) instead of refusing the line.
     """
 
     name: str
@@ -92,16 +105,28 @@ class PromptOption:
     minimum: float | None = None
     maximum: float | None = None
     multiple_of: int | None = None
+    lead: str | None = None
+    clamp: bool = False
+
+
+#: The original's pattern for the leading number of each kind of value.
+LEADS: dict[OptionKind, str] = {
+    OptionKind.INT: r"\d+",
+    OptionKind.FLOAT: r"[\d.]+",
+    OptionKind.FLOAT_LIST: r"[\d.\-,]+",
+}
+_DOTTED = r"[\d.]+"  # the original reads Deep Shrink and Gradual Latent integers so: "3.0" does not convert
 
 
 PROMPT_OPTIONS: tuple[PromptOption, ...] = (
     PromptOption("n", OptionKind.TEXT, "negative_prompt", "negative prompt", "lowres, bad hands"),
     PromptOption("w", OptionKind.INT, "width", "image width", "768", minimum=8, maximum=MAX_SIDE, multiple_of=8),
     PromptOption("h", OptionKind.INT, "height", "image height", "512", minimum=8, maximum=MAX_SIDE, multiple_of=8),
-    PromptOption("s", OptionKind.INT, "steps", "number of sampling steps", "28", minimum=1, maximum=MAX_STEPS),
+    PromptOption("s", OptionKind.INT, "steps", "number of sampling steps", "28", minimum=1, maximum=MAX_STEPS,
+                 clamp=True),
     PromptOption(
         "d", OptionKind.INT_LIST, "seeds", "seed of each image of the line", "1,2,3,4", minimum=0,
-        maximum=MAX_SEED,
+        maximum=MAX_SEED, lead="",
     ),
     PromptOption("l", OptionKind.FLOAT, "scale", "guidance scale", "7.5"),
     PromptOption(
@@ -116,7 +141,7 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
     PromptOption("f", OptionKind.NAME, "file_name", "output file name", "portrait_001.png"),
     PromptOption(
         "glt", OptionKind.INT, "gradual_latent_timesteps",
-        "Gradual Latent: timestep to start enlarging the latent", "650", minimum=0,
+        "Gradual Latent: timestep to start enlarging the latent", "650", minimum=0, lead=_DOTTED,
     ),
     PromptOption(
         "glr", OptionKind.FLOAT, "gradual_latent_ratio",
@@ -128,7 +153,7 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
     ),
     PromptOption(
         "gle", OptionKind.INT, "gradual_latent_every_n_steps",
-        "Gradual Latent: steps between enlargements", "3", minimum=1,
+        "Gradual Latent: steps between enlargements", "3", minimum=1, lead=_DOTTED,
     ),
     PromptOption(
         "glsn", OptionKind.FLOAT, "gradual_latent_s_noise",
@@ -140,19 +165,19 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
     ),
     PromptOption(
         "dsd1", OptionKind.INT, "ds_depth_1", "Deep Shrink depth 1 (0 to 3 for SD 1.x/2.x, 0 to 8 for SDXL)", "3",
-        minimum=0, maximum=8
+        minimum=0, maximum=8, lead=_DOTTED,
     ),
     PromptOption(
         "dst1", OptionKind.INT, "ds_timesteps_1", "Deep Shrink: apply depth 1 until this timestep",
-        "650", minimum=0,
+        "650", minimum=0, lead=_DOTTED,
     ),
     PromptOption(
         "dsd2", OptionKind.INT, "ds_depth_2", "Deep Shrink depth 2 (0 to 3 for SD 1.x/2.x, 0 to 8 for SDXL)", "1",
-        minimum=0, maximum=8
+        minimum=0, maximum=8, lead=_DOTTED,
     ),
     PromptOption(
         "dst2", OptionKind.INT, "ds_timesteps_2", "Deep Shrink: apply depth 2 until this timestep",
-        "650", minimum=0,
+        "650", minimum=0, lead=_DOTTED,
     ),
     PromptOption("dsr", OptionKind.FLOAT, "ds_ratio", "Deep Shrink downsampling ratio", "0.5"),
     PromptOption("oh", OptionKind.INT, "original_height", "SDXL: original height conditioned on", "1024",
@@ -238,10 +263,12 @@ class PromptLine:
     overrides: PromptOverrides
     unknown: tuple[str, ...] = ()  # options not in the table, as written ("--zz 3"), in order
     negative_scale_off: bool = False  # `--nl none`: no negative scale for this line
+    notes: tuple[str, ...] = ()  # values read other than as written, options left out (for a warning each)
 
 
 _INT = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_FIRST_WINS = ("d",)  # the original finds `--d` by searching the line: its first one counts
 
 
 def parse_prompt_line(line: str) -> PromptLine:
@@ -250,6 +277,7 @@ def parse_prompt_line(line: str) -> PromptLine:
     prompt = line[: starts[0]] if starts else line
     values: dict[str, Any] = {}
     unknown: list[str] = []
+    notes: list[str] = []
     negative_scale_off = False
     for start, end in zip(starts, starts[1:] + [len(line)]):
         body = line[start + 2 : end]
@@ -259,15 +287,21 @@ def parse_prompt_line(line: str) -> PromptLine:
             unknown.append("--" + body.strip())
             continue
         if option.field in values or (option.name == "nl" and negative_scale_off):
-            logger.warning("prompt option --%s given twice; the last value is used", option.name)
+            which = "first" if option.name in _FIRST_WINS else "last"
+            notes.append(f"prompt option --{option.name} given twice; the {which} value is used")
+            if option.name in _FIRST_WINS:
+                continue
         if option.name == "nl" and raw_value.strip().lower() == "none":
             values.pop(option.field, None)
             negative_scale_off = True
             continue
+        value = _read_value(option, raw_value.strip(), notes)
+        if value is None:
+            continue
         if option.name == "nl":
             negative_scale_off = False
-        values[option.field] = _read_value(option, raw_value.strip())
-    return PromptLine(prompt.strip(), PromptOverrides(**values), tuple(unknown), negative_scale_off)
+        values[option.field] = value
+    return PromptLine(prompt.strip(), PromptOverrides(**values), tuple(unknown), negative_scale_off, tuple(notes))
 
 
 def unknown_option_message(written: str) -> str:
@@ -284,7 +318,7 @@ def _split_name(body: str) -> tuple[str, str]:
 
 
 def _option_starts(line: str) -> list[int]:
-    """Positions of the ``--`` that start options, outside ``{...}`` groups.
+    """Positions of the ``--`` that start options (after a space), outside ``{...}`` groups.
 
     Escapes follow `library.prompts.dynamic`: ``\\{`` ``\\}`` ``\\|`` ``\\\\`` are two
     characters that open or close nothing.
@@ -304,7 +338,8 @@ def _option_starts(line: str) -> list[int]:
         elif (
             depth == 0
             and line.startswith("--", position)
-            and (position == 0 or line[position - 1].isspace())
+            and position > 0
+            and line[position - 1] == " "
             and position + 2 < len(line)
             and not line[position + 2].isspace()
         ):
@@ -315,8 +350,9 @@ def _option_starts(line: str) -> list[int]:
     return starts
 
 
-def _read_value(option: PromptOption, raw: str) -> Any:
-    """Turn one option's stripped text into its typed value, checking the table's bounds."""
+def _read_value(option: PromptOption, raw: str, notes: list[str]) -> Any:
+    """Turn one option's stripped text into its typed value, checking the table's bounds;
+    None (with a note) where the original would leave the option out."""
     if option.kind is OptionKind.TEXT:
         return raw
     if not raw:
@@ -327,13 +363,38 @@ def _read_value(option: PromptOption, raw: str) -> Any:
         )
     if option.kind is OptionKind.NAME:
         return raw
+    lead = LEADS.get(option.kind, "") if option.lead is None else option.lead
+    text = raw
+    if lead:
+        match = re.match(lead, raw)
+        if match is None:
+            notes.append(f'prompt option --{option.name} "{quoted(raw)}" ignored: it does not start with '
+                         f"a number the original reads (e.g. --{option.name} {option.example})")
+            return None
+        text = match.group(0)
+        if not _converts(option, text):
+            notes.append(f'prompt option --{option.name} "{quoted(raw)}" ignored: "{quoted(text)}" is not '
+                         f"{option.kind.value} (e.g. --{option.name} {option.example})")
+            return None
     if option.kind in (OptionKind.INT, OptionKind.FLOAT):
-        return _read_number(option, raw, raw)
-    items = [item.strip() for item in raw.split(",")]
-    return tuple(_read_number(option, item, raw) for item in items)
+        number = _read_number(option, text, raw, notes)
+    else:
+        items = [item.strip() for item in text.split(",")]
+        number = tuple(_read_number(option, item, raw, notes) for item in items)
+    if text != raw:
+        notes.append(f'prompt option --{option.name} "{quoted(raw)}" read as {_format_value(number)} '
+                     f'(only the leading "{quoted(text)}" is read, as the original does)')
+    return number
 
 
-def _read_number(option: PromptOption, text: str, raw: str) -> int | float:
+def _converts(option: PromptOption, text: str) -> bool:
+    """True when the original's ``int``/``float`` takes every item of `text`."""
+    items = text.split(",") if option.kind in (OptionKind.INT_LIST, OptionKind.FLOAT_LIST) else [text]
+    pattern = _INT if option.kind in (OptionKind.INT, OptionKind.INT_LIST) else _FLOAT
+    return all(pattern.fullmatch(item) for item in items)
+
+
+def _read_number(option: PromptOption, text: str, raw: str, notes: list[str]) -> int | float:
     """Read one number of `option` (`raw` is the whole value, for the message)."""
     integer = option.kind in (OptionKind.INT, OptionKind.INT_LIST)
     pattern = _INT if integer else _FLOAT
@@ -346,6 +407,12 @@ def _read_number(option: PromptOption, text: str, raw: str) -> int | float:
         _fail(option, f"expects {option.kind.value} of at most {MAX_DIGITS} digits", raw)
     if not math.isfinite(number):
         _fail(option, f"expects {option.kind.value}", raw)
+    if option.clamp and option.minimum is not None and option.maximum is not None:
+        clamped = min(max(number, type(number)(option.minimum)), type(number)(option.maximum))
+        if clamped != number:
+            notes.append(f"prompt option --{option.name} {quoted(text)} read as {clamped} (the original keeps "
+                         f"it within {_show(option.minimum)} to {_show(option.maximum)})")
+        return clamped
     if option.multiple_of and (number <= 0 or number % option.multiple_of):
         _fail(option, f"expects a positive multiple of {option.multiple_of}", raw)
     each = "each value" if option.kind in (OptionKind.INT_LIST, OptionKind.FLOAT_LIST) else "a value"
@@ -375,7 +442,8 @@ def _fail(option: PromptOption, problem: str, raw: str) -> NoReturn:
 def format_prompt_line(line: PromptLine) -> str:
     """Write `line` back as text that `parse_prompt_line` reads to an equal `PromptLine`.
 
-    Options come in table order; floats in their shortest exact form. Text values are
+    Options come in table order; floats in their shortest exact form, without an exponent.
+    A negative number is readable only where the original's pattern has ``-`` (``--am``). Text values are
     written as they are, so they round-trip when they hold no `` --``.
     """
     parts = [line.prompt]
@@ -390,9 +458,13 @@ def format_prompt_line(line: PromptLine) -> str:
 
 
 def _format_value(value: str | int | float | tuple[int | float, ...]) -> str:
-    """An override value as option text; ``repr`` keeps floats exact."""
+    """An override value as option text: floats exact and without an exponent (the original
+    reads ``1e-05`` as 1), in their shortest form."""
     if isinstance(value, tuple):
-        return ",".join(repr(item) for item in value)
+        return ",".join(_format_value(item) for item in value)
+    if isinstance(value, float):
+        text = format(Decimal(repr(value)), "f")
+        return text if "." in text else text + ".0"
     return value if isinstance(value, str) else repr(value)
 
 

@@ -227,6 +227,8 @@ def jobs_for_line(
                                            defaults.styles_file)
     for written in parsed.unknown:
         logger.warning("%s: %s", line.where, unknown_option_message(written))
+    for note in parsed.notes:
+        logger.warning("%s: %s", line.where, note)
     if o.network_multipliers is not None:
         _warn_inert_am(defaults, line)
     width, height = o.width or defaults.width, o.height or defaults.height
