@@ -4,15 +4,22 @@ The syntax is the one the original `gen_img.py` took over from the "Dynamic Prom
 web UI extension:
 
 - ``{a|b|c}`` picks one alternative per image.
-- ``{e$$a|b|c}`` enumerates: one prompt per alternative; several ``{e$$...}`` groups
-  give the cartesian product, the first group varying slowest.
+- ``{e$$a|b|c}`` (or ``{E$$...}``) enumerates: one prompt per alternative; several
+  ``{e$$...}`` groups give the cartesian product, the first group varying slowest.
+  With a count, ``{e$$2$$a|b|c}`` enumerates the combinations of 2 (``a, b``, ``a, c``,
+  ``b, c``) and ``{e$$1-2$$...}`` those of 1, then of 2, in the order of
+  `itertools.combinations`, joined with the separator.
 - ``{2$$a|b|c}`` picks 2 distinct alternatives, in the random order they were drawn,
   joined with ``", "`` (the extension's default separator).
 - ``{2$$ and $$a|b|c}`` joins with a custom separator, here `` and `` (spaces kept).
   The separator is plain text: no ``{ } | \\`` and no ``$$`` inside.
-- ``{1-3$$a|b|c}`` picks a random count in 1..3 first; ``{-3$$...}`` means 1..3 and
-  ``{2-$$...}`` means 2..(number of alternatives). A count above the number of
-  alternatives is lowered to it; ``0$$`` gives the empty string.
+- ``{1-3$$a|b|c}`` picks a random count in 1..3 first; ``{3-1$$...}`` is read as
+  ``{1-3$$...}`` (as the original); ``{-3$$...}`` means 1..3 and ``{2-$$...}`` means
+  2..(number of alternatives). A count above the number of alternatives is lowered to
+  it; ``0$$`` gives the empty string. A count of three or more parts (``1-2-3$$``) is
+  read as 1, with a warning, as the original.
+- ``{ and $$a|b}`` (a separator without a count) is a separator too, as the original
+  reads it (it matters only where more than one alternative is picked).
 - Groups nest: ``{a|{b|c}}``. Only the chosen alternatives are resolved.
 - ``\\{`` ``\\}`` ``\\|`` are the literal characters in the output (backslash removed).
   ``\\\\`` is kept as the two characters, for the attention parser to read as one
@@ -26,7 +33,6 @@ Decisions:
 - An unclosed ``{`` or an unmatched ``}`` is a `DynamicPromptError` (a `UserError`)
   naming the column, not literal text: a silent literal brace would reach the text
   encoder and hide the typo. Write ``\\{`` / ``\\}`` for literal braces.
-- A count range whose minimum is above its maximum (``{3-1$$...}``) is an error too.
 - An ``e$$`` group nested in a random group is enumerated inside it:
   ``{a|{e$$b|c}}`` expands to ``{a|b}`` and ``{a|c}``.
 - `pick_variants` on a line that still holds ``e$$`` groups picks one alternative of
@@ -42,6 +48,8 @@ image with that image's seed. Written by hand, as a small recursive-descent pars
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import random
 import re
@@ -60,10 +68,11 @@ MAX_NESTING = 32
 _MAX_COUNT_DIGITS = 9
 
 _ESCAPABLE = "{}|"
+_SPECIAL = re.compile(r"[\\{}|]")
 # Group prefix: "e$$", or a count "2$$" / "1-3$$" / "-3$$" / "2-$$" / "-$$" with an optional
 # separator "sep$$" after it.
 _PREFIX = re.compile(
-    r"(?:(?P<enum>e)|(?P<exact>\d+)|(?P<low>\d*)-(?P<high>\d*))\$\$"
+    r"(?:(?P<enum>[eE])\$\$)?(?:(?P<count>[\d-]+)\$\$)?"
     r"(?:(?P<sep>(?:(?!\$\$)[^{}|\\])*)\$\$)?"
 )
 
@@ -84,6 +93,7 @@ class _Text:
 class _Group:
     """One ``{...}`` group; ``high=None`` means "the number of alternatives"."""
 
+    raw: str  # the whole group as written
     prefix_raw: str
     enumerate_all: bool
     low: int
@@ -111,8 +121,8 @@ def expand_enumerations(line: str) -> list[str]:
     count = _count_sequence(nodes)
     if count > MAX_ENUMERATED_PROMPTS:
         raise DynamicPromptError(
-            f"the {{e$$...}} groups of the prompt make {count} prompts, more than "
-            f"{MAX_ENUMERATED_PROMPTS}: use fewer alternatives or {{a|b}} random groups"
+            f"the {{e$$...}} groups of the prompt make more than {MAX_ENUMERATED_PROMPTS} prompts: "
+            "use fewer alternatives or {a|b} random groups"
         )
     return _expand_sequence(nodes)
 
@@ -130,8 +140,9 @@ def pick_variants(line: str, seed: int) -> str:
 # --- parsing -------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
 def _parse(line: str) -> tuple[_Node, ...]:
-    """Parse a whole line into text and group nodes."""
+    """Parse a whole line into text and group nodes (cached: a line is picked once per image)."""
     nodes, position = _parse_sequence(line, 0, in_group=False, depth=0)
     if position != len(line):  # pragma: no cover - _parse_sequence consumes all at top level
         raise AssertionError("top-level parse stopped early")
@@ -172,10 +183,12 @@ def _parse_sequence(line: str, position: int, in_group: bool, depth: int) -> tup
             )
         elif char in "|}" and in_group:
             break
-        else:
-            raw.append(char)
-            value.append(char)
-            position += 1
+        else:  # plain text up to the next character that may mean something
+            special = _SPECIAL.search(line, position + 1)
+            end = special.start() if special else len(line)
+            raw.append(line[position:end])
+            value.append(line[position:end])
+            position = end
     flush()
     return tuple(nodes), position
 
@@ -190,7 +203,7 @@ def _parse_group(line: str, start: int, depth: int) -> tuple[_Group, int]:
     position = start + 1
     prefix = _PREFIX.match(line, position)
     enumerate_all, low, high, separator, prefix_raw = False, 1, 1, DEFAULT_SEPARATOR, ""
-    if prefix:
+    if prefix and prefix.group(0) not in ("", "$$"):
         prefix_raw = prefix.group(0)
         position = prefix.end()
         low, high, enumerate_all = _count_range(prefix, prefix_raw)
@@ -208,25 +221,28 @@ def _parse_group(line: str, start: int, depth: int) -> tuple[_Group, int]:
         position += 1
         if line[position - 1] == "}":
             break
-    group = _Group(prefix_raw, enumerate_all, low, high, separator, tuple(alternatives))
+    group = _Group(line[start:position], prefix_raw, enumerate_all, low, high, separator, tuple(alternatives))
     return group, position
 
 
 def _count_range(prefix: re.Match[str], prefix_raw: str) -> tuple[int, int | None, bool]:
     """The (low, high, enumerate) of a group prefix; ``high=None`` means all alternatives."""
-    if prefix.group("enum"):
-        return 1, 1, True
-    if prefix.group("exact") is not None:
-        count = _count(prefix.group("exact"))
-        return count, count, False
-    low = _count(prefix.group("low")) if prefix.group("low") else 1
-    high = _count(prefix.group("high")) if prefix.group("high") else None
-    if high is not None and low > high:
-        raise DynamicPromptError(
-            f'the variant count range "{prefix_raw}" has its minimum above its maximum: '
-            f'write "{high}-{low}$$"'
-        )
-    return low, high, False
+    enumerate_all = prefix.group("enum") is not None
+    if prefix.group("count") is None:
+        return 1, 1, enumerate_all
+    parts = prefix.group("count").split("-")
+    if len(parts) == 1:
+        count = _count(parts[0])
+        return count, count, enumerate_all
+    if len(parts) > 2:
+        logger.warning('the variant count "%s" has more than two parts; read as 1 (write "1-3$$" for a range)',
+                       prefix.group("count"))
+        return 1, 1, enumerate_all
+    low = _count(parts[0]) if parts[0] else 1
+    high = _count(parts[1]) if parts[1] else None
+    if high is not None and low > high:  # "3-1$$" is "1-3$$", as the original reads it
+        low, high = high, low
+    return low, high, enumerate_all
 
 
 def _count(digits: str) -> int:
@@ -245,11 +261,51 @@ def _count_sequence(nodes: tuple[_Node, ...]) -> int:
         if isinstance(node, _Group):
             counts = [_count_sequence(alternative) for alternative in node.alternatives]
             if node.enumerate_all:
-                total *= sum(counts)
+                total *= _combination_count(counts, *_sizes(node))
             else:
                 for count in counts:
-                    total *= count
+                    total = min(total * count, MAX_ENUMERATED_PROMPTS + 1)
+        total = min(total, MAX_ENUMERATED_PROMPTS + 1)
     return total
+
+
+def _sizes(group: _Group) -> tuple[int, int]:
+    """The smallest and largest number of alternatives a group takes (within how many it has)."""
+    high = len(group.alternatives) if group.high is None else min(group.high, len(group.alternatives))
+    return min(group.low, high), high
+
+
+def _combination_count(counts: list[int], low: int, high: int) -> int:
+    """Lines of an enumerated group: over every k in low..high and every k alternatives, the
+    product of their line counts; above `MAX_ENUMERATED_PROMPTS` it stops counting."""
+    cap = MAX_ENUMERATED_PROMPTS + 1
+    if all(count == 1 for count in counts):
+        total = 0
+        for k in range(low, high + 1):
+            total += _capped_comb(len(counts), k, cap)
+            if total >= cap:
+                return cap
+        return total
+    if len(counts) * (high + 1) > 10**6:  # nested enumerations in a very wide group: surely too many
+        return cap
+    sums = [1] + [0] * high  # sums[k]: lines from k of the alternatives seen so far
+    for count in counts:
+        for k in range(high, 0, -1):
+            sums[k] = min(sums[k] + sums[k - 1] * count, cap)
+    return min(sum(sums[low : high + 1]), cap)
+
+
+def _capped_comb(n: int, k: int, cap: int) -> int:
+    """``math.comb(n, k)``, or `cap` once it reaches it (without computing a huge number)."""
+    k = min(k, n - k)
+    if k < 0:
+        return 0
+    value = 1
+    for i in range(k):
+        value = value * (n - i) // (i + 1)
+        if value >= cap:
+            return cap
+    return value
 
 
 def _expand_sequence(nodes: tuple[_Node, ...]) -> list[str]:
@@ -262,15 +318,29 @@ def _expand_sequence(nodes: tuple[_Node, ...]) -> list[str]:
 
 
 def _expand_group(group: _Group) -> list[str]:
-    """An ``e$$`` group's alternatives (expanded); a random group re-written per combination."""
+    """An ``e$$`` group's combinations (expanded); a random group re-written per combination."""
     expanded = [_expand_sequence(alternative) for alternative in group.alternatives]
     if group.enumerate_all:
-        return [line for alternative in expanded for line in alternative]
+        low, high = _sizes(group)
+        return [
+            group.separator.join(chosen)
+            for k in range(low, high + 1)
+            for indexes in itertools.combinations(range(len(expanded)), k)
+            for chosen in itertools.product(*(expanded[i] for i in indexes))
+        ]
+    if not any(_enumerates(alternative) for alternative in group.alternatives):  # as written
+        return [group.raw]
     combinations = [""]
     for index, alternative in enumerate(expanded):
         joiner = "|" if index else ""
         combinations = [done + joiner + option for done in combinations for option in alternative]
     return ["{" + group.prefix_raw + combination + "}" for combination in combinations]
+
+
+def _enumerates(nodes: tuple[_Node, ...]) -> bool:
+    """True when an ``e$$`` group is somewhere in `nodes`."""
+    return any(isinstance(node, _Group) and (node.enumerate_all or any(map(_enumerates, node.alternatives)))
+               for node in nodes)
 
 
 # --- random picks --------------------------------------------------------------------
