@@ -42,6 +42,15 @@ from library.sampling.step_math import denoised, euler_ancestral_step, scale_inp
 logger = logging.getLogger(__name__)
 
 
+def _check_start(settings, width: int | None, height: int | None) -> None:
+    """Refuse an image too small for Gradual Latent's first, shrunk latent (its line is skipped)."""
+    if width is None or height is None:
+        return
+    start, _ = settings.sizes([], height // 8, width // 8)
+    if min(start) < 1:
+        raise UserError(f"Gradual Latent: a {width}x{height} image is too small to start at ratio {settings.ratio}")
+
+
 class GradualLatentFeature(FeatureBase):
     """The patch owner's feature: batches whose Jobs have Gradual Latent settings get `GrowLatents`."""
 
@@ -59,6 +68,7 @@ class GradualLatentFeature(FeatureBase):
         sampler = job.sampler or self.sampler  # a prompt line's `--sa`, else the run's
         if sampler not in SAMPLERS:
             raise UserError(f"Gradual Latent works with --sampler euler_a or k_euler_a, not {sampler}")
+        _check_start(job.gradual_latent, job.width, job.height)
 
     def for_batch(self, batch: Batch) -> GrowLatents | None:
         settings = batch.jobs[0].gradual_latent
@@ -67,9 +77,7 @@ class GradualLatentFeature(FeatureBase):
         layout = batch.layout
         timesteps = [int(t) for t in batch.timesteps]
         start, resizes = settings.sizes(timesteps, layout.latent_height, layout.latent_width)
-        if min(start) < 1:
-            raise UserError(f"Gradual Latent: a {layout.latent_width * 8}x{layout.latent_height * 8} image is too "
-                            f"small to start at ratio {settings.ratio}")
+        _check_start(settings, layout.latent_width * 8, layout.latent_height * 8)
         full = (layout.latent_height, layout.latent_width)
         final = resizes[max(resizes)] if resizes else start
         if final != full and timesteps:

@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 
 from library.errors import UserError
 from library.images.metadata import webp_exif
-from library.messages import write_failure
+from library.messages import quoted, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,21 @@ def _untimed(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- saving
+
+
+#: The longest `--f` name, in bytes: the file systems' 255, less room for a `_99999` variant.
+MAX_FILE_NAME_BYTES = 240
+
+
+def check_file_name(name: str) -> None:
+    """Refuse a `--f` name that cannot be a file of its own in `--outdir` (a `UserError`; the
+    prompt line that gives it is skipped): folders, ``.``/``..``, NUL, too long."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(f"output file name '{quoted(name)}' must be a plain file name; remove folders from --f")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_NAME_BYTES:
+        raise UserError(f"output file name '{quoted(name)}' is {size} bytes long; --f names are at most "
+                        f"{MAX_FILE_NAME_BYTES} bytes")
 
 
 def save_image(image: Image.Image, outdir: Path, name: str, text: Mapping[str, str],

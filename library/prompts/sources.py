@@ -28,6 +28,7 @@ from pathlib import Path
 from library.errors import UserError
 from library.images import input_images as image_io
 from library.images import metadata as image_metadata
+from library.images import output_files
 from library.prompts.dynamic import expand_enumerations, pick_variants
 from library.prompts.extra_networks import NetworkFiles, prompt_networks
 from library.prompts.line_options import SDXL_PROMPT_OPTIONS, parse_prompt_line, unknown_option_message
@@ -231,6 +232,9 @@ def jobs_for_line(
         logger.warning("%s: %s", line.where, note)
     if o.network_multipliers is not None:
         _warn_inert_am(defaults, line)
+    multipliers = _line_multipliers(o.network_multipliers, defaults.network_multipliers)
+    if o.file_name is not None:
+        output_files.check_file_name(o.file_name)
     width, height = o.width or defaults.width, o.height or defaults.height
     for name, value in (("--w", width), ("--h", height)):
         if value is not None and value % 8:
@@ -270,7 +274,7 @@ def jobs_for_line(
                     raw_prompt=line.text,  # always written, as the original (the line as given)
                     clip_prompt=o.clip_prompt,
                     file_name=o.file_name,
-                    network_multipliers=o.network_multipliers or defaults.network_multipliers,
+                    network_multipliers=multipliers,
                     strength=strength,
                     deep_shrink=deep_shrink,
                     gradual_latent=gradual_latent,
@@ -318,6 +322,17 @@ def _line_sampler(name: str | None) -> str | None:
         return canonical_sampler(name)
     except UserError as exc:
         raise UserError(str(exc).replace("--sampler", "--sa")) from None
+
+
+def _line_multipliers(given: tuple[float, ...] | None,
+                      defaults: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """The line's `--am`: fewer values than networks are padded with the last one (as the
+    original); more are refused (the line is skipped). Without networks it changes nothing."""
+    if given is None or defaults is None:
+        return defaults
+    if len(given) > len(defaults):
+        raise UserError(f"--am has {len(given)} values but {len(defaults)} networks are loaded")
+    return given + given[-1:] * (len(defaults) - len(given))
 
 
 def _line_negative_scale(off: bool, given: float | None, default: float | None) -> float | None:

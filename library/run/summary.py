@@ -1,6 +1,8 @@
 """What a run produced: the summary line and the exit status.
 
-A run that wrote no image because its prompt lines were all skipped exits with status 1.
+A run that wrote no image because its prompt lines were all skipped exits with status 1; one
+that made its images but skipped some prompt lines exits with `SOME_LINES_SKIPPED` (3), and its
+summary line says how many.
 """
 
 from __future__ import annotations
@@ -74,7 +76,13 @@ def summary_line(summary: Summary) -> str:
     return f"{text}; {skipped}" if skipped else text
 
 
+#: The exit status of a run that made the images of some prompt lines and skipped others.
+SOME_LINES_SKIPPED = 3
+
+
 def exit_status(summary: Summary) -> int:
-    """0 when an image was written or was there already (or nothing was asked for), 1 when
-    every line was skipped."""
-    return 1 if not summary.written and not summary.existing and summary.skipped_lines else 0
+    """0 when every line's images were written or were there already (or nothing was asked
+    for), 1 when every line was skipped, `SOME_LINES_SKIPPED` when some were."""
+    if not summary.skipped_lines:
+        return 0
+    return SOME_LINES_SKIPPED if summary.written or summary.existing else 1

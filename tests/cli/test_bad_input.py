@@ -117,13 +117,13 @@ def test_the_table_covers_the_issue():
     assert numbers == list(range(1, len(numbers) + 1))
 
 
-def test_a_partly_skipped_file_exits_0_and_counts_the_skipped_line(tiny_models, tmp_path, capsys):
+def test_a_partly_skipped_file_exits_3_and_counts_the_skipped_line(tiny_models, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a --w 12\nb\n")
     code = gen_img.main(["--ckpt", str(tiny_models["sd1"]), "--outdir", str(tmp_path / "out"), *BASE,
                          "--from_file", str(prompts)])
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert code == 0 and len(list((tmp_path / "out").iterdir())) == 1
+    assert code == 3 and len(list((tmp_path / "out").iterdir())) == 1
     assert re.fullmatch(r"1 image written in \d+\.\d s, \d+\.\d\d s/it; 1 prompt line skipped \(first: "
                         + re.escape(f'{prompts}:1: prompt option --w expects a positive multiple of 8, got "12" '
                                     "(e.g. --w 768))"), last), last

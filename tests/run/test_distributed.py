@@ -280,7 +280,8 @@ def test_summaries_of_all_ranks_add_up():
     assert (whole.skipped_lines, whole.seconds, whole.steps, whole.existing, whole.shares) == (1, 4.5, 30, 1, (2, 1))
     assert whole.line() == ("3 images written by 2 processes (2 + 1) in 4.5 s, 0.15 s/it; 1 image already there "
                             "(--skip_existing); 1 prompt line skipped (first: f:1: bad)")
-    assert exit_status(Summary([], 1, existing=2)) == 0 and exit_status(Summary([], 1)) == 1
+    assert exit_status(Summary([], 1, existing=2)) == 3 and exit_status(Summary([], 1)) == 1
+    assert exit_status(Summary([], 0, existing=2)) == 0
 
 
 def test_a_solo_team_counts_on_its_own_bar():

@@ -120,7 +120,7 @@ def test_from_file_lines_with_options_and_a_malformed_line(tiny_models, tmp_path
         "third --h 128 --s 4 --d 13 --nl 1.5\n"
     )
     out = tmp_path / "out"
-    assert run(tiny_models, out, "--from_file", str(prompts), "--sequential_file_name") == 0
+    assert run(tiny_models, out, "--from_file", str(prompts), "--sequential_file_name") == 3  # a line skipped
     files = pngs(out)
     assert [p.name for p in files] == ["im_000001.png", "im_000002.png", "im_000003.png"]
     got = [(meta(p)["prompt"], Image.open(p).size, meta(p)["steps"], meta(p)["seed"], meta(p)["scale"]) for p in files]

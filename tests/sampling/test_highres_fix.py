@@ -166,7 +166,7 @@ def test_highres_mistakes_are_one_line(tiny_models, tmp_path, capsys, extra, mes
 def test_a_line_too_small_for_the_1st_stage_is_skipped(tiny_models, tmp_path, caplog):
     prompts = tmp_path / "p.txt"
     prompts.write_text("tiny --w 48 --h 48\nfine\n")
-    assert run(tiny_models, tmp_path / "o", *HIGHRES, "--from_file", str(prompts)) == 0
+    assert run(tiny_models, tmp_path / "o", *HIGHRES, "--from_file", str(prompts)) == 3  # a line skipped
     assert len(pngs(tmp_path / "o")) == 1
     assert re.search(r"p\.txt:1: skipped: .*under 32 pixels", caplog.text)
 
