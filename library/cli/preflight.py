@@ -100,7 +100,7 @@ def check_prompt_source(rounds: RoundOptions) -> None:
     """`--from_file` readable with at least one prompt line; `--from_module` valid Python."""
     from library.prompts.sources import read_prompt_file
 
-    if rounds.from_file is not None and not read_prompt_file(rounds.from_file):
+    if rounds.from_file is not None and not len(read_prompt_file(rounds.from_file)):
         raise NothingToDo(f"--from_file {rounds.from_file}: no prompt lines (only blank lines and # comments); "
                           "nothing to do")
     if rounds.from_module is not None:

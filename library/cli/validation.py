@@ -47,6 +47,7 @@ def check_options(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None:  # None: 512, or the img2img source's size
             limits.check_side(getattr(args, name), f"--{name}")
     limits.check_steps(args.steps, args.sampler)
+    limits.check_batch_size(args.batch_size)
     if getattr(args, "highres_fix_scale", None) is not None:
         limits.check_steps(args.highres_fix_steps, args.sampler, "--highres_fix_steps")
     if not str(args.outdir).strip():

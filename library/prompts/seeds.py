@@ -11,6 +11,7 @@ random stream draws, and in which order, is `library.sampling.noise`.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 
 class SeedSource:
@@ -36,9 +37,9 @@ class SeedSource:
 
 def seeds_for_line(
     source: SeedSource, count: int, given: list[int] | None, iter_seed: int | None
-) -> list[int]:
-    """Seeds of the `count` images of one prompt line (`--d` values first, as the original)."""
-    seeds: list[int] = []
+) -> Iterator[int]:
+    """Seeds of the `count` images of one prompt line (`--d` values first, as the original),
+    each drawn when it is taken (a count of 10**12 holds no list)."""
     pending = list(given) if given is not None else None
     previous: int | None = None
     for _ in range(count):
@@ -48,6 +49,5 @@ def seeds_for_line(
             seed = iter_seed
         if seed is None:
             seed = source.draw()
-        seeds.append(seed)
+        yield seed
         previous = seed
-    return seeds

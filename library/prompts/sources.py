@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,24 +127,17 @@ class Line:
     text: str
     where: str
     image: str | None = None  # the img2img source this line's prompt was read from
+    problem: str | None = None  # why the line cannot be read (too long): it is skipped with this
 
 
 # --- sources --------------------------------------------------------------------------------
 
 
-def read_prompt_file(path: str) -> list[Line]:
-    """Non-blank, non-comment lines of a prompt file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise UserError(f"--from_file {path}: cannot read it ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--from_file {path}: not UTF-8 text; save it as UTF-8") from None
-    return [
-        Line(line.strip(), f"{path}:{number}")
-        for number, line in enumerate(text.splitlines(), 1)
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+def read_prompt_file(path: str):
+    """Non-blank, non-comment lines of a prompt file, streamed (`library.prompts.prompt_file`)."""
+    from library.prompts.prompt_file import PromptFile
+
+    return PromptFile(path)
 
 
 def interactive_lines(read: Callable[[str], str] = input) -> Iterator[Line]:
@@ -220,8 +213,11 @@ def jobs_for_line(
     seeds: SeedSource,
     iter_seed: int | None,
     chunk_count: Callable[..., int],
-) -> list[Job]:
-    """The Jobs of one prompt line; a malformed line raises `UserError` (caller skips it)."""
+) -> Iterator[Job]:
+    """The Jobs of one prompt line, made as they are taken (`--images_per_prompt 1000000000000`
+    holds no list); a malformed line raises `UserError` at the first Job (caller skips it)."""
+    if line.problem is not None:
+        raise UserError(line.problem)
     parsed = parse_prompt_line(line.text)
     o = parsed.overrides
     styled, styled_negative = apply_styles(o.styles, parsed.prompt, o.negative_prompt, defaults.styles,
@@ -247,7 +243,6 @@ def jobs_for_line(
     unsharp = parse_unsharp(o.gradual_latent_unsharp_params, "--glus")
     gradual_latent = gradual_latent_overrides(defaults.gradual_latent, o, unsharp)
     sizes = _line_sizes(defaults.sizes, o, line)
-    jobs = []
     for prompt in expand_enumerations(styled):
         drawn = seeds_for_line(seeds, defaults.images_per_prompt, list(o.seeds) if o.seeds else None, iter_seed)
         for seed, variation in zip(*line_variations(drawn, defaults.variation, o, bool(o.seeds))):
@@ -259,7 +254,7 @@ def jobs_for_line(
             if defaults.regional_networks > len(parts):
                 raise UserError(f"{defaults.regional_networks} networks are loaded for regional LoRA but the prompt "
                                 f"has {len(parts)} part(s); split it with ' AND ' into at least one part per network")
-            jobs.append(
+            yield (
                 Job(
                     prompt=text,
                     negative_prompt=negative,
@@ -287,7 +282,6 @@ def jobs_for_line(
                     highres_scale=o.highres_scale if defaults.highres else None,
                 )
             )
-    return jobs
 
 
 def _warn_inert_am(defaults: Defaults, line: Line) -> None:
@@ -353,9 +347,9 @@ def _line_strength(given: float | None, default: float | None, line: Line) -> fl
     return given
 
 
-def shuffled(lines: list[Line], enabled: bool, rng=random) -> list[Line]:
+def shuffled(lines: Iterable[Line], enabled: bool, rng=random) -> Iterable[Line]:
     """`--shuffle_prompts`: a new random order each round (from `rng`: the same on every rank
-    of a split run, `library.run.distributed.Team.shuffler`)."""
+    of a split run, `library.run.distributed.Team.shuffler`); only then are the lines a list."""
     if not enabled:
         return lines
     copy = list(lines)

@@ -14,6 +14,9 @@ machine, or crashes inside a library:
 - Seeds: 0..`MAX_SEED` (2**32 - 1), the range the original draws seeds from.
 - Integers in a prompt line: at most `MAX_DIGITS` digits, checked before conversion
   (Python refuses to convert 4,300+ digits, and no option needs more than 20).
+- `--batch_size`: at most `MAX_BATCH_SIZE` images in one U-Net batch (a typo's 10000 would
+  allocate every image's latents and activations at once); `--images_per_prompt` and
+  `--n_iter` have no limit, as their Jobs are made one batch at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ MAX_CONDITIONING_SIZE = 65536
 MAX_STEPS = 1000
 MAX_SEED = 2**32 - 1
 MAX_DIGITS = 20
+MAX_BATCH_SIZE = 1024
 #: Per-sampler (base name) step ranges where they are narrower than 1..MAX_STEPS.
 SAMPLER_STEPS = {"ddim": (1, 999), "pndm": (4, 999), "lcm": (1, 50)}
 
@@ -51,6 +55,12 @@ def check_steps(steps: int, sampler: str, option: str = "--steps") -> None:
     low, high = steps_range(sampler)
     if not low <= steps <= high:
         raise UserError(f"{option} {steps}: --sampler {sampler} runs {low} to {high} steps")
+
+
+def check_batch_size(batch_size: int) -> None:
+    """`--batch_size` within 1..MAX_BATCH_SIZE."""
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise UserError(f"--batch_size {batch_size}: must be 1 to {MAX_BATCH_SIZE} images per batch")
 
 
 def check_side(value: int, option: str, minimum: int = 8) -> None:

@@ -18,6 +18,7 @@ uninterrupted process.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +45,9 @@ from library.sampling.img2img import SourceImages, composite
 from library.sampling.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
+
+#: Jobs of a line checked together before its first image (the rest are checked as they come).
+CHECKED_UP_FRONT = 1024
 
 
 @dataclass
@@ -103,28 +107,50 @@ class Runner:
         self.saved: list[tuple[Job, Path]] = []  # final images written by this process (sweep grids read them)
 
     def jobs(self, lines: Iterable[Line], seeds, iter_seed: int | None) -> Iterator[Job]:
-        """Jobs of every line; a malformed line is reported (file and line) and skipped."""
+        """Jobs of every line, made as the batches take them; a malformed line is reported (file
+        and line) and skipped. A line's first `CHECKED_UP_FRONT` Jobs are checked before any is
+        given out, so a bad line makes no image; later ones (a huge `--images_per_prompt`) as
+        they come, and the first that fails ends its line there."""
         for line in lines:
+            made = jobs_for_line(line, self.defaults, seeds, iter_seed, self.pipeline.encoder.chunk_count)
             try:
-                made = jobs_for_line(line, self.defaults, seeds, iter_seed, self.pipeline.encoder.chunk_count)
-                if self.sources is not None:  # the size may come from the source
-                    made = [self.sources.assign(job, line.image) for job in made]
-                limits.check_jobs(made, self.pipeline, self.highres)  # sizes and steps the model can make
-                for job in made:
-                    self.pipeline.check_job(job)
-                    if self.highres is not None:
-                        self.highres.stages(job)  # a size too small for the 1st stage skips the line
+                first = self._checked(list(itertools.islice(made, CHECKED_UP_FRONT)), line)
             except UserError as exc:
-                if self.team.leads:  # every process skips the same lines; one says so
-                    logger.error("%s: skipped: %s", line.where, exc)
-                self.summary.skipped_lines += 1
-                self.summary.first_skip = self.summary.first_skip or f"{line.where}: {exc}"
+                self._skip(line, exc)
                 continue
+            yield from map(self._numbered, first)
             for job in made:
-                if self.guides is not None:
-                    job = replace(job, guide_image=self.guides.next_path())
-                index, self._jobs_made = self._jobs_made, self._jobs_made + 1
-                yield replace(job, index=index)
+                try:
+                    (job,) = self._checked([job], line)
+                except UserError as exc:
+                    self._skip(line, exc)
+                    break
+                yield self._numbered(job)
+
+    def _checked(self, made: list[Job], line: Line) -> list[Job]:
+        """`made` with their sources, after every check of a Job (raises `UserError`)."""
+        if self.sources is not None:  # the size may come from the source
+            made = [self.sources.assign(job, line.image) for job in made]
+        limits.check_jobs(made, self.pipeline, self.highres)  # sizes and steps the model can make
+        for job in made:
+            self.pipeline.check_job(job)
+            if self.highres is not None:
+                self.highres.stages(job)  # a size too small for the 1st stage skips the line
+        return made
+
+    def _skip(self, line: Line, exc: UserError) -> None:
+        """Report a skipped line (by one process of a split run: all skip the same lines) and count it."""
+        if self.team.leads:
+            logger.error("%s: skipped: %s", line.where, exc)
+        self.summary.skipped_lines += 1
+        self.summary.first_skip = self.summary.first_skip or f"{line.where}: {exc}"
+
+    def _numbered(self, job: Job) -> Job:
+        """`job` with its index in the run (and its guide image)."""
+        if self.guides is not None:
+            job = replace(job, guide_image=self.guides.next_path())
+        index, self._jobs_made = self._jobs_made, self._jobs_made + 1
+        return replace(job, index=index)
 
     def run(self, jobs: Iterable[Job], total: int | None = None) -> None:
         """Generate and save all `jobs` (this process's share of them), batching consecutive

@@ -61,7 +61,7 @@ def test_prompt_lines_raise_only_user_errors(text: str) -> None:
 @given(LINES, st.integers(0, 2**32 - 1))
 def test_jobs_for_line_raise_only_user_errors(text: str, seed: int) -> None:
     try:
-        jobs = jobs_for_line(Line(text, "fuzz"), DEFAULTS, SeedSource(seed, False), None, lambda *texts: 1)
+        jobs = list(jobs_for_line(Line(text, "fuzz"), DEFAULTS, SeedSource(seed, False), None, lambda *texts: 1))
     except UserError:
         return
     for job in jobs:
