@@ -7,12 +7,15 @@ atomically and never overwrites one. What goes into the metadata is `library.ima
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import itertools
 import logging
 import os
 import re
 import secrets
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -99,7 +102,10 @@ class ExistingImages:
     `.part` files a stopped run left there (one listing of the folder for the whole run).
 
     A default name (`im_{timestamp}_{index}_{seed}.png`) counts as there whatever its
-    timestamp, because a restarted run has a new one; other names must match exactly.
+    timestamp, because a restarted run has a new one; other names must match exactly. An
+    empty or unreadable image (a crash on a file system without hard links, a truncated
+    copy) does not count: it is checked (its chunks, not its pixels) when asked about, and
+    removed before its image is made again.
     """
 
     def __init__(self, outdir: Path) -> None:
@@ -110,27 +116,55 @@ class ExistingImages:
             entries = []
         except OSError as e:
             raise UserError(f"--outdir {outdir}: cannot list it ({e.strerror}); check permissions") from e
-        self._there = {_untimed(name) for name in entries if not name.endswith(".part")}
+        self._there: dict[str, list[str]] = {}  # untimed name -> the files with it
+        for name in entries:
+            if not name.endswith(".part"):
+                self._there.setdefault(_untimed(name), []).append(name)
+        self._sound: dict[str, bool] = {}  # file name -> it reads as an image
         self._parts: dict[str, list[str]] = {}  # untimed target name (its first 80 characters) -> part files
         for name in entries:
             if name.startswith(".") and name.endswith(".part") and name.count(".") >= 3:
                 self._parts.setdefault(_untimed(name[1:].rsplit(".", 2)[0]), []).append(name)
 
     def __contains__(self, name: str) -> bool:
-        return _untimed(name) in self._there
+        return any(self._reads(file) for file in self._there.get(_untimed(name), ()))
+
+    def _reads(self, file: str) -> bool:
+        """True when `file` is a complete image (checked once)."""
+        if file not in self._sound:
+            self._sound[file] = _is_complete_image(self.outdir / file)
+        return self._sound[file]
 
     def remove_stale_parts(self, name: str) -> None:
-        """Delete the `.part` files a stopped run left of `name`.
+        """Delete the `.part` files a stopped run left of `name`, and an empty or unreadable
+        image under `name` (it is made again under that name).
 
         Only for names that this process is about to write: no other process of the run
         writes them, so their `.part` files are stale. Names longer than the 80 characters
         kept in a `.part` name are left alone.
         """
+        for file in self._there.get(_untimed(name), ()):
+            if not self._reads(file):
+                (self.outdir / file).unlink(missing_ok=True)
+                logger.info("removed %s: empty or unreadable, made again", file)
         if len(name) > 80:
             return
         for stale in self._parts.pop(_untimed(name), []):
             (self.outdir / stale).unlink(missing_ok=True)
             logger.info("removed %s, left by a stopped run", stale)
+
+
+def _is_complete_image(path: Path) -> bool:
+    """True when `path` opens as an image whose every chunk is there (PIL's `verify`, which
+    reads a PNG to its end without decoding pixels)."""
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises many kinds for a damaged file; each means "not there"
+        return False
 
 
 def _untimed(name: str) -> str:
@@ -217,7 +251,8 @@ def _encode(image: Image.Image, f, webp: bool, text: Mapping[str, str]) -> None:
         return
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
-        info.add_text(key, value)  # Pillow falls back to iTXt for non-latin-1 values
+        # NUL ends a text chunk's keyword and is not allowed in its text: a prompt's NULs are dropped
+        info.add_text(key.replace("\0", ""), value.replace("\0", ""))  # iTXt where not latin-1
     image.save(f, format="PNG", pnginfo=info)
 
 
@@ -248,10 +283,14 @@ def _publish(tmp: Path, outdir: Path, name: str, variant_of: str) -> Path:
 
 
 def _publish_without_link(tmp: Path, final: Path) -> bool:
-    """Fallback where hard links fail; False if `final` is taken.
+    """Fallback where hard links fail (vfat, exFAT, some network shares); False if `final`
+    is taken. The finished, fsynced file is renamed to its name in one step, so the name
+    never holds an empty or partial file, even if the process dies right there.
 
-    Windows `os.rename` refuses to replace an existing file. Elsewhere the name is reserved
-    with O_EXCL (an empty file for an instant) and the finished file renamed over it.
+    Windows `os.rename` refuses to replace an existing file. Linux renames with
+    RENAME_NOREPLACE (`renameat2`), which refuses too; where that call is missing, the name
+    is checked just before a plain rename (names are planned per process, so no other
+    process of the run writes the same name).
     """
     if os.name == "nt":
         try:
@@ -259,12 +298,47 @@ def _publish_without_link(tmp: Path, final: Path) -> bool:
             return True
         except FileExistsError:
             return False
-    try:
-        os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
+    done = _rename_no_replace(tmp, final)
+    if done is not None:
+        return done
+    if os.path.lexists(final):
         return False
-    os.replace(tmp, final)
+    os.rename(tmp, final)
     return True
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_no_replace(tmp: Path, final: Path) -> bool | None:
+    """Linux `renameat2(..., RENAME_NOREPLACE)`: True when renamed, False when `final` exists,
+    None where the call or the flag is not available (then the caller checks and renames)."""
+    renameat2 = _libc_renameat2()
+    if renameat2 is None:
+        return None
+    if renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(final), _RENAME_NOREPLACE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error == errno.EEXIST:
+        return False
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return None
+    raise OSError(error, os.strerror(error), str(final))
+
+
+@functools.cache
+def _libc_renameat2():
+    """The C library's `renameat2`, or None (not Linux, or a C library without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 DEMO_DIR = Path(__file__).resolve().parents[2] / "models"  # the repository's models/ (git ignores it)
 DEMO_LINE = ("no --ckpt given: using the demo model {path}{written} (tiny, random weights: the images are noise; "
              "give your model with --ckpt)")
+#: `--skip_existing` with random seeds: default file names hold the seed, which a new run draws anew.
+SKIP_EXISTING_WITHOUT_SEED = (
+    "--skip_existing without --seed: the seeds are drawn anew, so the default file names (which hold "
+    "the seed) cannot match the earlier run's files; give the earlier run's --seed (or --sequential_file_name)")
 
 
 FP16_ON_CPU = ("--fp16 on the CPU: most CPUs have no fast float16 kernels (a 256x256 SD 1.5 step took 100 s "
@@ -244,6 +248,8 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
         skip_existing=options.output.skip_existing,
         run_text=(("run-options", options.output.run_record),) if options.output.run_record else (),
     )
+    if output.skip_existing and options.rounds.seed is None and not output.sequential:
+        logger.warning(SKIP_EXISTING_WITHOUT_SEED)
     s = options.sources
     inpainting_masks = None if has_region_mask(options) else s.mask_path
     resized = g.width_given and g.height_given  # --W and --H: sources and masks resized to them
