@@ -33,14 +33,8 @@ SDXL_SIZE_OPTIONS: tuple[tuple[str, str], ...] = (
     ("crop_left", "left of the crop the image is conditioned on (default 0)"),
 )
 
-_FLOAT_OPTIONS = ("scale", "ddim_eta", "negative_scale", "strength", "highres_fix_scale", "highres_fix_strength",
-                  "vae_batch_size", "network_mul", "control_net_weights", "control_net_ratios",
-                  "hypernetwork_mul")
-
-
 def check_options(args: argparse.Namespace) -> None:
     """Ranges the rest of `validate` does not check; raises `UserError` with one line."""
-    limits.check_finite((f"--{name}", getattr(args, name, None)) for name in _FLOAT_OPTIONS)
     if args.seed is not None:
         limits.check_seed(args.seed)
     for name in ("W", "H"):
@@ -58,6 +52,8 @@ def validate(args: argparse.Namespace) -> None:
     """Check what argparse cannot: ranges, exclusive options, sampler names."""
     from library.records.webui_samplers import canonical_sampler
 
+    # first, so that every float option (and every one added later) refuses nan/inf with this one line
+    limits.check_finite((f"--{name}", value) for name, value in vars(args).items())
     args.sampler = canonical_sampler(args.sampler)  # the web UI's names ("DPM++ 2M Karras") become ours
     sources = [o for o in ("prompt", "from_file", "from_module", "interactive", "from_png") if getattr(args, o)]
     if len(sources) > 1:

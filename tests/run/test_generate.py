@@ -116,7 +116,7 @@ def test_from_file_lines_with_options_and_a_malformed_line(tiny_models, tmp_path
         "first --w 96 --h 64 --s 2 --d 11\n"
         "\n"
         "second --n nothing --l 3 --d 12\n"
-        "broken --w abc\n"
+        "broken --w 100\n"
         "third --h 128 --s 4 --d 13 --nl 1.5\n"
     )
     out = tmp_path / "out"
