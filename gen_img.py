@@ -13,6 +13,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from library import interrupts
 from library.cli.logging_setup import configure_logging
 from library.cli.parser import parse_options
 from library.errors import UserError
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return failed(team, exc)
     except KeyboardInterrupt:
         if team.leads:
-            print("interrupted", file=sys.stderr)
-        return 130
+            interrupts.announce()  # one line, also when a second Ctrl+C ends the process meanwhile
+        return interrupts.INTERRUPTED_STATUS
     finally:
         team.close()
         if log_file is not None:  # in-process callers (tests) run main() again
@@ -131,4 +132,5 @@ def prompt_lines(options: Options) -> list:
 
 
 if __name__ == "__main__":
+    interrupts.install()  # Ctrl+C within a second, even inside a long torch call (library/interrupts.py)
     exit_without_teardown(main())  # sys.exit, minus ~1 s of freeing the model object by object

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from library import interrupts
 from library.errors import UserError
 from library.images.metadata import webp_exif
 from library.messages import quoted, write_failure
@@ -216,11 +217,12 @@ def save_image(image: Image.Image, outdir: Path, name: str, text: Mapping[str, s
     webp = name.lower().endswith(".webp")
     fd, tmp = _create_temp(outdir, name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            _encode(image, f, webp, text)
-            f.flush()
-            os.fsync(f.fileno())
-        final = _publish(tmp, outdir, name, variant_of or name)
+        with interrupts.temporary_file(tmp):  # an interrupted process removes it on its way out
+            with os.fdopen(fd, "wb") as f:
+                _encode(image, f, webp, text)
+                f.flush()
+                os.fsync(f.fileno())
+            final = _publish(tmp, outdir, name, variant_of or name)
     except OSError as e:
         if e.errno is None:  # an encoder problem, not the file system: a bug
             raise
