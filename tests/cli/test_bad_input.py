@@ -59,7 +59,7 @@ def cases(tiny_models, tmp_path_factory) -> Path:
     os.mkfifo(folder / "fifo")
     (folder / "notpy.py").write_text("this is not python {\n")
     (folder / "empty.txt").write_text("# only a comment\n\n")
-    (folder / "allbad.txt").write_text("a --w 12\nb --s 0\n")
+    (folder / "allbad.txt").write_text("a --w 12\nb --d 1,\n")
     (folder / "afile").write_text("not a folder")
     Image.new("L", (10000, 10000)).save(folder / "huge.png")  # ~100 KB, 100 Mpx if decoded
     Image.new("RGB", (64, 64)).save(folder / "small.png")
