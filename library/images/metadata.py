@@ -151,9 +151,9 @@ def a1111_parameters(record: ImageRecord) -> str:
     ]
     items = []
     for key, value in params:
-        if value is None:
+        shown = None if value is None else _number(value)
+        if not shown:  # the web UI's reader drops a key with an empty value: not written at all
             continue
-        shown = _number(value)
         items.append(key if key == shown else f"{key}: {a1111_quote(shown)}")
     negative = f"\nNegative prompt: {record.negative_prompt}" if record.negative_prompt else ""
     return f"{record.prompt}{record.a1111_prompt_suffix}{negative}\n{', '.join(items)}".strip()
@@ -183,7 +183,8 @@ def parse_a1111_parameters(text: str, *, with_defaults: bool = False) -> dict[st
     """Read an A1111 infotext the way A1111 reads it.
 
     Returns `Prompt`, `Negative prompt` and each `key: value` of the params line (all str);
-    `WxH` values become `Key-1`/`Key-2`. The last line counts as params only when it holds
+    `WxH` values become `Key-1`/`Key-2`; a key with an empty value (`Model: ,`) is left out,
+    as A1111's reader leaves it out. The last line counts as params only when it holds
     at least three `key: value` items; otherwise it is prompt text. Each prompt line is
     stripped, as A1111 does. `with_defaults` adds A1111's fill-ins for absent constant keys.
     """
@@ -204,6 +205,8 @@ def parse_a1111_parameters(text: str, *, with_defaults: bool = False) -> dict[st
             prompt += ("\n" if prompt else "") + line
     result = {"Prompt": prompt, "Negative prompt": negative}
     for key, value in _RE_PARAM.findall(last):
+        if not value:  # the web UI fails on value[0] and skips the key
+            continue
         if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
             try:
                 value = json.loads(value)

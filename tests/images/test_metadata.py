@@ -233,3 +233,20 @@ def test_read_generation_text_errors(tmp_path):
         read_generation_text(bad)
     with pytest.raises(UserError, match=r"missing\.png: no such file; check the path$"):
         read_generation_text(tmp_path / "missing.png")
+
+
+def test_empty_values_as_the_web_uis_reader():
+    # A1111's reader indexes value[0] and skips a key whose value is empty; a quoted "" is kept as "".
+    text = 'a cat\nSteps: 20, Sampler: , Seed: 3, Model: , Size: 64x64, VAE: ""'
+    assert parse_a1111_parameters(text) == {
+        "Prompt": "a cat", "Negative prompt": "", "Steps": "20", "Seed": "3", "Size-1": "64", "Size-2": "64",
+        "VAE": "",
+    }
+    record = ImageRecord(prompt="a cat", negative_prompt="", seed=3, sampler="euler", steps=20, scale=7.0,
+                         width=64, height=64, model_name="", model_hash="", extra={"VAE": "", "Eta": 0.0})
+    written = a1111_parameters(record)
+    assert written == "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, Eta: 0"
+    assert parse_a1111_parameters(written) == {
+        "Prompt": "a cat", "Negative prompt": "", "Steps": "20", "Sampler": "Euler", "CFG scale": "7", "Seed": "3",
+        "Size-1": "64", "Size-2": "64", "Eta": "0",
+    }
