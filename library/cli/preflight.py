@@ -10,7 +10,9 @@ behind (the `--outdir` write test removes its temporary file).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable
@@ -55,6 +57,7 @@ def check_inputs(options: Options) -> None:
     check_size_conditioning(options)
     check_guidance_models(options.guidance)
     check_outdir(options.output.outdir)
+    check_before_load(options)
 
 
 def check_model_families(options: Options) -> None:
@@ -206,6 +209,74 @@ def check_outdir(outdir: str) -> None:
     except OSError as exc:
         where = "" if probe == folder else f" (in {probe})"
         raise UserError(f"--outdir {outdir}: cannot create files there{where} ({exc.strerror})") from None
+
+
+#: Free space `--outdir` needs at the start (a few images' worth): less is a full disk.
+MIN_FREE_BYTES = 16 * 1024 * 1024
+MIN_SOURCE_SIDE = 8
+
+
+def check_before_load(options: Options) -> None:
+    """What the options and files already tell and the model load used to find later: the
+    `--network_args` texts, the tokenizer cache folder, the upscaler module, img2img sources
+    too small to make an image from, and a full disk under `--outdir`."""
+    from library.records.network_args import parse_network_args
+
+    for text in options.networks.args or ():
+        parse_network_args(text)
+    cache = options.load.tokenizer_cache_dir
+    if cache and Path(cache).exists() and not Path(cache).is_dir():
+        raise UserError(f"--tokenizer_cache_dir {cache}: is not a folder; give a folder path")
+    if options.highres.upscaler:
+        check_upscaler_module(options.highres.upscaler)
+    g = options.generation
+    if options.sources.image_path is not None and not (g.width_given and g.height_given):
+        check_source_sizes(options.sources.image_path)
+    check_free_space(options.output.outdir)
+
+
+def check_upscaler_module(name: str) -> None:
+    """`--highres_fix_upscaler` can be found: a Python file that compiles, or a module on the
+    path (found, not run; the manual's `tools.latent_upscaler` is shipped in the library)."""
+    if name.endswith(".py"):
+        check_python_file(name, "--highres_fix_upscaler")
+        return
+    if name == "tools.latent_upscaler":
+        return
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:
+        raise UserError(f"--highres_fix_upscaler {name}: cannot import it ({first_line(exc)})") from None
+    if found is None:
+        raise UserError(f"--highres_fix_upscaler {name}: cannot import it (no module named {name!r})")
+
+
+def check_source_sizes(spec) -> None:
+    """img2img sources used at their own size are at least `MIN_SOURCE_SIDE` pixels a side (headers only)."""
+    from PIL import Image
+
+    from library.images.input_images import list_images
+
+    for one in [spec] if isinstance(spec, str) else spec:
+        for path in list_images(Path(one), "--image_path"):
+            with Image.open(path) as image:
+                width, height = image.size
+            if min(width, height) < MIN_SOURCE_SIDE:
+                raise UserError(f"--image_path {path}: {width}x{height} pixels; a source used at its own size needs "
+                                f"at least {MIN_SOURCE_SIDE} pixels a side (or give --W and --H)")
+
+
+def check_free_space(outdir: str) -> None:
+    """The disk under `--outdir` has room for a few images (`MIN_FREE_BYTES`)."""
+    probe = Path(outdir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"--outdir {outdir}: the disk is full ({free // 1024} KiB free); free some space first")
 
 
 def _reason(exc: OSError) -> str:

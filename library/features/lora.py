@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from library.errors import UserError
+from library.records.network_args import parse_network_args
 from library.sampling.patches import Batch, BatchRun, FeatureBase, Patch, RunSetup
 
 logger = logging.getLogger(__name__)
@@ -139,15 +140,7 @@ def _create(module_name: str, weights: str, multiplier: float, args_text: str, m
     )
 
 
-def network_args(text: str) -> dict[str, str]:
-    """`--network_args "k=v,k2=v2"` as a dict."""
-    pairs = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f'--network_args "{text}": expected key=value items separated by commas')
-        pairs[key.strip()] = value.strip()
-    return pairs
+network_args = parse_network_args  # the loader's name for it
 
 
 def text_encoders(model):
