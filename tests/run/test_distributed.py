@@ -249,8 +249,14 @@ def test_name_plan_matches_saving_one_after_the_other(tmp_path):
 
 
 def test_existing_images_match_default_names_whatever_their_timestamp(tmp_path):
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(png, format="PNG")  # a complete image: an unreadable one counts as missing
     for name in ("im_20261201101010_003_42.png", "im_000007.png", "mine.png", ".hidden.png.abc.part"):
-        (tmp_path / name).write_bytes(b"x")
+        (tmp_path / name).write_bytes(png.getvalue())
     there = output_files.ExistingImages(tmp_path)
     assert "im_20270101000000_003_42.png" in there
     assert "im_20270101000000_003_43.png" not in there
