@@ -11,6 +11,7 @@ is one error line (status 2), found by the count before any model loads.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -20,6 +21,16 @@ from library.prompts.sources import Line
 #: The longest prompt line read, in bytes (a 200,000-alternative `{a|b|...}` group is ~1.5 MB).
 MAX_LINE_BYTES = 4 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
+_COUNTS: dict[tuple, int] = {}  # (path, inode, size, mtime) of the last file counted -> its prompt lines
+
+
+def _stamp(path: str) -> tuple | None:
+    """What identifies one version of the file (None when it cannot be read)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.abspath(path), info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 class PromptFile:
@@ -30,9 +41,18 @@ class PromptFile:
         self._count: int | None = None
 
     def __len__(self) -> int:
-        """How many prompt lines the file has (counted once, without keeping them)."""
+        """How many prompt lines the file has (counted without keeping them; once per version of
+        the file, so the start-up check and the run share one pass over a large file)."""
         if self._count is None:
-            self._count = sum(1 for _ in self)
+            stamp = _stamp(self.path)
+            if stamp is None or stamp not in _COUNTS:
+                count = sum(1 for _ in self)
+                if stamp is not None:
+                    _COUNTS.clear()
+                    _COUNTS[stamp] = count
+                self._count = count
+            else:
+                self._count = _COUNTS[stamp]
         return self._count
 
     def __iter__(self) -> Iterator[Line]:

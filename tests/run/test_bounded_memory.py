@@ -74,3 +74,16 @@ def test_a_long_line_is_skipped_with_its_file_and_line(tmp_path):
         ("", f"{path}:4", "the line is longer than 4194304 bytes; split it or shorten its {a|b|...} groups"),
         ("last --d 2", f"{path}:5", None),
     ]
+
+
+def test_the_count_is_shared_by_the_check_and_the_run_until_the_file_changes(tmp_path):
+    import os
+
+    from library.prompts.prompt_file import PromptFile
+
+    path = tmp_path / "p.txt"
+    path.write_text("a\nb\n")
+    assert len(PromptFile(str(path))) == 2
+    path.write_text("a\nb\nc\n")
+    os.utime(path, ns=(1, 1))  # a new size and time: counted again
+    assert len(PromptFile(str(path))) == 3
