@@ -89,6 +89,6 @@ def test_a_bad_tag_skips_its_line_with_file_and_line(tiny_models, tmp_path, lora
     lines.write_text("a cat --d 1\na dog <lora:onee:1> --d 2\n")
     with caplog.at_level("ERROR"):
         code = run(tiny_models, tmp_path / "out", "--from_file", str(lines), "--lora_dir", str(lora_dir))
-    assert code == 0 and len(pngs(tmp_path / "out")) == 1  # a skipped line, as other bad prompt lines
+    assert code == 3 and len(pngs(tmp_path / "out")) == 1  # a skipped line (exit 3), as other bad prompt lines
     assert (f"{lines}:2: skipped: <lora:onee:1>: no file named 'onee' in {lora_dir}; close names: one, one_te\n"
             in caplog.text)

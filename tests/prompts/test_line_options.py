@@ -358,7 +358,7 @@ def test_notes_are_warned_with_the_file_and_line(caplog: pytest.LogCaptureFixtur
 
     defaults = Defaults(64, 64, 3, 7.5, None, 1)
     with caplog.at_level("WARNING", logger="library.prompts.sources"):
-        jobs = jobs_for_line(Line("a --s 5000 --d 4", "p.txt:7"), defaults, SeedSource(None, False), None,
-                             lambda *parts: 1)
+        jobs = list(jobs_for_line(Line("a --s 5000 --d 4", "p.txt:7"), defaults, SeedSource(None, False), None,
+                                  lambda *parts: 1))
     assert [job.steps for job in jobs] == [1000]
     assert caplog.messages == ["p.txt:7: prompt option --s 5000 read as 1000 (the original keeps it within 1 to 1000)"]

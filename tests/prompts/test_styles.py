@@ -53,11 +53,12 @@ def test_a_line_with_style_makes_styled_jobs(styles_file):
                            SeedSource(1, False), None, lambda *texts: 1)
     assert (job.prompt, job.negative_prompt) == ("cinematic still of a red cat, film grain", "text, cartoon, drawing")
     with pytest.raises(UserError) as info:
-        jobs_for_line(Line("a cat --style Cinema", "p.txt:4"), defaults, SeedSource(1, False), None, lambda *t: 1)
+        list(jobs_for_line(Line("a cat --style Cinema", "p.txt:4"), defaults, SeedSource(1, False), None,
+                           lambda *t: 1))
     assert str(info.value) == f"--style Cinema: no such style in {styles_file} (styles: Cinematic, Empty, Sharp)"
     with pytest.raises(UserError) as info:
-        jobs_for_line(Line("a cat --style Sharp", "p.txt:5"), Defaults(64, 64, 4, 7.5, None, 1), SeedSource(1, False),
-                      None, lambda *t: 1)
+        list(jobs_for_line(Line("a cat --style Sharp", "p.txt:5"), Defaults(64, 64, 4, 7.5, None, 1),
+                           SeedSource(1, False), None, lambda *t: 1))
     assert str(info.value) == "--style Sharp: no styles file; give --styles styles.csv"
 
 
