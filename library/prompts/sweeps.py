@@ -74,9 +74,11 @@ def parse_axis(text: str) -> Axis:
             canonical_sampler(value)
     for value in values if option not in ("", "sa") else ():
         try:
-            parse_prompt_line(f"x --{option} {value}")
+            notes = parse_prompt_line(f"x --{option} {value}").notes
         except PromptOptionError as exc:
             raise UserError(f'--xyz "{text}": {exc}') from None
+        if notes:  # a value the prompt line would read otherwise (clamped, cut, left out): not a sweep value
+            raise UserError(f'--xyz "{text}": {notes[0]}')
     return Axis(name.strip(), option, tuple(values))
 
 

@@ -13,6 +13,9 @@ of a prompt line gets (the web UI's rules, on our per-image seeds).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+
 from library.errors import UserError
 from library.records.limits import MAX_SEED
 from library.records.variation_settings import Variation, VariationDefaults
@@ -27,9 +30,10 @@ def resize_from(width: int | None, height: int | None, where: str) -> tuple[int,
     return width, height
 
 
-def line_variations(seeds: list[int], defaults: VariationDefaults, overrides, explicit_seeds: bool
-                    ) -> tuple[list[int], list[Variation | None]]:
-    """(main seeds, variations) of a line's images whose drawn seeds are `seeds`."""
+def line_variations(seeds: Iterable[int], defaults: VariationDefaults, overrides, explicit_seeds: bool
+                    ) -> tuple[Iterable[int], Iterable[Variation | None]]:
+    """(main seeds, variations) of a line's images whose drawn seeds are `seeds`. Without a
+    variation strength both stay lazy (`--images_per_prompt 1000000000000` holds no list)."""
     o = overrides
     strength = o.subseed_strength if o.subseed_strength is not None else defaults.strength
     subseed = o.subseed if o.subseed is not None else defaults.subseed
@@ -37,9 +41,10 @@ def line_variations(seeds: list[int], defaults: VariationDefaults, overrides, ex
                          o.seed_resize_from_h if o.seed_resize_from_h is not None else defaults.resize_h,
                          "--srw/--srh (--seed_resize_from_w/--seed_resize_from_h)")
     if not strength and resize is None:
-        return seeds, [None] * len(seeds)
+        return seeds, itertools.repeat(None)
     if not strength:
-        return seeds, [Variation(None, 0.0, resize) for _ in seeds]
+        return seeds, itertools.repeat(Variation(None, 0.0, resize))
+    seeds = list(seeds)
     mains = list(seeds) if explicit_seeds else [seeds[0]] * len(seeds)
     variations: list[Variation | None] = []
     for k, main in enumerate(mains):

@@ -25,7 +25,7 @@ def test_axis_values(text, values):
 
 @pytest.mark.parametrize(("text", "message"), [
     ("colour: red", '--xyz "colour: red": unknown axis "colour"; write "NAME: values" with NAME one of '),
-    ("steps: 0-2", '--xyz "steps: 0-2": prompt option --s expects a value from 1 to 1000, got "0" (e.g. --s 28)'),
+    ("steps: 0-2", '--xyz "steps: 0-2": prompt option --s 0 read as 1 (the original keeps it within 1 to 1000)'),
     ("steps: 1-5 (-1)", '--xyz "steps: 1-5 (-1)": the step of 1-5 (-1) never reaches its end'),
     ("sampler: DPM fast", "--sampler DPM fast: not available (diffusers has no fixed-step DPM-Solver-fast); "
      "the closest here is --sampler dpmsolver++"),
