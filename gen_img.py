@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     log_file = configure_logging(options.namespace)
     if logging.getLogger().level > logging.DEBUG:
         quiet_third_party()
+    for note in getattr(options.namespace, "startup_warnings", ()):  # library.cli.compat's readings
+        logger.warning("%s", note)
     from library.cli import preflight
     from library.records import limits
     from library.run import distributed, summary

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from library.cli import compat
 from library.cli.validation import SDXL_ONLY_OPTIONS, SDXL_SIZE_OPTIONS, validate
 from library.cli.webui_options import add_webui_groups
 from library.errors import UserError
@@ -310,6 +311,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except UserError as exc:
         parser.error(str(exc))
     args = parser.parse_args(argv)
+    args.startup_warnings = compat.adapt(args)  # the original's readings; gen_img.main logs them
     try:
         validate(args)
     except UserError as exc:

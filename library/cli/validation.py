@@ -91,8 +91,9 @@ def validate(args: argparse.Namespace) -> None:
     n = len(args.network_module)
     if len(args.network_weights) != n:
         raise UserError(f"--network_weights has {len(args.network_weights)} values but --network_module has {n}")
-    if args.network_mul and len(args.network_mul) != n:
-        raise UserError(f"--network_mul has {len(args.network_mul)} values but --network_module has {n}")
+    if args.network_mul and len(args.network_mul) > n:
+        raise UserError(f"--network_mul has {len(args.network_mul)} values but --network_module has {n}; "
+                        "give at most one per network")
     if args.network_args and len(args.network_args) != n:
         raise UserError(f"--network_args has {len(args.network_args)} values but --network_module has {n}")
     if args.network_merge and args.network_pre_calc:
@@ -191,9 +192,9 @@ def validate_controlnet(args: argparse.Namespace) -> None:
         return  # --highres_fix_disable_control_net alone is harmless: accepted, as in the original
     for name in ("control_net_preps", "control_net_weights", "control_net_ratios"):
         values = getattr(args, name) or []
-        if len(values) not in (0, 1, len(models)):
+        if len(values) > len(models):
             raise UserError(f"--{name} has {len(values)} values but --control_net_models has {len(models)}; "
-                            "give one value for all or one per model")
+                            "give at most one per model (missing ones take the defaults)")
     for ratio in args.control_net_ratios or []:
         if not 0 <= ratio <= 1:
             raise UserError(f"--control_net_ratios {ratio}: must be between 0 and 1")
@@ -209,8 +210,8 @@ def validate_guidance(args: argparse.Namespace) -> None:
 
 
 def validate_high_resolution(args: argparse.Namespace) -> None:
-    """Deep Shrink / Gradual Latent: ranges, the sampler, ControlNet."""
-    from library.records.gradual_latent_settings import SAMPLERS, parse_unsharp
+    """Deep Shrink / Gradual Latent: ranges (another sampler than euler_a: `library.cli.compat`)."""
+    from library.records.gradual_latent_settings import parse_unsharp
 
     for name in ("ds_depth_1", "ds_depth_2"):
         value = getattr(args, name)
@@ -223,8 +224,6 @@ def validate_high_resolution(args: argparse.Namespace) -> None:
     parse_unsharp(args.gradual_latent_unsharp_params)
     if args.gradual_latent_timesteps is None:
         return
-    if args.sampler not in SAMPLERS:
-        raise UserError(f"--gradual_latent_timesteps works with --sampler euler_a or k_euler_a, not {args.sampler}")
     if not 0 < args.gradual_latent_ratio <= 1:
         raise UserError(f"--gradual_latent_ratio {args.gradual_latent_ratio}: must be above 0 and at most 1")
     if not args.gradual_latent_ratio_step > 0:

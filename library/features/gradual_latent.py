@@ -1,7 +1,9 @@
 """Gradual Latent: denoise small first, enlarge the latent step by step to the size asked for.
 
 Written by hand (no library has it), with the original's semantics (`docs/deep_shrink.md`),
-for `euler_a` / `k_euler_a` (another sampler is a one-line error):
+for `euler_a` / `k_euler_a` (with another sampler, as in the original, images are made without it:
+`--gradual_latent_timesteps` is dropped with a warning by `library.cli.compat`, and a prompt
+line's `--glt ...` gives one warning per run and is ignored; the line is not skipped):
 
 * The starting latents (txt2img noise x init sigma; img2img the noised source) of latent size
   (Hl, Wl) are resized by ``scale_factor=ratio`` (bicubic, floor of the size), then unsharp-masked
@@ -47,22 +49,29 @@ class GradualLatentFeature(FeatureBase):
 
     def __init__(self, sampler: str) -> None:
         self.sampler = sampler
+        self._warned = False
 
     @classmethod
     def from_run(cls, setup: RunSetup) -> GradualLatentFeature:
         """Every run has it (any prompt line may set Gradual Latent); it checks the run's sampler."""
         return cls(setup.options.generation.sampler)
 
+    def usable(self, job) -> bool:
+        """Whether the job's sampler (a prompt line's `--sa`, else the run's) can grow the latent."""
+        return (job.sampler or self.sampler) in SAMPLERS
+
     def check_job(self, job) -> None:
-        if job.gradual_latent is None:
+        """A Job with Gradual Latent under another sampler: made without it, one warning per run."""
+        if job.gradual_latent is None or self.usable(job) or self._warned:
             return
-        sampler = job.sampler or self.sampler  # a prompt line's `--sa`, else the run's
-        if sampler not in SAMPLERS:
-            raise UserError(f"Gradual Latent works with --sampler euler_a or k_euler_a, not {sampler}")
+        self._warned = True
+        logger.warning("Gradual Latent (--glt and the other --gl options of prompt lines) works with --sampler "
+                       "euler_a or k_euler_a, not %s; those images are made without it (as the original)",
+                       job.sampler or self.sampler)
 
     def for_batch(self, batch: Batch) -> GrowLatents | None:
         settings = batch.jobs[0].gradual_latent
-        if settings is None:
+        if settings is None or not self.usable(batch.jobs[0]):
             return None
         layout = batch.layout
         timesteps = [int(t) for t in batch.timesteps]

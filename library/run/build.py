@@ -252,7 +252,8 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
         logger.warning("--highres_fix_strength is the strength of an img2img 1st stage (with --image_path); "
                        "ignored here: the 2nd stage takes --strength, as in the original")
     guide_path = options.controlnet.guide_image_path
-    guides = GuideImages(guide_path) if guide_path is not None else None
+    per_image = max(1, len(options.controlnet.models or ()))  # ControlNet k gets guide k of an image's group
+    guides = GuideImages(guide_path, per_image) if guide_path is not None else None
     defaults = Defaults.from_options(options, sdxl=model.kind.family == "sdxl")
     return Runner(pipeline, defaults, output, g.batch_size,
                   sources=sources, highres=highres_fix.from_options(options.highres), guides=guides, team=team)

@@ -122,7 +122,8 @@ class Runner:
                 continue
             for job in made:
                 if self.guides is not None:
-                    job = replace(job, guide_image=self.guides.next_path())
+                    group = self.guides.next_group()  # one guide per ControlNet, or one for all
+                    job = replace(job, guide_image=group[0], control_guides=group if len(group) > 1 else ())
                 index, self._jobs_made = self._jobs_made, self._jobs_made + 1
                 yield replace(job, index=index)
 

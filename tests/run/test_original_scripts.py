@@ -1,0 +1,157 @@
+"""Command lines and prompt files written for the original run unchanged: several ControlNets
+with their own guides, short per-model value lists, Gradual Latent with another sampler,
+`--prompt` beside another prompt source, `--d -1`, the `raw-prompt` key (files, seeds, metadata,
+pixels where they are the point)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import meta, pixels, pngs, run
+
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def _guide(path: Path, seed: int) -> str:
+    """A flat picture of one random colour (guides of different brightness steer apart)."""
+    rng = np.random.default_rng(seed)
+    Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 256, 3))).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def guides(tmp_path) -> tuple[str, str]:
+    return _guide(tmp_path / "a.png", 1), _guide(tmp_path / "b.png", 2)
+
+
+@pytest.fixture(scope="module")
+def hint_nets(tiny_models, tmp_path_factory) -> list[str]:
+    """Two tiny ControlNet folders whose hint matters (the tiny files' hint encoder is too weak to
+    move a pixel): their hint encoder's weights scaled up 4x, the second's output negated."""
+    import torch
+    from diffusers import ControlNetModel
+
+    folder = tmp_path_factory.mktemp("hint-nets")
+    paths = []
+    for n, sign in enumerate((1.0, -1.0)):
+        net = ControlNetModel.from_pretrained(tiny_models["controlnet-sd1-diffusers"])
+        with torch.no_grad():
+            for param in net.controlnet_cond_embedding.parameters():
+                param.mul_(4.0)
+            net.controlnet_cond_embedding.conv_out.weight.mul_(sign)
+        net.save_pretrained(folder / f"net{n}", safe_serialization=True)
+        paths.append(str(folder / f"net{n}"))
+    return paths
+
+
+@pytest.fixture
+def two_nets(hint_nets) -> list[str]:
+    return ["--control_net_models", *hint_nets]
+
+
+def _image(tiny_models, outdir: Path, *extra: str) -> np.ndarray:
+    assert run(tiny_models, outdir, "--prompt", "a house --d 5", "--sampler", "ddim", *extra) == 0
+    (png,) = pngs(outdir)
+    assert meta(png)["seed"] == "5"
+    return pixels(png)
+
+
+def test_controlnet_k_gets_guide_k(tiny_models, tmp_path, guides, two_nets):
+    """`--control_net_models c0 c1 --guide_image_path a b`: c0 sees a, c1 sees b (the original's
+    grouping): with c1 off (weight 0) the image is c0 with a alone for both, with c0 off c1 with b."""
+    a, b = guides
+    nets = two_nets
+    both = _image(tiny_models, tmp_path / "ab", *nets, "--guide_image_path", a, b)
+    first_only = _image(tiny_models, tmp_path / "ab10", *nets, "--guide_image_path", a, b,
+                        "--control_net_weights", "1", "0")
+    assert np.array_equal(first_only, _image(tiny_models, tmp_path / "a10", *nets, "--guide_image_path", a,
+                                             "--control_net_weights", "1", "0"))
+    second_only = _image(tiny_models, tmp_path / "ab01", *nets, "--guide_image_path", a, b,
+                         "--control_net_weights", "0", "1")
+    assert np.array_equal(second_only, _image(tiny_models, tmp_path / "b01", *nets, "--guide_image_path", b,
+                                              "--control_net_weights", "0", "1"))
+    one_guide = _image(tiny_models, tmp_path / "a", *nets, "--guide_image_path", a)
+    assert np.abs(both - one_guide).max() > 10  # two guides are not one
+
+
+def test_guides_go_in_groups_per_image(tmp_path, guides):
+    from library.images.input_images import GuideImages
+
+    a, b = guides
+    c = _guide(tmp_path / "c.png", 3)
+    d = _guide(tmp_path / "d.png", 4)
+    grouped = GuideImages([a, b, c, d], per_image=2)
+    assert [grouped.next_group() for _ in range(3)] == [(a, b), (c, d), (a, b)]
+    assert [GuideImages([a], per_image=2).next_group() for _ in range(2)] == [(a,), (a,)]
+
+
+def test_short_controlnet_values_fill_with_the_originals_defaults(tiny_models, tmp_path, guides, two_nets, caplog):
+    """One `--control_net_weights` value for two ControlNets is the first one's; the second takes 1.0."""
+    a, b = guides
+    nets = [*two_nets, "--guide_image_path", a, b]
+    with caplog.at_level(logging.WARNING):
+        short = _image(tiny_models, tmp_path / "short", *nets, "--control_net_multipliers", "0")
+    assert _warnings(caplog) == ["--control_net_weights has 1 value(s) for 2 models (--control_net_models): the last "
+                                 "1 take the default 1.0 (as the original)"]
+    assert np.array_equal(short, _image(tiny_models, tmp_path / "full", *nets, "--control_net_weights", "0", "1"))
+    assert not np.array_equal(short, _image(tiny_models, tmp_path / "zero", *nets, "--control_net_weights", "0", "0"))
+    params = meta(pngs(tmp_path / "short")[0])["parameters"]
+    assert "ControlNet 0: \"Module: none, Model: net0, Weight: 0," in params
+    assert "ControlNet 1: \"Module: none, Model: net1, Weight: 1," in params
+
+
+def test_short_network_mul_fills_with_1(tiny_models, tmp_path, caplog):
+    from library.models import load_model
+    from networks.lora_files import write_kohya_lora
+
+    model = load_model(str(tiny_models["sd1"]))
+    loras = [tmp_path / "one.safetensors", tmp_path / "two.safetensors"]
+    for seed, path in enumerate(loras):
+        write_kohya_lora(path, model.text_encoder, model.unet, rank=4, seed=seed)
+    nets = ["--network_module", "networks.lora", "networks.lora", "--network_weights", *map(str, loras)]
+    with caplog.at_level(logging.WARNING):
+        short = _image(tiny_models, tmp_path / "short", *nets, "--network_mul", "0.5")
+    assert _warnings(caplog) == ["--network_mul has 1 value(s) for 2 models (--network_module): the last 1 take the "
+                                 "default 1.0 (as the original)"]
+    assert np.array_equal(short, _image(tiny_models, tmp_path / "full", *nets, "--network_mul", "0.5", "1"))
+    assert not np.array_equal(short, _image(tiny_models, tmp_path / "same", *nets, "--network_mul", "0.5", "0.5"))
+
+
+def test_gradual_latent_with_another_sampler_warns_and_generates_without_it(tiny_models, tmp_path, caplog):
+    plain = _image(tiny_models, tmp_path / "plain")
+    with caplog.at_level(logging.WARNING):
+        cli = _image(tiny_models, tmp_path / "cli", "--gradual_latent_timesteps", "750")
+    assert _warnings(caplog) == ["--gradual_latent_timesteps ignored: Gradual Latent works with --sampler euler_a or "
+                                 "k_euler_a, not ddim; generating without it (as the original)"]
+    assert np.array_equal(cli, plain)
+    caplog.clear()
+    lines = tmp_path / "p.txt"
+    lines.write_text("a house --d 5 --glt 700 --glr 0.5\na house --d 5 --glt 800\n")
+    with caplog.at_level(logging.WARNING):
+        assert run(tiny_models, tmp_path / "file", "--from_file", str(lines), "--sampler", "ddim") == 0
+    assert _warnings(caplog) == ["Gradual Latent (--glt and the other --gl options of prompt lines) works with "
+                                 "--sampler euler_a or k_euler_a, not ddim; those images are made without it "
+                                 "(as the original)"]
+    files = pngs(tmp_path / "file")
+    assert len(files) == 2 and all(np.array_equal(pixels(f), plain) for f in files)
+
+
+@pytest.mark.parametrize("source", ["from_file", "from_module"])
+def test_prompt_beside_another_source_takes_the_other(tiny_models, tmp_path, caplog, source):
+    path = tmp_path / ("p.txt" if source == "from_file" else "p.py")
+    path.write_text("a boat --d 9\n" if source == "from_file" else
+                    "def get_prompter(args, pipe, networks):\n    return iter(['a boat --d 9'])\n")
+    with caplog.at_level(logging.WARNING):
+        assert run(tiny_models, tmp_path / "o", "--prompt", "a house --d 5", f"--{source}", str(path)) == 0
+    assert _warnings(caplog) == [f"--prompt ignored: --{source} gives the prompts (as the original); leave one of "
+                                 "them out"]
+    (png,) = pngs(tmp_path / "o")
+    assert (meta(png)["prompt"], meta(png)["seed"]) == ("a boat", "9")
