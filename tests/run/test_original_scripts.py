@@ -15,7 +15,6 @@ from PIL import Image
 from tests.helpers import meta, pixels, pngs, run
 
 
-
 def _warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
