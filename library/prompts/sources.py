@@ -30,7 +30,12 @@ from library.images import input_images as image_io
 from library.images import metadata as image_metadata
 from library.prompts.dynamic import expand_enumerations, pick_variants
 from library.prompts.extra_networks import NetworkFiles, prompt_networks
-from library.prompts.line_options import SDXL_PROMPT_OPTIONS, parse_prompt_line, unknown_option_message
+from library.prompts.line_options import (
+    SDXL_PROMPT_OPTIONS,
+    parse_prompt_line,
+    unknown_option_message,
+    without_seeds,
+)
 from library.prompts.seeds import SeedSource, seeds_for_line
 from library.prompts.styles import Style, apply_styles, read_styles
 from library.prompts.variation import line_variations
@@ -265,7 +270,7 @@ def jobs_for_line(
                     negative_scale=_line_negative_scale(parsed.negative_scale_off, o.negative_scale,
                                                         defaults.negative_scale),
                     chunks=chunk_count(*distinct_texts((*parts, negative), o.steps or defaults.steps)),
-                    raw_prompt=line.text,  # always written, as the original (the line as given)
+                    raw_prompt=without_seeds(line.text),  # always written, as the original: the line less --d
                     clip_prompt=o.clip_prompt,
                     file_name=o.file_name,
                     network_multipliers=o.network_multipliers or defaults.network_multipliers,

@@ -154,3 +154,34 @@ def test_prompt_beside_another_source_takes_the_other(tiny_models, tmp_path, cap
                                  "them out"]
     (png,) = pngs(tmp_path / "o")
     assert (meta(png)["prompt"], meta(png)["seed"]) == ("a boat", "9")
+
+
+def test_d_minus_1_is_a_random_seed_and_raw_prompt_drops_d(tiny_models, tmp_path):
+    """`--d -1,7` with 3 images: a drawn seed, 7, then 7 again (the last value repeats); a line
+    without `--d` draws the same way, so `--seed` makes the drawn seed reproducible."""
+    lines = tmp_path / "p.txt"
+    lines.write_text("a cat --d -1,7 --n dog\na cat --n dog\n")
+    common = ["--from_file", str(lines), "--images_per_prompt", "3", "--seed", "4", "--sequential_file_name"]
+    assert run(tiny_models, tmp_path / "o", *common) == 0
+    files = pngs(tmp_path / "o")
+    seeds = [int(meta(p)["seed"]) for p in files]
+    assert seeds[1:3] == [7, 7] and seeds[0] not in (7, -1)
+    assert 0 <= seeds[0] < 2**32 and len(set(seeds[3:] + [seeds[0]])) == 4  # four different draws
+    assert [meta(p)["raw-prompt"] for p in files] == ["a cat --n dog"] * 6
+    assert run(tiny_models, tmp_path / "again", *common) == 0  # --seed: the same draws
+    assert [int(meta(p)["seed"]) for p in pngs(tmp_path / "again")] == seeds
+    assert np.array_equal(pixels(files[0]), pixels(pngs(tmp_path / "again")[0]))
+    repeat = tmp_path / "r.txt"
+    repeat.write_text("a cat --d -1\n")
+    assert run(tiny_models, tmp_path / "r", "--from_file", str(repeat), "--images_per_prompt", "2") == 0
+    drawn = [int(meta(p)["seed"]) for p in pngs(tmp_path / "r")]
+    assert len(set(drawn)) == 2 and -1 not in drawn  # a repeated -1 draws again
+
+
+def test_without_seeds_drops_only_d():
+    from library.prompts.line_options import without_seeds
+
+    assert without_seeds("a cat --d 1 --n dog") == "a cat --n dog"
+    assert without_seeds("a cat --n dog --D 1,2") == "a cat --n dog"
+    assert without_seeds("a {x --d 1|y} --d -1 --s 5") == "a {x --d 1|y} --s 5"
+    assert without_seeds("a cat --dsd1 2") == "a cat --dsd1 2"
