@@ -169,6 +169,9 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention_couple", action="store_true",
                    help="read --mask_path as the region mask of the prompt's ' AND ' parts (not for inpainting), "
                    "also without networks")
+    g.add_argument("--inpaint_with_networks", action="store_true",
+                   help="with --network_module: read --mask_path as the inpainting mask (white = repaint), not as "
+                   "the networks' region mask (the original's only reading)")
     g.add_argument("--use_original_file_name", action="store_true",
                    help="img2img: name each output after its source image")
     g.add_argument("--highres_fix_scale", type=float, default=None,

@@ -144,7 +144,15 @@ def validate_img2img(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 1:
             raise UserError(f"--{name} {value}: must be between 0 and 1")
-    regions = args.mask_path is not None and (args.network_module or args.attention_couple)
+    if args.inpaint_with_networks:
+        if args.attention_couple:
+            raise UserError("--inpaint_with_networks and --attention_couple exclude each other (an inpainting mask "
+                            "or a region mask)")
+        if not (args.network_module and args.mask_path and args.image_path):
+            raise UserError("--inpaint_with_networks needs --network_module, --image_path and --mask_path (the "
+                            "inpainting mask)")
+    regions = args.mask_path is not None and not args.inpaint_with_networks and (
+        args.network_module or args.attention_couple)
     if args.image_path is None:
         for name in ("mask_path", "use_original_file_name"):
             if getattr(args, name) and not (name == "mask_path" and regions):

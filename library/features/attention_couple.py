@@ -92,6 +92,7 @@ class AttentionCouple(FeatureBase):
         self.regions = regions
         self.networks = networks
         self.roles = _cross_attention_roles(unet) if networks is not None else {}
+        self._warned_one_part = False
 
     @classmethod
     def from_run(cls, setup: RunSetup) -> AttentionCouple:
@@ -99,6 +100,17 @@ class AttentionCouple(FeatureBase):
         with the run's networks for regional LoRA (networks and `--mask_path` together)."""
         options = setup.options
         return cls(setup.model.unet, region_mask(options), setup.networks if regional_lora(options) else None)
+
+    def check_job(self, job) -> None:
+        """Regional LoRA on a prompt without ` AND ` parts (an inpainting script of the original
+        with a LoRA loaded): made as the original makes it, with one warning per run naming
+        `--inpaint_with_networks`."""
+        if self.networks is None or job.prompt_parts or self._warned_one_part:
+            return
+        self._warned_one_part = True
+        logger.warning("--mask_path with --network_module is the networks' region mask (as the original), not an "
+                       "inpainting mask: a prompt without ' AND ' parts is drawn inside the mask's first region "
+                       "only; to inpaint with networks loaded, add --inpaint_with_networks")
 
     def metadata(self, job) -> FeatureMetadata:
         """("Region mask", file name), ("Region mode", rule) of the run's region mask, if any."""

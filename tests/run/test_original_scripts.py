@@ -185,3 +185,47 @@ def test_without_seeds_drops_only_d():
     assert without_seeds("a cat --n dog --D 1,2") == "a cat --n dog"
     assert without_seeds("a {x --d 1|y} --d -1 --s 5") == "a {x --d 1|y} --s 5"
     assert without_seeds("a cat --dsd1 2") == "a cat --dsd1 2"
+
+
+def test_lora_with_a_mask_is_a_region_mask_unless_inpaint_with_networks(tiny_models, tmp_path, caplog):
+    """The original's inpainting script with a LoRA loaded: the mask is the LoRA's region mask
+    (one warning naming --inpaint_with_networks); with that option it is the inpainting mask: the
+    kept half is the source's, as without networks, and the repainted half has the LoRA."""
+    from tests.helpers import make_source
+
+    source = make_source(tmp_path / "src.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255  # repaint the left half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    lora = ["--network_module", "networks.lora", "--network_weights", str(tiny_models["lora"])]
+    common = ["--image_path", str(source), "--mask_path", str(tmp_path / "mask.png"), "--strength", "1"]
+    with caplog.at_level(logging.WARNING):
+        regional = _image(tiny_models, tmp_path / "regional", *common, *lora)
+    assert _warnings(caplog) == ["--mask_path with --network_module is the networks' region mask (as the original), "
+                                 "not an inpainting mask: a prompt without ' AND ' parts is drawn inside the mask's "
+                                 "first region only; to inpaint with networks loaded, add --inpaint_with_networks"]
+    assert "Region mask: mask.png" in meta(pngs(tmp_path / "regional")[0])["parameters"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        inpainted = _image(tiny_models, tmp_path / "inpaint", *common, *lora, "--inpaint_with_networks")
+    assert _warnings(caplog) == []
+    assert "Region mask" not in meta(pngs(tmp_path / "inpaint")[0])["parameters"]
+    plain = _image(tiny_models, tmp_path / "plain", *common)  # inpainting without networks
+    assert np.abs(inpainted[:, 40:] - plain[:, 40:]).max() <= 1  # the kept half: the source's, either way
+    assert np.abs(inpainted[:, :24] - plain[:, :24]).max() > 10  # the repainted half has the LoRA
+    assert np.abs(regional[:, 40:] - plain[:, 40:]).max() > 10  # the region mask inpaints nothing
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--inpaint_with_networks", "--mask_path", "m.png", "--image_path", "s.png"],
+     "--inpaint_with_networks needs --network_module, --image_path and --mask_path (the inpainting mask)"),
+    (["--inpaint_with_networks", "--attention_couple", "--mask_path", "m.png"],
+     "--inpaint_with_networks and --attention_couple exclude each other (an inpainting mask or a region mask)"),
+])
+def test_inpaint_with_networks_option_errors(extra, message, capsys):
+    from library.cli.parser import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--prompt", "x", *extra])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"gen_img.py: error: {message} (see --help)\n"
