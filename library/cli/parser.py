@@ -263,7 +263,7 @@ def _add_sdxl_group(p: argparse.ArgumentParser) -> None:
 
 
 def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
-    """ControlNet options (docs/controlnet.md); one value for all models or one per model."""
+    """ControlNet options (docs/controlnet.md); one value per model, missing ones the defaults (`compat`)."""
     g = p.add_argument_group("ControlNet")
     g.add_argument("--control_net_models", nargs="+", metavar="MODEL",
                    help="ControlNet 1.0 files (normal or diff) or Diffusers ControlNet folders; with several, "

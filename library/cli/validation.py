@@ -110,7 +110,7 @@ def validate_original_compat(args: argparse.Namespace) -> None:
 
     for name, _nargs, _type in SDXL_ONLY_OPTIONS:
         value = getattr(args, name)
-        if value not in (None, False):
+        if value is not None and value is not False:  # given at all: 0 and 0.0 too (0 == False)
             raise UserError(f"--{name}: not supported yet (SDXL's CLIP Vision and ControlNet-LLLite); leave it out")
     for prob, rng in (("noise_offset_prob", "noise_offset_range"),
                       ("pyramid_noise_prob", "pyramid_noise_discount_range")):

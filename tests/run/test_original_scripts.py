@@ -229,3 +229,16 @@ def test_inpaint_with_networks_option_errors(extra, message, capsys):
         parse_args(["--prompt", "x", *extra])
     assert info.value.code == 2
     assert capsys.readouterr().err == f"gen_img.py: error: {message} (see --help)\n"
+
+
+@pytest.mark.parametrize("option", ["--clip_vision_strength 0", "--clip_vision_strength 0.0",
+                                    "--control_net_lllite_models"])
+def test_sdxl_only_options_given_0_or_empty_are_refused(option, capsys):
+    """0 equals False in Python; an SDXL-only option given with 0 is refused like any other value."""
+    from library.cli.parser import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--prompt", "x", *option.split()])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (f"gen_img.py: error: {option.split()[0]}: not supported yet (SDXL's CLIP "
+                                       "Vision and ControlNet-LLLite); leave it out (see --help)\n")
