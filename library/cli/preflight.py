@@ -142,7 +142,8 @@ def check_guidance_models(guidance: GuidanceOptions) -> None:
     if guidance.clip_scale or guidance.clip_image_scale:
         from library.models.clip_guidance import check_clip_model
 
-        check_clip_model(guidance.clip_model)
+        check_clip_model(guidance.clip_model,
+                         "--clip_guidance_scale" if guidance.clip_scale else "--clip_image_guidance_scale")
     if guidance.vgg16_scale:
         from library.models.vgg16 import weights_file
 
