@@ -45,6 +45,7 @@ class LoadOptions:
     blocked_attention: bool = False  # --blocked_attention: library.models.attention's blocked CPU bf16 self-attention
     compile: bool = False  # --compile: torch.compile of the U-Net and VAE decoder
     sdxl: bool = False  # --sdxl: assert an SDXL model
+    xformers_option: str = "--xformers"  # which of --xformers / --diffusers_xformers asked (for its warning)
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ def from_namespace(a: argparse.Namespace) -> Options:
         load=LoadOptions(a.ckpt, a.vae, a.v1, a.v2, a.v_parameterization, a.tokenizer_cache_dir, a.device,
                          a.fp16, a.bf16, a.no_half_vae, a.noise_device, a.xformers or a.diffusers_xformers,
                          a.opt_channels_last, a.vae_slices, a.vae_tiling, a.blocked_attention, a.compile,
-                         a.sdxl),
+                         a.sdxl, xformers_option="--xformers" if a.xformers else "--diffusers_xformers"),
         text=TextOptions(a.clip_skip, a.max_embeddings_multiples, a.emb_normalize_mode,
                          _tuple(a.textual_inversion_embeddings), _tuple(a.XTI_embeddings)),
         generation=GenerationOptions(a.W or DEFAULT_SIZE, a.H or DEFAULT_SIZE, a.W is not None, a.H is not None,

@@ -108,7 +108,7 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         attention="auto" if options.blocked_attention else "sdpa",
         vae_encoder="lazy",  # loaded when something encodes (img2img, Highres fix); txt2img never does
     )
-    if options.xformers and xformers_usable():
+    if options.xformers and xformers_usable(options.xformers_option):
         model.unet.enable_xformers_memory_efficient_attention()
         model.vae.enable_xformers_memory_efficient_attention()
     if options.channels_last:
@@ -129,14 +129,15 @@ def for_model(options: Options, model: LoadedModel) -> Options:
     return adjusted(options, model.kind.family)
 
 
-def xformers_usable() -> bool:
-    """`--xformers` / `--diffusers_xformers`: True when xformers can be imported; otherwise a
-    warning, and the run goes on with PyTorch SDPA (every example of the manual passes --xformers)."""
+def xformers_usable(option: str = "--xformers") -> bool:
+    """`--xformers` / `--diffusers_xformers` (`option`, the one given): True when xformers can be
+    imported; otherwise a warning naming that option, and the run goes on with PyTorch SDPA (every
+    example of the manual passes --xformers)."""
     try:
         import xformers  # noqa: F401
     except ImportError:
-        logger.warning("--xformers: xformers is not installed; using PyTorch SDPA attention instead "
-                       "(the same speed on CPU; pip install xformers to use it on a GPU)")
+        logger.warning("%s: xformers is not installed; using PyTorch SDPA attention instead "
+                       "(the same speed on CPU; pip install xformers to use it on a GPU)", option)
         return False
     return True
 
