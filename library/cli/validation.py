@@ -154,9 +154,11 @@ def validate_img2img(args: argparse.Namespace) -> None:
     regions = args.mask_path is not None and not args.inpaint_with_networks and (
         args.network_module or args.attention_couple)
     if args.image_path is None:
-        for name in ("mask_path", "use_original_file_name"):
-            if getattr(args, name) and not (name == "mask_path" and regions):
-                raise UserError(f"--{name} needs --image_path (the images to work on)")
+        if args.use_original_file_name:
+            raise UserError("--use_original_file_name needs --image_path (the images to work on)")
+        if args.mask_path and not regions:
+            raise UserError("--mask_path needs --image_path (the images to inpaint), or --attention_couple to read it "
+                            "as the region mask of the prompt's ' AND ' parts")
     if args.attention_couple and args.mask_path is None:
         raise UserError("--attention_couple needs --mask_path (the region mask); without a mask the ' AND ' parts "
                         "share the whole image")

@@ -242,3 +242,26 @@ def test_sdxl_only_options_given_0_or_empty_are_refused(option, capsys):
     assert info.value.code == 2
     assert capsys.readouterr().err == (f"gen_img.py: error: {option.split()[0]}: not supported yet (SDXL's CLIP "
                                        "Vision and ControlNet-LLLite); leave it out (see --help)\n")
+
+
+    assert capsys.readouterr().err == (f"gen_img.py: error: {option.split()[0]}: SDXL models are not supported (this "
+                                       "tool runs SD 1.x/2.x models); leave it out (see --help)\n")
+
+
+def test_and_parts_with_an_inpainting_mask_name_attention_couple(tiny_models, tmp_path, caplog, capsys):
+    from library.cli.parser import parse_args
+    from tests.helpers import make_source
+
+    source = make_source(tmp_path / "src.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    with pytest.raises(SystemExit):
+        parse_args(["--prompt", "a cat AND a dog", "--mask_path", str(tmp_path / "mask.png")])
+    assert capsys.readouterr().err == (
+        "gen_img.py: error: --mask_path needs --image_path (the images to inpaint), or --attention_couple to read it "
+        "as the region mask of the prompt's ' AND ' parts (see --help)\n")
+    with caplog.at_level(logging.WARNING):
+        _image(tiny_models, tmp_path / "o", "--image_path", str(source), "--mask_path", str(tmp_path / "mask.png"),
+               "--prompt", "a cat AND a dog --d 5")
+    assert _warnings(caplog) == ["the prompt's ' AND ' parts share the whole image: --mask_path is the inpainting "
+                                 "mask here (no networks loaded); add --attention_couple to make it the parts' "
+                                 "region mask"]
