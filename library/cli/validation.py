@@ -208,6 +208,11 @@ def validate_controlnet(args: argparse.Namespace) -> None:
     for ratio in args.control_net_ratios or []:
         if not 0 <= ratio <= 1:
             raise UserError(f"--control_net_ratios {ratio}: must be between 0 and 1")
+    if args.control_net_preps:  # refused before any model loads, with the loader's line
+        from library.features.controlnet import parse_prep  # imports torch: only with ControlNet options
+
+        for prep in args.control_net_preps:
+            parse_prep(prep)
 
 
 def validate_guidance(args: argparse.Namespace) -> None:

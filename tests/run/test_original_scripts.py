@@ -265,3 +265,28 @@ def test_and_parts_with_an_inpainting_mask_name_attention_couple(tiny_models, tm
     assert _warnings(caplog) == ["the prompt's ' AND ' parts share the whole image: --mask_path is the inpainting "
                                  "mask here (no networks loaded); add --attention_couple to make it the parts' "
                                  "region mask"]
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd1-diffusers"])
+@pytest.mark.parametrize("extra,message", [
+    (["--W", "8"], "--W 8: this model makes 16 to 8192 pixels a side"),
+    (["--clip_skip", "4"], "--clip_skip 4: the text encoder has only 3 layers; use 1 to 3"),
+    (["--ds_depth_1", "0", "--ds_depth_2", "2"],
+     "Deep Shrink depth 2 (--ds_depth_2/--dsd2) 2: this U-Net's down blocks are 0 to 1"),
+])
+def test_checks_from_the_header_come_before_the_model_loads(tiny_models, tmp_path, capsys, monkeypatch, kind,
+                                                           extra, message):
+    """The safetensors header (or the Diffusers folder's configs) tells the U-Net's smallest size,
+    the text encoder's layers and the U-Net's depths: the mistake is found with no weight read."""
+    import gen_img
+    from library.models import checkpoint, loader
+
+    def opened(*args, **kwargs):
+        raise AssertionError("the model file was opened for loading")
+
+    monkeypatch.setattr(checkpoint, "read_state_dict", opened)
+    monkeypatch.setattr(loader, "load_model", opened)
+    monkeypatch.setattr(loader, "_load_diffusers_folder", opened)
+    code = gen_img.main(["--ckpt", str(tiny_models[kind]), "--outdir", str(tmp_path / "o"), "--prompt", "x", *extra])
+    assert (code, capsys.readouterr().err) == (2, f"gen_img.py: error: {message}\n")
+    assert not (tmp_path / "o").exists()
