@@ -86,6 +86,8 @@ def check_model_header(options: Options) -> None:
             if depth is not None and not 0 <= depth < shape.down_blocks:
                 raise UserError(f"Deep Shrink {name} {depth}: this U-Net's down blocks are 0 to "
                                 f"{shape.down_blocks - 1}")
+    if g.deep_shrink is not None and (options.sources.image_path is None or (g.width_given and g.height_given)):
+        g.deep_shrink.check_size(g.width, g.height, shape.vae_scale)  # the size is known: every line has it
 
 
 def check_model_families(options: Options) -> None:

@@ -226,6 +226,7 @@ def validate_guidance(args: argparse.Namespace) -> None:
 
 def validate_high_resolution(args: argparse.Namespace) -> None:
     """Deep Shrink / Gradual Latent: ranges (another sampler than euler_a: `library.cli.compat`)."""
+    from library.records.deep_shrink_settings import check_ratio
     from library.records.gradual_latent_settings import parse_unsharp
 
     for name in ("ds_depth_1", "ds_depth_2"):
@@ -234,8 +235,7 @@ def validate_high_resolution(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} {value}: must be 0 to 3 (the down block of SD 1.x/2.x; SDXL: 0 to 8)")
     if args.ds_depth_1 is None and args.ds_depth_2 is not None:
         raise UserError("--ds_depth_2 needs --ds_depth_1")
-    if not args.ds_ratio > 0:
-        raise UserError(f"--ds_ratio {args.ds_ratio}: must be above 0 (0.5 halves the deep layers' size)")
+    check_ratio(args.ds_ratio, "--ds_ratio")
     parse_unsharp(args.gradual_latent_unsharp_params)
     if args.gradual_latent_timesteps is None:
         return
