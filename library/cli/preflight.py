@@ -88,6 +88,8 @@ def check_model_header(options: Options) -> None:
                                 f"{shape.down_blocks - 1}")
     if g.deep_shrink is not None and (options.sources.image_path is None or (g.width_given and g.height_given)):
         g.deep_shrink.check_size(g.width, g.height, shape.vae_scale)  # the size is known: every line has it
+    if g.gradual_latent is not None and (options.sources.image_path is None or (g.width_given and g.height_given)):
+        g.gradual_latent.check_size(g.width, g.height, shape.vae_scale)
 
 
 def check_model_families(options: Options) -> None:

@@ -47,21 +47,27 @@ logger = logging.getLogger(__name__)
 class GradualLatentFeature(FeatureBase):
     """The patch owner's feature: batches whose Jobs have Gradual Latent settings get `GrowLatents`."""
 
-    def __init__(self, sampler: str) -> None:
+    def __init__(self, sampler: str, vae_scale: int = 8) -> None:
         self.sampler = sampler
+        self.vae_scale = vae_scale
         self._warned = False
 
     @classmethod
     def from_run(cls, setup: RunSetup) -> GradualLatentFeature:
         """Every run has it (any prompt line may set Gradual Latent); it checks the run's sampler."""
-        return cls(setup.options.generation.sampler)
+        vae_levels = len(getattr(setup.model.vae.config, "block_out_channels", ())) or 4
+        return cls(setup.options.generation.sampler, 2 ** (vae_levels - 1))
 
     def usable(self, job) -> bool:
         """Whether the job's sampler (a prompt line's `--sa`, else the run's) can grow the latent."""
         return (job.sampler or self.sampler) in SAMPLERS
 
     def check_job(self, job) -> None:
-        """A Job with Gradual Latent under another sampler: made without it, one warning per run."""
+        """A Job with Gradual Latent under another sampler: made without it, one warning per run;
+        under euler_a a start size of 0 pixels or an unsharp kernel larger than the start latent
+        is the user's mistake (the line is skipped)."""
+        if job.gradual_latent is not None and self.usable(job):
+            job.gradual_latent.check_size(job.width, job.height, self.vae_scale)
         if job.gradual_latent is None or self.usable(job) or self._warned:
             return
         self._warned = True
