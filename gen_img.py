@@ -91,7 +91,7 @@ def generate(options: Options, runner, pipeline, networks: list, team) -> None:
         # seed S itself only for one image in one round; otherwise Random(S) draws, in every round
         seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1 and rounds.n_iter == 1,
                            unseeded=team.seed)  # without --seed: the same draws on every rank
-        total = len(lines) * per_prompt if lines else None
+        total = sum(prompts.images_per_line(line, per_prompt) for line in lines) if lines else None
         shuffle = team.shuffler()
         if rounds.sweep or rounds.prompt_matrix:  # --xyz / --prompt_matrix: cell lines, then labelled grids
             from library.run.sweep_run import run_sweep

@@ -341,6 +341,19 @@ def _line_strength(given: float | None, default: float | None, line: Line) -> fl
     return given
 
 
+def images_per_line(line: Line, per_prompt: int) -> int:
+    """The images a prompt line makes: `per_prompt` for each prompt its `{e$$...}` groups expand
+    to (the progress bar's total; a malformed line counts as one prompt)."""
+    from library.prompts.dynamic import enumerated_count
+    from library.prompts.line_options import PromptOptionError
+
+    try:
+        prompt = parse_prompt_line(line.text).prompt
+    except PromptOptionError:
+        prompt = line.text
+    return enumerated_count(prompt) * per_prompt
+
+
 def shuffled(lines: list[Line], enabled: bool, rng=random) -> list[Line]:
     """`--shuffle_prompts`: a new random order each round (from `rng`: the same on every rank
     of a split run, `library.run.distributed.Team.shuffler`)."""

@@ -290,3 +290,16 @@ def test_checks_from_the_header_come_before_the_model_loads(tiny_models, tmp_pat
     code = gen_img.main(["--ckpt", str(tiny_models[kind]), "--outdir", str(tmp_path / "o"), "--prompt", "x", *extra])
     assert (code, capsys.readouterr().err) == (2, f"gen_img.py: error: {message}\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_progress_total_counts_the_expanded_images(tiny_models, tmp_path, caplog):
+    """`{e$$...}` makes one prompt per alternative: the total is images, not lines."""
+    from library.prompts.sources import Line, images_per_line
+
+    assert images_per_line(Line("a {e$$red|green|blue} house at {e$$day|night} --n x", "p:1"), 2) == 12
+    assert images_per_line(Line("a {red|green} house --w 12", "p:2"), 3) == 3  # random groups, a bad option
+    with caplog.at_level(logging.INFO, logger="library.progress"):
+        assert run(tiny_models, tmp_path / "o", "--prompt", "a {e$$red|green} house --d 1", "--steps", "1") == 0
+    assert len(pngs(tmp_path / "o")) == 2
+    assert [r.getMessage().split(",")[0] for r in caplog.records if r.getMessage().startswith("images ")] == [
+        "images 1/2", "images 2/2"]
