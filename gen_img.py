@@ -77,7 +77,9 @@ def generate(options: Options, runner, pipeline, networks: list, team) -> None:
     rounds, per_prompt = options.rounds, options.generation.images_per_prompt
     if rounds.interactive:
         seeds = SeedSource(rounds.seed, single_image=False)
-        for line in prompts.interactive_lines():
+        from library.run.interactive import read_prompt
+
+        for line in prompts.interactive_lines(read_prompt):
             runner.run(runner.jobs([line], seeds, None))
     elif rounds.from_module is not None:
         # the prompter is asked again in every --n_iter round, with the run's seed_random

@@ -218,6 +218,7 @@ def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder | 
 def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team = SOLO) -> Runner:
     """A Runner writing into `--outdir` with this run's metadata (this process's share of it)."""
     from library.records.options import has_region_mask
+    from library.run import interactive
     from library.run.preview import preview_window
 
     outdir = Path(options.output.outdir)
@@ -235,6 +236,7 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
         clip_skip=options.text.clip_skip or model.kind.default_clip_skip,
         vae_batch_size=vae_batch_size(g.vae_batch_size, g.batch_size),
         preview=preview_window() if options.output.preview and team.leads else None,
+        announce=interactive.announce if options.rounds.interactive else None,
         use_original_name=options.output.use_original_file_name,
         run_metadata=run_parameters(
             vae=options.load.vae, sampler=g.sampler, ddim_eta=g.ddim_eta, lora_files=options.networks.weights,

@@ -65,6 +65,7 @@ class OutputSettings:
     timestamp: str = field(default_factory=output_files.timestamp_now)  # of default file names
     skip_existing: bool = False  # `--skip_existing`: batches whose files are all there are not made
     run_text: tuple[tuple[str, str], ...] = ()  # the `run-options` PNG text item (`library.images.job_record`)
+    announce: Callable[[int, Path], None] | None = None  # called with (seed, file) after each image (interactive)
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,8 @@ class Runner:
         self.summary.written.append(path)
         if stage != "0":
             self.saved.append((job, path))
+            if self.output.announce is not None:
+                self.output.announce(job.seed, path)
 
 
 def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[int | None], Iterable[Line]],
