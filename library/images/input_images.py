@@ -8,8 +8,10 @@ between PIL images and NCHW tensors ([-1, 1] pixels, [0, 1] masks), also for the
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,12 +84,23 @@ class GuideImages:
         return self.next_group()[0]
 
 
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """`Image.open` without PIL's DecompressionBombWarning: the size is ours to check, from the
+    header (`check_image_header`, a smaller limit than PIL's), before anything is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    with image:
+        yield image
+
+
 def _open_image(path: Path) -> Image.Image:
     """Open and fully decode an image, EXIF rotation applied; damage -> UserError.
 
     The size is checked from the header first (`library.records.limits.MAX_SIDE`), before decoding."""
     try:
-        with Image.open(path) as im:
+        with _opened(path) as im:
             check_image_header(im.size, str(path))
             im.load()
             return ImageOps.exif_transpose(im)
@@ -100,7 +113,7 @@ def _open_image(path: Path) -> Image.Image:
 def check_image_file(path: Path) -> None:
     """An image file's header is readable and its size within the limit (nothing decoded)."""
     try:
-        with Image.open(path) as im:
+        with _opened(path) as im:
             check_image_header(im.size, str(path))
     except FileNotFoundError as e:
         raise UserError(f"{path}: no such file; check the path") from e
