@@ -2,7 +2,7 @@
 
 The table in docs/errors.md is the test's data: each row's arguments are run after
 `--ckpt MODEL --outdir OUT --steps 2 --W 64 --H 64`, in-process; a row with a FIFO runs in a
-real process with a timeout (rows 51, 56, ...: the checkpoint is a FIFO, which would block whoever
+real process with a timeout (rows with CASES/fifo: the checkpoint is a FIFO, which would block whoever
 opens it, so the row's mistake is proven to be reported before any model file opens). `CASES` is a folder of bad
 files made here; `<x*N>` stands for N copies of x and `<ESC>` for the escape character.
 """

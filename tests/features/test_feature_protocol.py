@@ -146,7 +146,7 @@ def test_check_job_refuses_what_the_run_cannot_make(tiny_models, tmp_path):
         features[DeepShrinkFeature].check_job(job(deep_shrink=DeepShrink(7, 650)))
     gradual = features[GradualLatentFeature]
     gradual.check_job(job(gradual_latent=GradualLatent(750)))  # another sampler: a warning, made without it
-    assert not gradual.usable
+    assert not gradual.usable(job(gradual_latent=GradualLatent(750)))
 
 
 class Writes(FeatureBase):
