@@ -55,6 +55,8 @@ def _from_safetensors(path: Path) -> ModelShape | None:
         spec = detect_model({new: shapes[old] for old, new in rename.items()})
     except DetectionError:
         return None
+    if spec.family not in ("sd1", "sd2"):  # SDXL: Deep Shrink depths are its input blocks, another count
+        return None
     vae_levels = len(spec.vae.get("block_out_channels", ())) or 1
     return ModelShape(len(spec.unet["down_block_types"]), 2 ** (vae_levels - 1),
                       spec.text_encoder["num_hidden_layers"])
@@ -65,5 +67,7 @@ def _from_folder(path: Path) -> ModelShape | None:
     if not all(c.is_file() for c in configs):
         return None
     unet, vae, text = (json.loads(c.read_text(encoding="utf-8")) for c in configs)
+    if unet.get("addition_embed_type") is not None:  # SDXL: Deep Shrink depths are its input blocks
+        return None
     return ModelShape(len(unet["down_block_types"]), 2 ** (len(vae["block_out_channels"]) - 1),
                       int(text["num_hidden_layers"]))
