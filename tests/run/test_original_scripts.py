@@ -244,10 +244,6 @@ def test_sdxl_only_options_given_0_or_empty_are_refused(option, capsys):
                                        "Vision and ControlNet-LLLite); leave it out (see --help)\n")
 
 
-    assert capsys.readouterr().err == (f"gen_img.py: error: {option.split()[0]}: SDXL models are not supported (this "
-                                       "tool runs SD 1.x/2.x models); leave it out (see --help)\n")
-
-
 def test_and_parts_with_an_inpainting_mask_name_attention_couple(tiny_models, tmp_path, caplog, capsys):
     from library.cli.parser import parse_args
     from tests.helpers import make_source
