@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     log_file = configure_logging(options.namespace)
     if logging.getLogger().level > logging.DEBUG:
         quiet_third_party()
+    for note in getattr(options.namespace, "startup_warnings", ()):  # library.cli.compat's readings
+        logger.warning("%s", note)
     from library.cli import preflight
     from library.records import limits
     from library.run import distributed, summary
@@ -76,7 +78,9 @@ def generate(options: Options, runner, pipeline, networks: list, team) -> None:
     rounds, per_prompt = options.rounds, options.generation.images_per_prompt
     if rounds.interactive:
         seeds = SeedSource(rounds.seed, single_image=False)
-        for line in prompts.interactive_lines():
+        from library.run.interactive import read_prompt
+
+        for line in prompts.interactive_lines(read_prompt):
             runner.run(runner.jobs([line], seeds, None))
     elif rounds.from_module is not None:
         # the prompter is asked again in every --n_iter round, with the run's seed_random
@@ -90,7 +94,7 @@ def generate(options: Options, runner, pipeline, networks: list, team) -> None:
         # seed S itself only for one image in one round; otherwise Random(S) draws, in every round
         seeds = SeedSource(rounds.seed, single_image=len(lines) == 1 and per_prompt == 1 and rounds.n_iter == 1,
                            unseeded=team.seed)  # without --seed: the same draws on every rank
-        total = len(lines) * per_prompt if lines else None
+        total = sum(prompts.images_per_line(line, per_prompt) for line in lines) if lines else None
         shuffle = team.shuffler()
         if rounds.sweep or rounds.prompt_matrix:  # --xyz / --prompt_matrix: cell lines, then labelled grids
             from library.run.sweep_run import run_sweep

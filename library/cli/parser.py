@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from library.cli import compat
 from library.cli.validation import SDXL_ONLY_OPTIONS, SDXL_SIZE_OPTIONS, validate
 from library.cli.webui_options import add_webui_groups
 from library.errors import UserError
@@ -168,6 +169,9 @@ def _add_img2img_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention_couple", action="store_true",
                    help="read --mask_path as the region mask of the prompt's ' AND ' parts (not for inpainting), "
                    "also without networks")
+    g.add_argument("--inpaint_with_networks", action="store_true",
+                   help="with --network_module: read --mask_path as the inpainting mask (white = repaint), not as "
+                   "the networks' region mask (the original's only reading)")
     g.add_argument("--use_original_file_name", action="store_true",
                    help="img2img: name each output after its source image")
     g.add_argument("--highres_fix_scale", type=float, default=None,
@@ -259,7 +263,7 @@ def _add_sdxl_group(p: argparse.ArgumentParser) -> None:
 
 
 def _add_controlnet_group(p: argparse.ArgumentParser) -> None:
-    """ControlNet options (docs/controlnet.md); one value for all models or one per model."""
+    """ControlNet options (docs/controlnet.md); one value per model, missing ones the defaults (`compat`)."""
     g = p.add_argument_group("ControlNet")
     g.add_argument("--control_net_models", nargs="+", metavar="MODEL",
                    help="ControlNet 1.0 files (normal or diff) or Diffusers ControlNet folders; with several, "
@@ -310,6 +314,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except UserError as exc:
         parser.error(str(exc))
     args = parser.parse_args(argv)
+    args.startup_warnings = compat.adapt(args)  # the original's readings; gen_img.main logs them
     try:
         validate(args)
     except UserError as exc:

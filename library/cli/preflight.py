@@ -2,9 +2,11 @@
 
 A run that would fail on a missing prompt file, an unreadable image or a read-only output
 folder should fail in a second, not after the model has loaded. `check_inputs` only looks:
-it reads prompt files and image headers (never decodes an image, never opens a model file,
-never runs a module's code: `--from_module` is compiled, not executed) and leaves no file
-behind (the `--outdir` write test removes its temporary file).
+it reads prompt files and image headers (never decodes an image, never runs a module's
+code: `--from_module` is compiled, not executed) and of model files only a `.safetensors`
+checkpoint's header and a Diffusers folder's `config.json` files (`check_model_header`: the
+sizes, `--clip_skip` and Deep Shrink depths the model allows), and leaves no file behind (the
+`--outdir` write test removes its temporary file).
 """
 
 from __future__ import annotations
@@ -58,6 +60,39 @@ def check_inputs(options: Options) -> None:
     check_guidance_models(options.guidance)
     check_outdir(options.output.outdir)
     check_before_load(options)
+    if options.load.ckpt:
+        check_model_header(options)
+
+
+def check_model_header(options: Options) -> None:
+    """`--W/--H`, `--clip_skip` and the Deep Shrink depths against what the checkpoint's header
+    tells (`library.models.header`), with the messages of the checks after the load; a header
+    that tells nothing (a pickle) leaves them to those checks."""
+    from library.models.checkpoint import resolve_model_path
+    from library.models.header import read_shape
+    from library.records.limits import MAX_SIDE
+
+    shape = read_shape(resolve_model_path(options.load.ckpt, "--ckpt"))
+    if shape is None:
+        return
+    g = options.generation
+    for name, value, given in (("W", g.width, g.width_given), ("H", g.height, g.height_given)):
+        if given and value < shape.min_side:
+            raise UserError(f"--{name} {value}: this model makes {shape.min_side} to {MAX_SIDE} pixels a side")
+    skip = options.text.clip_skip
+    if skip is not None and skip > shape.text_layers:
+        raise UserError(f"--clip_skip {skip}: the text encoder has only {shape.text_layers} layers; "
+                        f"use 1 to {shape.text_layers}")
+    if g.deep_shrink is not None:
+        for name, depth in (("depth 1 (--ds_depth_1/--dsd1)", g.deep_shrink.depth_1),
+                            ("depth 2 (--ds_depth_2/--dsd2)", g.deep_shrink.depth_2)):
+            if depth is not None and not 0 <= depth < shape.down_blocks:
+                raise UserError(f"Deep Shrink {name} {depth}: this U-Net's down blocks are 0 to "
+                                f"{shape.down_blocks - 1}")
+    if g.deep_shrink is not None and (options.sources.image_path is None or (g.width_given and g.height_given)):
+        g.deep_shrink.check_size(g.width, g.height, shape.vae_scale)  # the size is known: every line has it
+    if g.gradual_latent is not None and (options.sources.image_path is None or (g.width_given and g.height_given)):
+        g.gradual_latent.check_size(g.width, g.height, shape.vae_scale)
 
 
 def check_model_families(options: Options) -> None:
@@ -145,7 +180,8 @@ def check_guidance_models(guidance: GuidanceOptions) -> None:
     if guidance.clip_scale or guidance.clip_image_scale:
         from library.models.clip_guidance import check_clip_model
 
-        check_clip_model(guidance.clip_model)
+        check_clip_model(guidance.clip_model,
+                         "--clip_guidance_scale" if guidance.clip_scale else "--clip_image_guidance_scale")
     if guidance.vgg16_scale:
         from library.models.vgg16 import weights_file
 

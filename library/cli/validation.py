@@ -88,8 +88,9 @@ def validate(args: argparse.Namespace) -> None:
     n = len(args.network_module)
     if len(args.network_weights) != n:
         raise UserError(f"--network_weights has {len(args.network_weights)} values but --network_module has {n}")
-    if args.network_mul and len(args.network_mul) != n:
-        raise UserError(f"--network_mul has {len(args.network_mul)} values but --network_module has {n}")
+    if args.network_mul and len(args.network_mul) > n:
+        raise UserError(f"--network_mul has {len(args.network_mul)} values but --network_module has {n}; "
+                        "give at most one per network")
     if args.network_args and len(args.network_args) != n:
         raise UserError(f"--network_args has {len(args.network_args)} values but --network_module has {n}")
     if args.network_merge and args.network_pre_calc:
@@ -106,7 +107,7 @@ def validate_original_compat(args: argparse.Namespace) -> None:
 
     for name, _nargs, _type in SDXL_ONLY_OPTIONS:
         value = getattr(args, name)
-        if value not in (None, False):
+        if value is not None and value is not False:  # given at all: 0 and 0.0 too (0 == False)
             raise UserError(f"--{name}: not supported yet (SDXL's CLIP Vision and ControlNet-LLLite); leave it out")
     for prob, rng in (("noise_offset_prob", "noise_offset_range"),
                       ("pyramid_noise_prob", "pyramid_noise_discount_range")):
@@ -140,11 +141,21 @@ def validate_img2img(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 1:
             raise UserError(f"--{name} {value}: must be between 0 and 1")
-    regions = args.mask_path is not None and (args.network_module or args.attention_couple)
+    if args.inpaint_with_networks:
+        if args.attention_couple:
+            raise UserError("--inpaint_with_networks and --attention_couple exclude each other (an inpainting mask "
+                            "or a region mask)")
+        if not (args.network_module and args.mask_path and args.image_path):
+            raise UserError("--inpaint_with_networks needs --network_module, --image_path and --mask_path (the "
+                            "inpainting mask)")
+    regions = args.mask_path is not None and not args.inpaint_with_networks and (
+        args.network_module or args.attention_couple)
     if args.image_path is None:
-        for name in ("mask_path", "use_original_file_name"):
-            if getattr(args, name) and not (name == "mask_path" and regions):
-                raise UserError(f"--{name} needs --image_path (the images to work on)")
+        if args.use_original_file_name:
+            raise UserError("--use_original_file_name needs --image_path (the images to work on)")
+        if args.mask_path and not regions:
+            raise UserError("--mask_path needs --image_path (the images to inpaint), or --attention_couple to read it "
+                            "as the region mask of the prompt's ' AND ' parts")
     if args.attention_couple and args.mask_path is None:
         raise UserError("--attention_couple needs --mask_path (the region mask); without a mask the ' AND ' parts "
                         "share the whole image")
@@ -188,12 +199,17 @@ def validate_controlnet(args: argparse.Namespace) -> None:
         return  # --highres_fix_disable_control_net alone is harmless: accepted, as in the original
     for name in ("control_net_preps", "control_net_weights", "control_net_ratios"):
         values = getattr(args, name) or []
-        if len(values) not in (0, 1, len(models)):
+        if len(values) > len(models):
             raise UserError(f"--{name} has {len(values)} values but --control_net_models has {len(models)}; "
-                            "give one value for all or one per model")
+                            "give at most one per model (missing ones take the defaults)")
     for ratio in args.control_net_ratios or []:
         if not 0 <= ratio <= 1:
             raise UserError(f"--control_net_ratios {ratio}: must be between 0 and 1")
+    if args.control_net_preps:  # refused before any model loads, with the loader's line
+        from library.features.controlnet import parse_prep  # imports torch: only with ControlNet options
+
+        for prep in args.control_net_preps:
+            parse_prep(prep)
 
 
 def validate_guidance(args: argparse.Namespace) -> None:
@@ -206,8 +222,9 @@ def validate_guidance(args: argparse.Namespace) -> None:
 
 
 def validate_high_resolution(args: argparse.Namespace) -> None:
-    """Deep Shrink / Gradual Latent: ranges, the sampler, ControlNet."""
-    from library.records.gradual_latent_settings import SAMPLERS, parse_unsharp
+    """Deep Shrink / Gradual Latent: ranges (another sampler than euler_a: `library.cli.compat`)."""
+    from library.records.deep_shrink_settings import check_ratio
+    from library.records.gradual_latent_settings import parse_unsharp
 
     for name in ("ds_depth_1", "ds_depth_2"):
         value = getattr(args, name)
@@ -215,13 +232,10 @@ def validate_high_resolution(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} {value}: must be 0 to 3 (the down block of SD 1.x/2.x; SDXL: 0 to 8)")
     if args.ds_depth_1 is None and args.ds_depth_2 is not None:
         raise UserError("--ds_depth_2 needs --ds_depth_1")
-    if not args.ds_ratio > 0:
-        raise UserError(f"--ds_ratio {args.ds_ratio}: must be above 0 (0.5 halves the deep layers' size)")
+    check_ratio(args.ds_ratio, "--ds_ratio")
     parse_unsharp(args.gradual_latent_unsharp_params)
     if args.gradual_latent_timesteps is None:
         return
-    if args.sampler not in SAMPLERS:
-        raise UserError(f"--gradual_latent_timesteps works with --sampler euler_a or k_euler_a, not {args.sampler}")
     if not 0 < args.gradual_latent_ratio <= 1:
         raise UserError(f"--gradual_latent_ratio {args.gradual_latent_ratio}: must be above 0 and at most 1")
     if not args.gradual_latent_ratio_step > 0:

@@ -92,13 +92,34 @@ class AttentionCouple(FeatureBase):
         self.regions = regions
         self.networks = networks
         self.roles = _cross_attention_roles(unet) if networks is not None else {}
+        self._warned_one_part = False
+        self.inpainting_mask = False  # --mask_path is an inpainting mask (from_run)
+        self._warned_shared = False
 
     @classmethod
     def from_run(cls, setup: RunSetup) -> AttentionCouple:
         """Every run has it (any prompt line may have ` AND ` parts); with its region mask, and
         with the run's networks for regional LoRA (networks and `--mask_path` together)."""
         options = setup.options
-        return cls(setup.model.unet, region_mask(options), setup.networks if regional_lora(options) else None)
+        feature = cls(setup.model.unet, region_mask(options), setup.networks if regional_lora(options) else None)
+        # an inpainting mask beside ' AND ' parts: the parts share the whole image (check_job says so)
+        feature.inpainting_mask = options.sources.mask_path is not None and not has_region_mask(options)
+        return feature
+
+    def check_job(self, job) -> None:
+        """Regional LoRA on a prompt without ` AND ` parts (an inpainting script of the original
+        with a LoRA loaded): made as the original makes it, with one warning per run naming
+        `--inpaint_with_networks`."""
+        if job.prompt_parts and self.inpainting_mask and not self._warned_shared:
+            self._warned_shared = True
+            logger.warning("the prompt's ' AND ' parts share the whole image: --mask_path is the inpainting mask here "
+                           "(no networks loaded); add --attention_couple to make it the parts' region mask")
+        if self.networks is None or job.prompt_parts or self._warned_one_part:
+            return
+        self._warned_one_part = True
+        logger.warning("--mask_path with --network_module is the networks' region mask (as the original), not an "
+                       "inpainting mask: a prompt without ' AND ' parts is drawn inside the mask's first region "
+                       "only; to inpaint with networks loaded, add --inpaint_with_networks")
 
     def metadata(self, job) -> FeatureMetadata:
         """("Region mask", file name), ("Region mode", rule) of the run's region mask, if any."""

@@ -2,9 +2,11 @@
 
 Options (the manual's names): `--control_net_models` (one or more ControlNet 1.0 files or
 Diffusers folders, loaded by `library.models.controlnet`), `--control_net_preps`,
-`--control_net_weights`, `--control_net_ratios` (one value for all models, or one per model),
+`--control_net_weights`, `--control_net_ratios` (one value per model; missing ones take the
+original's defaults none / 1.0 / 1.0, `library.cli.compat`),
 and `--guide_image_path` (an image, or a folder whose images are used in turn, like
-`--image_path`: image n of the run uses guide n mod count).
+`--image_path`: image n of the run uses guide n mod count; with several ControlNets the guides go
+in groups, ControlNet k of an image getting guide k of its group, `GuideImages`).
 
 Semantics, as the manual describes the original:
 
@@ -153,14 +155,18 @@ class ControlNets(FeatureBase):
         unit = self.units[index]
         return index if call < unit.ratio * calls and unit.weight != 0 else None
 
-    def hints(self, guide_paths: Sequence[str], width: int, height: int) -> list[torch.Tensor]:
-        """One (B, 3, H, W) hint batch per unit (units differ in their preprocessing)."""
-        pictures = [image_io.load_rgb(Path(p)) for p in guide_paths]
-        by_prep: dict[Prep, torch.Tensor] = {}
-        for unit in self.units:
-            if unit.prep not in by_prep:
-                by_prep[unit.prep] = hint_tensor([hint_array(p, unit.prep, width, height) for p in pictures])
-        return [by_prep[unit.prep] for unit in self.units]
+    def hints(self, guides: Sequence[Sequence[str]], width: int, height: int) -> list[torch.Tensor]:
+        """One (B, 3, H, W) hint batch per unit: `guides[b]` are image b's guide files, one per unit
+        or one for all units."""
+        cache: dict[tuple[str, Prep], np.ndarray] = {}
+
+        def hint(path: str, prep: Prep) -> np.ndarray:
+            if (path, prep) not in cache:
+                cache[path, prep] = hint_array(image_io.load_rgb(Path(path)), prep, width, height)
+            return cache[path, prep]
+
+        return [hint_tensor([hint(own[k % len(own)], unit.prep) for own in guides])
+                for k, unit in enumerate(self.units)]
 
     def metadata(self, job) -> FeatureMetadata:
         """A1111-style `ControlNet N` parameters of an image with a guide image (none without)."""
@@ -180,7 +186,7 @@ class ControlNets(FeatureBase):
         first = batch.jobs[0]
         if first.guide_image is None:
             return None
-        hints = self.hints([j.guide_image for j in batch.jobs], first.width, first.height)
+        hints = self.hints([j.control_guides or (j.guide_image,) for j in batch.jobs], first.width, first.height)
         copies = batch.layout.copies
         return BatchControl(self, [torch.cat([h] * copies).to(batch.device, batch.dtype) for h in hints])
 
@@ -235,15 +241,14 @@ def sized_hint_features(features: torch.Tensor, size: tuple[int, ...]) -> torch.
     return F.interpolate(features.float(), size=size, mode="bicubic").to(features.dtype)
 
 
-def per_model(values: list | None, count: int, default) -> list:
-    """One value per model from an option given once (applies to all), per model, or not at all.
+def per_model(values: Sequence | None, count: int, default) -> list:
+    """One value per model: the first models take the values given, the others `default`, as in
+    the original (one value is the first model's, not every model's).
 
-    The command line checked the count (`library.cli.validation.validate_controlnet`); another count is a bug.
+    The command line checked there are not more values than models
+    (`library.cli.validation.validate_controlnet`); more is a bug.
     """
-    if not values:
-        return [default] * count
-    if len(values) == 1:
-        return values * count
-    if len(values) != count:
+    values = list(values or [])
+    if len(values) > count:
         raise ValueError(f"{len(values)} values for {count} ControlNets")
-    return list(values)
+    return values + [default] * (count - len(values))

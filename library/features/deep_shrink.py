@@ -46,22 +46,27 @@ def bicubic(h: torch.Tensor, *, scale_factor: float | None = None, size: tuple[i
 class DeepShrinkFeature(FeatureBase):
     """The patch owner's feature: batches whose Jobs have Deep Shrink settings get `ShrinkDeepLayers`."""
 
-    def __init__(self, down_blocks: int, unet: torch.nn.Module | None = None) -> None:
+    def __init__(self, down_blocks: int, unet: torch.nn.Module | None = None, vae_scale: int = 8) -> None:
         self.down_blocks = down_blocks  # how many depths there are (SDXL: its nine input blocks)
         self.unet = unet if unet is not None and uses_input_blocks(unet) else None  # SDXL: depth 0's final resize
+        self.vae_scale = vae_scale
 
     @classmethod
     def from_run(cls, setup: RunSetup) -> DeepShrinkFeature:
         """Every run has it (any prompt line may set Deep Shrink); the command line's depth is
         checked here, so a wrong one stops the run up front (exit 2)."""
         unet = setup.model.unet
-        feature = cls(len(entry_blocks(unet)), unet)
+        vae_levels = len(getattr(setup.model.vae.config, "block_out_channels", ())) or 4
+        feature = cls(len(entry_blocks(unet)), unet, 2 ** (vae_levels - 1))
         feature.check_settings(setup.options.generation.deep_shrink)
         return feature
 
     def check_job(self, job) -> None:
-        """A depth outside the U-Net's down blocks is the user's mistake (the line is skipped)."""
+        """A depth outside the U-Net's down blocks, or a ratio that shrinks the image's state to
+        0 pixels, is the user's mistake (the line is skipped)."""
         self.check_settings(job.deep_shrink)
+        if job.deep_shrink is not None and job.deep_shrink.ratio != 1 and self.unet is None:  # SD 1.x/2.x depths
+            job.deep_shrink.check_size(job.width, job.height, self.vae_scale)
 
     def check_settings(self, settings: DeepShrink | None) -> None:
         if settings is None:

@@ -1,7 +1,9 @@
 """Gradual Latent: denoise small first, enlarge the latent step by step to the size asked for.
 
 Written by hand (no library has it), with the original's semantics (`docs/deep_shrink.md`),
-for `euler_a` / `k_euler_a` (another sampler is a one-line error):
+for `euler_a` / `k_euler_a` (with another sampler, as in the original, images are made without it:
+`--gradual_latent_timesteps` is dropped with a warning by `library.cli.compat`, and a prompt
+line's `--glt ...` gives one warning per run and is ignored; the line is not skipped):
 
 * The starting latents (txt2img noise x init sigma; img2img the noised source) of latent size
   (Hl, Wl) are resized by ``scale_factor=ratio`` (bicubic, floor of the size), then unsharp-masked
@@ -33,7 +35,6 @@ import logging
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from library.errors import UserError
 from library.features.deep_shrink import bicubic
 from library.records.gradual_latent_settings import SAMPLERS, GradualLatent
 from library.sampling.patches import Batch, FeatureBase, Patch, RunSetup, StepContext
@@ -42,42 +43,45 @@ from library.sampling.step_math import denoised, euler_ancestral_step, scale_inp
 logger = logging.getLogger(__name__)
 
 
-def _check_start(settings, width: int | None, height: int | None) -> None:
-    """Refuse an image too small for Gradual Latent's first, shrunk latent (its line is skipped)."""
-    if width is None or height is None:
-        return
-    start, _ = settings.sizes([], height // 8, width // 8)
-    if min(start) < 1:
-        raise UserError(f"Gradual Latent: a {width}x{height} image is too small to start at ratio {settings.ratio}")
-
-
 class GradualLatentFeature(FeatureBase):
     """The patch owner's feature: batches whose Jobs have Gradual Latent settings get `GrowLatents`."""
 
-    def __init__(self, sampler: str) -> None:
+    def __init__(self, sampler: str, vae_scale: int = 8) -> None:
         self.sampler = sampler
+        self.vae_scale = vae_scale
+        self._warned = False
 
     @classmethod
     def from_run(cls, setup: RunSetup) -> GradualLatentFeature:
         """Every run has it (any prompt line may set Gradual Latent); it checks the run's sampler."""
-        return cls(setup.options.generation.sampler)
+        vae_levels = len(getattr(setup.model.vae.config, "block_out_channels", ())) or 4
+        return cls(setup.options.generation.sampler, 2 ** (vae_levels - 1))
+
+    def usable(self, job) -> bool:
+        """Whether the job's sampler (a prompt line's `--sa`, else the run's) can grow the latent."""
+        return (job.sampler or self.sampler) in SAMPLERS
 
     def check_job(self, job) -> None:
-        if job.gradual_latent is None:
+        """A Job with Gradual Latent under another sampler: made without it, one warning per run;
+        under euler_a a start size of 0 pixels or an unsharp kernel larger than the start latent
+        is the user's mistake (the line is skipped)."""
+        if job.gradual_latent is not None and self.usable(job):
+            job.gradual_latent.check_size(job.width, job.height, self.vae_scale)
+        if job.gradual_latent is None or self.usable(job) or self._warned:
             return
-        sampler = job.sampler or self.sampler  # a prompt line's `--sa`, else the run's
-        if sampler not in SAMPLERS:
-            raise UserError(f"Gradual Latent works with --sampler euler_a or k_euler_a, not {sampler}")
-        _check_start(job.gradual_latent, job.width, job.height)
+        self._warned = True
+        logger.warning("Gradual Latent (--glt and the other --gl options of prompt lines) works with --sampler "
+                       "euler_a or k_euler_a, not %s; those images are made without it (as the original)",
+                       job.sampler or self.sampler)
 
     def for_batch(self, batch: Batch) -> GrowLatents | None:
         settings = batch.jobs[0].gradual_latent
-        if settings is None:
+        if settings is None or not self.usable(batch.jobs[0]):
             return None
         layout = batch.layout
         timesteps = [int(t) for t in batch.timesteps]
         start, resizes = settings.sizes(timesteps, layout.latent_height, layout.latent_width)
-        _check_start(settings, layout.latent_width * 8, layout.latent_height * 8)
+        settings.check_size(layout.latent_width * self.vae_scale, layout.latent_height * self.vae_scale, self.vae_scale)
         full = (layout.latent_height, layout.latent_width)
         final = resizes[max(resizes)] if resizes else start
         if final != full and timesteps:

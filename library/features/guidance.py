@@ -229,7 +229,8 @@ class GuidedGeneration(FeatureBase):
         if scales.clip_text or scales.clip_image:
             from library.models.clip_guidance import load_clip_model
 
-            clip = ClipGuide(load_clip_model(options.clip_model, setup.device, setup.dtype), model.tokenizer)
+            asked = "--clip_guidance_scale" if scales.clip_text else "--clip_image_guidance_scale"
+            clip = ClipGuide(load_clip_model(options.clip_model, setup.device, setup.dtype, asked), model.tokenizer)
         if scales.vgg16:
             from library.models.vgg16 import load_vgg16_features
 

@@ -108,14 +108,36 @@ def model_hash_cached(path: Path) -> str:
     return value
 
 
+MAX_CACHE_BYTES = 16 * 2**20  # thousands of entries are a few hundred KB; more is not our file
+
+
 def _read(store: Path) -> dict[str, str]:
+    """The cache's entries; a damaged one (not JSON, nested too deep to parse, too large, not an
+    object) is ignored with one warning per process and rebuilt by the next write."""
     try:
+        if store.stat().st_size > MAX_CACHE_BYTES:
+            raise ValueError(f"larger than {MAX_CACHE_BYTES // 2**20} MB")
         data = json.loads(store.read_text())
-    except (OSError, ValueError):
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
         return {}
-    if not isinstance(data, dict):
+    except (OSError, ValueError, RecursionError) as exc:
+        _warn_damaged(store, exc)
         return {}
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+_damaged_warned: set[str] = set()
+
+
+def _warn_damaged(store: Path, exc: BaseException) -> None:
+    reason = "nested too deep" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:80]
+    with _lock:
+        if str(store) in _damaged_warned:
+            return
+        _damaged_warned.add(str(store))
+    logger.warning("model hash cache %s is damaged (%s); ignored, and rebuilt with this run's hashes", store, reason)
 
 
 def start_model_hash(path: Path) -> Future:

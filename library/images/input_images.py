@@ -8,7 +8,10 @@ between PIL images and NCHW tensors ([-1, 1] pixels, [0, 1] masks), also for the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,8 @@ from PIL import Image, ImageOps
 
 from library.errors import UserError, first_line
 from library.records.limits import MAX_SIDE, check_image_header
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported lazily, where a tensor is made
     import torch
@@ -45,20 +50,49 @@ def list_images(path: Path, option: str = "--image_path") -> list[Path]:
 
 
 class GuideImages:
-    """The `--guide_image_path` images of a run, handed out in turn (image n gets n mod count)."""
+    """The `--guide_image_path` images of a run, handed out in turn (image n gets n mod count).
 
-    def __init__(self, guide_path: str | Sequence[str]) -> None:
+    With several ControlNets (`per_image` > 1) and at least as many guides, the guides go in
+    groups of `per_image`, as in the original: image n gets group n mod (count // per_image), and
+    ControlNet k of it guide k of the group (`--guide_image_path canny.png depth.png` for a canny
+    and a depth ControlNet). With fewer guides than ControlNets every ControlNet of image n gets
+    guide n mod count (the original stops with an error there)."""
+
+    def __init__(self, guide_path: str | Sequence[str], per_image: int = 1) -> None:
         """`guide_path`: a file or folder, or several of them (their images one after the other)."""
         given = [guide_path] if isinstance(guide_path, str) else list(guide_path)
         self.paths = [p for g in given for p in list_images(Path(g), "--guide_image_path")]
         for path in self.paths:  # decode each once now: a damaged file stops the run before any output
             load_rgb(path)
+        self.per_image = per_image if len(self.paths) >= per_image else 1
+        unused = len(self.paths) % self.per_image
+        if unused:
+            logger.warning("--guide_image_path: %d guide images for %d ControlNets (one group of %d per "
+                           "image): the last %d are not used", len(self.paths), self.per_image, self.per_image,
+                           unused)
         self._next = 0
 
-    def next_path(self) -> str:
-        path = self.paths[self._next % len(self.paths)]
+    def next_group(self) -> tuple[str, ...]:
+        """The next image's guides: one per ControlNet, or one for all."""
+        groups = len(self.paths) // self.per_image
+        first = (self._next % groups) * self.per_image
         self._next += 1
-        return str(path)
+        return tuple(str(p) for p in self.paths[first:first + self.per_image])
+
+    def next_path(self) -> str:
+        """The next image's (first) guide."""
+        return self.next_group()[0]
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """`Image.open` without PIL's DecompressionBombWarning: the size is ours to check, from the
+    header (`check_image_header`, a smaller limit than PIL's), before anything is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    with image:
+        yield image
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -66,7 +100,7 @@ def _open_image(path: Path) -> Image.Image:
 
     The size is checked from the header first (`library.records.limits.MAX_SIDE`), before decoding."""
     try:
-        with Image.open(path) as im:
+        with _opened(path) as im:
             check_image_header(im.size, str(path))
             im.load()
             return ImageOps.exif_transpose(im)
@@ -79,7 +113,7 @@ def _open_image(path: Path) -> Image.Image:
 def check_image_file(path: Path) -> None:
     """An image file's header is readable and its size within the limit (nothing decoded)."""
     try:
-        with Image.open(path) as im:
+        with _opened(path) as im:
             check_image_header(im.size, str(path))
     except FileNotFoundError as e:
         raise UserError(f"{path}: no such file; check the path") from e

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -230,7 +231,10 @@ def read_generation_text(path: Path) -> dict[str, str]:
     infotext) is returned as `parameters` when there is no such item.
     """
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # the size is ours to check, from the header (a smaller limit than PIL's)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as im:
             check_image_header(im.size, str(path))
             im.load()
             text = dict(getattr(im, "text", {}) or {})

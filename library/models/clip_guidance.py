@@ -11,7 +11,9 @@
   ``laion/CLIP-ViT-B-32-laion2B-s34B-b79K``).
 
 Nothing is downloaded; a missing or unreadable model is one line naming the option and
-what to get.
+what to get. Weight files, also those of a folder, are read by `library.models.checkpoint`
+(pickles with ``weights_only``), so a pickle that wants to run code, a damaged or a
+huge-header file is the same one line as on every other loading path.
 """
 
 from __future__ import annotations
@@ -33,21 +35,31 @@ _GET = (f"download {DEFAULT_CLIP_MODEL} (huggingface-cli download {DEFAULT_CLIP_
         "and give its folder with --clip_model")
 
 
-def load_clip_model(name: str | None, device: torch.device, dtype: torch.dtype):
-    """The CLIPModel of `--clip_model` (None: the default ID from the local cache), frozen, eval."""
+#: a folder's weight files, in the order transformers prefers them
+_FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def load_clip_model(name: str | None, device: torch.device, dtype: torch.dtype,
+                    scale_option: str = "--clip_guidance_scale"):
+    """The CLIPModel of `--clip_model` (None: the default ID from the local cache), frozen, eval.
+
+    `scale_option`: the guidance option that asked for it, named when no model is given."""
     from transformers import CLIPModel
 
     given = name or DEFAULT_CLIP_MODEL
     path = Path(given)
     try:
-        if path.is_dir():
+        weights = next((path / f for f in _FOLDER_WEIGHTS if (path / f).is_file()), None)
+        if path.is_dir() and weights is not None:
+            model = _from_single_file(weights)  # its config.json beside it
+        elif path.is_dir():  # sharded weights: transformers reads them (weights only)
             model = CLIPModel.from_pretrained(str(path), local_files_only=True)
         elif path.is_file():
             model = _from_single_file(path)
         elif name is not None and not is_model_id(name):
             raise UserError(f"--clip_model {name}: no such file or folder; {_GET}")
         else:
-            model = _from_cache(given, name is None)
+            model = _from_cache(given, scale_option if name is None else None)
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -62,21 +74,33 @@ def is_model_id(name: str) -> bool:
     return not Path(name).suffix and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
 
-def check_clip_model(name: str | None) -> None:
-    """`--clip_model` given as a path that is not there: the loader's one line, before any model loads."""
+def check_clip_model(name: str | None, scale_option: str = "--clip_guidance_scale") -> None:
+    """The loader's one line for a CLIP model that is not there (a path, or an ID or the default
+    not in the local Hugging Face cache), before any model loads."""
     if name is not None and not Path(name).exists() and not is_model_id(name):
         raise UserError(f"--clip_model {name}: no such file or folder; {_GET}")
+    if name is None or (is_model_id(name) and not Path(name).exists()):
+        from huggingface_hub import try_to_load_from_cache
+
+        model_id = name or DEFAULT_CLIP_MODEL
+        if not isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            raise UserError(_not_cached(model_id, scale_option if name is None else None))
 
 
-def _from_cache(model_id: str, default: bool):
+def _not_cached(model_id: str, scale_option: str | None) -> str:
+    """The line for a model ID missing from the cache; `scale_option` when no --clip_model was given."""
+    what = f"{scale_option} needs a CLIP model: no --clip_model given and" if scale_option else \
+        f"--clip_model {model_id}:"
+    return f"{what} {model_id} is not in the local Hugging Face cache; {_GET}"
+
+
+def _from_cache(model_id: str, scale_option: str | None):
     from transformers import CLIPModel
 
     try:
         return CLIPModel.from_pretrained(model_id, local_files_only=True)
     except OSError:
-        what = "--clip_guidance_scale needs a CLIP model: no --clip_model given and" if default else \
-            f"--clip_model {model_id}:"
-        raise UserError(f"{what} {model_id} is not in the local Hugging Face cache; {_GET}") from None
+        raise UserError(_not_cached(model_id, scale_option)) from None
 
 
 def _from_single_file(path: Path):
@@ -97,14 +121,10 @@ def _from_single_file(path: Path):
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The file's tensors, read as every checkpoint is (refusals and damage: their one line)."""
+    from library.models.checkpoint import read_state_dict
 
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError("not a state dict")
-    return state
+    return read_state_dict(path)
 
 
 def _layers(state: dict, prefix: str) -> int:

@@ -127,6 +127,15 @@ def expand_enumerations(line: str) -> list[str]:
     return _expand_sequence(nodes)
 
 
+def enumerated_count(line: str) -> int:
+    """How many prompts `expand_enumerations(line)` makes, without making them (1 for a
+    malformed line, which is skipped as one line)."""
+    try:
+        return max(1, min(_count_sequence(_parse(line)), MAX_ENUMERATED_PROMPTS))
+    except DynamicPromptError:
+        return 1
+
+
 def pick_variants(line: str, seed: int) -> str:
     """Resolve every group of `line` with ``random.Random(seed)``; the same seed, the same text.
 

@@ -125,7 +125,7 @@ PROMPT_OPTIONS: tuple[PromptOption, ...] = (
     PromptOption("s", OptionKind.INT, "steps", "number of sampling steps", "28", minimum=1, maximum=MAX_STEPS,
                  clamp=True),
     PromptOption(
-        "d", OptionKind.INT_LIST, "seeds", "seed of each image of the line", "1,2,3,4", minimum=0,
+        "d", OptionKind.INT_LIST, "seeds", "seed of each image of the line (-1: a random one)", "1,2,3,4", minimum=-1,
         maximum=MAX_SEED, lead="",
     ),
     PromptOption("l", OptionKind.FLOAT, "scale", "guidance scale", "7.5"),
@@ -302,6 +302,18 @@ def parse_prompt_line(line: str) -> PromptLine:
             negative_scale_off = False
         values[option.field] = value
     return PromptLine(prompt.strip(), PromptOverrides(**values), tuple(unknown), negative_scale_off, tuple(notes))
+
+
+def without_seeds(line: str) -> str:
+    """`line` without its `--d ...` options: the `raw-prompt` metadata key, as the original writes
+    it (the seed has its own key, and a line copied back must not pin the seeds again)."""
+    starts = _option_starts(line)
+    text = line
+    for start, end in reversed(list(zip(starts, starts[1:] + [len(line)]))):
+        if _split_name(line[start + 2:end])[0].lower() == "d":
+            rest = text[end:].lstrip()
+            text = text[:start].rstrip() + (" " + rest if rest else "")
+    return text
 
 
 def unknown_option_message(written: str) -> str:

@@ -35,19 +35,22 @@ class SeedSource:
         return self._random.randint(0, 2**32 - 1)
 
 
+RANDOM_SEED = -1  # `--d -1`: a random seed for that image
+
+
 def seeds_for_line(
     source: SeedSource, count: int, given: list[int] | None, iter_seed: int | None
 ) -> Iterator[int]:
-    """Seeds of the `count` images of one prompt line (`--d` values first, as the original),
-    each drawn when it is taken (a count of 10**12 holds no list)."""
+    """Seeds of the `count` images of one prompt line (`--d` values first, as the original; once
+    they run out the last one repeats), each drawn when it is taken (a count of 10**12 holds no list).
+    A `--d` value of -1 is a random seed for that image (the web UIs' convention), drawn like an image
+    without `--d`; repeated, it draws again."""
     pending = list(given) if given is not None else None
     previous: int | None = None
     for _ in range(count):
         if pending is not None:
             seed = pending.pop(0) if pending else previous
+            previous = seed
         else:
             seed = iter_seed
-        if seed is None:
-            seed = source.draw()
-        yield seed
-        previous = seed
+        yield source.draw() if seed is None or seed == RANDOM_SEED else seed

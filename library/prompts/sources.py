@@ -31,7 +31,12 @@ from library.images import metadata as image_metadata
 from library.images import output_files
 from library.prompts.dynamic import expand_enumerations, pick_variants
 from library.prompts.extra_networks import NetworkFiles, prompt_networks
-from library.prompts.line_options import SDXL_PROMPT_OPTIONS, parse_prompt_line, unknown_option_message
+from library.prompts.line_options import (
+    SDXL_PROMPT_OPTIONS,
+    parse_prompt_line,
+    unknown_option_message,
+    without_seeds,
+)
 from library.prompts.seeds import SeedSource, seeds_for_line
 from library.prompts.styles import Style, apply_styles, read_styles
 from library.prompts.variation import line_variations
@@ -266,7 +271,7 @@ def jobs_for_line(
                     negative_scale=_line_negative_scale(parsed.negative_scale_off, o.negative_scale,
                                                         defaults.negative_scale),
                     chunks=chunk_count(*distinct_texts((*parts, negative), o.steps or defaults.steps)),
-                    raw_prompt=line.text,  # always written, as the original (the line as given)
+                    raw_prompt=without_seeds(line.text),  # always written, as the original: the line less --d
                     clip_prompt=o.clip_prompt,
                     file_name=o.file_name,
                     network_multipliers=multipliers,
@@ -345,6 +350,19 @@ def _line_strength(given: float | None, default: float | None, line: Line) -> fl
                        line.where)
         return None
     return given
+
+
+def images_per_line(line: Line, per_prompt: int) -> int:
+    """The images a prompt line makes: `per_prompt` for each prompt its `{e$$...}` groups expand
+    to (the progress bar's total; a malformed line counts as one prompt)."""
+    from library.prompts.dynamic import enumerated_count
+    from library.prompts.line_options import PromptOptionError
+
+    try:
+        prompt = parse_prompt_line(line.text).prompt
+    except PromptOptionError:
+        prompt = line.text
+    return enumerated_count(prompt) * per_prompt
 
 
 def shuffled(lines: Iterable[Line], enabled: bool, rng=random) -> Iterable[Line]:

@@ -43,8 +43,12 @@ class Unsharp:
         return x + self.strength * (x - blurred)
 
 
+MAX_KSIZE = 31  # a larger blur kernel than any latent side Gradual Latent starts from at 512 px and ratio 0.5
+
+
 def parse_unsharp(text: str | None, option: str = "--gradual_latent_unsharp_params") -> Unsharp | None:
-    """``"3,0.5,0.5[,1]"`` -> Unsharp (ksize odd and at least 1; target_x 1 when left out)."""
+    """``"3,0.5,0.5[,1]"`` -> Unsharp (ksize odd, 1 to `MAX_KSIZE`; sigma above 0 and strength
+    finite; target_x 1 when left out)."""
     if text is None:
         return None
     parts = [p.strip() for p in text.split(",")]
@@ -52,13 +56,15 @@ def parse_unsharp(text: str | None, option: str = "--gradual_latent_unsharp_para
     if len(parts) not in (3, 4):
         raise UserError(f'{option} "{text}": expected ksize,sigma,strength[,target_x] {example}')
     try:
-        ksize, sigma, strength = int(float(parts[0])), float(parts[1]), float(parts[2])
+        size, sigma, strength = float(parts[0]), float(parts[1]), float(parts[2])
         target_x = bool(int(parts[3])) if len(parts) == 4 else True
     except ValueError:
         raise UserError(f'{option} "{text}": expected numbers {example}') from None
-    if ksize < 1 or ksize % 2 == 0 or not (math.isfinite(sigma) and sigma > 0) or not math.isfinite(strength):
-        raise UserError(f'{option} "{text}": ksize must be odd and positive, sigma above 0 {example}')
-    return Unsharp(ksize, sigma, strength, target_x)
+    if not (math.isfinite(size) and size.is_integer() and 1 <= size <= MAX_KSIZE and size % 2 == 1):
+        raise UserError(f'{option} "{text}": ksize must be an odd whole number from 1 to {MAX_KSIZE} {example}')
+    if not (math.isfinite(sigma) and sigma > 0) or not math.isfinite(strength):
+        raise UserError(f'{option} "{text}": sigma must be above 0 and strength a finite number {example}')
+    return Unsharp(int(size), sigma, strength, target_x)
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,18 @@ class GradualLatent:
         if not 0 < self.ratio <= 1 or not self.ratio_step > 0 or self.every_n_steps < 1:
             raise UserError(f"Gradual Latent: ratio {self.ratio} must be in (0, 1], ratio step {self.ratio_step} "
                             f"above 0, every-n-steps {self.every_n_steps} at least 1")
+
+    def check_size(self, width: int, height: int, vae_scale: int = 8) -> None:
+        """The latent Gradual Latent starts from has at least 1 pixel a side, and more than half
+        the unsharp kernel (its reflect padding needs that); else a `UserError`."""
+        start = [math.floor(side // vae_scale * self.ratio) for side in (height, width)]
+        if min(start) < 1:
+            raise UserError(f"Gradual Latent: a {width}x{height} image is too small to start at ratio {self.ratio:g}")
+        if self.unsharp is not None and self.unsharp.ksize // 2 >= min(start):
+            largest = 2 * min(start) - 1
+            raise UserError(f"Gradual Latent: the unsharp kernel {self.unsharp.ksize} is larger than the "
+                            f"{start[1]}x{start[0]} latent it sharpens (a {width}x{height} image at ratio "
+                            f"{self.ratio:g}); use a kernel of at most {largest}")
 
     def sizes(self, timesteps: list[int], height: int,
               width: int) -> tuple[tuple[int, int], dict[int, tuple[int, int]]]:

@@ -45,6 +45,7 @@ class Job:
     init_image: str | None = None  # img2img source file
     mask_image: str | None = None  # inpainting mask file (white = repaint)
     guide_image: str | None = None  # ControlNet hint source file; None: no ControlNet for this image
+    control_guides: tuple[str, ...] = ()  # one guide per ControlNet (several ControlNets); (): guide_image for all
     deep_shrink: DeepShrink | None = None  # `library.features.deep_shrink` settings of this image
     gradual_latent: GradualLatent | None = None  # `library.features.gradual_latent` settings of this image
     prompt_parts: tuple[str, ...] = ()  # the prompt split at ` AND ` (attention couple); () for one part

@@ -45,6 +45,7 @@ class LoadOptions:
     blocked_attention: bool = False  # --blocked_attention: library.models.attention's blocked CPU bf16 self-attention
     compile: bool = False  # --compile: torch.compile of the U-Net and VAE decoder
     sdxl: bool = False  # --sdxl: assert an SDXL model
+    xformers_option: str = "--xformers"  # which of --xformers / --diffusers_xformers asked (for its warning)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class SourceOptions:
     image_path: str | None
     mask_path: str | None
     attention_couple: bool = False  # `--mask_path` is the region mask even without networks
+    inpaint_with_networks: bool = False  # `--mask_path` is the inpainting mask even with networks
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,10 @@ def vae_batch_size(value: float | None, batch_size: int) -> int:
 
 
 def regional_lora(options: Options) -> bool:
-    """Networks and `--mask_path` together: the mask gives the networks' regions (the original's rule)."""
-    return bool(options.networks.modules) and options.sources.mask_path is not None
+    """Networks and `--mask_path` together: the mask gives the networks' regions (the original's rule),
+    unless `--inpaint_with_networks` makes it the inpainting mask."""
+    s = options.sources
+    return bool(options.networks.modules) and s.mask_path is not None and not s.inpaint_with_networks
 
 
 def has_region_mask(options: Options) -> bool:
@@ -287,7 +291,7 @@ def from_namespace(a: argparse.Namespace) -> Options:
         load=LoadOptions(a.ckpt, a.vae, a.v1, a.v2, a.v_parameterization, a.tokenizer_cache_dir, a.device,
                          a.fp16, a.bf16, a.no_half_vae, a.noise_device, a.xformers or a.diffusers_xformers,
                          a.opt_channels_last, a.vae_slices, a.vae_tiling, a.blocked_attention, a.compile,
-                         a.sdxl),
+                         a.sdxl, xformers_option="--xformers" if a.xformers else "--diffusers_xformers"),
         text=TextOptions(a.clip_skip, a.max_embeddings_multiples, a.emb_normalize_mode,
                          _tuple(a.textual_inversion_embeddings), _tuple(a.XTI_embeddings)),
         generation=GenerationOptions(a.W or DEFAULT_SIZE, a.H or DEFAULT_SIZE, a.W is not None, a.H is not None,
@@ -302,7 +306,7 @@ def from_namespace(a: argparse.Namespace) -> Options:
                                                     and tuple(a.pyramid_noise_discount_range)),
                                      sizes=sizes_of(a),
                                      variation=variation_of(a), eta_noise_seed_delta=a.eta_noise_seed_delta or 0),
-        sources=SourceOptions(a.image_path, a.mask_path, a.attention_couple),
+        sources=SourceOptions(a.image_path, a.mask_path, a.attention_couple, a.inpaint_with_networks),
         highres=HighresOptions(a.highres_fix_scale, a.highres_fix_steps, a.highres_fix_strength,
                                a.highres_fix_save_1st, a.highres_fix_latents_upscaling, a.highres_fix_upscaler,
                                a.highres_fix_upscaler_args, a.highres_fix_disable_control_net),

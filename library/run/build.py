@@ -112,7 +112,7 @@ def load(options: LoadOptions, runtime: Runtime) -> LoadedModel:
         attention="auto" if options.blocked_attention else "sdpa",
         vae_encoder="lazy",  # loaded when something encodes (img2img, Highres fix); txt2img never does
     )
-    if options.xformers and xformers_usable():
+    if options.xformers and xformers_usable(options.xformers_option):
         model.unet.enable_xformers_memory_efficient_attention()
         model.vae.enable_xformers_memory_efficient_attention()
     if options.channels_last:
@@ -133,14 +133,15 @@ def for_model(options: Options, model: LoadedModel) -> Options:
     return adjusted(options, model.kind.family)
 
 
-def xformers_usable() -> bool:
-    """`--xformers` / `--diffusers_xformers`: True when xformers can be imported; otherwise a
-    warning, and the run goes on with PyTorch SDPA (every example of the manual passes --xformers)."""
+def xformers_usable(option: str = "--xformers") -> bool:
+    """`--xformers` / `--diffusers_xformers` (`option`, the one given): True when xformers can be
+    imported; otherwise a warning naming that option, and the run goes on with PyTorch SDPA (every
+    example of the manual passes --xformers)."""
     try:
         import xformers  # noqa: F401
     except ImportError:
-        logger.warning("--xformers: xformers is not installed; using PyTorch SDPA attention instead "
-                       "(the same speed on CPU; pip install xformers to use it on a GPU)")
+        logger.warning("%s: xformers is not installed; using PyTorch SDPA attention instead "
+                       "(the same speed on CPU; pip install xformers to use it on a GPU)", option)
         return False
     return True
 
@@ -221,6 +222,7 @@ def prompt_encoder(options: TextOptions, model: LoadedModel) -> PromptEncoder | 
 def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team = SOLO) -> Runner:
     """A Runner writing into `--outdir` with this run's metadata (this process's share of it)."""
     from library.records.options import has_region_mask
+    from library.run import interactive
     from library.run.preview import preview_window
 
     outdir = Path(options.output.outdir)
@@ -238,6 +240,7 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
         clip_skip=options.text.clip_skip or model.kind.default_clip_skip,
         vae_batch_size=vae_batch_size(g.vae_batch_size, g.batch_size),
         preview=preview_window() if options.output.preview and team.leads else None,
+        announce=interactive.announce if options.rounds.interactive else None,
         use_original_name=options.output.use_original_file_name,
         run_metadata=run_parameters(
             vae=options.load.vae, sampler=g.sampler, ddim_eta=g.ddim_eta, lora_files=options.networks.weights,
@@ -258,7 +261,8 @@ def runner(options: Options, model: LoadedModel, pipeline: Pipeline, team: Team 
         logger.warning("--highres_fix_strength is the strength of an img2img 1st stage (with --image_path); "
                        "ignored here: the 2nd stage takes --strength, as in the original")
     guide_path = options.controlnet.guide_image_path
-    guides = GuideImages(guide_path) if guide_path is not None else None
+    per_image = max(1, len(options.controlnet.models or ()))  # ControlNet k gets guide k of an image's group
+    guides = GuideImages(guide_path, per_image) if guide_path is not None else None
     defaults = Defaults.from_options(options, sdxl=model.kind.family == "sdxl")
     return Runner(pipeline, defaults, output, g.batch_size,
                   sources=sources, highres=highres_fix.from_options(options.highres), guides=guides, team=team)

@@ -69,6 +69,7 @@ class OutputSettings:
     timestamp: str = field(default_factory=output_files.timestamp_now)  # of default file names
     skip_existing: bool = False  # `--skip_existing`: batches whose files are all there are not made
     run_text: tuple[tuple[str, str], ...] = ()  # the `run-options` PNG text item (`library.images.job_record`)
+    announce: Callable[[int, Path], None] | None = None  # called with (seed, file) after each image (interactive)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ class Runner:
     def _numbered(self, job: Job) -> Job:
         """`job` with its index in the run (and its guide image)."""
         if self.guides is not None:
-            job = replace(job, guide_image=self.guides.next_path())
+            group = self.guides.next_group()  # one guide per ControlNet, or one for all
+            job = replace(job, guide_image=group[0], control_guides=group if len(group) > 1 else ())
         index, self._jobs_made = self._jobs_made, self._jobs_made + 1
         return replace(job, index=index)
 
@@ -264,6 +266,8 @@ class Runner:
         self.summary.written.append(path)
         if stage != "0":
             self.saved.append((job, path))
+            if self.output.announce is not None:
+                self.output.announce(job.seed, path)
 
 
 def run_rounds(runner: Runner, rounds: RoundOptions, lines_for_round: Callable[[int | None], Iterable[Line]],

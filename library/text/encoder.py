@@ -176,9 +176,11 @@ class PromptEncoder:
         if cached is not None:
             return cached
         chunks: list[list[tuple[int, float]]] = [[]]
+        breaks = False
         for text, weight in parse_prompt_attention(prompt):
             if text == BREAK_TEXT and weight == BREAK_WEIGHT:
                 chunks.append([])
+                breaks = True
                 continue
             for ids, whole in self._token_groups(str(text)):
                 if whole and len(chunks[-1]) + len(ids) > CHUNK and chunks[-1] and len(ids) <= CHUNK:
@@ -190,18 +192,31 @@ class PromptEncoder:
         if len(chunks) > 1 and not chunks[-1]:
             chunks.pop()
         if len(chunks) > self.max_chunks:
-            dropped = sum(len(c) for c in chunks[self.max_chunks :])
-            logger.warning(
-                "prompt truncated: %d tokens past the %d-token limit were dropped "
-                "(raise --max_embeddings_multiples): %.60s...",
-                dropped, CHUNK * self.max_chunks, prompt,
-            )
+            self._warn_truncated(prompt, chunks, breaks)
             chunks = chunks[: self.max_chunks]
         result = WeightedTokens(tuple(tuple(c) for c in chunks))
         if len(self._cache) >= _CACHE_SIZE:
             self._cache.clear()
         self._cache[prompt] = result
         return result
+
+    def _warn_truncated(self, prompt: str, chunks: list[list], breaks: bool) -> None:
+        """The warning for tokens past the chunk limit; with BREAK it says that BREAK starts a
+        new chunk (a short prompt with BREAK needs more than one) and how many to allow."""
+        dropped = sum(len(c) for c in chunks[self.max_chunks:])
+        if breaks:
+            logger.warning(
+                "prompt truncated: BREAK starts a new %d-token chunk and --max_embeddings_multiples allows %d "
+                "(the default is 1); %d tokens in the chunks after the limit were dropped; give "
+                "--max_embeddings_multiples %d to keep them: %.60s",
+                CHUNK, self.max_chunks, dropped, len(chunks), prompt,
+            )
+            return
+        logger.warning(
+            "prompt truncated: %d tokens past the %d-token limit were dropped "
+            "(raise --max_embeddings_multiples): %.60s...",
+            dropped, CHUNK * self.max_chunks, prompt,
+        )
 
     def _token_groups(self, text: str) -> list[tuple[list[int], bool]]:
         """Token ids of `text`: (ids, False) for plain text, (ids, True) for each embedding word."""

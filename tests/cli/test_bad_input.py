@@ -2,8 +2,8 @@
 
 The table in docs/errors.md is the test's data: each row's arguments are run after
 `--ckpt MODEL --outdir OUT --steps 2 --W 64 --H 64`, in-process; a row with a FIFO runs in a
-real process with a timeout (row 51: the checkpoint is a FIFO, which would block whoever
-opens it, so a missing `--from_file` is proven to be reported before any model file opens). `CASES` is a folder of bad
+real process with a timeout (rows with CASES/fifo: the checkpoint is a FIFO, which would block whoever
+opens it, so the row's mistake is proven to be reported before any model file opens). `CASES` is a folder of bad
 files made here; `<x*N>` stands for N copies of x and `<ESC>` for the escape character.
 """
 
@@ -72,6 +72,13 @@ def cases(tiny_models, tmp_path_factory) -> Path:
     for weights in (unsafe / "text_encoder").glob("*.safetensors"):
         weights.unlink()
     torch.save({"x": _Evil(str(folder / "pwned"))}, unsafe / "text_encoder" / "pytorch_model.bin")
+    clip_evil = shutil.copytree(tiny_models["clip"], folder / "clipevil")  # the CLIP guidance model's paths
+    for weights in clip_evil.glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"x": _Evil(str(folder / "pwned"))}, clip_evil / "pytorch_model.bin")
+    clip = tiny_models["clip-file"].read_bytes()
+    (folder / "damaged.safetensors").write_bytes(clip[: len(clip) // 2])
+    (folder / "hugeheader.safetensors").write_bytes((2**62).to_bytes(8, "little") + b'{"a": 1}')
     noweights = shutil.copytree(tiny_models["sd1-diffusers"], folder / "noweights")
     for weights in (noweights / "unet").glob("*.safetensors"):
         weights.unlink()

@@ -84,10 +84,10 @@ def test_units_take_turns_within_their_ratios() -> None:
 
 def test_per_model_values() -> None:
     assert per_model(None, 3, 1.0) == [1.0, 1.0, 1.0]
-    assert per_model([0.5], 2, 1.0) == [0.5, 0.5]
+    assert per_model([0.5], 2, 1.0) == [0.5, 1.0]  # the first model's, as the original
     assert per_model([0.5, 0.7], 2, 1.0) == [0.5, 0.7]
-    with pytest.raises(ValueError, match="2 values for 3 ControlNets"):  # the command line refuses this first
-        per_model([0.5, 0.7], 3, 1.0)
+    with pytest.raises(ValueError, match="3 values for 2 ControlNets"):  # the command line refuses this first
+        per_model([0.5, 0.7, 0.8], 2, 1.0)
 
 
 def test_guide_images_are_used_in_turn(tmp_path: Path) -> None:
@@ -215,7 +215,8 @@ def test_highres_disable_control_net_drops_the_guide_of_the_2nd_stage() -> None:
      "--guide_image_path needs --control_net_models, --clip_image_guidance_scale or --vgg16_guidance_scale"),
     (["--control_net_weights", "0.5"], "--control_net_weights needs --control_net_models"),
     (["--control_net_models", "a", "b", "--guide_image_path", "g", "--control_net_ratios", "1", "2", "3"],
-     "--control_net_ratios has 3 values but --control_net_models has 2; give one value for all or one per model"),
+     "--control_net_ratios has 3 values but --control_net_models has 2; give at most one per model (missing ones "
+     "take the defaults)"),
     (["--control_net_models", "a", "--guide_image_path", "g", "--control_net_ratios", "1.5"],
      "--control_net_ratios 1.5: must be between 0 and 1"),
 ])

@@ -144,8 +144,9 @@ def test_check_job_refuses_what_the_run_cannot_make(tiny_models, tmp_path):
     features = built(setup_of(tiny_models, tmp_path, "--sampler", "ddim"))
     with pytest.raises(UserError, match="down blocks are 0 to"):
         features[DeepShrinkFeature].check_job(job(deep_shrink=DeepShrink(7, 650)))
-    with pytest.raises(UserError, match="Gradual Latent works with --sampler euler_a"):
-        features[GradualLatentFeature].check_job(job(gradual_latent=GradualLatent(750)))
+    gradual = features[GradualLatentFeature]
+    gradual.check_job(job(gradual_latent=GradualLatent(750)))  # another sampler: a warning, made without it
+    assert not gradual.usable(job(gradual_latent=GradualLatent(750)))
 
 
 class Writes(FeatureBase):

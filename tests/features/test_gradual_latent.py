@@ -127,20 +127,6 @@ def test_a_schedule_that_ends_small_finishes_at_full_size_with_a_warning(sd1, ca
 FAST_GL = ["--W", "128", "--H", "128", "--steps", "6", "--sampler", "euler_a", "--seed", "3"]
 
 
-def test_other_samplers_are_refused_in_one_line(tiny_models, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        run(tiny_models, tmp_path / "o", "--prompt", "x", "--W", "64", "--H", "64", "--sampler", "ddim",
-            "--gradual_latent_timesteps", "750")
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err == ("gen_img.py: error: --gradual_latent_timesteps works with --sampler euler_a "
-                                       "or k_euler_a, not ddim (see --help)\n")
-    lines = tmp_path / "p.txt"
-    lines.write_text("a cat --glt 700\na dog\n")
-    assert run(tiny_models, tmp_path / "p", "--from_file", str(lines), "--W", "64", "--H", "64", "--steps", "2",
-               "--sampler", "ddim") == 3  # some lines skipped
-    assert len(pngs(tmp_path / "p")) == 1  # the --glt line is skipped with one line, the other runs
-
-
 def test_a_prompt_override_applies_to_its_line_only(tiny_models, tmp_path):
     assert_override_stays_on_its_line(tiny_models, tmp_path, FAST_GL, "--glt 800 --glr 0.5")
 

@@ -51,9 +51,10 @@ def test_unmerged_pre_calc_and_merged_give_the_same_image(tiny_models, tmp_path,
 
 def test_network_option_errors_are_exit_2(tiny_models, tmp_path, loras, capsys):
     with pytest.raises(SystemExit) as info:
-        run(tiny_models, tmp_path, "--prompt", "x", *_network_args(loras, "0.4"))
+        run(tiny_models, tmp_path, "--prompt", "x", *_network_args(loras, "0.4", "0.5", "0.6"))
     assert info.value.code == 2
-    assert "--network_mul has 1 values but --network_module has 2" in capsys.readouterr().err
+    assert "--network_mul has 3 values but --network_module has 2; give at most one per network" in (
+        capsys.readouterr().err)
     sd2 = load_model(str(tiny_models["sd2"]))
     write_kohya_lora(tmp_path / "sd2.safetensors", sd2.text_encoder, sd2.unet, rank=2)
     code = run(tiny_models, tmp_path / "out", "--prompt", "x", "--network_module", "networks.lora",

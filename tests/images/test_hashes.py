@@ -70,3 +70,25 @@ def test_background_hash_is_shared_per_path(tmp_path: Path, cache_dir: Path) -> 
     first = start_model_hash(model)
     assert start_model_hash(model) is first
     assert first.result(timeout=30) == model_hash(model)
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, "{not json", "[1, 2]"])
+def test_a_damaged_cache_is_ignored_with_one_warning_and_rebuilt(tmp_path, cache_dir, caplog, content) -> None:
+    """A deeply nested cache (RecursionError in the JSON parser), broken JSON or another JSON
+    value: the hash is computed, one warning, and the file is replaced by a good one."""
+    import json
+    import logging
+
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"weights")
+    cache_dir.mkdir()
+    (cache_dir / "model_hashes.json").write_text(content)
+    with caplog.at_level(logging.WARNING, logger="library.images.hashes"):
+        assert model_hash_cached(model) == model_hash(model)
+        assert model_hash_cached(model) == model_hash(model)
+    reason = {"[": "nested too deep", "{": "Expecting property name enclosed in double quotes: line 1 column 2 "
+              "(char 1)", "[1": "not a JSON object"}[content[:2] if content.startswith("[1") else content[0]]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"model hash cache {cache_dir / 'model_hashes.json'} is damaged ({reason}); ignored, and rebuilt with this "
+        "run's hashes"]
+    assert list(json.loads((cache_dir / "model_hashes.json").read_text()).values()) == [model_hash(model)]

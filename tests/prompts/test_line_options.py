@@ -135,7 +135,7 @@ def test_an_option_given_twice_keeps_the_last() -> None:
         ("a --h 0", 'prompt option --h expects a positive multiple of 8, got "0" (e.g. --h 512)', "--h", "0"),
         ("a --w 5_12", 'prompt option --w expects a positive multiple of 8, got "5_12" (e.g. --w 768)', "--w",
          "5_12"),
-        ("a --d -1", 'prompt option --d expects each value from 0 to 4294967295, got "-1" (e.g. --d 1,2,3,4)', "--d", "-1"),
+        ("a --d -2", 'prompt option --d expects each value from -1 to 4294967295, got "-2" (e.g. --d 1,2,3,4)', "--d", "-2"),
         ("a --d 1,,2", 'prompt option --d expects comma-separated integers, got "1,,2" (e.g. --d 1,2,3,4)', "--d", "1,,2"),
         ("a --d 1,2,", 'prompt option --d expects comma-separated integers, got "1,2," (e.g. --d 1,2,3,4)', "--d", "1,2,"),
         ("a --t 1.5", 'prompt option --t expects a value from 0 to 1, got "1.5" (e.g. --t 0.6)', "--t", "1.5"),
@@ -174,7 +174,7 @@ def test_help_text() -> None:
     assert len(lines) == 35
     assert lines[0] == "--n TEXT        negative prompt (e.g. --n lowres, bad hands)"
     assert lines[1] == "--w INT         image width (e.g. --w 768)"
-    assert lines[4] == "--d INT,...     seed of each image of the line (e.g. --d 1,2,3,4)"
+    assert lines[4] == "--d INT,...     seed of each image of the line (-1: a random one) (e.g. --d 1,2,3,4)"
     assert lines[8] == "--am FLOAT,...  multiplier of each additional network (e.g. --am 0.8,0.5)"
     assert lines[21] == "--dsr FLOAT     Deep Shrink downsampling ratio (e.g. --dsr 0.5)"
     assert lines[27] == "--cl INT        SDXL: crop left conditioned on (e.g. --cl 0)"

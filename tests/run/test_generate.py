@@ -151,6 +151,32 @@ def test_interactive_mode_reads_a_pipe_until_eof(tiny_models, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("Type prompt:") == 4  # three lines (one blank), then end of input
     assert sorted(meta(p)["prompt"] for p in pngs(tmp_path)) == ["a cat", "a dog"]
+    written = {meta(p)["seed"]: p for p in pngs(tmp_path)}  # after each image: its seed and file
+    assert [line.split("Type prompt: ")[-1] for line in done.stdout.splitlines() if "seed " in line] == [
+        f"seed {seed}: {written[seed]}" for seed in ("1", "2")]
+
+
+def test_log_lines_never_land_on_the_question(monkeypatch, capsys):
+    """A log record while `Type prompt:` waits (a background thread's warning) starts a new line."""
+    import io
+    import logging
+
+    from library.run.interactive import read_prompt
+
+    class Typing(io.StringIO):
+        def readline(self, *args):
+            logging.getLogger("library.images.hashes").warning("late news")
+            return "a cat\n"
+
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    monkeypatch.setattr(sys, "stdin", Typing())
+    try:
+        assert read_prompt() == "a cat"
+    finally:
+        logging.getLogger().removeHandler(handler)
+    out, err = capsys.readouterr()
+    assert out == "Type prompt: \n" and err == "late news\n"
 
 
 def test_killed_run_leaves_only_complete_pngs(tiny_models, tmp_path):
@@ -235,7 +261,7 @@ def test_dynamic_prompts_expand_per_image_and_record_the_raw_line(tiny_models, t
     assert run(tiny_models, tmp_path / "a", "--prompt", line, "--images_per_prompt", "2",
                "--sequential_file_name") == 0
     got = [(meta(p)["prompt"], meta(p)["seed"], meta(p)["raw-prompt"]) for p in pngs(tmp_path / "a")]
-    expected = [(pick_variants(f"a {{red|green|blue}} house at {when}", seed), str(seed), line)
+    expected = [(pick_variants(f"a {{red|green|blue}} house at {when}", seed), str(seed), line.removesuffix(" --d 5,6"))
                 for when in ("day", "night") for seed in (5, 6)]
     assert got == expected
     assert all(p.startswith("a ") and p.split()[1] in ("red", "green", "blue") for p, _, _ in got)

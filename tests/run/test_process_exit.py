@@ -66,7 +66,7 @@ def test_gen_img_as_a_process_writes_everything_and_exits_with_its_status(tiny_m
      "gen_img.py: error: --ckpt missing.safetensors: no such file or folder"),
     (["--ckpt", "missing.safetensors", "--prompt", "a cat", "--sampler", "euler_a", "--gradual_latent_timesteps", "650",
       "--gradual_latent_unsharp_params", "2,1,1", "--ds_depth_1", "3"],
-     'gen_img.py: error: --gradual_latent_unsharp_params "2,1,1": ksize must be odd and positive, sigma above 0 '
+     'gen_img.py: error: --gradual_latent_unsharp_params "2,1,1": ksize must be an odd whole number from 1 to 31 '
      '(e.g. --gradual_latent_unsharp_params "3,0.5,0.5,1") (see --help)'),
     (["--ckpt", "missing.safetensors", "--from_file", "missing-prompts.txt"],
      "gen_img.py: error: --from_file missing-prompts.txt: cannot read it (No such file or directory)"),

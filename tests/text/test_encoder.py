@@ -205,3 +205,15 @@ def test_clip_skip_changes_the_image(tiny_models, tmp_path):
 
 def test_chunk_constant():
     assert CHUNK == 75
+
+
+def test_break_past_the_chunk_limit_says_what_break_does(sd1, caplog):
+    enc = encoder(sd1, max_embeddings_multiples=1)
+    with caplog.at_level(logging.WARNING, logger="library.text.encoder"):
+        tokens = enc.tokenize("a cat BREAK a dog")
+    assert tokens.token_count == 2 and enc.chunk_count("a cat BREAK a dog") == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "prompt truncated: BREAK starts a new 75-token chunk and --max_embeddings_multiples allows 1 (the default "
+        "is 1); 2 tokens in the chunks after the limit were dropped; give --max_embeddings_multiples 2 to keep "
+        "them: a cat BREAK a dog"]
+    assert encoder(sd1, max_embeddings_multiples=2).tokenize("a cat BREAK a dog").token_count == 4
