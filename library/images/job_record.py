@@ -15,8 +15,17 @@ import json
 from library.records.jobs import Job
 
 
+#: SDXL's size conditioning as prompt-line options, in `SizeConditioning`'s field order.
+SIZE_OPTIONS = ("oh", "ow", "nh", "nw", "ct", "cl")
+
+
 def _num(value: float | int) -> str:
     return repr(value)
+
+
+def _size_numbers(sizes) -> tuple[int | None, ...]:
+    return (sizes.original_height, sizes.original_width, sizes.original_height_negative,
+            sizes.original_width_negative, sizes.crop_top, sizes.crop_left)
 
 
 def prompt_network_tags(job: Job, run_hypernetworks: tuple = ()) -> str:
@@ -61,6 +70,9 @@ def job_options(job: Job, default_multipliers: tuple[float, ...] | None = None,
         o.update(vs=str(variation.subseed), vss=_num(variation.strength))
     if variation is not None and variation.resize_from is not None:
         o.update(srw=str(variation.resize_from[0]), srh=str(variation.resize_from[1]))
+    sizes = getattr(job, "sizes", None)  # SDXL's size conditioning: only the numbers given
+    if sizes is not None:
+        o.update({name: str(value) for name, value in zip(SIZE_OPTIONS, _size_numbers(sizes)) if value is not None})
     tags = prompt_network_tags(job, run_hypernetworks)
     if tags:
         o["tags"] = tags

@@ -190,3 +190,14 @@ def test_a_prompt_lora_tag_is_made_again(tiny_models, tmp_path):
     assert gen_img.main(["--outdir", str(tmp_path / "again"), "--from_png", str(made)]) == 0
     assert _same_images([made], pngs(tmp_path / "again")) == [True]
     assert not np.array_equal(pixels(made), pixels(plain))  # the tag changed the picture
+
+
+def test_an_sdxl_picture_with_its_size_conditioning_is_made_again(tiny_models, tmp_path):
+    assert run(tiny_models, tmp_path / "made", "--prompt", "a cat --oh 96 --ct 8 --n blur --d 4",
+               "--original_width_negative", "40", kind="sdxl") == 0
+    (made,) = pngs(tmp_path / "made")
+    assert gen_img.main(["--outdir", str(tmp_path / "again"), "--from_png", str(made)]) == 0
+    (again,) = pngs(tmp_path / "again")
+    assert _same_images([made], [again]) == [True]
+    keys = ("original-height", "crop-top", "original-width-negative", "seed")
+    assert [meta(again)[k] for k in keys] == [meta(made)[k] for k in keys] == ["96", "8", "40", "4"]
