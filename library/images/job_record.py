@@ -14,7 +14,6 @@ import json
 
 from library.records.jobs import Job
 
-
 #: SDXL's size conditioning as prompt-line options, in `SizeConditioning`'s field order.
 SIZE_OPTIONS = ("oh", "ow", "nh", "nw", "ct", "cl")
 
