@@ -20,7 +20,7 @@ from pathlib import Path
 
 from library.images import grids, output_files
 from library.prompts import sweeps
-from library.prompts.line_options import format_prompt_line, parse_prompt_line
+from library.prompts.line_options import format_prompt_line, parse_prompt_line, without_seeds
 from library.prompts.seeds import SeedSource, seeds_for_line
 from library.prompts.sources import Line
 from library.records.options import RoundOptions
@@ -91,7 +91,7 @@ def _grids(runner, saved, cell_lines: Iterable[Line], cells, plans, round_index:
         by_text.setdefault(text, []).append(Path(path))
     tables = [[[None] * len(p.columns) for _ in p.rows] for p in plans]
     for line, cell in zip(cell_lines, cells):
-        paths = by_text.get(line.text)
+        paths = by_text.get(without_seeds(line.text))  # a Job's raw prompt is its line less `--d`
         tables[cell.grid][cell.y][cell.x] = paths.pop(0) if paths else None
         if paths is not None and runner.defaults.images_per_prompt > 1:
             del paths[: runner.defaults.images_per_prompt - 1]  # a cell shows its first image

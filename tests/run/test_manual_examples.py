@@ -155,7 +155,7 @@ def _run(argv: list[str], outdir: Path, monkeypatch, typed: list[str]) -> int:
             raise EOFError from None
 
     real = prompts.interactive_lines
-    monkeypatch.setattr(prompts, "interactive_lines", lambda: real(answer))
+    monkeypatch.setattr(prompts, "interactive_lines", lambda read=None: real(answer))
     return gen_img.main(argv + ["--no_preview"] if "--interactive" in argv else argv)
 
 
