@@ -227,7 +227,7 @@ def test_mask_of_another_size_names_both_sizes(tiny_models, tmp_path, capsys):
         (["--image_path", "{tmp}/nope.png", "--prompt", "x"], "nope.png: no such file or folder"),
         (["--image_path", "{src}"], "the image has no prompt in its metadata; give --prompt"),
         (["--mask_path", "{src}", "--prompt", "x"], "--mask_path needs --image_path"),
-        (["--image_path", "{tiny}", "--prompt", "x"], "4x12 is too small; images need at least 8x8 pixels"),
+        (["--image_path", "{tiny}", "--prompt", "x"], "4x12 pixels; a source used at its own size needs at least 8 pixels a side"),
         (["--image_path", "{src}", "--prompt", "x", "--strength", "1.5"], "--strength 1.5: must be between 0 and 1"),
     ],
 )
